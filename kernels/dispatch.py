@@ -1,0 +1,93 @@
+"""The one place that decides whether a fused op runs its Triton kernel or its
+PyTorch reference.
+
+Rules, in order:
+1. ``MMT_FAST_KERNELS=reference`` forces the reference path everywhere.
+2. ``MMT_FAST_KERNELS=triton`` forces the Triton path; if an input cannot run
+   there, :class:`KernelUnsupportedError` lists every reason (no silent
+   fallback). On a machine without CUDA this works only under Triton's
+   interpreter (``TRITON_INTERPRET=1``), which is how the tests run kernels on
+   the CPU.
+3. Unset (or ``auto``): Triton when every tensor is on CUDA and the op's own
+   checks pass; the reference otherwise. :func:`last_refusal` tells why the
+   Triton path was not taken for the most recent call of an op.
+
+The pattern follows xformers' ``fmha/dispatch.py``: each backend names why it
+cannot run an input.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+
+import torch
+
+ENV_VAR = "MMT_FAST_KERNELS"
+_MODES = ("auto", "triton", "reference")
+_last_refusal: dict[str, list[str]] = {}
+
+
+class KernelUnsupportedError(ValueError):
+    """Raised when the Triton path is forced but cannot run the given input."""
+
+
+def mode() -> str:
+    """The requested backend: ``auto``, ``triton`` or ``reference``."""
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in _MODES:
+        raise ValueError(f"{ENV_VAR}={value!r} is not one of {', '.join(_MODES)}")
+    return value
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run through the CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def device_reasons(tensors: Iterable[torch.Tensor | None]) -> list[str]:
+    """Reasons, common to every op, why these tensors cannot go to Triton."""
+    reasons: list[str] = []
+    ts = [t for t in tensors if t is not None]
+    devices = {t.device for t in ts}
+    if len(devices) > 1:
+        reasons.append(f"tensors are on different devices: {sorted(map(str, devices))}")
+    for dev in devices:
+        if dev.type == "cuda":
+            continue
+        if dev.type == "cpu" and interpreting():
+            continue
+        if dev.type == "meta":
+            reasons.append("meta tensors (shape-only tracing) use the reference path")
+        else:
+            reasons.append(
+                f"device {dev} is not CUDA (set TRITON_INTERPRET=1 to run the kernels on the CPU)"
+            )
+    return reasons
+
+
+def choose(op: str, reasons: Sequence[str]) -> bool:
+    """Decide the path for one call of ``op``.
+
+    ``reasons`` are the op's own reasons why Triton cannot run this input
+    (empty when it can). Returns True for the Triton path.
+    """
+    m = mode()
+    if m == "reference":
+        _last_refusal[op] = [f"{ENV_VAR}=reference"]
+        return False
+    if reasons:
+        _last_refusal[op] = list(reasons)
+        if m == "triton":
+            lines = "\n  - ".join(reasons)
+            raise KernelUnsupportedError(
+                f"{op}: {ENV_VAR}=triton but the Triton kernel cannot run this input:\n  - {lines}"
+            )
+        return False
+    _last_refusal.pop(op, None)
+    return True
+
+
+def last_refusal(op: str) -> list[str]:
+    """Why the most recent call of ``op`` did not take the Triton path ([] if it did)."""
+    return list(_last_refusal.get(op, []))
