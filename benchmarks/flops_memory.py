@@ -25,7 +25,12 @@ import torch
 
 import mmt_fast
 from mmt_fast import create_model
-from mmt_fast.profiling import count_flops, count_params, estimate_train_memory, measure_train_memory
+from mmt_fast.profiling import (
+    count_flops,
+    count_params,
+    estimate_train_memory,
+    measure_train_memory,
+)
 
 NUM_CLASSES = 309  # VGGSound
 GiB = 2**30
@@ -36,8 +41,20 @@ VIDEO = (3, 16, 224, 224)
 MODELS = {
     "AST": ("AST", {"x": AUDIO}, 87.0, 131.0, "MMT paper, Table 2 / § 4"),
     "MAT": ("MAT", {"x": AUDIO}, 52.0, 46.2, "MMT paper, Table 2 / § 4"),
-    "MViTv2-B-16": ("MViTv2-B-16", {"x": VIDEO}, 51.2, None, "params: MViTv2 paper (MViTv2-B); no 16-frame FLOPs published"),
-    "MMT": ("MMT", {"audio": AUDIO, "video": VIDEO}, None, 206.0, "MMT paper, Table 2 (Epic-Kitchens)"),
+    "MViTv2-B-16": (
+        "MViTv2-B-16",
+        {"x": VIDEO},
+        51.2,
+        None,
+        "params: MViTv2 paper (MViTv2-B); no 16-frame FLOPs published",
+    ),
+    "MMT": (
+        "MMT",
+        {"audio": AUDIO, "video": VIDEO},
+        None,
+        206.0,
+        "MMT paper, Table 2 (Epic-Kitchens)",
+    ),
 }
 # training-memory rows: model -> (headline batch, second batch for the curve, paper peak GB)
 MEMORY = {"AST": (8, 2, 20.6), "MAT": (64, 16, 16.8)}
@@ -108,13 +125,30 @@ def plot(points: dict[str, list[dict]], path: Path, device_label: str) -> None:
         fixed, per = _affine(pts)
         xs = list(range(1, bmax + 1))
         method = pts[0]["method"]
-        ax.plot(xs, [fixed + per * b for b in xs], color=colors[name], lw=2,
-                label=f"{name} ({method}: {per:.2f} GB/sample + {fixed:.2f} GB)")
-        ax.scatter([p["batch_size"] for p in pts], [p["peak_memory_gb"] for p in pts],
-                   color=colors[name], zorder=3)
+        ax.plot(
+            xs,
+            [fixed + per * b for b in xs],
+            color=colors[name],
+            lw=2,
+            label=f"{name} ({method}: {per:.2f} GB/sample + {fixed:.2f} GB)",
+        )
+        ax.scatter(
+            [p["batch_size"] for p in pts],
+            [p["peak_memory_gb"] for p in pts],
+            color=colors[name],
+            zorder=3,
+        )
         batch, _, paper = MEMORY[name]
-        ax.scatter([batch], [paper], marker="*", s=160, color=colors[name], edgecolor="k", zorder=4,
-                   label=f"{name}, paper (batch {batch}): {paper} GB")
+        ax.scatter(
+            [batch],
+            [paper],
+            marker="*",
+            s=160,
+            color=colors[name],
+            edgecolor="k",
+            zorder=4,
+            label=f"{name}, paper (batch {batch}): {paper} GB",
+        )
     for cap, lab in ((32, "V100 32 GB"), (40, "A100 40 GB")):
         ax.axhline(cap, color="grey", ls=":", lw=1)
         ax.text(1.5, cap + 0.8, lab, color="grey", fontsize=8)
@@ -153,11 +187,17 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.flops_memory", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.flops_memory", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--json", type=Path, help="write the figures as JSON here")
     parser.add_argument("--plot", type=Path, help="write a memory-vs-batch-size PNG here")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="cuda: measure memory; cpu: estimate it (default: cuda when available)")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="cuda: measure memory; cpu: estimate it (default: cuda when available)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the training-memory rows")
     args = parser.parse_args(argv)
     device = args.device
@@ -165,7 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
-    device_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
+    device_name = (
+        torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()})"
+    )
 
     t0 = time.time()
     rows = flops_rows()
@@ -176,18 +220,25 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             if r["model"] in points:
                 head = points[r["model"]][-1]
-                r.update(batch_size=head["batch_size"], peak_memory_gb=head["peak_memory_gb"],
-                         memory_method=head["method"])
+                r.update(
+                    batch_size=head["batch_size"],
+                    peak_memory_gb=head["peak_memory_gb"],
+                    memory_method=head["method"],
+                )
     elapsed = time.time() - t0
 
     print(f"mmt-fast {mmt_fast.__version__} | torch {torch.__version__} | device: {device_name}")
-    print("FLOPs: fvcore, 1 multiply-add = 1 FLOP, batch 1, attention counted. Memory: fp32 + AdamW training step.\n")
+    print(
+        "FLOPs: fvcore, 1 multiply-add = 1 FLOP, batch 1, attention counted. Memory: fp32 + AdamW training step.\n"
+    )
     print(format_table(rows))
     ratio = None
     if points:
         mem = {r["model"]: r for r in rows if r["peak_memory_gb"] is not None}
         ast, mat = mem["AST"], mem["MAT"]
-        ratio = (ast["peak_memory_gb"] / ast["batch_size"]) / (mat["peak_memory_gb"] / mat["batch_size"])
+        ratio = (ast["peak_memory_gb"] / ast["batch_size"]) / (
+            mat["peak_memory_gb"] / mat["batch_size"]
+        )
         method = mat["memory_method"]
         print(
             f"\nper-sample training memory, AST (batch {ast['batch_size']}) / MAT (batch {mat['batch_size']}): "
@@ -214,7 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         if not points:
             parser.error("--plot needs the memory rows (drop --no-memory)")
-        plot(points, args.plot, "measured on " + device_name if device == "cuda" else "estimated, no GPU")
+        plot(
+            points,
+            args.plot,
+            "measured on " + device_name if device == "cuda" else "estimated, no GPU",
+        )
         print(f"wrote {args.plot}")
     return 0
 

@@ -12,7 +12,7 @@ from mmt_fast.config import PRESETS, preset_names
 from mmt_fast.models.ast import AST
 from mmt_fast.models.bottleneck import AVBottleneck
 from mmt_fast.models.mmt import MMT, MMTOutput
-from mmt_fast.models.mvit import MAT, MViTv2, MultiscaleEncoder
+from mmt_fast.models.mvit import MAT, MultiscaleEncoder, MViTv2
 from mmt_fast.registry import create_model
 
 __all__ = [

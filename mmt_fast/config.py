@@ -113,7 +113,10 @@ class ASTConfig:
     @property
     def patch_grid(self) -> Grid:
         f, t = self.input_size
-        return ((f - self.patch_size) // self.fstride + 1, (t - self.patch_size) // self.tstride + 1)
+        return (
+            (f - self.patch_size) // self.fstride + 1,
+            (t - self.patch_size) // self.tstride + 1,
+        )
 
 
 @dataclass

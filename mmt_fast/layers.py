@@ -168,7 +168,7 @@ def pool_tokens(
     """Pool the spatial tokens of x: (B, H, N, D) over ``grid``; CLS stays."""
     if pool is None:
         return x, grid
-    B, H, N, D = x.shape
+    B, H, _N, D = x.shape
     sp = int(has_cls)
     cls_tok, spatial = x[:, :, :sp], x[:, :, sp:]
     spatial = spatial.reshape(B * H, *grid, D).movedim(-1, 1)
@@ -256,9 +256,7 @@ class MultiScaleAttention(nn.Module):
         return self.norm_q(q), self.norm_k(k), self.norm_v(v), q_grid, k_grid
 
     def tables(self, q_grid: Grid, k_grid: Grid) -> list[torch.Tensor]:
-        return [
-            resize_rel_table(t, qa, ka) for t, qa, ka in zip(self.rel_pos, q_grid, k_grid)
-        ]
+        return [resize_rel_table(t, qa, ka) for t, qa, ka in zip(self.rel_pos, q_grid, k_grid)]
 
     def forward(self, x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, Grid]:
         B = x.shape[0]

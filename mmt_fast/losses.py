@@ -44,11 +44,16 @@ def contrastive_loss(
 ) -> torch.Tensor:
     """The shared form above. a, b: (B, d) normalised; positives, candidates: (B, B) bool."""
     if a.shape != b.shape or a.ndim != 2:
-        raise ValueError(f"embeddings must both be (B, d), got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"embeddings must both be (B, d), got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     B = a.shape[0]
     if positives.shape != (B, B):
         raise ValueError(f"positive mask must be ({B}, {B}), got {tuple(positives.shape)}")
-    logits = (a @ b.t()).float() / temperature
+    logits = a @ b.t()
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # softmax over a batch in half precision loses too much
+    logits = logits / temperature
     if candidates is not None:
         positives = positives & candidates
         logits = logits.masked_fill(~candidates, float("-inf"))
@@ -73,13 +78,17 @@ def same_label(labels: torch.Tensor) -> torch.Tensor:
 def avc_loss(a: torch.Tensor, v: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07):
     """Supervised audio-video contrastive loss (Eq. 3), both directions."""
     pos = same_label(labels)
-    return 0.5 * (contrastive_loss(a, v, pos, temperature) + contrastive_loss(v, a, pos.t(), temperature))
+    return 0.5 * (
+        contrastive_loss(a, v, pos, temperature) + contrastive_loss(v, a, pos.t(), temperature)
+    )
 
 
 def al_loss(a: torch.Tensor, v: torch.Tensor, temperature: float = 0.07):
     """Unsupervised audio-video alignment: the clip's own pair is the positive."""
     eye = torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
-    return 0.5 * (contrastive_loss(a, v, eye, temperature) + contrastive_loss(v, a, eye, temperature))
+    return 0.5 * (
+        contrastive_loss(a, v, eye, temperature) + contrastive_loss(v, a, eye, temperature)
+    )
 
 
 def imc_loss(x: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07):

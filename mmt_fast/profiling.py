@@ -69,7 +69,9 @@ class _TupleOut(nn.Module):
         raise TypeError(f"cannot count FLOPs of an output of type {type(out).__name__}")
 
 
-def count_flops(model: nn.Module, inputs: dict[str, torch.Tensor] | tuple[torch.Tensor, ...]) -> dict[str, float]:
+def count_flops(
+    model: nn.Module, inputs: dict[str, torch.Tensor] | tuple[torch.Tensor, ...]
+) -> dict[str, float]:
     """fvcore FLOPs of one forward pass: {"total": n, "<operator>": n, ...}.
 
     ``inputs``: positional tensors, or keyword tensors (MMT: audio=..., video=...).
@@ -124,7 +126,9 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, batch: dict[str, t
 def _make_batch(
     input_shapes: dict[str, tuple[int, ...]], batch_size: int, num_classes: int, device, dtype
 ) -> dict[str, torch.Tensor]:
-    batch = {k: torch.randn(batch_size, *s, device=device, dtype=dtype) for k, s in input_shapes.items()}
+    batch = {
+        k: torch.randn(batch_size, *s, device=device, dtype=dtype) for k, s in input_shapes.items()
+    }
     batch["label"] = torch.randint(0, num_classes, (batch_size,), device=device)
     return batch
 

@@ -11,7 +11,7 @@ def build(cfg: MultiscaleConfig | ASTConfig | MMTConfig) -> nn.Module:
     """The model for a config object."""
     from mmt_fast.models.ast import AST
     from mmt_fast.models.mmt import MMT
-    from mmt_fast.models.mvit import MAT, MultiscaleEncoder, MViTv2
+    from mmt_fast.models.mvit import MAT, MViTv2
 
     if isinstance(cfg, MMTConfig):
         return MMT(cfg)
@@ -22,7 +22,6 @@ def build(cfg: MultiscaleConfig | ASTConfig | MMTConfig) -> nn.Module:
             return MAT(cfg=cfg, num_classes=cfg.num_classes)
         return MViTv2(cfg=cfg, num_classes=cfg.num_classes)
     raise TypeError(f"no model for config type {type(cfg).__name__}")
-    return MultiscaleEncoder(cfg)  # pragma: no cover
 
 
 def create_model(name: str, **overrides) -> nn.Module:

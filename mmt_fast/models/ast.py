@@ -24,9 +24,7 @@ class AST(nn.Module):
         cfg = apply_overrides(cfg, {"num_classes": num_classes, **overrides})
         self.cfg = cfg
         d = cfg.embed_dim
-        self.patch_embed = nn.Conv2d(
-            1, d, cfg.patch_size, stride=(cfg.fstride, cfg.tstride)
-        )
+        self.patch_embed = nn.Conv2d(1, d, cfg.patch_size, stride=(cfg.fstride, cfg.tstride))
         self.num_patches = cfg.patch_grid[0] * cfg.patch_grid[1]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.dist_token = nn.Parameter(torch.zeros(1, 1, d))

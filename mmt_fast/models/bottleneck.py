@@ -27,7 +27,9 @@ class AVBottleneck(nn.Module):
         self.tokens = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.dim))
 
         def block() -> BottleneckBlock:
-            return BottleneckBlock(cfg.dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, 0.0, cfg.norm_eps)
+            return BottleneckBlock(
+                cfg.dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, 0.0, cfg.norm_eps
+            )
 
         self.video_blocks = nn.ModuleList(block() for _ in range(cfg.num_blocks))
         self.audio_blocks = nn.ModuleList(block() for _ in range(cfg.num_blocks))
@@ -37,7 +39,9 @@ class AVBottleneck(nn.Module):
     def forward(self, video: torch.Tensor, audio: torch.Tensor):
         for name, t in (("video", video), ("audio", audio)):
             if t.ndim != 3 or t.shape[-1] != self.cfg.dim:
-                raise ValueError(f"AVBottleneck expects {name} tokens (B, N, {self.cfg.dim}), got {tuple(t.shape)}")
+                raise ValueError(
+                    f"AVBottleneck expects {name} tokens (B, N, {self.cfg.dim}), got {tuple(t.shape)}"
+                )
         if video.shape[0] != audio.shape[0]:
             raise ValueError(f"batch sizes differ: video {video.shape[0]}, audio {audio.shape[0]}")
         f = self.tokens.expand(video.shape[0], -1, -1)

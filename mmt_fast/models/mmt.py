@@ -85,9 +85,15 @@ class MMT(nn.Module):
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        return tuple(m for m, e in (("audio", self.audio_encoder), ("video", self.video_encoder)) if e is not None)
+        return tuple(
+            m
+            for m, e in (("audio", self.audio_encoder), ("video", self.video_encoder))
+            if e is not None
+        )
 
-    def forward(self, audio: torch.Tensor | None = None, video: torch.Tensor | None = None) -> MMTOutput:
+    def forward(
+        self, audio: torch.Tensor | None = None, video: torch.Tensor | None = None
+    ) -> MMTOutput:
         for name in self.modalities:
             if {"audio": audio, "video": video}[name] is None:
                 raise ValueError(f"this model ({self.cfg.fusion} fusion) needs the {name} input")
@@ -109,20 +115,23 @@ class MMT(nn.Module):
             la, lv = self.head_audio(fa.cls), self.head_video(fv.cls)
             out.branch_logits = {"audio": la, "video": lv}
             out.logits = {
-                k: torch.log((la[k].float().softmax(-1) + lv[k].float().softmax(-1)) / 2) for k in la
+                k: torch.log((la[k].float().softmax(-1) + lv[k].float().softmax(-1)) / 2)
+                for k in la
             }
         else:
             out.logits = self.head((fa or fv).cls)
         return out
 
-    def loss(self, out: MMTOutput, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, out: MMTOutput, targets: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """Eq. 8 (or the ablation's loss). targets: head name -> (B,) int64.
         Returns the total and its parts as floats (for logging)."""
         lc = self.cfg.loss
         if self.cfg.fusion == "avg":
-            cls = losses.classification_loss(out.branch_logits["audio"], targets) + losses.classification_loss(
-                out.branch_logits["video"], targets
-            )
+            cls = losses.classification_loss(
+                out.branch_logits["audio"], targets
+            ) + losses.classification_loss(out.branch_logits["video"], targets)
         else:
             cls = losses.classification_loss(out.logits, targets)
         total = cls
@@ -142,7 +151,9 @@ class MMT(nn.Module):
                 if lc.intra == "supervised":
                     terms.append(losses.imc_loss(emb, labels, lc.temperature))
                 else:
-                    terms.append(losses.imal_loss(emb, getattr(out, f"{m}_fused_embed"), lc.temperature))
+                    terms.append(
+                        losses.imal_loss(emb, getattr(out, f"{m}_fused_embed"), lc.temperature)
+                    )
             li = sum(terms) / len(terms)
             total = total + lc.lambda_intra * li
             parts["imc" if lc.intra == "supervised" else "imal"] = float(li.detach())
@@ -153,5 +164,8 @@ class MMT(nn.Module):
         return {
             n
             for n, _ in self.named_parameters()
-            if any(s in n for s in ("rel_pos", "cls_token", "dist_token", "pos_embed", "bottleneck.tokens"))
+            if any(
+                s in n
+                for s in ("rel_pos", "cls_token", "dist_token", "pos_embed", "bottleneck.tokens")
+            )
         }

@@ -46,7 +46,9 @@ class MultiscaleEncoder(nn.Module):
             stride=cfg.patch_stride,
             padding=cfg.patch_padding,
         )
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim[0])) if cfg.use_cls_token else None
+        self.cls_token = (
+            nn.Parameter(torch.zeros(1, 1, cfg.embed_dim[0])) if cfg.use_cls_token else None
+        )
 
         total = sum(cfg.depths)
         dpr = drop_path_rates(cfg.drop_path_rate, total)
@@ -101,7 +103,9 @@ class MultiscaleEncoder(nn.Module):
             raise TypeError(f"{type(self).__name__} expects a floating-point input, got {x.dtype}")
         small = [n for n, k in zip(x.shape[2:], cfg.patch_kernel) if n < k // 2 + 1]
         if small:
-            raise ValueError(f"input {tuple(x.shape)} is too small for patch kernel {cfg.patch_kernel}")
+            raise ValueError(
+                f"input {tuple(x.shape)} is too small for patch kernel {cfg.patch_kernel}"
+            )
 
     def forward_features(self, x: torch.Tensor) -> EncoderFeatures:
         """x: (B, in_chans, *input) -> normalised tokens, final grid and CLS."""
@@ -143,20 +147,28 @@ class MAT(MultiscaleEncoder):
     or a whole config passed as ``cfg``.
     """
 
-    def __init__(self, num_classes: int = 0, cfg: MultiscaleConfig | None = None, **overrides) -> None:
+    def __init__(
+        self, num_classes: int = 0, cfg: MultiscaleConfig | None = None, **overrides
+    ) -> None:
         cfg = cfg if cfg is not None else mat_b()
         cfg = apply_overrides(cfg, {"num_classes": num_classes, **overrides})
         if len(cfg.input_size) != 2:
-            raise ValueError(f"MAT takes a 2-D (frequency, time) input, got input_size={cfg.input_size}")
+            raise ValueError(
+                f"MAT takes a 2-D (frequency, time) input, got input_size={cfg.input_size}"
+            )
         super().__init__(cfg)
 
 
 class MViTv2(MultiscaleEncoder):
     """The video encoder: MViTv2-B over (B, 3, 16, 224, 224) clips by default."""
 
-    def __init__(self, num_classes: int = 0, cfg: MultiscaleConfig | None = None, **overrides) -> None:
+    def __init__(
+        self, num_classes: int = 0, cfg: MultiscaleConfig | None = None, **overrides
+    ) -> None:
         cfg = cfg if cfg is not None else mvitv2_b_16()
         cfg = apply_overrides(cfg, {"num_classes": num_classes, **overrides})
         if len(cfg.input_size) != 3:
-            raise ValueError(f"MViTv2 takes a 3-D (time, height, width) input, got {cfg.input_size}")
+            raise ValueError(
+                f"MViTv2 takes a 3-D (time, height, width) input, got {cfg.input_size}"
+            )
         super().__init__(cfg)

@@ -1,0 +1,92 @@
+"""Regenerate the README's result tables from the committed JSON files.
+
+    python -m benchmarks.report            # rewrite README.md in place
+    python -m benchmarks.report --check    # exit 1 if README.md is out of date
+
+Each table sits between ``<!-- BEGIN name -->`` and ``<!-- END name -->``
+markers; nothing in them is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _pct(x, ref) -> str:
+    return "" if x is None or ref is None else f"{100 * (x - ref) / ref:+.1f}%"
+
+
+def _f(x, nd=1) -> str:
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def flops_memory_table(data: dict) -> str:
+    lines = [
+        f"Measured on: {data['device']}, torch {data['torch']}, {data['date'][:10]} "
+        f"(`benchmarks/results/{data['_file']}`).",
+        "",
+        "| model | params (M) | paper | Δ | GFLOPs | paper | Δ | batch | peak train memory (GiB) | method |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['model']} | {_f(r['params_m'])} | {_f(r['paper_params_m'])} | {_pct(r['params_m'], r['paper_params_m'])} "
+            f"| {_f(r['gflops'])} | {_f(r['paper_gflops'])} | {_pct(r['gflops'], r['paper_gflops'])} "
+            f"| {r['batch_size'] or '–'} | {_f(r['peak_memory_gb'], 2)} | {r['memory_method'] or '–'} |"
+        )
+    ratio = data.get("per_sample_memory_ratio_ast_over_mat")
+    if ratio is not None:
+        lines += [
+            "",
+            f"Per-sample training memory, AST / MAT: **{ratio:.2f}x** "
+            f"(paper: {data['paper_per_sample_memory_ratio']}x).",
+        ]
+    return "\n".join(lines)
+
+
+SECTIONS: dict[str, tuple[str, Callable[[dict], str]]] = {
+    "flops_memory": ("flops_memory_cpu.json", flops_memory_table),
+}
+
+
+def render(readme: str) -> str:
+    for name, (fname, fn) in SECTIONS.items():
+        path = RESULTS / fname
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        data["_file"] = fname
+        body = fn(data)
+        pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
+        readme = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), readme)
+    return readme
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report")
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args(argv)
+    path = ROOT / "README.md"
+    old = path.read_text()
+    new = render(old)
+    if args.check:
+        if old != new:
+            print(
+                "README.md tables are out of date: run python -m benchmarks.report", file=sys.stderr
+            )
+            return 1
+        return 0
+    path.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
