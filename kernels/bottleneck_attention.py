@@ -1,0 +1,721 @@
+"""Bottleneck attention: attention over the union of two token segments.
+
+In an AVBottleneck block the sequence is ``[modality tokens (CLS + N), L
+bottleneck tokens]``; the model projects each part separately, so this op gets
+two segments and attends over their union without building the concatenated
+copies::
+
+    K = [k_main; k_extra],  V = [v_main; v_extra]            (along tokens, conceptually)
+    out_main  = softmax(q_main  K^T * scale) V                 (B, H, Nm, D)
+    out_extra = softmax(q_extra K^T * scale) V                 (B, H, L, D)
+
+Shapes: ``q_main, k_main, v_main``: (B, H, Nm, D); ``q_extra, k_extra,
+v_extra``: (B, H, L, D); Nm and L are independent.
+
+The Triton path is flash-attention v2 (Triton tutorial ``06-fused-attention``;
+Dao, "FlashAttention-2", 2023): one forward launch whose programs cover the
+query blocks of both segments; each program runs its key-block loop over the
+main segment, then over the extra segment, with an online softmax in fp32, and
+saves the log-sum-exp. The backward recomputes P from the log-sum-exp: one
+small launch for delta = rowsum(dO * O), one for dK/dV (programs over the key
+blocks of both segments, each looping over the queries of both), one for dQ.
+No Nq x Nk tensor and no concatenated copy is allocated.
+
+File layout follows flash-attention's ``ops/triton/layer_norm.py``: kernels,
+launchers, :func:`bottleneck_attention_ref`, :class:`BottleneckAttentionFunction`,
+``torch.library`` ops ``mmt_fast::bottleneck_attention_fwd`` / ``_bwd`` with
+fake implementations, and the public entry point :func:`bottleneck_attention`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import dispatch
+
+OP_NAME = "bottleneck_attention"
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_MAX_HEAD_DIM = 256
+_LOG2E = 1.4426950408889634
+
+
+def _configs() -> list[triton.Config]:
+    if dispatch.interpreting():
+        # The interpreter breaks with two or more autotune configs.
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in ((64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 4, 2))
+    ]
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must not silently drop to tf32: PyTorch's fp32 matmul does not.
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+# --------------------------------------------------------------------------- kernels
+#
+# Every program covers one row block of the *concatenated* index space of a
+# segment pair: blocks [0, cdiv(Nm, BLOCK)) are main-segment rows, the rest
+# are extra-segment rows. Instead of branching on the segment (which breaks
+# Triton's type unification when a length is specialised to a constant), both
+# segments are addressed with disjoint masks: for a main block the extra row
+# indices are negative, for an extra block the main row indices are >= Nm.
+
+
+@triton.jit
+def _fwd_segment(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    n_keys,
+    head_dim,
+    offs_d,
+    mask_d,
+    qk_scale,
+    ACC_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Online-softmax update of (acc, m_i, l_i) with every key of one segment.
+
+    Scores are in log2 units (``qk_scale`` includes log2(e)) so exp2 is used.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    for start in range(0, n_keys, BLOCK_N):
+        cols = start + offs_n
+        mask_n = cols < n_keys
+        kv_off = cols[:, None] * head_dim + offs_d[None, :]
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + kv_off, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(ACC_DTYPE) * qk_scale
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + kv_off, mask=kv_mask, other=0.0)
+        pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(ACC_DTYPE)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.autotune(configs=_configs(), key=["N_MAIN", "N_EXTRA", "HEAD_DIM"])
+@triton.jit
+def _fwd_kernel(
+    QM,
+    KM,
+    VM,
+    QE,
+    KE,
+    VE,
+    OM,
+    OE,
+    LSE,
+    qk_scale,
+    N_MAIN,
+    N_EXTRA,
+    HEAD_DIM,
+    ACC_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    main_base = bh * N_MAIN * HEAD_DIM
+    extra_base = bh * N_EXTRA * HEAD_DIM
+    n_main_blocks = tl.cdiv(N_MAIN, BLOCK_M)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    rows_main = pid * BLOCK_M + offs_m
+    rows_extra = (pid - n_main_blocks) * BLOCK_M + offs_m
+    mask_main = rows_main < N_MAIN
+    mask_extra = (rows_extra >= 0) & (rows_extra < N_EXTRA)
+    off_main = main_base + rows_main[:, None] * HEAD_DIM + offs_d[None, :]
+    off_extra = extra_base + rows_extra[:, None] * HEAD_DIM + offs_d[None, :]
+    io_main = mask_main[:, None] & mask_d[None, :]
+    io_extra = mask_extra[:, None] & mask_d[None, :]
+    # One of the two loads is fully masked, so the sum is exact.
+    q = tl.load(QM + off_main, mask=io_main, other=0.0) + tl.load(
+        QE + off_extra, mask=io_extra, other=0.0
+    )
+
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
+    l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
+    acc, m_i, l_i = _fwd_segment(
+        acc, m_i, l_i, q, KM + main_base, VM + main_base, N_MAIN, HEAD_DIM, offs_d, mask_d,
+        qk_scale, ACC_DTYPE, DOT_PRECISION, BLOCK_N,
+    )  # fmt: skip
+    acc, m_i, l_i = _fwd_segment(
+        acc, m_i, l_i, q, KE + extra_base, VE + extra_base, N_EXTRA, HEAD_DIM, offs_d, mask_d,
+        qk_scale, ACC_DTYPE, DOT_PRECISION, BLOCK_N,
+    )  # fmt: skip
+    out = acc / l_i[:, None]
+    tl.store(OM + off_main, out.to(OM.dtype.element_ty), mask=io_main)
+    tl.store(OE + off_extra, out.to(OE.dtype.element_ty), mask=io_extra)
+
+    lse = m_i + tl.log2(l_i)  # log2 units
+    lse_base = bh * (N_MAIN + N_EXTRA)
+    tl.store(LSE + lse_base + rows_main, lse, mask=mask_main)
+    tl.store(LSE + lse_base + N_MAIN + rows_extra, lse, mask=mask_extra)
+
+
+# --------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    OM,
+    OE,
+    DOM,
+    DOE,
+    DELTA,
+    N_MAIN,
+    N_EXTRA,
+    HEAD_DIM,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """delta_i = sum_d dO_id * O_id for the rows of both segments."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    main_base = bh * N_MAIN * HEAD_DIM
+    extra_base = bh * N_EXTRA * HEAD_DIM
+    n_main_blocks = tl.cdiv(N_MAIN, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    rows_main = pid * BLOCK_M + offs_m
+    rows_extra = (pid - n_main_blocks) * BLOCK_M + offs_m
+    mask_main = rows_main < N_MAIN
+    mask_extra = (rows_extra >= 0) & (rows_extra < N_EXTRA)
+    off_main = main_base + rows_main[:, None] * HEAD_DIM + offs_d[None, :]
+    off_extra = extra_base + rows_extra[:, None] * HEAD_DIM + offs_d[None, :]
+    io_main = mask_main[:, None] & mask_d[None, :]
+    io_extra = mask_extra[:, None] & mask_d[None, :]
+    o = tl.load(OM + off_main, mask=io_main, other=0.0).to(ACC_DTYPE) + tl.load(
+        OE + off_extra, mask=io_extra, other=0.0
+    ).to(ACC_DTYPE)
+    do = tl.load(DOM + off_main, mask=io_main, other=0.0).to(ACC_DTYPE) + tl.load(
+        DOE + off_extra, mask=io_extra, other=0.0
+    ).to(ACC_DTYPE)
+    delta = tl.sum(o * do, 1)
+    base = bh * (N_MAIN + N_EXTRA)
+    tl.store(DELTA + base + rows_main, delta, mask=mask_main)
+    tl.store(DELTA + base + N_MAIN + rows_extra, delta, mask=mask_extra)
+
+
+@triton.jit
+def _bwd_dkdv_segment(
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    lse_base,
+    delta_base,
+    n_queries,
+    head_dim,
+    offs_d,
+    mask_d,
+    qk_scale,
+    ACC_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Accumulate dK, dV of one key block over every query of one segment."""
+    offs_m = tl.arange(0, BLOCK_M)
+    for start in range(0, n_queries, BLOCK_M):
+        rows = start + offs_m
+        mask_m = rows < n_queries
+        io_off = rows[:, None] * head_dim + offs_d[None, :]
+        io_mask = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(q_base + io_off, mask=io_mask, other=0.0)
+        do = tl.load(do_base + io_off, mask=io_mask, other=0.0)
+        lse = tl.load(lse_base + rows, mask=mask_m, other=0.0)
+        delta = tl.load(delta_base + rows, mask=mask_m, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(ACC_DTYPE) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(mask_m[:, None], p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION).to(ACC_DTYPE)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION).to(ACC_DTYPE)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION).to(ACC_DTYPE)
+    return dk, dv
+
+
+@triton.autotune(configs=_configs(), key=["N_MAIN", "N_EXTRA", "HEAD_DIM"])
+@triton.jit
+def _bwd_dkdv_kernel(
+    QM,
+    KM,
+    VM,
+    QE,
+    KE,
+    VE,
+    DOM,
+    DOE,
+    LSE,
+    DELTA,
+    DKM,
+    DVM,
+    DKE,
+    DVE,
+    scale,
+    qk_scale,
+    N_MAIN,
+    N_EXTRA,
+    HEAD_DIM,
+    ACC_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    main_base = bh * N_MAIN * HEAD_DIM
+    extra_base = bh * N_EXTRA * HEAD_DIM
+    stat_base = bh * (N_MAIN + N_EXTRA)
+    n_main_blocks = tl.cdiv(N_MAIN, BLOCK_N)
+
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    cols_main = pid * BLOCK_N + offs_n
+    cols_extra = (pid - n_main_blocks) * BLOCK_N + offs_n
+    mask_main = cols_main < N_MAIN
+    mask_extra = (cols_extra >= 0) & (cols_extra < N_EXTRA)
+    off_main = main_base + cols_main[:, None] * HEAD_DIM + offs_d[None, :]
+    off_extra = extra_base + cols_extra[:, None] * HEAD_DIM + offs_d[None, :]
+    io_main = mask_main[:, None] & mask_d[None, :]
+    io_extra = mask_extra[:, None] & mask_d[None, :]
+    k = tl.load(KM + off_main, mask=io_main, other=0.0) + tl.load(
+        KE + off_extra, mask=io_extra, other=0.0
+    )
+    v = tl.load(VM + off_main, mask=io_main, other=0.0) + tl.load(
+        VE + off_extra, mask=io_extra, other=0.0
+    )
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
+    dk, dv = _bwd_dkdv_segment(
+        dk, dv, k, v, QM + main_base, DOM + main_base, LSE + stat_base, DELTA + stat_base,
+        N_MAIN, HEAD_DIM, offs_d, mask_d, qk_scale, ACC_DTYPE, DOT_PRECISION, BLOCK_M,
+    )  # fmt: skip
+    dk, dv = _bwd_dkdv_segment(
+        dk, dv, k, v, QE + extra_base, DOE + extra_base, LSE + stat_base + N_MAIN,
+        DELTA + stat_base + N_MAIN, N_EXTRA, HEAD_DIM, offs_d, mask_d, qk_scale, ACC_DTYPE,
+        DOT_PRECISION, BLOCK_M,
+    )  # fmt: skip
+    dk = dk * scale
+    tl.store(DKM + off_main, dk.to(DKM.dtype.element_ty), mask=io_main)
+    tl.store(DKE + off_extra, dk.to(DKE.dtype.element_ty), mask=io_extra)
+    tl.store(DVM + off_main, dv.to(DVM.dtype.element_ty), mask=io_main)
+    tl.store(DVE + off_extra, dv.to(DVE.dtype.element_ty), mask=io_extra)
+
+
+@triton.jit
+def _bwd_dq_segment(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    k_base,
+    v_base,
+    n_keys,
+    head_dim,
+    offs_d,
+    mask_d,
+    qk_scale,
+    ACC_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Accumulate dQ of one query block over every key of one segment."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start in range(0, n_keys, BLOCK_N):
+        cols = start + offs_n
+        mask_n = cols < n_keys
+        kv_off = cols[:, None] * head_dim + offs_d[None, :]
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + kv_off, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(ACC_DTYPE) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(mask_n[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION).to(ACC_DTYPE)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION).to(ACC_DTYPE)
+    return dq
+
+
+@triton.autotune(configs=_configs(), key=["N_MAIN", "N_EXTRA", "HEAD_DIM"])
+@triton.jit
+def _bwd_dq_kernel(
+    QM,
+    KM,
+    VM,
+    QE,
+    KE,
+    VE,
+    DOM,
+    DOE,
+    LSE,
+    DELTA,
+    DQM,
+    DQE,
+    scale,
+    qk_scale,
+    N_MAIN,
+    N_EXTRA,
+    HEAD_DIM,
+    ACC_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    main_base = bh * N_MAIN * HEAD_DIM
+    extra_base = bh * N_EXTRA * HEAD_DIM
+    stat_base = bh * (N_MAIN + N_EXTRA)
+    n_main_blocks = tl.cdiv(N_MAIN, BLOCK_M)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    rows_main = pid * BLOCK_M + offs_m
+    rows_extra = (pid - n_main_blocks) * BLOCK_M + offs_m
+    mask_main = rows_main < N_MAIN
+    mask_extra = (rows_extra >= 0) & (rows_extra < N_EXTRA)
+    off_main = main_base + rows_main[:, None] * HEAD_DIM + offs_d[None, :]
+    off_extra = extra_base + rows_extra[:, None] * HEAD_DIM + offs_d[None, :]
+    io_main = mask_main[:, None] & mask_d[None, :]
+    io_extra = mask_extra[:, None] & mask_d[None, :]
+    q = tl.load(QM + off_main, mask=io_main, other=0.0) + tl.load(
+        QE + off_extra, mask=io_extra, other=0.0
+    )
+    do = tl.load(DOM + off_main, mask=io_main, other=0.0) + tl.load(
+        DOE + off_extra, mask=io_extra, other=0.0
+    )
+    lse = tl.load(LSE + stat_base + rows_main, mask=mask_main, other=0.0) + tl.load(
+        LSE + stat_base + N_MAIN + rows_extra, mask=mask_extra, other=0.0
+    )
+    delta = tl.load(DELTA + stat_base + rows_main, mask=mask_main, other=0.0) + tl.load(
+        DELTA + stat_base + N_MAIN + rows_extra, mask=mask_extra, other=0.0
+    )
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
+    dq = _bwd_dq_segment(
+        dq, q, do, lse, delta, KM + main_base, VM + main_base, N_MAIN, HEAD_DIM, offs_d, mask_d,
+        qk_scale, ACC_DTYPE, DOT_PRECISION, BLOCK_N,
+    )  # fmt: skip
+    dq = _bwd_dq_segment(
+        dq, q, do, lse, delta, KE + extra_base, VE + extra_base, N_EXTRA, HEAD_DIM, offs_d,
+        mask_d, qk_scale, ACC_DTYPE, DOT_PRECISION, BLOCK_N,
+    )  # fmt: skip
+    dq = dq * scale
+    tl.store(DQM + off_main, dq.to(DQM.dtype.element_ty), mask=io_main)
+    tl.store(DQE + off_extra, dq.to(DQE.dtype.element_ty), mask=io_extra)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _row_blocks(n_main: int, n_extra: int, block: int) -> int:
+    return triton.cdiv(n_main, block) + triton.cdiv(n_extra, block)
+
+
+def _launch_fwd(q_main, k_main, v_main, q_extra, k_extra, v_extra, scale):
+    B, H, Nm, D = q_main.shape
+    L = q_extra.shape[2]
+    q_main, k_main, v_main, q_extra, k_extra, v_extra = (
+        t.contiguous() for t in (q_main, k_main, v_main, q_extra, k_extra, v_extra)
+    )
+    out_main = torch.empty_like(q_main)
+    out_extra = torch.empty_like(q_extra)
+    lse_dtype = torch.float64 if q_main.dtype == torch.float64 else torch.float32
+    lse = torch.empty(B, H, Nm + L, device=q_main.device, dtype=lse_dtype)
+
+    def grid(meta):
+        return (_row_blocks(Nm, L, meta["BLOCK_M"]), B * H)
+
+    _fwd_kernel[grid](
+        q_main, k_main, v_main, q_extra, k_extra, v_extra, out_main, out_extra, lse,
+        scale * _LOG2E, Nm, L, D,
+        ACC_DTYPE=_acc_dtype(q_main.dtype), DOT_PRECISION=_dot_precision(q_main.dtype),
+        BLOCK_D=triton.next_power_of_2(max(D, 16)),
+    )  # fmt: skip
+    return out_main, out_extra, lse
+
+
+def _launch_bwd(q_main, k_main, v_main, q_extra, k_extra, v_extra, out_main, out_extra, lse,
+                do_main, do_extra, scale):  # fmt: skip
+    B, H, Nm, D = q_main.shape
+    L = q_extra.shape[2]
+    q_main, k_main, v_main, q_extra, k_extra, v_extra, out_main, out_extra, do_main, do_extra = (
+        t.contiguous()
+        for t in (
+            q_main, k_main, v_main, q_extra, k_extra, v_extra, out_main, out_extra, do_main,
+            do_extra,
+        )
+    )  # fmt: skip
+    acc_dtype = _acc_dtype(q_main.dtype)
+    precision = _dot_precision(q_main.dtype)
+    block_d = triton.next_power_of_2(max(D, 16))
+    delta = torch.empty_like(lse)
+    delta_block = 16 if dispatch.interpreting() else 64
+    _bwd_delta_kernel[(_row_blocks(Nm, L, delta_block), B * H)](
+        out_main, out_extra, do_main, do_extra, delta, Nm, L, D,
+        ACC_DTYPE=acc_dtype, BLOCK_D=block_d, BLOCK_M=delta_block,
+    )  # fmt: skip
+
+    dq_main, dk_main, dv_main = (torch.empty_like(q_main) for _ in range(3))
+    dq_extra, dk_extra, dv_extra = (torch.empty_like(q_extra) for _ in range(3))
+
+    def grid_kv(meta):
+        return (_row_blocks(Nm, L, meta["BLOCK_N"]), B * H)
+
+    def grid_q(meta):
+        return (_row_blocks(Nm, L, meta["BLOCK_M"]), B * H)
+
+    _bwd_dkdv_kernel[grid_kv](
+        q_main, k_main, v_main, q_extra, k_extra, v_extra, do_main, do_extra, lse, delta,
+        dk_main, dv_main, dk_extra, dv_extra, scale, scale * _LOG2E, Nm, L, D,
+        ACC_DTYPE=acc_dtype, DOT_PRECISION=precision, BLOCK_D=block_d,
+    )  # fmt: skip
+    _bwd_dq_kernel[grid_q](
+        q_main, k_main, v_main, q_extra, k_extra, v_extra, do_main, do_extra, lse, delta,
+        dq_main, dq_extra, scale, scale * _LOG2E, Nm, L, D,
+        ACC_DTYPE=acc_dtype, DOT_PRECISION=precision, BLOCK_D=block_d,
+    )  # fmt: skip
+    return dq_main, dk_main, dv_main, dq_extra, dk_extra, dv_extra
+
+
+# --------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("mmt_fast::bottleneck_attention_fwd", mutates_args=())
+def _fwd_op(
+    q_main: torch.Tensor,
+    k_main: torch.Tensor,
+    v_main: torch.Tensor,
+    q_extra: torch.Tensor,
+    k_extra: torch.Tensor,
+    v_extra: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton forward: (out_main (B,H,Nm,D), out_extra (B,H,L,D), lse (B,H,Nm+L) fp32, log2 units)."""
+    return _launch_fwd(q_main, k_main, v_main, q_extra, k_extra, v_extra, scale)
+
+
+@_fwd_op.register_fake
+def _(q_main, k_main, v_main, q_extra, k_extra, v_extra, scale):
+    B, H, Nm, _ = q_main.shape
+    L = q_extra.shape[2]
+    lse_dtype = torch.float64 if q_main.dtype == torch.float64 else torch.float32
+    return (
+        torch.empty_like(q_main, memory_format=torch.contiguous_format),
+        torch.empty_like(q_extra, memory_format=torch.contiguous_format),
+        q_main.new_empty((B, H, Nm + L), dtype=lse_dtype),
+    )
+
+
+@torch.library.custom_op("mmt_fast::bottleneck_attention_bwd", mutates_args=())
+def _bwd_op(
+    q_main: torch.Tensor,
+    k_main: torch.Tensor,
+    v_main: torch.Tensor,
+    q_extra: torch.Tensor,
+    k_extra: torch.Tensor,
+    v_extra: torch.Tensor,
+    out_main: torch.Tensor,
+    out_extra: torch.Tensor,
+    lse: torch.Tensor,
+    do_main: torch.Tensor,
+    do_extra: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton backward: (dq_main, dk_main, dv_main, dq_extra, dk_extra, dv_extra)."""
+    return _launch_bwd(
+        q_main, k_main, v_main, q_extra, k_extra, v_extra, out_main, out_extra, lse,
+        do_main, do_extra, scale,
+    )  # fmt: skip
+
+
+@_bwd_op.register_fake
+def _(q_main, k_main, v_main, q_extra, k_extra, v_extra, out_main, out_extra, lse, do_main,
+      do_extra, scale):  # fmt: skip
+    main = [torch.empty_like(q_main, memory_format=torch.contiguous_format) for _ in range(3)]
+    extra = [torch.empty_like(q_extra, memory_format=torch.contiguous_format) for _ in range(3)]
+    return main[0], main[1], main[2], extra[0], extra[1], extra[2]
+
+
+class BottleneckAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper over the two custom ops; saves q, k, v, outputs and lse."""
+
+    @staticmethod
+    def forward(ctx, q_main, k_main, v_main, q_extra, k_extra, v_extra, scale):
+        out_main, out_extra, lse = torch.ops.mmt_fast.bottleneck_attention_fwd(
+            q_main, k_main, v_main, q_extra, k_extra, v_extra, scale
+        )
+        ctx.save_for_backward(
+            q_main, k_main, v_main, q_extra, k_extra, v_extra, out_main, out_extra, lse
+        )
+        ctx.scale = scale
+        return out_main, out_extra
+
+    @staticmethod
+    def backward(ctx, do_main, do_extra):
+        saved = ctx.saved_tensors
+        if do_main is None:
+            do_main = torch.zeros_like(saved[6])
+        if do_extra is None:
+            do_extra = torch.zeros_like(saved[7])
+        grads = torch.ops.mmt_fast.bottleneck_attention_bwd(*saved, do_main, do_extra, ctx.scale)
+        return (*grads, None)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def bottleneck_attention_ref(
+    q_main: torch.Tensor,
+    k_main: torch.Tensor,
+    v_main: torch.Tensor,
+    q_extra: torch.Tensor,
+    k_extra: torch.Tensor,
+    v_extra: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch reference (builds the concatenated K/V and the full score matrix).
+
+    Softmax is taken in fp32 (fp64 for fp64 inputs), like the kernel.
+    """
+    k = torch.cat([k_main, k_extra], dim=2)
+    v = torch.cat([v_main, v_extra], dim=2)
+    q = torch.cat([q_main, q_extra], dim=2)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    attn = torch.softmax((q @ k.transpose(-2, -1)).to(compute) * scale, dim=-1)
+    out = attn.to(v.dtype) @ v
+    return out[:, :, : q_main.shape[2]], out[:, :, q_main.shape[2] :]
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _check_inputs(tensors: dict[str, torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{OP_NAME}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{OP_NAME}: {name} must have rank 4 (B, H, N, D), got shape {tuple(t.shape)}"
+            )
+    qm = tensors["q_main"]
+    qe = tensors["q_extra"]
+    B, H, Nm, D = qm.shape
+    L = qe.shape[2]
+    for name, t in tensors.items():
+        n = Nm if name.endswith("main") else L
+        if tuple(t.shape) != (B, H, n, D):
+            raise ValueError(
+                f"{OP_NAME}: {name} has shape {tuple(t.shape)}, expected {(B, H, n, D)} "
+                f"(batch, heads and head dim D must match q_main {tuple(qm.shape)}; "
+                f"the {'main' if name.endswith('main') else 'extra'} segment has "
+                f"{n} tokens)"
+            )
+    if Nm == 0 or L == 0 or D == 0:
+        raise ValueError(f"{OP_NAME}: empty segment or head dim (Nm={Nm}, L={L}, D={D})")
+    dtypes = {t.dtype for t in tensors.values()}
+    if len(dtypes) > 1:
+        raise TypeError(
+            f"{OP_NAME}: dtype mismatch: " + ", ".join(f"{n}={t.dtype}" for n, t in tensors.items())
+        )
+    if qm.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{OP_NAME}: unsupported dtype {qm.dtype}; expected one of "
+            + ", ".join(map(str, _FLOAT_DTYPES))
+        )
+    devices = {t.device for t in tensors.values()}
+    if len(devices) > 1:
+        raise ValueError(
+            f"{OP_NAME}: device mismatch: "
+            + ", ".join(f"{n}={t.device}" for n, t in tensors.items())
+        )
+
+
+def triton_reasons(
+    q_main: torch.Tensor, q_extra: torch.Tensor, others: tuple[torch.Tensor, ...] = ()
+) -> list[str]:
+    """Why the Triton path cannot run these (valid) inputs; [] when it can."""
+    reasons = dispatch.device_reasons((q_main, q_extra, *others))
+    D = q_main.shape[-1]
+    if D > _MAX_HEAD_DIM:
+        reasons.append(f"head dim {D} > {_MAX_HEAD_DIM}")
+    if q_main.dtype == torch.bfloat16 and dispatch.interpreting():
+        reasons.append("bfloat16 arithmetic is broken in the Triton interpreter")
+    if q_main.dtype == torch.float64 and not dispatch.interpreting():
+        # fp64 is the gradcheck dtype under the interpreter; it is not compiled for GPUs.
+        reasons.append("float64 runs on Triton only under the interpreter (tests)")
+    return reasons
+
+
+def bottleneck_attention(
+    q_main: torch.Tensor,
+    k_main: torch.Tensor,
+    v_main: torch.Tensor,
+    q_extra: torch.Tensor,
+    k_extra: torch.Tensor,
+    v_extra: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of both query segments over the union of both key/value segments.
+
+    Args:
+        q_main, k_main, v_main: (B, H, Nm, D) modality tokens.
+        q_extra, k_extra, v_extra: (B, H, L, D) bottleneck tokens.
+        scale: softmax scale, usually D ** -0.5.
+
+    Returns:
+        ``(out_main (B, H, Nm, D), out_extra (B, H, L, D))`` with
+        ``out_s = softmax(q_s [k_main; k_extra]^T * scale) [v_main; v_extra]``.
+
+    Dispatches through :mod:`kernels.dispatch`: the Triton kernels (forward and
+    backward) or :func:`bottleneck_attention_ref`.
+    """
+    tensors = {
+        "q_main": q_main,
+        "k_main": k_main,
+        "v_main": v_main,
+        "q_extra": q_extra,
+        "k_extra": k_extra,
+        "v_extra": v_extra,
+    }
+    _check_inputs(tensors)
+    scale = float(scale)
+    args = (q_main, k_main, v_main, q_extra, k_extra, v_extra)
+    if dispatch.choose(OP_NAME, triton_reasons(q_main, q_extra, args)):
+        return BottleneckAttentionFunction.apply(*args, scale)
+    return bottleneck_attention_ref(*args, scale)
