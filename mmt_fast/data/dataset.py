@@ -1,0 +1,352 @@
+"""``AVClipDataset``: ClipRecords -> aligned video frames and audio spectrograms.
+
+Items (dict):
+
+| key | shape / type | when |
+|---|---|---|
+| ``video`` | (3, T, S, S) float32; (V, 3, T, S, S) in test mode with V > 1 views | modalities "av"/"video" |
+| ``audio`` | (1, F, Tt) float32 (F = num_mel_bins, Tt = target_length); (V, 1, F, Tt) with views | modalities "av"/"audio" |
+| ``label`` | int64 scalar | single-label records |
+| ``verb``, ``noun`` | int64 scalars | verb/noun records (Epic-Kitchens) |
+| ``index`` | int64 scalar, position in ``dataset.records`` | always |
+| ``warnings`` | tuple of str (e.g. ``("short_clip",)``) | always |
+
+Bad data (see ``errors.py``): with ``on_error="raise"`` a :class:`BadClipError`
+naming the file and the problem propagates. With ``on_error="skip"``
+``__getitem__`` returns a :class:`BadItem` (index, path, kind, reason) instead
+of a dict (a picklable marker rather than ``None``, so the reason survives the
+trip from a DataLoader worker) and :func:`collate_clips` drops it and counts it
+per kind in ``batch["skipped"]``. Labels outside the class index are found at
+construction: raised, or dropped and counted in ``dataset.skip_counts``.
+``dataset.skip_counts`` also counts skips in this process (complete only with
+``num_workers=0``; use the batch counts otherwise).
+
+A segment shorter than the video window repeats its last frame and is counted
+as the warning ``short_clip`` (or is bad data with ``short_clip="error"``); the
+audio is always zero-padded (fbank zeros) as AST does.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import NamedTuple
+
+import torch
+from torch.utils.data import Dataset
+
+from . import audio as A
+from . import video as Vd
+from .errors import BadClipError
+from .manifests import EPIC_NUM_NOUNS, EPIC_NUM_VERBS, ClassIndex, ClipRecord
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataConfig:
+    """Sampling, transform and bad-data settings of :class:`AVClipDataset`.
+
+    Units: ``stride`` in frames between samples; ``crop_size`` in pixels;
+    ``target_length`` in fbank frames (10 ms); ``freqm``/``timem`` are the
+    maximum SpecAugment mask widths in bins / frames (0 disables).
+    """
+
+    mode: str = "train"  # "train" | "test"
+    modalities: str = "av"  # "av" | "audio" | "video"
+    num_frames: int = 16
+    stride: int = 4
+    crop_size: int = 224
+    num_views: int = 5  # test mode only
+    train_scale: tuple[float, float] = (0.08, 1.0)
+    train_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = 0.5
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    sample_rate: int = A.SAMPLE_RATE
+    num_mel_bins: int = 128
+    target_length: int = 1024
+    audio_mean: float = A.AUDIOSET_MEAN
+    audio_std: float = A.AUDIOSET_STD
+    freqm: int = 48
+    timem: int = 192
+    audio_align: str = "shift"  # "shift" | "center", see audio.py
+    on_error: str = "raise"  # "raise" | "skip"
+    short_clip: str = "pad"  # "pad" (warning) | "error" (bad data)
+    decode_threads: int = 1
+
+    def __post_init__(self) -> None:
+        checks = {
+            "mode": ("train", "test"),
+            "modalities": ("av", "audio", "video"),
+            "audio_align": ("shift", "center"),
+            "on_error": ("raise", "skip"),
+            "short_clip": ("pad", "error"),
+        }
+        for name, allowed in checks.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"DataConfig.{name}={getattr(self, name)!r}; expected {allowed}")
+        if min(self.num_frames, self.stride, self.crop_size, self.num_views) < 1:
+            raise ValueError("num_frames, stride, crop_size and num_views must be >= 1")
+        if self.target_length < 1 or self.num_mel_bins < 1:
+            raise ValueError("target_length and num_mel_bins must be >= 1")
+
+    @property
+    def train(self) -> bool:
+        return self.mode == "train"
+
+    @property
+    def views(self) -> int:
+        return 1 if self.train else self.num_views
+
+    @property
+    def window_frames(self) -> int:
+        return (self.num_frames - 1) * self.stride + 1
+
+
+DATA_PRESETS: dict[str, DataConfig] = {
+    "paper": DataConfig(),
+    # tiny sizes for tests and smoke runs on the CPU
+    "tiny": DataConfig(num_frames=4, stride=2, crop_size=32, target_length=128, freqm=8, timem=16),
+}
+
+
+def data_config(name: str = "paper", **overrides) -> DataConfig:
+    """A named preset with fields overridden, e.g. ``data_config("paper", mode="test")``."""
+    return replace(DATA_PRESETS[name], **overrides)
+
+
+class BadItem(NamedTuple):
+    """What ``__getitem__`` returns for a bad clip in skip mode."""
+
+    index: int
+    path: str
+    kind: str
+    reason: str
+
+
+class AVClipDataset(Dataset):
+    """Audio-video clips from :class:`ClipRecord` s (see the module docstring for items).
+
+    Args:
+        records: the clips.
+        config: sampling/transform settings.
+        class_index: label names -> indices for single-label records; default:
+            sorted unique labels of ``records``.
+        verb_index, noun_index: for records whose verb/noun are names; int
+            verb/noun must lie in ``[0, num_verbs)`` / ``[0, num_nouns)``.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ClipRecord],
+        config: DataConfig | None = None,
+        class_index: ClassIndex | None = None,
+        verb_index: ClassIndex | None = None,
+        noun_index: ClassIndex | None = None,
+        num_verbs: int = EPIC_NUM_VERBS,
+        num_nouns: int = EPIC_NUM_NOUNS,
+    ) -> None:
+        self.config = config or DataConfig()
+        self.skip_counts: collections.Counter = collections.Counter()
+        self.warning_counts: collections.Counter = collections.Counter()
+        self.dropped: list[BadItem] = []
+        records = list(records)
+        kinds = {"label" if r.label is not None else "verb_noun" for r in records}
+        if len(kinds) > 1:
+            raise ValueError("records mix single labels and verb/noun targets")
+        self.target_kind = kinds.pop() if kinds else "label"
+        if self.target_kind == "label" and class_index is None:
+            class_index = ClassIndex.from_labels(r.label for r in records)
+        self.class_index, self.verb_index, self.noun_index = class_index, verb_index, noun_index
+        self.num_verbs, self.num_nouns = num_verbs, num_nouns
+        self.records: list[ClipRecord] = []
+        self._targets: list[dict[str, int]] = []
+        for r in records:
+            try:
+                t = self._target(r)
+            except BadClipError as e:
+                if self.config.on_error == "raise":
+                    raise
+                self.skip_counts[e.kind] += 1
+                self.dropped.append(BadItem(-1, e.path, e.kind, e.reason))
+                continue
+            self.records.append(r)
+            self._targets.append(t)
+        if self.dropped:
+            log.warning(
+                "dropped %d records with unknown labels, e.g. %s",
+                len(self.dropped),
+                self.dropped[0],
+            )
+        self._logged: set[str] = set()
+
+    # ------------------------------------------------------------ targets
+    def _target(self, r: ClipRecord) -> dict[str, int]:
+        if self.target_kind == "label":
+            if r.label not in self.class_index:
+                raise BadClipError(
+                    r.path,
+                    f"label {r.label!r} is not in the class list ({len(self.class_index)} classes)",
+                    "unknown_label",
+                )
+            return {"label": self.class_index.index(r.label)}
+        return {
+            "verb": self._vn(r, r.verb, self.verb_index, self.num_verbs, "verb"),
+            "noun": self._vn(r, r.noun, self.noun_index, self.num_nouns, "noun"),
+        }
+
+    @staticmethod
+    def _vn(r: ClipRecord, v, index: ClassIndex | None, n: int, what: str) -> int:
+        if isinstance(v, int) and index is None:
+            if 0 <= v < n:
+                return v
+            raise BadClipError(r.path, f"{what} class {v} outside [0, {n})", "unknown_label")
+        if index is None or v not in index:
+            raise BadClipError(r.path, f"{what} {v!r} is not in the {what} list", "unknown_label")
+        return index.index(v)
+
+    # ------------------------------------------------------------ items
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict | BadItem:
+        rec = self.records[index]
+        try:
+            return self._load(index, rec)
+        except Exception as e:  # anything unexpected is still one bad clip
+            _release_frames(e)
+            err = e
+            if not isinstance(e, BadClipError):
+                err = BadClipError(rec.path, f"{type(e).__name__}: {e}", "decode_error")
+                err.__cause__ = e
+        if self.config.on_error == "raise":
+            raise err
+        self.skip_counts[err.kind] += 1
+        if err.kind not in self._logged:
+            self._logged.add(err.kind)
+            log.warning("skipping bad clip: %s", err)
+        return BadItem(index, err.path, err.kind, err.reason)
+
+    def _load(self, index: int, rec: ClipRecord) -> dict:
+        cfg = self.config
+        item: dict = {}
+        warnings: list[str] = []
+        centres = None
+        if cfg.modalities in ("av", "video"):
+            vr = Vd.open_video(rec.path, cfg.decode_threads)
+            fps = float(vr.get_avg_fps())
+            f0, f1 = Vd.segment_frames(len(vr), fps, rec.start_s, rec.end_s, rec.path)
+            n, L = f1 - f0, cfg.window_frames
+            if n < L:
+                if cfg.short_clip == "error":
+                    raise BadClipError(
+                        rec.path, f"segment has {n} frames, the window needs {L}", "short_clip"
+                    )
+                warnings.append("short_clip")
+            starts = Vd.window_starts(n, L, cfg.train, cfg.views)
+            views = []
+            for s in starts:
+                idx = Vd.frame_indices(f0, f1, s, cfg.num_frames, cfg.stride)
+                frames = Vd.decode_frames(vr, idx, rec.path)
+                views.append(
+                    Vd.transform_frames(
+                        frames,
+                        cfg.crop_size,
+                        cfg.train,
+                        cfg.mean,
+                        cfg.std,
+                        cfg.train_scale,
+                        cfg.train_ratio,
+                        cfg.flip_prob,
+                    )
+                )
+            item["video"] = views[0] if len(views) == 1 else torch.stack(views)
+            centres = [(f0 + s + L / 2) / fps for s in starts]
+        if cfg.modalities in ("av", "audio"):
+            src = A.open_audio(rec.path, cfg.sample_rate)
+            a0 = rec.start_s or 0.0
+            a1 = min(rec.end_s if rec.end_s is not None else float("inf"), src.duration)
+            if a1 <= a0:
+                raise BadClipError(
+                    rec.path,
+                    f"segment [{a0}, {rec.end_s}) s has no audio (audio lasts {src.duration:.2f} s)",
+                    "bad_segment",
+                )
+            span = A.window_samples(cfg.target_length) / cfg.sample_rate
+            if centres is not None:
+                wss = [A.window_start(c, span, a0, a1, cfg.audio_align) for c in centres]
+            else:
+                wss = self._audio_only_starts(a0, a1, span)
+            specs = []
+            for ws in wss:
+                fb = A.window_fbank(src, ws, a0, a1, cfg.target_length, cfg.num_mel_bins)
+                spec = fb.t().unsqueeze(0)  # (1, F, T)
+                if cfg.train:
+                    spec = A.spec_augment(spec, cfg.freqm, cfg.timem)
+                specs.append(A.normalize_fbank(spec, cfg.audio_mean, cfg.audio_std).contiguous())
+            item["audio"] = specs[0] if len(specs) == 1 else torch.stack(specs)
+        for k, v in self._targets[index].items():
+            item[k] = torch.tensor(v, dtype=torch.int64)
+        item["index"] = torch.tensor(index, dtype=torch.int64)
+        item["warnings"] = tuple(warnings)
+        if warnings:
+            self.warning_counts.update(warnings)
+        return item
+
+    def _audio_only_starts(self, a0: float, a1: float, span: float) -> list[float]:
+        """Audio-only windows: inside the clip when it is longer than the window, else at its start."""
+        slack = (a1 - a0) - span
+        if slack <= 0:
+            return [a0] * self.config.views
+        if self.config.train:
+            return [a0 + slack * float(torch.rand(()))]
+        v = self.config.views
+        return [a0 + slack * (0.5 if v == 1 else k / (v - 1)) for k in range(v)]
+
+
+def _release_frames(exc: BaseException) -> None:
+    """Clear the locals of the finished frames in ``exc``'s traceback chain.
+
+    A traceback keeps the decoder objects of the failed load alive (in a
+    reference cycle when the error is stored). A decord reader that survives
+    into a forked DataLoader worker and is freed there waits forever for its
+    decoding threads, which do not exist in the child: the worker hangs.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
+
+
+def collate_clips(items: Sequence[dict | BadItem | None]) -> dict:
+    """Stack good items, drop bad ones (BadItem or None) and count them.
+
+    Returns a dict with the stacked tensors of the item keys (``video`` (B, ...),
+    ``audio`` (B, ...), ``label``/``verb``/``noun`` (B,), ``index`` (B,)) plus
+    ``batch_size`` (int, good items), ``skipped`` ({kind: count}),
+    ``bad`` (list of BadItem), ``warnings`` ({warning: count}). When every item
+    is bad only the last four keys are present (``batch_size`` 0).
+    """
+    good = [x for x in items if isinstance(x, dict)]
+    bad = [x for x in items if not isinstance(x, dict)]
+    skipped = collections.Counter(x.kind if isinstance(x, BadItem) else "unknown" for x in bad)
+    warnings = collections.Counter(w for x in good for w in x.get("warnings", ()))
+    out: dict = {
+        "batch_size": len(good),
+        "skipped": dict(skipped),
+        "bad": [x for x in bad if isinstance(x, BadItem)],
+        "warnings": dict(warnings),
+    }
+    if good:
+        for k in good[0]:
+            if k != "warnings":
+                out[k] = torch.stack([x[k] for x in good])
+    return out

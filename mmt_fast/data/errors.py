@@ -1,0 +1,48 @@
+"""Bad-data errors shared by the manifest readers, the decoders and the dataset.
+
+Every problem with one clip raises :class:`BadClipError`, which names the file
+and a short machine-readable ``kind`` (the key of the skip counters):
+
+| kind | cause |
+|---|---|
+| ``missing_file`` | no file at the resolved path |
+| ``corrupt_file`` | the container cannot be opened or decoded (truncated, damaged, not a video) |
+| ``no_audio`` | the clip needs audio and has neither an audio track nor a ``.wav`` beside it |
+| ``short_clip`` | fewer frames than the sampling window (only when ``short_clip="error"``) |
+| ``bad_segment`` | start/end times outside the file or end <= start |
+| ``unknown_label`` | the label is not in the class list |
+| ``decode_error`` | any other exception while loading the clip |
+"""
+
+from __future__ import annotations
+
+BAD_KINDS = (
+    "missing_file",
+    "corrupt_file",
+    "no_audio",
+    "short_clip",
+    "bad_segment",
+    "unknown_label",
+    "decode_error",
+)
+
+
+class BadClipError(Exception):
+    """One clip cannot be used.
+
+    Attributes:
+        path: the clip's file (as given in the record).
+        reason: a human-readable sentence saying what is wrong.
+        kind: one of :data:`BAD_KINDS`.
+    """
+
+    def __init__(self, path: str, reason: str, kind: str = "decode_error") -> None:
+        if kind not in BAD_KINDS:
+            raise ValueError(f"unknown bad-clip kind {kind!r}; expected one of {BAD_KINDS}")
+        self.path = str(path)
+        self.reason = reason
+        self.kind = kind
+        super().__init__(f"{self.path}: {reason} [{kind}]")
+
+    def __reduce__(self):  # picklable across DataLoader worker processes
+        return (type(self), (self.path, self.reason, self.kind))

@@ -1,0 +1,183 @@
+"""Video decoding (decord) and the spatial/temporal transforms.
+
+Temporal sampling (frames are indexed within the clip's segment ``[f0, f1)``):
+a window covers ``L = (num_frames - 1) * stride + 1`` frames and samples
+``start + i * stride`` for ``i < num_frames``. Training draws ``start``
+uniformly from ``[0, max(n - L, 0)]``; testing uses ``V`` windows spaced
+uniformly from the first possible start to the last one (view ``k`` starts at
+``round(k * (n - L) / (V - 1))``; one view is centred). A segment shorter than
+``L`` frames repeats its last frame (the dataset counts it as ``short_clip``).
+The window's time span is ``[(f0 + start) / fps, (f0 + start + L) / fps)``; its
+centre is what the audio window is aligned to (see ``audio.py``).
+
+Spatial: training takes one random resized crop (area scale and aspect ratio
+ranges as torchvision's ``RandomResizedCrop``; the MViTv2 recipe in SlowFast uses
+(0.08, 1.0) and (3/4, 4/3)) shared by all frames, resizes it to ``S x S`` and
+flips horizontally with probability ``flip_prob``; testing resizes the short
+side to ``S`` and takes the centre ``S x S`` crop. Pixels go to [0, 1] and are
+normalised per channel with ``(x - mean) / std``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import BadClipError
+
+
+def open_video(path: str, num_threads: int = 1):
+    """Open ``path`` with decord; BadClipError for a missing or unreadable file."""
+    import decord
+
+    if not os.path.isfile(path):
+        raise BadClipError(path, "file does not exist", "missing_file")
+    try:
+        vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=num_threads)
+    except Exception as e:  # decord raises DECORDError / RuntimeError
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise BadClipError(
+            path, f"cannot open video (truncated or corrupt file?): {msg}", "corrupt_file"
+        ) from e
+    if len(vr) == 0:
+        raise BadClipError(path, "video stream has no frames", "corrupt_file")
+    return vr
+
+
+def segment_frames(
+    num_frames_in_file: int, fps: float, start_s: float | None, end_s: float | None, path: str = ""
+) -> tuple[int, int]:
+    """Frame range ``[f0, f1)`` of the segment ``[start_s, end_s)`` seconds (None = file edge)."""
+    f0 = 0 if start_s is None else round(start_s * fps)
+    f1 = num_frames_in_file if end_s is None else min(num_frames_in_file, round(end_s * fps))
+    if f0 < 0 or f1 <= f0:
+        raise BadClipError(
+            path,
+            f"segment [{start_s}, {end_s}) s is empty or outside the video "
+            f"({num_frames_in_file} frames at {fps:.3f} fps)",
+            "bad_segment",
+        )
+    return f0, f1
+
+
+def window_starts(
+    num_available: int, window_len: int, train: bool, num_views: int = 1
+) -> list[int]:
+    """Start offsets (frames, relative to the segment) of the sampling windows.
+
+    Training: one start drawn uniformly from ``[0, max(num_available - window_len, 0)]``
+    with torch's RNG. Testing: ``num_views`` uniformly spaced starts.
+    """
+    delta = max(num_available - window_len, 0)
+    if train:
+        return [int(torch.randint(0, delta + 1, ()).item())]
+    if num_views == 1:
+        return [delta // 2]
+    return [round(k * delta / (num_views - 1)) for k in range(num_views)]
+
+
+def frame_indices(f0: int, f1: int, start: int, num_frames: int, stride: int) -> np.ndarray:
+    """Absolute frame indices ``f0 + start + i * stride``, clamped to ``f1 - 1``."""
+    idx = f0 + start + np.arange(num_frames) * stride
+    return np.minimum(idx, f1 - 1)
+
+
+def decode_frames(vr, indices: np.ndarray, path: str = "") -> torch.Tensor:
+    """Decode frames -> uint8 tensor (T, H, W, 3)."""
+    uniq, inverse = np.unique(indices, return_inverse=True)
+    try:
+        frames = torch.from_numpy(vr.get_batch(uniq.tolist()).asnumpy())
+    except Exception as e:
+        if "must exactly match" not in str(e) or not path:
+            raise BadClipError(path, f"frame decoding failed: {e}", "corrupt_file") from e
+        frames = _decode_padded_width(path, uniq)
+    return frames[torch.from_numpy(inverse)]
+
+
+def _decode_padded_width(path: str, indices: np.ndarray) -> torch.Tensor:
+    """Work around decord 0.6.0 failing on some widths (e.g. 48 px: "The size must exactly
+    match"): decode scaled to a width that is a multiple of 64, then resize back."""
+    import decord
+
+    height, width = decord.VideoReader(path, num_threads=1)[0].shape[:2]
+    wide = -(-width // 64) * 64
+    try:
+        vr = decord.VideoReader(path, num_threads=1, width=wide, height=height)
+        x = torch.from_numpy(vr.get_batch(indices.tolist()).asnumpy())
+    except Exception as e:
+        raise BadClipError(path, f"frame decoding failed: {e}", "corrupt_file") from e
+    x = x.permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(T, 3, h, w) float -> (T, 3, *size), bilinear with antialiasing when shrinking."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+
+
+def random_resized_crop_box(
+    height: int,
+    width: int,
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random crop (torchvision's algorithm, torch RNG)."""
+    area = height * width
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * float(torch.empty(()).uniform_(scale[0], scale[1]))
+        r = math.exp(float(torch.empty(()).uniform_(*log_r)))
+        w = round(math.sqrt(target * r))
+        h = round(math.sqrt(target / r))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, ()))
+            left = int(torch.randint(0, width - w + 1, ()))
+            return top, left, h, w
+    in_ratio = width / height  # fallback: the largest centred crop within the ratio range
+    if in_ratio < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        h, w = height, round(height * max(ratio))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def transform_frames(
+    frames: torch.Tensor,
+    crop_size: int,
+    train: bool,
+    mean: Sequence[float],
+    std: Sequence[float],
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    flip_prob: float = 0.5,
+) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> normalised float32 (3, T, S, S), S = crop_size."""
+    _, height, width, _ = frames.shape
+    if train:
+        top, left, h, w = random_resized_crop_box(height, width, scale, ratio)
+        x = frames[:, top : top + h, left : left + w].permute(0, 3, 1, 2).float().div_(255.0)
+        x = _resize(x, (crop_size, crop_size))
+        if flip_prob > 0 and float(torch.rand(())) < flip_prob:
+            x = x.flip(-1)
+    else:
+        x = frames.permute(0, 3, 1, 2).float().div_(255.0)
+        s = crop_size / min(height, width)
+        new_h, new_w = max(crop_size, round(height * s)), max(crop_size, round(width * s))
+        x = _resize(x, (new_h, new_w))
+        top, left = (new_h - crop_size) // 2, (new_w - crop_size) // 2
+        x = x[:, :, top : top + crop_size, left : left + crop_size]
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    sd = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    x = (x - m) / sd
+    return x.permute(1, 0, 2, 3).contiguous()
