@@ -7,7 +7,8 @@ Rules, in order:
    there, :class:`KernelUnsupportedError` lists every reason (no silent
    fallback). On a machine without CUDA this works only under Triton's
    interpreter (``TRITON_INTERPRET=1``), which is how the tests run kernels on
-   the CPU.
+   the CPU; without the switch, CPU tensors take the reference even when
+   interpreting.
 3. Unset (or ``auto``): Triton when every tensor is on CUDA and the op's own
    checks pass; the reference otherwise. :func:`last_refusal` tells why the
    Triton path was not taken for the most recent call of an op.
@@ -19,13 +20,15 @@ cannot run an input.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
 ENV_VAR = "MMT_FAST_KERNELS"
 _MODES = ("auto", "triton", "reference")
 _last_refusal: dict[str, list[str]] = {}
+_shape_only = 0
 
 
 class KernelUnsupportedError(ValueError):
@@ -53,9 +56,15 @@ def device_reasons(tensors: Iterable[torch.Tensor | None]) -> list[str]:
     if len(devices) > 1:
         reasons.append(f"tensors are on different devices: {sorted(map(str, devices))}")
     for dev in devices:
-        if dev.type == "cuda":
+        if dev.type == "cuda" or _shape_only > 0:
             continue
         if dev.type == "cpu" and interpreting():
+            if mode() == "triton":
+                continue
+            reasons.append(
+                "CPU tensors run the interpreted Triton kernels only when forced "
+                f"({ENV_VAR}=triton); the reference is much faster here"
+            )
             continue
         if dev.type == "meta":
             reasons.append("meta tensors (shape-only tracing) use the reference path")
@@ -64,6 +73,23 @@ def device_reasons(tensors: Iterable[torch.Tensor | None]) -> list[str]:
                 f"device {dev} is not CUDA (set TRITON_INTERPRET=1 to run the kernels on the CPU)"
             )
     return reasons
+
+
+@contextmanager
+def shape_only() -> Iterator[None]:
+    """Accept any device for the Triton path while tracing shapes only.
+
+    Under ``FakeTensorMode`` the custom ops run their fake implementations, so
+    no kernel is launched; this lets memory estimates and ``torch.compile``
+    tracing on a machine without CUDA see the fused ops and their true saved
+    tensors. Never use it around real computation.
+    """
+    global _shape_only
+    _shape_only += 1
+    try:
+        yield
+    finally:
+        _shape_only -= 1
 
 
 def choose(op: str, reasons: Sequence[str]) -> bool:

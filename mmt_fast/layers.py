@@ -1,7 +1,8 @@
 """Transformer layers shared by every encoder of mmt-fast.
 
-All attention, pooling and relative-position code lives here, so the fused
-Triton kernels plug into one place:
+All attention, pooling and relative-position code of the models lives here,
+and reaches the three fused ops of :mod:`kernels` (each dispatching to its
+Triton kernel or its PyTorch reference, see ``kernels/dispatch.py``):
 
 - :class:`MultiScaleAttention` / :class:`MultiScaleBlock`: MViTv2's pooling
   attention (MAT, Eq. 1-2, and the video MViTv2-B), with decomposed relative
@@ -11,8 +12,9 @@ Triton kernels plug into one place:
 - :class:`BottleneckBlock`: a ViT block over [modality tokens, bottleneck
   tokens] (AVBottleneck, Eq. 5-6) that never concatenates the two.
 
-The attention arithmetic is written with explicit matmuls and einsums so that
-fvcore counts it. The layer structure follows timm's ``mvitv2.py`` (read to
+The reference paths are written with explicit matmuls and einsums so that
+fvcore counts them; the fused ops' custom ops have fvcore handles in
+:mod:`mmt_fast.profiling`. The layer structure follows timm's ``mvitv2.py`` (read to
 check facts; this is our own code).
 """
 
@@ -23,6 +25,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kernels.bottleneck_attention import bottleneck_attention
+from kernels.pooled_qkv import pooled_qkv
+from kernels.relpos_attention import relpos_attention
 
 Grid = tuple[int, ...]
 
@@ -74,20 +80,6 @@ class Mlp(nn.Module):
 # ----------------------------------------------------------------------------- relative position
 
 
-def rel_distance(q_size: int, k_size: int, device=None) -> torch.Tensor:
-    """Index into a rel-pos table of length ``2 * max(q_size, k_size) - 1`` for
-    every (query coordinate, key coordinate) pair along one axis, with MViTv2's
-    rescaling when the query and key grids differ in size. Shape (q_size, k_size)."""
-    q_ratio = max(k_size / q_size, 1.0)
-    k_ratio = max(q_size / k_size, 1.0)
-    dist = (
-        torch.arange(q_size, device=device)[:, None] * q_ratio
-        - torch.arange(k_size, device=device)[None, :] * k_ratio
-    )
-    dist = dist + (k_size - 1) * k_ratio
-    return dist.long()
-
-
 def resize_rel_table(table: torch.Tensor, q_size: int, k_size: int) -> torch.Tensor:
     """The table for (q_size, k_size), linearly interpolated when it was made
     for another grid (MViTv2's ``get_rel_pos``). table: (L, D) -> (2 max - 1, D)."""
@@ -96,59 +88,6 @@ def resize_rel_table(table: torch.Tensor, q_size: int, k_size: int) -> torch.Ten
         return table
     resized = F.interpolate(table.t()[None], size=length, mode="linear", align_corners=False)
     return resized[0].t()
-
-
-def relpos_bias(
-    q: torch.Tensor, tables: Sequence[torch.Tensor], q_grid: Grid, k_grid: Grid
-) -> torch.Tensor:
-    """Decomposed relative-position bias for spatial tokens.
-
-    q: (B, H, prod(q_grid), D) spatial queries; tables[a]: (2 max(q_a, k_a) - 1, D).
-    Returns (B, H, prod(q_grid), prod(k_grid)) with
-    bias[i, j] = sum_a q_i . tables[a][dist_a(i_a, j_a)].
-    """
-    B, H, _, D = q.shape
-    nd = len(q_grid)
-    qs, ks = "xyz"[:nd], "uvw"[:nd]
-    r_q = q.reshape(B, H, *q_grid, D)
-    bias = q.new_zeros((B, H, *q_grid, *k_grid))
-    for a in range(nd):
-        r = tables[a][rel_distance(q_grid[a], k_grid[a], q.device)]  # (q_a, k_a, D)
-        rel = torch.einsum(f"bh{qs}c,{qs[a]}{ks[a]}c->bh{qs}{ks[a]}", r_q, r)
-        shape = [B, H, *q_grid] + [k_grid[b] if b == a else 1 for b in range(nd)]
-        bias = bias + rel.reshape(shape)
-    return bias.reshape(B, H, prod(q_grid), prod(k_grid))
-
-
-def relpos_attention_torch(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    tables: Sequence[torch.Tensor],
-    q_grid: Grid,
-    k_grid: Grid,
-    has_cls: bool,
-    scale: float,
-    residual: bool = True,
-) -> torch.Tensor:
-    """softmax(q k^T * scale + bias) v (+ q), bias as :func:`relpos_bias`.
-
-    q: (B, H, Nq, D), k, v: (B, H, Nk, D), with Nq = has_cls + prod(q_grid).
-    The bias is not scaled (MViTv2's code; the paper's Eq. writes
-    (QK^T + E_rel) / sqrt(d), which is the same up to a rescaling of R).
-    """
-    attn = (q * scale) @ k.transpose(-2, -1)
-    if len(tables):
-        sp = int(has_cls)
-        bias = relpos_bias(q[:, :, sp:], tables, q_grid, k_grid)
-        spatial = attn[:, :, sp:, sp:] + bias
-        if sp:
-            bottom = torch.cat([attn[:, :, sp:, :sp], spatial], dim=-1)
-            attn = torch.cat([attn[:, :, :sp], bottom], dim=-2)
-        else:
-            attn = spatial
-    out = attn.softmax(dim=-1) @ v
-    return out + q if residual else out
 
 
 # ----------------------------------------------------------------------------- multiscale attention
@@ -247,6 +186,24 @@ class MultiScaleAttention(nn.Module):
 
     def project(self, x: torch.Tensor, grid: Grid):
         """Pooled, normalised heads: q (B, H, Nq, d), k, v (B, H, Nk, d), q_grid, k_grid."""
+        if self.pool_q is not None and self.pool_k is not None:
+            return pooled_qkv(
+                x,
+                self.qkv.weight,
+                self.qkv.bias,
+                grid,
+                self.has_cls,
+                self.num_heads,
+                (self.pool_q.weight, self.pool_k.weight, self.pool_v.weight),
+                (self.stride_q, self.stride_kv),
+                (
+                    (self.norm_q.weight, self.norm_q.bias),
+                    (self.norm_k.weight, self.norm_k.bias),
+                    (self.norm_v.weight, self.norm_v.bias),
+                ),
+                self.norm_q.eps,
+            )
+        # kernel-1, stride-1 pooling (no pooling at all): plain projection
         B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
@@ -261,7 +218,7 @@ class MultiScaleAttention(nn.Module):
     def forward(self, x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, Grid]:
         B = x.shape[0]
         q, k, v, q_grid, k_grid = self.project(x, grid)
-        out = relpos_attention_torch(
+        out = relpos_attention(
             q,
             k,
             v,
@@ -354,16 +311,9 @@ class MultiScaleBlock(nn.Module):
 
 
 def attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
-    """softmax(q k^T * scale) v for q: (B, H, Nq, D), k, v: (B, H, Nk, D)."""
+    """softmax(q k^T * scale) v for q: (B, H, Nq, D), k, v: (B, H, Nk, D), with
+    explicit matmuls so that fvcore counts them (AST, the baseline)."""
     return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
-
-
-def bottleneck_attention_torch(q_m, k_m, v_m, q_e, k_e, v_e, scale: float):
-    """Attention of both query segments over the union of both key segments.
-    Reference for the fused kernel; the concatenation here is what it avoids."""
-    k = torch.cat([k_m, k_e], dim=2)
-    v = torch.cat([v_m, v_e], dim=2)
-    return attention_torch(q_m, k, v, scale), attention_torch(q_e, k, v, scale)
 
 
 class Attention(nn.Module):
@@ -428,7 +378,7 @@ class BottleneckBlock(Block):
     def forward(self, x: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q_m, k_m, v_m = self.attn.heads(self.norm1(x))
         q_e, k_e, v_e = self.attn.heads(self.norm1(f))
-        o_m, o_e = bottleneck_attention_torch(q_m, k_m, v_m, q_e, k_e, v_e, self.attn.scale)
+        o_m, o_e = bottleneck_attention(q_m, k_m, v_m, q_e, k_e, v_e, self.attn.scale)
         x = x + self.drop_path(self.attn.merge(o_m))
         f = f + self.drop_path(self.attn.merge(o_e))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
@@ -458,7 +408,5 @@ __all__ = [
     "MultiScaleBlock",
     "init_weights",
     "pooled_grid",
-    "rel_distance",
-    "relpos_attention_torch",
-    "relpos_bias",
+    "resize_rel_table",
 ]

@@ -1,5 +1,5 @@
-"""The decomposed relative-position attention of the models against an
-independent per-(i, j) loop."""
+"""The decomposed relative-position attention the models call (reference path
+on the CPU) against an independent per-(i, j) loop."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from mmt_fast.layers import relpos_attention_torch, resize_rel_table
+from kernels.relpos_attention import relpos_attention
+from mmt_fast.layers import resize_rel_table
 
 
 def coords(grid):
@@ -73,7 +74,7 @@ def test_relpos_attention_matches_loop(q_grid, k_grid, has_cls, heads, residual)
     tables = [
         torch.randn(2 * max(a, b) - 1, D, dtype=torch.float64) for a, b in zip(q_grid, k_grid)
     ]
-    got = relpos_attention_torch(q, k, v, tables, q_grid, k_grid, has_cls, D**-0.5, residual)
+    got = relpos_attention(q, k, v, tables, q_grid, k_grid, has_cls, D**-0.5, residual)
     want = loop_attention(q, k, v, tables, q_grid, k_grid, has_cls, D**-0.5, residual)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
