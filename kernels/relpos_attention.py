@@ -1,0 +1,921 @@
+"""Fused attention with MViTv2's decomposed relative-position bias.
+
+Semantics (timm ``mvitv2.py`` ``cal_rel_pos_type``; SlowFast's 3-D
+``cal_rel_pos_spatial`` / ``cal_rel_pos_temporal``)::
+
+    q: (B, H, Nq, D), k, v: (B, H, Nk, D)
+    Nq = has_cls + prod(q_grid), Nk = has_cls + prod(k_grid), grids of 1-3 axes
+    spatial tokens flattened row-major over the grid, after the optional CLS token
+    rel_tables[a]: (2 max(q_grid[a], k_grid[a]) - 1, D), shared by all heads
+    dist_a(x, y) = long(x * max(ka/qa, 1) - y * max(qa/ka, 1) + (ka - 1) * max(qa/ka, 1))
+                   (float32 arithmetic, truncated, as timm's ``dist.long()``)
+    bias[i, j]   = sum_a q_i . rel_tables[a][dist_a(i_a, j_a)]   (0 on the CLS row/column)
+    S            = q k^T * scale + bias                           (bias not scaled: MViTv2's code)
+    out          = softmax(S) v + (q if residual else 0)          (residual on every row, as timm)
+
+An empty ``rel_tables`` means no bias (plain attention with the residual).
+
+Design of the Triton path. The bias factorises through the small tensor
+
+    relq_a[b, h, i, y] = q_i . R_a[dist_a(i_a, y)],  y < k_grid[a]    (B, H, Nq - cls, ka)
+
+so ``bias[i, j] = sum_a relq_a[i, j_a]``. relq (all axes concatenated:
+(B, H, Nq - cls, sum_a ka)) is computed by a gather + einsum in PyTorch (its
+cost is O(Nq sum_a ka D), a fraction of Q K^T), and the attention kernel adds
+the bias per (BLOCK_M, BLOCK_N) tile by decoding the key coordinates j_a from
+j with integer div/mod; every grid is treated as 3-D with leading size-1 axes.
+This is the flash-attention v2 scheme (Triton tutorial ``06-fused-attention``;
+Dao, "FlashAttention-2", 2023): online softmax in fp32, P V, log-sum-exp
+saved, residual q added in the epilogue. No Nq x Nk tensor exists, forward or
+backward.
+
+Backward recomputes P from the log-sum-exp: delta = rowsum(dO * (O - q));
+a key-block-parallel kernel computes dK, dV; a query-block-parallel kernel
+computes dQ (through Q K^T) and d_relq_a[i, y] = sum_{j: j_a = y} dS[i, j].
+Keys in one BLOCK_N tile cover at most ``(BLOCK_N + s_a - 2) // s_a + 1``
+distinct values of j_a (s_a: the axis' stride in the flattened key grid), so
+the sum over a tile is one small ``dS @ onehot`` matmul into a window of W_a
+columns, flushed with atomics onto this program's own rows (no contention
+between programs; atomics only because successive windows overlap). For the
+fastest axis with ka >= BLOCK_N the tile's keys have distinct j_a and dS is
+added directly. The gradients of q (through relq) and of the tables are then
+the small einsums ``d_relq . R`` and ``d_relq^T q``, with an ``index_add``
+into the tables. Saved for backward: q, k, v, out, lse (B, H, Nq) and the
+tables; relq is recomputed (it can be larger than q: Nq x sum ka vs Nq x D).
+
+Numerics: scores, softmax and all accumulators are fp32 (fp64 for fp64
+inputs); relq is computed in the input dtype, like PyTorch's own path; for
+16-bit inputs P and dS are rounded to the input dtype before the P V and
+dS K matmuls (as flash-attention) and dS is rounded to tf32 for the d_relq
+window sums. The d_relq atomics make the table and q gradients
+non-deterministic in the last bits.
+
+File layout follows flash-attention's ``ops/triton/layer_norm.py``: kernels,
+launchers, :func:`relpos_attention_ref`, ``torch.library`` custom ops
+``mmt_fast::relpos_attention_fwd`` / ``mmt_fast::relpos_attention_bwd`` with
+fake implementations, the autograd formula (``register_autograd``, which wraps
+the op in a ``torch.autograd.Function`` that ``torch.compile`` and FakeTensor
+tracing see through, saved tensors included), and the public entry point
+:func:`relpos_attention`, which dispatches through :mod:`kernels.dispatch`.
+"""
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels import dispatch
+
+OP_NAME = "relpos_attention"
+_MAX_HEAD_DIM = 256
+_LOG2E = 1.4426950408889634
+_LOG2E_C = tl.constexpr(_LOG2E)
+_AXES = "xyz"
+
+Grid = Sequence[int]
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def rel_pos_index(
+    q_size: int, k_size: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Row of the rel-pos table for every (query, key) coordinate pair on one axis.
+
+    Returns (q_size, k_size) int64 with values in [0, 2 max(q_size, k_size) - 1).
+    The arithmetic is float32 and truncates, exactly as timm's ``cal_rel_pos_type``.
+    """
+    q_ratio = max(k_size / q_size, 1.0)
+    k_ratio = max(q_size / k_size, 1.0)
+    dist = (
+        torch.arange(q_size, device=device)[:, None] * q_ratio
+        - torch.arange(k_size, device=device)[None, :] * k_ratio
+    )
+    dist = dist + (k_size - 1) * k_ratio
+    return dist.long()
+
+
+def _relq(
+    q_sp: torch.Tensor, rel_tables: Sequence[torch.Tensor], q_grid: Grid, k_grid: Grid
+) -> list[torch.Tensor]:
+    """relq_a = q_i . R_a[dist_a(i_a, y)] for each axis a.
+
+    q_sp: (B, H, prod(q_grid), D) spatial queries. Returns one
+    (B, H, *q_grid, k_grid[a]) tensor per axis.
+    """
+    B, H, _, D = q_sp.shape
+    axes = _AXES[: len(q_grid)]
+    r_q = q_sp.reshape(B, H, *q_grid, D)
+    out = []
+    for a, table in enumerate(rel_tables):
+        r = table[rel_pos_index(q_grid[a], k_grid[a], q_sp.device)]  # (qa, ka, D)
+        out.append(torch.einsum(f"bh{axes}d,{axes[a]}kd->bh{axes}k", r_q, r))
+    return out
+
+
+def relpos_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_tables: Sequence[torch.Tensor],
+    q_grid: Grid,
+    k_grid: Grid,
+    has_cls: bool,
+    scale: float,
+    residual: bool = True,
+) -> torch.Tensor:
+    """PyTorch reference: softmax(q k^T * scale + bias) v (+ q), the bias built in memory.
+
+    Shapes and formula as in the module docstring; returns (B, H, Nq, D) in q's dtype.
+    This is the CPU path and the test oracle; it allocates (B, H, Nq, Nk).
+    """
+    attn = (q * scale) @ k.transpose(-2, -1)
+    if len(rel_tables):
+        B, H, _, _ = q.shape
+        cls = int(has_cls)
+        nd = len(q_grid)
+        bias = q.new_zeros((B, H, *q_grid, *k_grid))
+        for a, rel in enumerate(_relq(q[:, :, cls:], rel_tables, q_grid, k_grid)):
+            shape = [B, H, *q_grid] + [k_grid[b] if b == a else 1 for b in range(nd)]
+            bias = bias + rel.reshape(shape)
+        bias = bias.reshape(B, H, math.prod(q_grid), math.prod(k_grid))
+        attn = attn + F.pad(bias, (cls, 0, cls, 0))
+    out = attn.softmax(dim=-1) @ v
+    return out + q if residual else out
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _configs() -> list[triton.Config]:
+    if dispatch.interpreting():
+        # The interpreter breaks with two or more autotune configs.
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        # (32, 32, 4, 1) fits shared memory for every supported dtype and head dim (checked
+        # by compiling for sm_90); autotune skips the configs that do not fit.
+        for bm, bn, w, s in (
+            (64, 64, 4, 2),
+            (128, 64, 8, 2),
+            (128, 32, 4, 3),
+            (64, 32, 4, 3),
+            (32, 32, 4, 1),
+        )
+    ]
+
+
+@triton.jit
+def _tile_bias(
+    rel_rows,
+    row_sp,
+    cols,
+    Nk,
+    HAS_CLS: tl.constexpr,
+    K1: tl.constexpr,
+    K2: tl.constexpr,
+    USE0: tl.constexpr,
+    USE1: tl.constexpr,
+    USE2: tl.constexpr,
+    OFF0: tl.constexpr,
+    OFF1: tl.constexpr,
+    OFF2: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """bias[i, j] = sum_a relq_a[i, j_a] for a (BLOCK_M, BLOCK_N) tile; 0 off the spatial part."""
+    # The CLS column has js = -1; clamp so masked-off addresses stay in range.
+    js = tl.maximum(cols - HAS_CLS, 0)
+    mask = row_sp[:, None] & ((cols >= HAS_CLS) & (cols < Nk))[None, :]
+    bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    if USE0:
+        c0 = js // (K1 * K2)
+        bias += tl.load(rel_rows[:, None] + OFF0 + c0[None, :], mask=mask, other=0.0).to(ACC)
+    if USE1:
+        c1 = (js // K2) % K1
+        bias += tl.load(rel_rows[:, None] + OFF1 + c1[None, :], mask=mask, other=0.0).to(ACC)
+    if USE2:
+        c2 = js % K2
+        bias += tl.load(rel_rows[:, None] + OFF2 + c2[None, :], mask=mask, other=0.0).to(ACC)
+    return bias
+
+
+@triton.autotune(configs=_configs(), key=["Nq", "Nk", "BLOCK_D"])
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, REL, OUT, LSE,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    H, Nq, Nk, D, qk_scale,
+    HAS_CLS: tl.constexpr,
+    K1: tl.constexpr, K2: tl.constexpr,
+    USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
+    OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KSUM: tl.constexpr,
+    RESIDUAL: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    Q += b * sqb + h * sqh
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_in = rows < Nq
+    d_in = offs_d < D
+    row_sp = row_in & (rows >= HAS_CLS)
+    rel_rows = REL + pid_bh * (Nq - HAS_CLS) * KSUM + tl.maximum(rows - HAS_CLS, 0) * KSUM
+
+    q = tl.load(
+        Q + rows[:, None] * sqn + offs_d[None, :] * sqd,
+        mask=row_in[:, None] & d_in[None, :],
+        other=0.0,
+    )
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    for start_n in range(0, Nk, BLOCK_N):
+        cols = start_n + offs_n
+        col_in = cols < Nk
+        kt = tl.load(
+            K + cols[None, :] * skn + offs_d[:, None] * skd,
+            mask=col_in[None, :] & d_in[:, None],
+            other=0.0,
+        )
+        # Scores in log2 units: exp2 is the native instruction.
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+        s += _LOG2E_C * _tile_bias(
+            rel_rows, row_sp, cols, Nk, HAS_CLS, K1, K2, USE0, USE1, USE2,
+            OFF0, OFF1, OFF2, ACC, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
+        s = tl.where(col_in[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vb = tl.load(
+            V + cols[:, None] * svn + offs_d[None, :] * svd,
+            mask=col_in[:, None] & d_in[None, :],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=DOT_PREC)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    if RESIDUAL:
+        acc += q.to(ACC)
+    OUT += pid_bh * Nq * D
+    tl.store(
+        OUT + rows[:, None] * D + offs_d[None, :],
+        acc.to(OUT.dtype.element_ty),
+        mask=row_in[:, None] & d_in[None, :],
+    )
+    tl.store(LSE + pid_bh * Nq + rows, m_i + tl.log2(l_i), mask=row_in)
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    OUT, DO, Q, DELTA,
+    sob, soh, son, sod,
+    sdb, sdh, sdn, sdd,
+    sqb, sqh, sqn, sqd,
+    H, Nq, D,
+    RESIDUAL: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """delta[i] = sum_d dO[i, d] * (out[i, d] - residual * q[i, d]) = rowsum(dP * P)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < Nq)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(
+        OUT + b * sob + h * soh + rows[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0
+    ).to(ACC)
+    if RESIDUAL:
+        o -= tl.load(
+            Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :] * sqd,
+            mask=mask,
+            other=0.0,
+        ).to(ACC)
+    do = tl.load(
+        DO + b * sdb + h * sdh + rows[:, None] * sdn + offs_d[None, :] * sdd, mask=mask, other=0.0
+    ).to(ACC)
+    tl.store(DELTA + pid_bh * Nq + rows, tl.sum(o * do, 1), mask=rows < Nq)
+
+
+@triton.autotune(configs=_configs(), key=["Nq", "Nk", "BLOCK_D"])
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, REL, DO, LSE, DELTA, DK, DV,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdb, sdh, sdn, sdd,
+    H, Nq, Nk, D, sm_scale, qk_scale,
+    HAS_CLS: tl.constexpr,
+    K1: tl.constexpr, K2: tl.constexpr,
+    USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
+    OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KSUM: tl.constexpr,
+    ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """dV = P^T dO, dK = scale * dS^T Q for one key block, looping over all query blocks."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    Q += b * sqb + h * sqh
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    DO += b * sdb + h * sdh
+    REL += pid_bh * (Nq - HAS_CLS) * KSUM
+
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_in = cols < Nk
+    d_in = offs_d < D
+    kv_mask = col_in[:, None] & d_in[None, :]
+    kb = tl.load(K + cols[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+    vb = tl.load(V + cols[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    for start_m in range(0, Nq, BLOCK_M):
+        rows = start_m + offs_m
+        row_in = rows < Nq
+        row_sp = row_in & (rows >= HAS_CLS)
+        qd_mask = row_in[:, None] & d_in[None, :]
+        q = tl.load(Q + rows[:, None] * sqn + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)
+        do = tl.load(DO + rows[:, None] * sdn + offs_d[None, :] * sdd, mask=qd_mask, other=0.0)
+        lse = tl.load(LSE + pid_bh * Nq + rows, mask=row_in, other=0.0)
+        delta = tl.load(DELTA + pid_bh * Nq + rows, mask=row_in, other=0.0)
+        rel_rows = REL + tl.maximum(rows - HAS_CLS, 0) * KSUM
+        s = tl.dot(q, tl.trans(kb), input_precision=DOT_PREC) * qk_scale
+        s += _LOG2E_C * _tile_bias(
+            rel_rows, row_sp, cols, Nk, HAS_CLS, K1, K2, USE0, USE1, USE2,
+            OFF0, OFF1, OFF2, ACC, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
+        p = tl.where(row_in[:, None] & col_in[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+        dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
+
+    out_off = pid_bh * Nk * D + cols[:, None] * D + offs_d[None, :]
+    tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _accumulate_drel(
+    drel_rows,
+    row_sp,
+    ds,
+    js,
+    js0,
+    col_sp,
+    OFF: tl.constexpr,
+    KA: tl.constexpr,
+    STRIDE: tl.constexpr,
+    DIRECT: tl.constexpr,
+    W: tl.constexpr,
+    ACC: tl.constexpr,
+    REL_PREC: tl.constexpr,
+):
+    """d_relq[i, OFF + y] += sum over this tile's keys j with j_a = y of dS[i, j]."""
+    c = (js // STRIDE) % KA
+    if DIRECT:
+        # ka >= BLOCK_N on the fastest axis: the tile's keys have distinct j_a.
+        mask = row_sp[:, None] & col_sp[None, :]
+        tl.atomic_add(drel_rows[:, None] + OFF + c[None, :], ds, mask=mask, sem="relaxed")
+    else:
+        # u = j_a relative to the tile's first key, mod ka, lies in [0, W) (see module doc):
+        # window column u holds one distinct y = (c0 + u) % ka.
+        c0 = (js0 // STRIDE) % KA
+        u = (c - c0 + KA) % KA
+        w = tl.arange(0, W)
+        onehot = tl.where((u[:, None] == w[None, :]) & col_sp[:, None], 1.0, 0.0).to(ACC)
+        win = tl.dot(ds, onehot, input_precision=REL_PREC)
+        y = (c0 + w) % KA
+        mask = row_sp[:, None] & (w < KA)[None, :]
+        tl.atomic_add(drel_rows[:, None] + OFF + y[None, :], win, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, REL, DO, LSE, DELTA, DQ, DREL,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdb, sdh, sdn, sdd,
+    H, Nq, Nk, D, sm_scale, qk_scale,
+    HAS_CLS: tl.constexpr,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
+    OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KSUM: tl.constexpr,
+    DIRECT0: tl.constexpr, DIRECT1: tl.constexpr, DIRECT2: tl.constexpr,
+    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
+    RESIDUAL: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr, REL_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """dQ = scale * dS K (+ dO) and d_relq for one query block, looping over all key blocks."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_in = rows < Nq
+    d_in = offs_d < D
+    row_sp = row_in & (rows >= HAS_CLS)
+    qd_mask = row_in[:, None] & d_in[None, :]
+    row_off = (pid_bh * (Nq - HAS_CLS) + tl.maximum(rows - HAS_CLS, 0)) * KSUM
+    rel_rows = REL + row_off
+    drel_rows = DREL + row_off
+
+    q = tl.load(
+        Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :] * sqd,
+        mask=qd_mask,
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b * sdb + h * sdh + rows[:, None] * sdn + offs_d[None, :] * sdd,
+        mask=qd_mask,
+        other=0.0,
+    )
+    lse = tl.load(LSE + pid_bh * Nq + rows, mask=row_in, other=0.0)
+    delta = tl.load(DELTA + pid_bh * Nq + rows, mask=row_in, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    for start_n in range(0, Nk, BLOCK_N):
+        cols = start_n + offs_n
+        col_in = cols < Nk
+        kv_mask = col_in[:, None] & d_in[None, :]
+        kb = tl.load(K + cols[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        vb = tl.load(V + cols[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(kb), input_precision=DOT_PREC) * qk_scale
+        s += _LOG2E_C * _tile_bias(
+            rel_rows, row_sp, cols, Nk, HAS_CLS, K1, K2, USE0, USE1, USE2,
+            OFF0, OFF1, OFF2, ACC, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
+        p = tl.where(row_in[:, None] & col_in[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kb.dtype), kb, input_precision=DOT_PREC)
+
+        js = tl.maximum(cols - HAS_CLS, 0)
+        js0 = tl.maximum(start_n - HAS_CLS, 0)
+        col_sp = col_in & (cols >= HAS_CLS)
+        if USE0:
+            _accumulate_drel(
+                drel_rows, row_sp, ds, js, js0, col_sp, OFF0, K0, K1 * K2, DIRECT0, W0, ACC,
+                REL_PREC,
+            )  # fmt: skip
+        if USE1:
+            _accumulate_drel(
+                drel_rows, row_sp, ds, js, js0, col_sp, OFF1, K1, K2, DIRECT1, W1, ACC, REL_PREC
+            )
+        if USE2:
+            _accumulate_drel(
+                drel_rows, row_sp, ds, js, js0, col_sp, OFF2, K2, 1, DIRECT2, W2, ACC, REL_PREC
+            )
+
+    dq = dq * sm_scale
+    if RESIDUAL:
+        dq += do.to(ACC)
+    tl.store(
+        DQ + pid_bh * Nq * D + rows[:, None] * D + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=qd_mask,
+    )
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must not silently drop to tf32: PyTorch's fp32 matmul does not.
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def _geometry(n_tables: int, k_grid: Grid, has_cls: bool) -> dict:
+    """Constexpr description of the key grid, padded to 3-D, and of relq's column layout."""
+    k3 = (1,) * (3 - len(k_grid)) + tuple(k_grid)
+    use = [a >= 3 - n_tables for a in range(3)]
+    offs, off = [], 0
+    for a in range(3):
+        offs.append(off)
+        off += k3[a] if use[a] else 0
+    return dict(
+        HAS_CLS=int(has_cls),
+        K1=k3[1],
+        K2=k3[2],
+        USE0=use[0],
+        USE1=use[1],
+        USE2=use[2],
+        OFF0=offs[0],
+        OFF1=offs[1],
+        OFF2=offs[2],
+        KSUM=max(off, 1),
+    )
+
+
+def _window(ka: int, stride: int, block_n: int) -> tuple[bool, int]:
+    """(direct, W) for the d_relq sum along an axis of ka keys with flattened stride ``stride``.
+
+    A tile of block_n consecutive keys spans at most (block_n + stride - 2) // stride + 1
+    values of the axis coordinate (fewer than ka when the axis is short).
+    """
+    direct = stride == 1 and ka >= block_n
+    span = min(ka, (block_n + stride - 2) // stride + 1)
+    return direct, max(16, triton.next_power_of_2(span))
+
+
+def _dq_blocks(block_d: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dQ kernel (not autotuned: it uses atomics)."""
+    if dispatch.interpreting():
+        return 16, 16, 4, 1
+    if block_d <= 64:
+        return 64, 64, 4, 2
+    if block_d <= 128:
+        return 64, 32, 4, 2
+    return 32, 32, 4, 1
+
+
+def _relq_packed(
+    q: torch.Tensor, rel_tables: Sequence[torch.Tensor], q_grid: Grid, k_grid: Grid, has_cls: bool
+) -> torch.Tensor:
+    """relq of all axes side by side: (B, H, Nq - cls, sum_a ka), contiguous, q's dtype."""
+    B, H, _, _ = q.shape
+    if not len(rel_tables):
+        return q.new_zeros(1)
+    rels = _relq(q[:, :, int(has_cls) :], rel_tables, q_grid, k_grid)
+    nqs = math.prod(q_grid)
+    return torch.cat([r.reshape(B, H, nqs, -1) for r in rels], dim=-1).contiguous()
+
+
+def _launch_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_tables: Sequence[torch.Tensor],
+    q_grid: Grid,
+    k_grid: Grid,
+    has_cls: bool,
+    scale: float,
+    residual: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    out = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Nq), dtype=_acc_dtype(q.dtype), device=q.device)
+    if B * H == 0:
+        return out, lse
+    rel = _relq_packed(q, rel_tables, q_grid, k_grid, has_cls)
+    geo = _geometry(len(rel_tables), k_grid, has_cls)
+
+    def grid(meta):
+        return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
+
+    _fwd_kernel[grid](
+        q, k, v, rel, out, lse,
+        *q.stride(), *k.stride(), *v.stride(),
+        H, Nq, Nk, D, scale * _LOG2E,
+        **geo,
+        RESIDUAL=residual, ACC=_tl_acc(q.dtype), DOT_PREC=_dot_precision(q.dtype),
+        BLOCK_D=_block_d(D),
+    )  # fmt: skip
+    return out, lse
+
+
+def _launch_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_tables: Sequence[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    q_grid: Grid,
+    k_grid: Grid,
+    has_cls: bool,
+    scale: float,
+    residual: bool,
+) -> list[torch.Tensor]:
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    acc_dtype = _acc_dtype(q.dtype)
+    dq = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, H, Nk, D), dtype=q.dtype, device=q.device)
+    dv = torch.empty((B, H, Nk, D), dtype=q.dtype, device=q.device)
+    if B * H == 0:
+        return [dq, dk, dv, *[torch.zeros_like(t) for t in rel_tables]]
+    block_d = _block_d(D)
+    ACC = _tl_acc(q.dtype)
+    prec = _dot_precision(q.dtype)
+
+    delta = torch.empty((B, H, Nq), dtype=acc_dtype, device=q.device)
+    block_m_delta = 16 if dispatch.interpreting() else 64
+    _bwd_delta_kernel[(triton.cdiv(Nq, block_m_delta), B * H)](
+        out, dout, q, delta,
+        *out.stride(), *dout.stride(), *q.stride(),
+        H, Nq, D,
+        RESIDUAL=residual, ACC=ACC, BLOCK_M=block_m_delta, BLOCK_D=block_d,
+    )  # fmt: skip
+
+    rel = _relq_packed(q, rel_tables, q_grid, k_grid, has_cls)
+    geo = _geometry(len(rel_tables), k_grid, has_cls)
+
+    def grid_n(meta):
+        return (triton.cdiv(Nk, meta["BLOCK_N"]), B * H)
+
+    _bwd_dkdv_kernel[grid_n](
+        q, k, v, rel, dout, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+        H, Nq, Nk, D, scale, scale * _LOG2E,
+        **geo,
+        ACC=ACC, DOT_PREC=prec, BLOCK_D=block_d,
+    )  # fmt: skip
+
+    k3 = (1,) * (3 - len(k_grid)) + tuple(k_grid)
+    block_m, block_n, warps, stages = _dq_blocks(block_d)
+    windows = [_window(k3[a], math.prod(k3[a + 1 :]), block_n) for a in range(3)]
+    drel = torch.zeros((B, H, math.prod(q_grid), geo["KSUM"]), dtype=acc_dtype, device=q.device)
+    _bwd_dq_kernel[(triton.cdiv(Nq, block_m), B * H)](
+        q, k, v, rel, dout, lse, delta, dq, drel,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+        H, Nq, Nk, D, scale, scale * _LOG2E,
+        K0=k3[0], **geo,
+        DIRECT0=windows[0][0], DIRECT1=windows[1][0], DIRECT2=windows[2][0],
+        W0=windows[0][1], W1=windows[1][1], W2=windows[2][1],
+        RESIDUAL=residual, ACC=ACC, DOT_PREC=prec,
+        # dS is rounded to tf32 (no underflow, 10-bit mantissa) for 16-bit inputs.
+        REL_PREC="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    del rel
+
+    dtables = _relq_backward(drel, q, dq, rel_tables, q_grid, k_grid, has_cls, geo)
+    return [dq, dk, dv, *dtables]
+
+
+def _relq_backward(
+    drel: torch.Tensor,
+    q: torch.Tensor,
+    dq: torch.Tensor,
+    rel_tables: Sequence[torch.Tensor],
+    q_grid: Grid,
+    k_grid: Grid,
+    has_cls: bool,
+    geo: dict,
+) -> list[torch.Tensor]:
+    """Chain rule through relq_a = q_i . R_a[dist_a(i_a, y)]: adds into dq, returns d(tables).
+
+    drel: (B, H, prod(q_grid), sum_a ka) in the accumulation dtype.
+    """
+    B, H, _, D = q.shape
+    cls = int(has_cls)
+    axes = _AXES[: len(q_grid)]
+    q_sp = q[:, :, cls:].reshape(B, H, *q_grid, D)
+    dq_sp = dq[:, :, cls:].view(B, H, *q_grid, D)
+    offs = [geo["OFF0"], geo["OFF1"], geo["OFF2"]][3 - len(q_grid) :]
+    dtables = []
+    for a, table in enumerate(rel_tables):
+        qa, ka = q_grid[a], k_grid[a]
+        idx = rel_pos_index(qa, ka, q.device)
+        g = drel[..., offs[a] : offs[a] + ka].reshape(B, H, *q_grid, ka).to(q.dtype)
+        r = table[idx]  # (qa, ka, D)
+        dq_sp += torch.einsum(f"bh{axes}k,{axes[a]}kd->bh{axes}d", g, r)
+        dr = torch.einsum(f"bh{axes}k,bh{axes}d->{axes[a]}kd", g, q_sp)
+        dt = torch.zeros(table.shape, dtype=drel.dtype, device=table.device)
+        dt.index_add_(0, idx.reshape(-1), dr.reshape(-1, D).to(drel.dtype))
+        dtables.append(dt.to(table.dtype))
+    return dtables
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("mmt_fast::relpos_attention_fwd", mutates_args=())
+def _relpos_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_tables: list[torch.Tensor],
+    q_grid: list[int],
+    k_grid: list[int],
+    has_cls: bool,
+    scale: float,
+    residual: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward: (out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32/fp64, log2 units)."""
+    return _launch_fwd(q, k, v, rel_tables, q_grid, k_grid, has_cls, scale, residual)
+
+
+@_relpos_attention_fwd.register_fake
+def _(q, k, v, rel_tables, q_grid, k_grid, has_cls, scale, residual):
+    B, H, Nq, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H, Nq), dtype=_acc_dtype(q.dtype))
+
+
+@torch.library.custom_op("mmt_fast::relpos_attention_bwd", mutates_args=())
+def _relpos_attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_tables: list[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    q_grid: list[int],
+    k_grid: list[int],
+    has_cls: bool,
+    scale: float,
+    residual: bool,
+) -> list[torch.Tensor]:
+    """Triton backward: [dq, dk, dv, *d(rel_tables)]."""
+    return _launch_bwd(
+        dout, q, k, v, rel_tables, out, lse, q_grid, k_grid, has_cls, scale, residual
+    )
+
+
+@_relpos_attention_bwd.register_fake
+def _(dout, q, k, v, rel_tables, out, lse, q_grid, k_grid, has_cls, scale, residual):
+    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)] + [
+        t.new_empty(t.shape) for t in rel_tables
+    ]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, rel_tables, q_grid, k_grid, has_cls, scale, residual = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, *rel_tables)
+    ctx.args = (list(q_grid), list(k_grid), has_cls, scale, residual)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, *rel_tables = ctx.saved_tensors
+    dq, dk, dv, *dtables = _relpos_attention_bwd(dout, q, k, v, rel_tables, out, lse, *ctx.args)
+    return dq, dk, dv, dtables, None, None, None, None, None
+
+
+_relpos_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def _check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_tables: Sequence[torch.Tensor],
+    q_grid: Grid,
+    k_grid: Grid,
+    has_cls: bool,
+) -> None:
+    """Raise ValueError / TypeError naming the problem; shared by both paths."""
+    p = f"{OP_NAME}:"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{p} {name} must be a 4-D tensor (B, H, N, D), got {shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"{p} k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"{p} q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, heads and "
+            "head dim D"
+        )
+    if not 1 <= len(q_grid) <= 3 or len(q_grid) != len(k_grid):
+        raise ValueError(
+            f"{p} q_grid {tuple(q_grid)} and k_grid {tuple(k_grid)} must have the same rank, "
+            "1, 2 or 3"
+        )
+    if any(int(s) < 1 for s in (*q_grid, *k_grid)):
+        raise ValueError(f"{p} grid sizes must be >= 1, got {tuple(q_grid)}, {tuple(k_grid)}")
+    cls = int(has_cls)
+    if q.shape[2] != cls + math.prod(q_grid):
+        raise ValueError(
+            f"{p} q has Nq={q.shape[2]} tokens but has_cls={bool(has_cls)} and q_grid "
+            f"{tuple(q_grid)} give {cls + math.prod(q_grid)}"
+        )
+    if k.shape[2] != cls + math.prod(k_grid):
+        raise ValueError(
+            f"{p} k has Nk={k.shape[2]} tokens but has_cls={bool(has_cls)} and k_grid "
+            f"{tuple(k_grid)} give {cls + math.prod(k_grid)}"
+        )
+    if len(rel_tables) not in (0, len(q_grid)):
+        raise ValueError(
+            f"{p} got {len(rel_tables)} rel-pos tables for a {len(q_grid)}-D grid "
+            "(one per axis, or none)"
+        )
+    D = q.shape[3]
+    for a, t in enumerate(rel_tables):
+        want = (2 * max(q_grid[a], k_grid[a]) - 1, D)
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(
+                f"{p} rel_tables[{a}] must have shape (2 * max({q_grid[a]}, {k_grid[a]}) - 1, D) "
+                f"= {want}, got {shape}"
+            )
+    if not q.dtype.is_floating_point:
+        raise TypeError(f"{p} q must be a floating-point tensor, got {q.dtype}")
+    tensors = {"k": k, "v": v, **{f"rel_tables[{a}]": t for a, t in enumerate(rel_tables)}}
+    for name, t in tensors.items():
+        if t.dtype != q.dtype:
+            raise TypeError(f"{p} {name} has dtype {t.dtype} but q has {q.dtype}")
+    for name, t in tensors.items():
+        if t.device != q.device:
+            raise ValueError(f"{p} {name} is on {t.device} but q is on {q.device}")
+
+
+def kernel_reasons(q: torch.Tensor) -> list[str]:
+    """Why the Triton kernel cannot run an input like ``q`` (beyond the device); [] if it can."""
+    reasons = []
+    supported = [torch.float16, torch.float32]
+    if dispatch.interpreting():
+        supported.append(torch.float64)  # the tests' gradcheck; not tuned for a GPU
+    else:
+        supported.append(torch.bfloat16)  # bf16 arithmetic is broken in the interpreter
+    if q.dtype not in supported:
+        names = ", ".join(str(d).removeprefix("torch.") for d in supported)
+        where = "under the Triton interpreter" if dispatch.interpreting() else "on CUDA"
+        reasons.append(f"dtype {q.dtype} is not supported {where} (supported: {names})")
+    if q.shape[-1] > _MAX_HEAD_DIM:
+        reasons.append(f"head dim {q.shape[-1]} > {_MAX_HEAD_DIM}")
+    elif q.dtype == torch.float32 and q.shape[-1] > 128 and not dispatch.interpreting():
+        # IEEE-fp32 tiles of 256 columns overflow shared memory and take minutes to compile.
+        reasons.append(f"float32 with head dim {q.shape[-1]} > 128")
+    return reasons
+
+
+def relpos_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_tables: Sequence[torch.Tensor],
+    q_grid: Grid,
+    k_grid: Grid,
+    has_cls: bool,
+    scale: float,
+    residual: bool = True,
+) -> torch.Tensor:
+    """Attention with decomposed relative-position bias (MViTv2), fused on the Triton path.
+
+    q: (B, H, Nq, D); k, v: (B, H, Nk, D); Nq = has_cls + prod(q_grid),
+    Nk = has_cls + prod(k_grid); q_grid, k_grid: 1-3 ints each ((F, T) for
+    audio, (T, H, W) for video); rel_tables: one (2 max(q_grid[a], k_grid[a]) - 1, D)
+    table per axis, or none. Returns (B, H, Nq, D) in q's dtype::
+
+        out = softmax(q k^T * scale + bias) v + (q if residual else 0),
+        bias[i, j] = sum_a q_i . rel_tables[a][dist_a(i_a, j_a)]   (spatial i, j)
+
+    Differentiable in q, k, v and every table. The path (Triton or
+    :func:`relpos_attention_ref`) is chosen by :func:`kernels.dispatch.choose`.
+    """
+    _check_inputs(q, k, v, rel_tables, q_grid, k_grid, has_cls)
+    reasons = dispatch.device_reasons([q, k, v, *rel_tables]) + kernel_reasons(q)
+    if dispatch.choose(OP_NAME, reasons):
+        out, _ = _relpos_attention_fwd(
+            q,
+            k,
+            v,
+            list(rel_tables),
+            [int(s) for s in q_grid],
+            [int(s) for s in k_grid],
+            bool(has_cls),
+            float(scale),
+            bool(residual),
+        )
+        return out
+    return relpos_attention_ref(q, k, v, rel_tables, q_grid, k_grid, has_cls, scale, residual)

@@ -1,0 +1,403 @@
+"""Tests of kernels/relpos_attention.py: reference vs brute force, Triton kernels vs a
+float64 reference (on CUDA when there is one, else through Triton's interpreter on the
+CPU), gradcheck, custom-op tracing, guards and dispatch. Sizes are tiny: the interpreter
+is slow."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from kernels import dispatch
+from kernels.relpos_attention import (
+    OP_NAME,
+    rel_pos_index,
+    relpos_attention,
+    relpos_attention_ref,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+interpreter_only = pytest.mark.skipif(
+    not dispatch.interpreting(), reason="float64 / bf16 refusal: interpreter-specific"
+)
+
+# (B, H, q_grid, k_grid, has_cls, D)
+CASES = {
+    "2d_5x7_over_3x4_cls": (1, 2, (5, 7), (3, 4), True, 24),
+    "2d_1x13": (1, 1, (1, 13), (1, 13), False, 16),
+    "2d_3x20_direct_axis": (1, 1, (3, 20), (3, 20), True, 16),
+    "2d_3x2_over_7x5": (2, 1, (3, 2), (7, 5), False, 8),
+    "3d_2x3x3_over_1x2x2_cls": (2, 2, (2, 3, 3), (1, 2, 2), True, 16),
+    "3d_2x3x3_over_1x2x2": (1, 1, (2, 3, 3), (1, 2, 2), False, 40),
+    "1d_12_over_6": (1, 1, (12,), (6,), False, 16),
+}
+# The flash-attention rule: |kernel - fp64| <= 2 |PyTorch in the same dtype - fp64| + atol,
+# atol = ATOL_REL * max |fp64| (fp32: a few ulp; exp2 in log2 units and another summation
+# order cost the kernel ~1e-6 relative where PyTorch's fp32 error is ~2e-7).
+ATOL_REL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+# Triton's interpreter reads runtime loop bounds through a deprecated numpy conversion
+# (numpy < 2.4 is pinned for this reason, DESIGN.md).
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Conversion of an array with ndim > 0:DeprecationWarning"
+)
+
+
+def make_inputs(case, dtype, seed=0, requires_grad=True, device=DEVICE):
+    B, H, q_grid, k_grid, has_cls, D = case
+    g = torch.Generator().manual_seed(seed)
+    Nq, Nk = int(has_cls) + math.prod(q_grid), int(has_cls) + math.prod(k_grid)
+    q = torch.randn(B, H, Nq, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, H, Nk, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, H, Nk, D, generator=g, dtype=torch.float64)
+    tables = [
+        0.5 * torch.randn(2 * max(qa, ka) - 1, D, generator=g, dtype=torch.float64)
+        for qa, ka in zip(q_grid, k_grid)
+    ]
+    return [t.to(device, dtype).requires_grad_(requires_grad) for t in (q, k, v, *tables)]
+
+
+def call(fn, tensors, case, residual=True):
+    _, _, q_grid, k_grid, has_cls, D = case
+    q, k, v, *tables = tensors
+    return fn(q, k, v, tables, q_grid, k_grid, has_cls, D**-0.5, residual)
+
+
+@pytest.fixture
+def force_triton(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def brute_force(q, k, v, tables, q_grid, k_grid, has_cls, scale, residual):
+    """Independent float64 loops over (i, j); dist in float32 then truncated, as timm."""
+    B, H, Nq, _ = q.shape
+    Nk = k.shape[2]
+    cls = int(has_cls)
+    q_coords = list(np.ndindex(*q_grid))
+    k_coords = list(np.ndindex(*k_grid))
+
+    def dist(x, y, qa, ka):
+        q_ratio, k_ratio = max(ka / qa, 1.0), max(qa / ka, 1.0)
+        d = np.float32(x) * np.float32(q_ratio) - np.float32(y) * np.float32(k_ratio)
+        return int(d + np.float32((ka - 1) * k_ratio))
+
+    bias = torch.zeros(B, H, Nq, Nk, dtype=torch.float64)
+    for i in range(cls, Nq):
+        for j in range(cls, Nk):
+            xi, yj = q_coords[i - cls], k_coords[j - cls]
+            for a, table in enumerate(tables):
+                r = table[dist(xi[a], yj[a], q_grid[a], k_grid[a])]
+                bias[:, :, i, j] += q[:, :, i] @ r
+    attn = torch.softmax(q @ k.transpose(-2, -1) * scale + bias, dim=-1)
+    return attn @ v + (q if residual else 0)
+
+
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("name", list(CASES))
+def test_reference_matches_brute_force(name, residual):
+    case = CASES[name]
+    tensors = make_inputs(case, torch.float64, requires_grad=False, device="cpu")
+    want = call(brute_force, tensors, case, residual)
+    got = call(relpos_attention_ref, tensors, case, residual)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("sizes", [(3, 7), (7, 3), (5, 3), (4, 4), (1, 6), (6, 1)])
+def test_rel_pos_index_range(sizes):
+    qa, ka = sizes
+    idx = rel_pos_index(qa, ka)
+    assert idx.shape == (qa, ka) and idx.dtype == torch.int64
+    assert 0 <= int(idx.min()) and int(idx.max()) < 2 * max(qa, ka) - 1
+
+
+# ----------------------------------------------------------------------------- kernel accuracy
+
+
+def forward_backward(fn, tensors, case, dout, residual=True):
+    out = call(fn, tensors, case, residual)
+    grads = torch.autograd.grad(out, tensors, dout.to(out.dtype))
+    return [out.detach(), *grads]
+
+
+def grad_names(case):
+    return ["out", "dq", "dk", "dv"] + [f"dtable{a}" for a in range(len(case[2]))]
+
+
+def assert_flash_rule(label, got, ref_low, ref64, dtype):
+    """Kernel error vs fp64 at most twice PyTorch's own error in ``dtype`` (plus a few ulp)."""
+    assert got.dtype == dtype and got.shape == ref64.shape, label
+    err = (got.double() - ref64).abs().max().item()
+    torch_err = (ref_low.double() - ref64).abs().max().item()
+    atol = ATOL_REL[dtype] * ref64.abs().max().item()
+    assert err <= 2 * torch_err + atol, (
+        f"{label}: kernel error {err:.3g} > 2 x PyTorch's {torch_err:.3g} + {atol:.2g}"
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_matches_fp64(name, dtype, force_triton):
+    case = CASES[name]
+    tensors = make_inputs(case, dtype)
+    tensors64 = [t.detach().double().requires_grad_() for t in tensors]
+    dout = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    got = forward_backward(relpos_attention, tensors, case, dout)
+    ref_low = forward_backward(relpos_attention_ref, tensors, case, dout)
+    ref64 = forward_backward(relpos_attention_ref, tensors64, case, dout.double())
+    for label, g, lo, hi in zip(grad_names(case), got, ref_low, ref64):
+        assert_flash_rule(label, g, lo, hi, dtype)
+    assert dispatch.last_refusal(OP_NAME) == []
+
+
+def test_kernel_without_residual(force_triton):
+    case = CASES["3d_2x3x3_over_1x2x2_cls"]
+    tensors = make_inputs(case, torch.float32)
+    tensors64 = [t.detach().double().requires_grad_() for t in tensors]
+    dout = torch.randn(tensors[0].shape, device=DEVICE)
+    got = forward_backward(relpos_attention, tensors, case, dout, residual=False)
+    want = forward_backward(relpos_attention_ref, tensors64, case, dout.double(), residual=False)
+    for label, g, w in zip(grad_names(case), got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5, msg=label)
+
+
+def test_kernel_without_tables(force_triton):
+    case = CASES["2d_5x7_over_3x4_cls"]
+    _, _, q_grid, k_grid, has_cls, D = case
+    q, k, v = make_inputs(case, torch.float32)[:3]
+    dout = torch.randn(q.shape, device=DEVICE)
+    args = ([], q_grid, k_grid, has_cls, D**-0.5)
+    out = relpos_attention(q, k, v, *args)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = torch.nn.functional.scaled_dot_product_attention(q64, k64, v64, scale=D**-0.5) + q64
+    want_grads = torch.autograd.grad(want, (q64, k64, v64), dout.double())
+    for g, w in zip((out, *grads), (want, *want_grads)):
+        torch.testing.assert_close(g.double(), w.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_non_contiguous_inputs(force_triton):
+    """q, k, v as head-transposed views (as after a qkv projection), a transposed table,
+    and an expanded (stride-0) output gradient."""
+    B, H, q_grid, k_grid, _, D = case = CASES["2d_5x7_over_3x4_cls"]
+    Nq, Nk = 1 + math.prod(q_grid), 1 + math.prod(k_grid)
+    q = torch.randn(B, Nq, H, D, device=DEVICE).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, Nk, H, 2 * D, device=DEVICE)[..., ::2].transpose(1, 2).requires_grad_()
+    v = torch.randn(B, Nk, H, D, device=DEVICE).transpose(1, 2).requires_grad_()
+    t0 = torch.randn(D, 2 * 5 - 1, device=DEVICE).t().requires_grad_()
+    t1 = torch.randn(2 * 7 - 1, D, device=DEVICE).requires_grad_()
+    tensors = [q, k, v, t0, t1]
+    assert not any(t.is_contiguous() for t in (q, k, v, t0))
+    dout = torch.ones(1, device=DEVICE).expand(B, H, Nq, D)
+    got = forward_backward(relpos_attention, tensors, case, dout)
+    want = forward_backward(relpos_attention_ref, tensors, case, dout)
+    for label, g, w in zip(grad_names(case), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=label)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [(1, 2, (2, 3), (1, 2), True, 4), (1, 1, (2, 1, 2), (1, 1, 2), False, 3)],
+    ids=["2d_cls", "3d"],
+)
+@interpreter_only
+def test_gradcheck_fp64(case, force_triton):
+    tensors = make_inputs(case, torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda *ts: call(relpos_attention, list(ts), case), tensors, fast_mode=True
+    )
+
+
+# ----------------------------------------------------------------------------- custom op
+
+
+def test_fake_tensor_mat_stage1_saves_no_attention_matrix(force_triton):
+    """MAT stage 1 shapes under FakeTensorMode: right shapes, and what autograd saves
+    is O(N D), never (Nq, Nk)."""
+    case = (2, 1, (32, 256), (16, 128), True, 96)
+    Nq, Nk = 1 + 32 * 256, 1 + 16 * 128
+    saved = []
+    with FakeTensorMode():
+        tensors = make_inputs(case, torch.float32)
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(tuple(t.shape)) or t, lambda t: t
+        ):
+            out = call(relpos_attention, tensors, case)
+        out.sum().backward()
+        assert out.shape == (2, 1, Nq, 96)
+        assert [tuple(t.grad.shape) for t in tensors] == [tuple(t.shape) for t in tensors]
+    qkv_out_lse = [(2, 1, Nq, 96), (2, 1, Nk, 96), (2, 1, Nk, 96), (2, 1, Nq, 96), (2, 1, Nq)]
+    assert sorted(saved) == sorted([*qkv_out_lse, (63, 96), (511, 96)])
+
+
+def test_opcheck(force_triton):
+    case = CASES["3d_2x3x3_over_1x2x2_cls"]
+    q, k, v, *tables = make_inputs(case, torch.float32)
+    _, _, q_grid, k_grid, has_cls, D = case
+    torch.library.opcheck(
+        torch.ops.mmt_fast.relpos_attention_fwd.default,
+        (q, k, v, tables, list(q_grid), list(k_grid), has_cls, D**-0.5, True),
+    )
+
+
+def test_torch_compile_fullgraph(force_triton):
+    case = CASES["3d_2x3x3_over_1x2x2_cls"]
+    tensors = make_inputs(case, torch.float32)
+    compiled = torch.compile(
+        lambda *ts: call(relpos_attention, list(ts), case), backend="aot_eager", fullgraph=True
+    )
+    out = compiled(*tensors)
+    grads = torch.autograd.grad(out.sum(), tensors)
+    want = call(relpos_attention_ref, tensors, case)
+    want_grads = torch.autograd.grad(want.sum(), tensors)
+    for g, w in zip((out, *grads), (want, *want_grads)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- guards, dispatch
+
+
+def _with(index, value):
+    def edit(tensors, case):
+        tensors = list(tensors)
+        tensors[index] = value(tensors[index]) if callable(value) else value
+        return tensors, case
+
+    return edit
+
+
+def _grids(q_grid, k_grid):
+    return lambda tensors, case: (tensors, (*case[:2], q_grid, k_grid, *case[4:]))
+
+
+BAD_INPUTS = {
+    "q_3d": (_with(0, lambda t: t[0]), ValueError, "q must be a 4-D tensor"),
+    "v_shape": (_with(2, lambda t: t[:, :, :-1]), ValueError, "k and v shapes differ"),
+    "head_dim": (_with(0, lambda t: t[..., :-1]), ValueError, "head dim D"),
+    "heads": (_with(0, lambda t: t[:, :1]), ValueError, "batch, heads"),
+    "grid_rank": (_grids((5, 7), (12,)), ValueError, "same rank, 1, 2 or 3"),
+    "grid_rank_4": (_grids((5, 7, 1, 1), (3, 4, 1, 1)), ValueError, "same rank, 1, 2 or 3"),
+    "nq": (_grids((5, 6), (3, 4)), ValueError, r"q has Nq=36 tokens .* give 31"),
+    "nk": (_grids((5, 7), (4, 4)), ValueError, r"k has Nk=13 tokens .* give 17"),
+    "table_count": (
+        lambda tensors, case: (tensors[:4], case),
+        ValueError,
+        "1 rel-pos tables for a 2-D grid",
+    ),
+    "table_length": (
+        _with(4, lambda t: t[:-1]),
+        ValueError,
+        r"rel_tables\[1\] must have shape .* = \(13, 24\), got \(12, 24\)",
+    ),
+    "table_dim": (_with(3, lambda t: t[:, :-1]), ValueError, r"rel_tables\[0\] must have shape"),
+    "k_dtype": (_with(1, lambda t: t.double()), TypeError, "k has dtype torch.float64"),
+    "table_dtype": (_with(4, lambda t: t.half()), TypeError, r"rel_tables\[1\] has dtype"),
+    "int_q": (
+        lambda tensors, case: ([t.long() for t in tensors], case),
+        TypeError,
+        "floating-point",
+    ),
+    "device": (_with(2, lambda t: t.to("meta")), ValueError, "v is on meta but q is on"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_guards(name, force_triton):
+    edit, error, match = BAD_INPUTS[name]
+    case = CASES["2d_5x7_over_3x4_cls"]
+    tensors, bad_case = edit(
+        [t.detach() for t in make_inputs(case, torch.float32, requires_grad=False)], case
+    )
+    with pytest.raises(error, match=match):
+        call(relpos_attention, tensors, bad_case)
+
+
+@pytest.mark.parametrize(
+    "dtype, device, D, reason",
+    [
+        (torch.float32, "meta", 16, "meta tensors"),
+        pytest.param(
+            torch.bfloat16,
+            "cpu",
+            16,
+            "dtype torch.bfloat16 is not supported under the Triton",
+            marks=interpreter_only,
+        ),
+        (torch.float32, "cpu", 272, "head dim 272 > 256"),
+    ],
+    ids=["meta", "bf16_interpreted", "head_dim"],
+)
+def test_forced_triton_refuses(dtype, device, D, reason, force_triton):
+    case = (1, 1, (2, 2), (1, 2), True, D)
+    tensors = make_inputs(case, dtype, device=device, requires_grad=False)
+    with pytest.raises(dispatch.KernelUnsupportedError, match=reason):
+        call(relpos_attention, tensors, case)
+    assert any(reason in r for r in dispatch.last_refusal(OP_NAME))
+
+
+def test_auto_without_interpreter_uses_reference(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "auto")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    case = CASES["2d_1x13"]
+    tensors = make_inputs(case, torch.float32, requires_grad=False, device="cpu")
+    torch.testing.assert_close(
+        call(relpos_attention, tensors, case), call(relpos_attention_ref, tensors, case)
+    )
+    assert any("not CUDA" in r for r in dispatch.last_refusal(OP_NAME))
+
+
+def test_reference_mode(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    case = CASES["2d_1x13"]
+    tensors = make_inputs(case, torch.float32, requires_grad=False, device="cpu")
+    call(relpos_attention, tensors, case)
+    assert dispatch.last_refusal(OP_NAME) == [f"{dispatch.ENV_VAR}=reference"]
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+GPU_CASES = {
+    # MAT stage 1 at batch 2: 32x256 queries over 16x128 pooled keys, D = 96.
+    "mat_stage1": (2, 1, (32, 256), (16, 128), True, 96),
+    # A later MAT stage: 8 heads, keys finer than queries along time.
+    "mat_stage3": (4, 8, (8, 32), (8, 64), True, 96),
+    "video": (2, 2, (4, 14, 14), (4, 7, 7), True, 96),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"]
+)
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_gpu_matches_fp64(name, dtype, force_triton):
+    case = GPU_CASES[name]
+    tensors = make_inputs(case, dtype, device="cuda")
+    tensors64 = [t.detach().double().requires_grad_() for t in tensors]
+    dout = torch.randn(tensors[0].shape, device="cuda")
+    got = forward_backward(relpos_attention, tensors, case, dout)
+    ref_low = forward_backward(relpos_attention_ref, tensors, case, dout)
+    ref64 = forward_backward(relpos_attention_ref, tensors64, case, dout.double())
+    for label, g, lo, hi in zip(grad_names(case), got, ref_low, ref64):
+        assert_flash_rule(label, g, lo, hi, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_memory_has_no_attention_matrix(force_triton):
+    case = GPU_CASES["mat_stage1"]
+    B, H = case[:2]
+    tensors = make_inputs(case, torch.bfloat16, device="cuda")
+    Nq, Nk = tensors[0].shape[2], tensors[1].shape[2]
+    dout = torch.randn_like(tensors[0])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    forward_backward(relpos_attention, tensors, case, dout)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < B * H * Nq * Nk * 2 / 4, f"peak extra memory {extra / 2**20:.1f} MiB"
