@@ -92,6 +92,22 @@ def shape_only() -> Iterator[None]:
         _shape_only -= 1
 
 
+@contextmanager
+def use(value: str) -> Iterator[None]:
+    """Run a block with ``MMT_FAST_KERNELS`` set to ``value`` (restored after)."""
+    if value not in _MODES:
+        raise ValueError(f"{ENV_VAR} mode {value!r} is not one of {', '.join(_MODES)}")
+    old = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = old
+
+
 def choose(op: str, reasons: Sequence[str]) -> bool:
     """Decide the path for one call of ``op``.
 

@@ -706,12 +706,14 @@ def _check_inputs(x, qkv_weight, qkv_bias, grid, has_cls, num_heads, pool_weight
             + ", ".join(map(str, _FLOAT_DTYPES))
         )
     linear = {"qkv_weight": qkv_weight, "qkv_bias": qkv_bias}
+    # Under autocast F.linear casts x and the weights itself, so they may differ.
+    autocast = torch.is_autocast_enabled(x.device.type)
     for label, t in linear.items():
-        if t is not None and t.dtype != x.dtype:
+        if t is not None and t.dtype != x.dtype and not autocast:
             raise TypeError(f"{name}: dtype mismatch: x is {x.dtype} but {label} is {t.dtype}")
     params = [*pool_weights, *(p for pair in norm_weights for p in pair)]
     for p in params:
-        if p.dtype not in (x.dtype, torch.float32):
+        if p.dtype not in (x.dtype, torch.float32) and not autocast:
             raise TypeError(
                 f"{name}: dtype mismatch: pool/norm parameters must be {x.dtype} or "
                 f"torch.float32 (x is {x.dtype}), got {p.dtype}"

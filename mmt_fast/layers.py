@@ -212,8 +212,13 @@ class MultiScaleAttention(nn.Module):
         v, _ = pool_tokens(v, self.pool_v, grid, self.has_cls)
         return self.norm_q(q), self.norm_k(k), self.norm_v(v), q_grid, k_grid
 
-    def tables(self, q_grid: Grid, k_grid: Grid) -> list[torch.Tensor]:
-        return [resize_rel_table(t, qa, ka) for t, qa, ka in zip(self.rel_pos, q_grid, k_grid)]
+    def tables(self, q_grid: Grid, k_grid: Grid, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The rel-pos tables for these grids, in the dtype of q (under autocast
+        q is 16-bit while the tables stay fp32 parameters)."""
+        return [
+            resize_rel_table(t, qa, ka).to(dtype)
+            for t, qa, ka in zip(self.rel_pos, q_grid, k_grid)
+        ]
 
     def forward(self, x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, Grid]:
         B = x.shape[0]
@@ -222,7 +227,7 @@ class MultiScaleAttention(nn.Module):
             q,
             k,
             v,
-            self.tables(q_grid, k_grid),
+            self.tables(q_grid, k_grid, q.dtype),
             q_grid,
             k_grid,
             self.has_cls,

@@ -243,3 +243,14 @@ def test_mmt_needs_its_modalities():
     model = create_model("MMT-tiny")
     with pytest.raises(ValueError, match="needs the video input"):
         model(audio=torch.randn(1, 1, 32, 64))
+
+
+def test_bf16_autocast_training_step():
+    """Under autocast q is bf16 while parameters (rel-pos tables, norms) stay fp32."""
+    model = create_model("MMT-tiny")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**inputs(model, 2))
+        loss, _ = model.loss(out, {"label": torch.tensor([0, 1])})
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
