@@ -1,0 +1,120 @@
+"""benchmarks/kernels.py under pytest.
+
+* ``test_kernel_benchmark`` (marked ``benchmark_case``; skipped unless ``pytest --benchmark``):
+  every case x path x {fwd, fwd_bwd} through pytest-benchmark's ``benchmark`` fixture; the
+  real shapes in bf16 on CUDA, the same case names at tiny shapes in fp32 on the CPU (the
+  kernels through Triton's interpreter), where only the logic is exercised.
+* The always-on tests check that every comparison path computes the op (output and every
+  gradient, against float64) at tiny shapes, that the check catches a wrong path, and that
+  the script exits cleanly without CUDA.
+"""
+
+import functools
+
+import pytest
+import torch
+
+from benchmarks import kernels as kb
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPE = torch.bfloat16 if CUDA else torch.float32  # bf16 is broken in the interpreter
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning"),
+]
+
+
+@functools.cache
+def _cases() -> dict[str, kb.Case]:
+    return kb.real_cases() if CUDA else kb.small_cases()
+
+
+BENCH_PARAMS = [
+    pytest.param(name, path, id=f"{name}-{path}")
+    for name in kb.CASE_NAMES
+    for path in kb.PATHS[name.split("/")[0]]
+]
+
+
+@pytest.mark.benchmark_case
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize(("case_name", "path"), BENCH_PARAMS)
+def test_kernel_benchmark(benchmark, case_name: str, path: str, mode: str) -> None:
+    case = _cases()[case_name]
+    why = kb.path_unavailable(path, DEVICE)
+    if why:
+        pytest.skip(why)
+    try:
+        inp = kb.make_inputs(case, DEVICE, DTYPE)
+    except torch.OutOfMemoryError:
+        pytest.skip("OOM allocating the inputs")
+    run = kb.build_path(path, inp, compile_flex=CUDA)
+    if mode == "fwd_bwd":
+        why = kb.forward_only(path, inp)
+        if why:
+            pytest.skip(why)
+        fn = kb.fwd_bwd(run, inp)
+    else:
+        fn = run
+
+    def timed() -> None:
+        kb.zero_grads(inp)
+        fn()
+        if CUDA:
+            torch.cuda.synchronize()
+
+    try:
+        timed()  # compile / autotune outside the timed rounds
+    except torch.OutOfMemoryError:
+        kb.zero_grads(inp)
+        del inp, run, fn
+        torch.cuda.empty_cache()
+        pytest.skip(f"OOM: one (B, H, Nq, Nk) tensor is {case.nm_bytes(2) / 1e9:.2f} GB")
+    flops = case.flops_fwd() if mode == "fwd" else case.flops_fwd_bwd()
+    benchmark.extra_info.update(
+        {k: str(v) for k, v in case.shapes().items()}, device=str(DEVICE), flops=flops
+    )
+    benchmark.pedantic(timed, rounds=5 if CUDA else 1, iterations=1, warmup_rounds=int(CUDA))
+    if benchmark.stats is not None:
+        benchmark.extra_info["tflops_at_median"] = flops / benchmark.stats.stats.median / 1e12
+
+
+@pytest.mark.parametrize("case_name", kb.SMALL_SUBSET)
+def test_comparison_paths_match_fp64(case_name: str) -> None:
+    """Every path of the benchmark (fused, reference, SDPA with the bias, FlexAttention with
+    its score_mod, xformers where importable) agrees with the float64 reference."""
+    # Tiny shapes on either device: eager FlexAttention materialises the scores.
+    cases = kb.small_cases(tokens=24)
+    rows = kb.run_checks(DEVICE, DTYPE, {case_name: cases[case_name]}, compile_flex=False)
+    ran = [r for r in rows if r["status"] != "skipped"]
+    assert {"fused", "reference"} <= {r["path"] for r in ran}
+    bad = [r for r in ran if r["status"] != "ok"]
+    assert not bad, bad
+
+
+def test_check_catches_a_wrong_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bias off by a factor must fail the check (the tolerances are not vacuous)."""
+    right = kb.materialised_bias
+    monkeypatch.setattr(kb, "materialised_bias", lambda *a: 1.5 * right(*a))
+    case = kb.check_cases(DEVICE)["relpos/mat_s1"]
+    rows = kb.run_checks(DEVICE, DTYPE, {"relpos/mat_s1": case}, False, paths=["sdpa"])
+    assert [r["status"] for r in rows] == ["FAIL"]
+
+
+def test_small_cases_mirror_real_cases() -> None:
+    real, small = kb.real_cases(), kb.small_cases()
+    assert list(real) == list(small) == list(kb.CASE_NAMES)
+    s1 = real["relpos/mat_s1"]
+    assert (s1.batch, s1.heads, s1.head_dim) == (64, 1, 96)
+    assert (s1.q_grid, s1.k_grid, s1.has_cls) == ((32, 256), (16, 128), True)
+    assert s1.nq_nk == (8193, 2049)
+    for name, c in small.items():
+        assert (c.op, c.has_cls, len(c.q_grid)) == (real[name].op, real[name].has_cls, len(real[name].q_grid))  # fmt: skip
+
+
+@pytest.mark.skipif(CUDA, reason="checks the no-CUDA exit")
+def test_no_cuda_exits_cleanly(capsys: pytest.CaptureFixture[str]) -> None:
+    assert kb.main([]) == 0
+    assert "no CUDA: nothing to time" in capsys.readouterr().out
