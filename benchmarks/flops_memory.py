@@ -41,6 +41,13 @@ VIDEO = (3, 16, 224, 224)
 MODELS = {
     "AST": ("AST", {"x": AUDIO}, 87.0, 131.0, "MMT paper, Table 2 / § 4"),
     "MAT": ("MAT", {"x": AUDIO}, 52.0, 46.2, "MMT paper, Table 2 / § 4"),
+    "MAT (kernels)": (
+        "MAT",
+        {"x": AUDIO},
+        52.0,
+        46.2,
+        "the same model as MAT, with the fused Triton ops",
+    ),
     "MViTv2-B-16": (
         "MViTv2-B-16",
         {"x": VIDEO},
@@ -57,7 +64,10 @@ MODELS = {
     ),
 }
 # training-memory rows: model -> (headline batch, second batch for the curve, paper peak GB)
-MEMORY = {"AST": (8, 2, 20.6), "MAT": (64, 16, 16.8)}
+MEMORY = {"AST": (8, 2, 20.6), "MAT": (64, 16, 16.8), "MAT (kernels)": (64, 16, None)}
+KERNEL_ROWS = {
+    "MAT (kernels)"
+}  # rows whose fused ops take the Triton path (or its fake implementation)
 PAPER_RATIO = 9.8
 
 
@@ -66,18 +76,24 @@ def _build(preset: str):
 
 
 def flops_rows() -> list[dict]:
+    """FLOPs are counted once per preset: the kernels compute the same model
+    (``count_flops`` runs the references, whose ops fvcore counts)."""
     rows = []
+    counted: dict[str, tuple[float, int]] = {}
     for name, (preset, shapes, p_params, p_gflops, _) in MODELS.items():
-        model = create_model(preset, num_classes=NUM_CLASSES)
-        inputs = {k: torch.randn(1, *s) for k, s in shapes.items()}
-        if set(inputs) == {"x"}:
-            inputs = (inputs["x"],)
-        flops = count_flops(model, inputs)
+        if preset not in counted:
+            model = create_model(preset, num_classes=NUM_CLASSES)
+            inputs = {k: torch.randn(1, *s) for k, s in shapes.items()}
+            if set(inputs) == {"x"}:
+                inputs = (inputs["x"],)
+            counted[preset] = (count_flops(model, inputs)["total"], count_params(model))
+            del model
+        total, n_params = counted[preset]
         rows.append(
             {
                 "model": name,
-                "params_m": count_params(model) / 1e6,
-                "gflops": flops["total"] / 1e9,
+                "params_m": n_params / 1e6,
+                "gflops": total / 1e9,
                 "paper_params_m": p_params,
                 "paper_gflops": p_gflops,
                 "batch_size": None,
@@ -85,7 +101,6 @@ def flops_rows() -> list[dict]:
                 "memory_method": None,
             }
         )
-        del model
     return rows
 
 
@@ -93,13 +108,18 @@ def memory_points(device: str) -> dict[str, list[dict]]:
     """Peak training memory at two batch sizes per model."""
     points: dict[str, list[dict]] = {}
     for name, (batch, small, _paper) in MEMORY.items():
+        if name not in MODELS:
+            continue
         preset, shapes = MODELS[name][0], MODELS[name][1]
         points[name] = []
+        kernels = name in KERNEL_ROWS
         for bs in (small, batch):
             if device == "cuda":
-                res = measure_train_memory(_build(preset), shapes, bs, NUM_CLASSES)
+                res = measure_train_memory(_build(preset), shapes, bs, NUM_CLASSES, kernels=kernels)
             else:
-                res = estimate_train_memory(_build(preset), shapes, bs, NUM_CLASSES)
+                res = estimate_train_memory(
+                    _build(preset), shapes, bs, NUM_CLASSES, kernels=kernels
+                )
             points[name].append(
                 {"batch_size": bs, "peak_memory_gb": res.peak_bytes / GiB, "method": res.method}
             )
@@ -119,7 +139,7 @@ def plot(points: dict[str, list[dict]], path: Path, device_label: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=130)
-    colors = {"AST": "tab:red", "MAT": "tab:blue"}
+    colors = {"AST": "tab:red", "MAT": "tab:blue", "MAT (kernels)": "tab:green"}
     bmax = 64
     for name, pts in points.items():
         fixed, per = _affine(pts)
@@ -130,6 +150,7 @@ def plot(points: dict[str, list[dict]], path: Path, device_label: str) -> None:
             [fixed + per * b for b in xs],
             color=colors[name],
             lw=2,
+            ls="--" if name in KERNEL_ROWS else "-",
             label=f"{name} ({method}: {per:.2f} GB/sample + {fixed:.2f} GB)",
         )
         ax.scatter(
@@ -139,6 +160,8 @@ def plot(points: dict[str, list[dict]], path: Path, device_label: str) -> None:
             zorder=3,
         )
         batch, _, paper = MEMORY[name]
+        if paper is None:
+            continue
         ax.scatter(
             [batch],
             [paper],
@@ -199,7 +222,19 @@ def main(argv: list[str] | None = None) -> int:
         help="cuda: measure memory; cpu: estimate it (default: cuda when available)",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the training-memory rows")
+    parser.add_argument(
+        "--replot", type=Path, metavar="JSON", help="only redraw --plot from a saved --json file"
+    )
     args = parser.parse_args(argv)
+    if args.replot:
+        if not args.plot:
+            parser.error("--replot needs --plot PATH")
+        data = json.loads(args.replot.read_text())
+        cpu = data["device"].startswith("cpu")
+        label = "estimated, no GPU" if cpu else "measured on " + data["device"]
+        plot(data["memory_points"], args.plot, label)
+        print(f"wrote {args.plot}")
+        return 0
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -232,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         "FLOPs: fvcore, 1 multiply-add = 1 FLOP, batch 1, attention counted. Memory: fp32 + AdamW training step.\n"
     )
     print(format_table(rows))
-    ratio = None
+    ratio = ratio_k = saved = None
     if points:
         mem = {r["model"]: r for r in rows if r["peak_memory_gb"] is not None}
         ast, mat = mem["AST"], mem["MAT"]
@@ -244,6 +279,16 @@ def main(argv: list[str] | None = None) -> int:
             f"\nper-sample training memory, AST (batch {ast['batch_size']}) / MAT (batch {mat['batch_size']}): "
             f"{ratio:.2f}x ({method})   paper: {PAPER_RATIO}x (20.6 GB / 8 vs 16.8 GB / 64)"
         )
+        if "MAT (kernels)" in mem:
+            fused = mem["MAT (kernels)"]
+            ratio_k = (ast["peak_memory_gb"] / ast["batch_size"]) / (
+                fused["peak_memory_gb"] / fused["batch_size"]
+            )
+            saved = fused["peak_memory_gb"] / mat["peak_memory_gb"]
+            print(
+                f"with the fused kernels: AST / MAT (kernels) per sample {ratio_k:.2f}x; "
+                f"MAT (kernels) / MAT at batch {mat['batch_size']}: {saved:.2f}"
+            )
     print(f"\n[{t_flops:.0f} s FLOPs, {elapsed:.0f} s in all]")
 
     if args.json:
@@ -255,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             "flops_convention": "fvcore: one multiply-add = one FLOP; batch 1; attention counted",
             "rows": rows,
             "per_sample_memory_ratio_ast_over_mat": ratio,
+            "per_sample_memory_ratio_ast_over_mat_kernels": ratio_k,
+            "memory_ratio_mat_kernels_over_mat": saved,
             "paper_per_sample_memory_ratio": PAPER_RATIO,
             "memory_points": points,
             "paper_sources": {k: v[4] for k, v in MODELS.items()},

@@ -91,24 +91,28 @@ def test_benchmark_cli_writes_json_and_plot(tmp_path, monkeypatch):
     monkeypatch.setattr(
         fm,
         "MODELS",
-        {"AST": ("AST-tiny", tiny, 87.0, 131.0, "t"), "MAT": ("MAT-tiny", tiny, 52.0, 46.2, "t")},
+        {
+            "AST": ("AST-tiny", tiny, 87.0, 131.0, "t"),
+            "MAT": ("MAT-tiny", tiny, 52.0, 46.2, "t"),
+            "MAT (kernels)": ("MAT-tiny", tiny, 52.0, 46.2, "t"),
+        },
     )
-    monkeypatch.setattr(fm, "MEMORY", {"AST": (2, 1, 20.6), "MAT": (4, 2, 16.8)})
+    monkeypatch.setattr(
+        fm, "MEMORY", {"AST": (2, 1, 20.6), "MAT": (4, 2, 16.8), "MAT (kernels)": (4, 2, None)}
+    )
     out, png = tmp_path / "r.json", tmp_path / "m.png"
     assert fm.main(["--json", str(out), "--plot", str(png), "--device", "cpu"]) == 0
     data = json.loads(out.read_text())
-    assert {r["model"] for r in data["rows"]} == {"AST", "MAT"}
-    row = {r["model"]: r for r in data["rows"]}["MAT"]
+    assert [r["model"] for r in data["rows"]] == ["AST", "MAT", "MAT (kernels)"]
+    rows = {r["model"]: r for r in data["rows"]}
+    row = rows["MAT"]
     assert set(row) == {
-        "model",
-        "params_m",
-        "gflops",
-        "paper_params_m",
-        "paper_gflops",
-        "batch_size",
-        "peak_memory_gb",
-        "memory_method",
-    }
+        "model", "params_m", "gflops", "paper_params_m", "paper_gflops",
+        "batch_size", "peak_memory_gb", "memory_method",
+    }  # fmt: skip
     assert row["memory_method"] == "estimated" and row["batch_size"] == 4
+    assert rows["MAT (kernels)"]["gflops"] == row["gflops"]
+    assert rows["MAT (kernels)"]["peak_memory_gb"] < row["peak_memory_gb"]
     assert data["per_sample_memory_ratio_ast_over_mat"] > 0
+    assert data["memory_ratio_mat_kernels_over_mat"] < 1
     assert png.stat().st_size > 10_000
