@@ -216,8 +216,7 @@ class MultiScaleAttention(nn.Module):
         """The rel-pos tables for these grids, in the dtype of q (under autocast
         q is 16-bit while the tables stay fp32 parameters)."""
         return [
-            resize_rel_table(t, qa, ka).to(dtype)
-            for t, qa, ka in zip(self.rel_pos, q_grid, k_grid)
+            resize_rel_table(t, qa, ka).to(dtype) for t, qa, ka in zip(self.rel_pos, q_grid, k_grid)
         ]
 
     def forward(self, x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, Grid]:

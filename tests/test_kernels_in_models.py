@@ -72,7 +72,9 @@ def test_mmt_with_kernels_matches_reference():
 class RelPosModule(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.tables = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(7, 8)), torch.nn.Parameter(torch.randn(9, 8))])
+        self.tables = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.randn(7, 8)), torch.nn.Parameter(torch.randn(9, 8))]
+        )
 
     def forward(self, q, k, v):
         return relpos_attention(q, k, v, list(self.tables), (4, 5), (2, 3), True, 8**-0.5)

@@ -15,5 +15,9 @@ def test_readme_quick_start_matches_ci():
     root = Path(report.ROOT)
     readme = (root / "README.md").read_text()
     ci = (root / ".ci" / "run").read_text()
-    for command in ("pip install torch==2.11.0 torchaudio==2.11.0", 'pip install -e ".[dev]"', "pytest"):
+    for command in (
+        "pip install torch==2.11.0 torchaudio==2.11.0",
+        'pip install -e ".[dev]"',
+        "pytest",
+    ):
         assert command in readme and command in ci
