@@ -22,7 +22,7 @@ blocks of both segments, each looping over the queries of both), one for dQ.
 No Nq x Nk tensor and no concatenated copy is allocated.
 
 File layout follows flash-attention's ``ops/triton/layer_norm.py``: kernels,
-launchers, :func:`bottleneck_attention_ref`, :class:`BottleneckAttentionFunction`,
+launchers, :func:`bottleneck_attention_ref`, the autograd formula (``register_autograd``),
 ``torch.library`` ops ``mmt_fast::bottleneck_attention_fwd`` / ``_bwd`` with
 fake implementations, and the public entry point :func:`bottleneck_attention`.
 """
@@ -572,29 +572,29 @@ def _(q_main, k_main, v_main, q_extra, k_extra, v_extra, out_main, out_extra, ls
     return main[0], main[1], main[2], extra[0], extra[1], extra[2]
 
 
-class BottleneckAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper over the two custom ops; saves q, k, v, outputs and lse."""
+def _setup_context(ctx, inputs, output):
+    q_main, k_main, v_main, q_extra, k_extra, v_extra, scale = inputs
+    out_main, out_extra, lse = output
+    ctx.save_for_backward(
+        q_main, k_main, v_main, q_extra, k_extra, v_extra, out_main, out_extra, lse
+    )
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
 
-    @staticmethod
-    def forward(ctx, q_main, k_main, v_main, q_extra, k_extra, v_extra, scale):
-        out_main, out_extra, lse = torch.ops.mmt_fast.bottleneck_attention_fwd(
-            q_main, k_main, v_main, q_extra, k_extra, v_extra, scale
-        )
-        ctx.save_for_backward(
-            q_main, k_main, v_main, q_extra, k_extra, v_extra, out_main, out_extra, lse
-        )
-        ctx.scale = scale
-        return out_main, out_extra
 
-    @staticmethod
-    def backward(ctx, do_main, do_extra):
-        saved = ctx.saved_tensors
-        if do_main is None:
-            do_main = torch.zeros_like(saved[6])
-        if do_extra is None:
-            do_extra = torch.zeros_like(saved[7])
-        grads = torch.ops.mmt_fast.bottleneck_attention_bwd(*saved, do_main, do_extra, ctx.scale)
-        return (*grads, None)
+def _backward(ctx, do_main, do_extra, _dlse):
+    saved = ctx.saved_tensors
+    if do_main is None:
+        do_main = torch.zeros_like(saved[6])
+    if do_extra is None:
+        do_extra = torch.zeros_like(saved[7])
+    grads = torch.ops.mmt_fast.bottleneck_attention_bwd(*saved, do_main, do_extra, ctx.scale)
+    return (*grads, None)
+
+
+# Registered on the custom op itself so that tracers (torch.compile, fvcore's jit
+# trace) see ``mmt_fast::bottleneck_attention_fwd`` with its shapes.
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------- reference
@@ -717,5 +717,6 @@ def bottleneck_attention(
     scale = float(scale)
     args = (q_main, k_main, v_main, q_extra, k_extra, v_extra)
     if dispatch.choose(OP_NAME, triton_reasons(q_main, q_extra, args)):
-        return BottleneckAttentionFunction.apply(*args, scale)
+        out_main, out_extra, _ = torch.ops.mmt_fast.bottleneck_attention_fwd(*args, scale)
+        return out_main, out_extra
     return bottleneck_attention_ref(*args, scale)

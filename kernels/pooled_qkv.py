@@ -37,7 +37,7 @@ Saved for backward: the projection (B, N, 3*C_out) and the parameters; no
 activation-sized statistics.
 
 File layout follows flash-attention's ``ops/triton/layer_norm.py``: kernels,
-launchers, :func:`pooled_qkv_ref`, :class:`PooledQKVFunction`, ``torch.library``
+launchers, :func:`pooled_qkv_ref`, the autograd formula (``register_autograd``), ``torch.library``
 ops ``mmt_fast::pooled_qkv_fwd`` / ``_bwd`` with fake implementations, and
 the public entry point :func:`pooled_qkv`. The LayerNorm backward follows the
 Triton tutorial ``05-layer-norm``.
@@ -563,30 +563,29 @@ def _(qkv, wq, wk, wv, gq, bq, gk, bk, gv, bv, dq, dk, dv, grid, has_cls, num_he
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (qkv, *params))
 
 
-class PooledQKVFunction(torch.autograd.Function):
-    """Autograd wrapper over the pool + LayerNorm custom ops; saves the projection and params."""
+def _setup_context(ctx, inputs, output):
+    qkv, wq, wk, wv, gq, bq, gk, bk, gv, bv, grid, has_cls, num_heads, stride_q, stride_kv, eps = (
+        inputs
+    )
+    ctx.save_for_backward(qkv, wq, wk, wv, gq, bq, gk, bk, gv, bv)
+    ctx.config = (grid, has_cls, num_heads, stride_q, stride_kv, eps)
+    ctx.out_shapes = tuple(o.shape for o in output)
 
-    @staticmethod
-    def forward(ctx, qkv, wq, wk, wv, gq, bq, gk, bk, gv, bv, grid, has_cls, num_heads,
-                stride_q, stride_kv, eps):  # fmt: skip
-        q, k, v = torch.ops.mmt_fast.pooled_qkv_fwd(
-            qkv, wq, wk, wv, gq, bq, gk, bk, gv, bv, grid, has_cls, num_heads, stride_q,
-            stride_kv, eps,
-        )  # fmt: skip
-        ctx.save_for_backward(qkv, wq, wk, wv, gq, bq, gk, bk, gv, bv)
-        ctx.config = (grid, has_cls, num_heads, stride_q, stride_kv, eps)
-        ctx.out_shapes = (q.shape, k.shape, v.shape)
-        return q, k, v
 
-    @staticmethod
-    def backward(ctx, dq, dk, dv):
-        saved = ctx.saved_tensors
-        qkv = saved[0]
-        dq, dk, dv = (
-            g if g is not None else qkv.new_zeros(s) for g, s in zip((dq, dk, dv), ctx.out_shapes)
-        )
-        grads = torch.ops.mmt_fast.pooled_qkv_bwd(*saved, dq, dk, dv, *ctx.config)
-        return (*grads, None, None, None, None, None, None)
+def _backward(ctx, dq, dk, dv):
+    saved = ctx.saved_tensors
+    qkv = saved[0]
+    dq, dk, dv = (
+        g if g is not None else qkv.new_zeros(s) for g, s in zip((dq, dk, dv), ctx.out_shapes)
+    )
+    grads = torch.ops.mmt_fast.pooled_qkv_bwd(*saved, dq, dk, dv, *ctx.config)
+    return (*grads, None, None, None, None, None, None)
+
+
+# The autograd formula is registered on the custom op itself (not an
+# autograd.Function around it), so tracers (torch.compile, fvcore's jit trace)
+# see ``mmt_fast::pooled_qkv_fwd`` with its shapes and arguments.
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------- reference
@@ -788,7 +787,7 @@ def pooled_qkv(
     qkv = F.linear(x, qkv_weight, qkv_bias)  # under autocast, qkv.dtype may differ from x's
     reasons = triton_reasons(qkv.dtype, [x, qkv_weight, qkv_bias, *params], pool_weights, head_dim)
     if dispatch.choose(OP_NAME, reasons):
-        q, k, v = PooledQKVFunction.apply(
+        q, k, v = torch.ops.mmt_fast.pooled_qkv_fwd(
             qkv, *params, grid, has_cls, num_heads, stride_q, stride_kv, eps
         )
     else:

@@ -137,9 +137,9 @@ def count_flops(
     ``inputs``: positional tensors, or keyword tensors (MMT: audio=..., video=...).
     FLOPs are a property of the model, not of the kernels that compute it, so
     by default the fused ops run their PyTorch references, whose matmuls and
-    einsums fvcore counts (``path="auto"`` keeps the dispatch as it is; the
-    rel-pos custom op has a handle, while the two ops wrapped in an
-    ``autograd.Function`` reach the tracer without shapes and are refused).
+    einsums fvcore counts. ``path="auto"`` keeps the dispatch as it is: each
+    fused op's custom op then has a handle here that counts what its reference
+    counts (tested to agree).
     Raises if fvcore met an attention-like op it could not count.
     """
     from fvcore.nn import FlopCountAnalysis

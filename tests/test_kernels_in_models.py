@@ -114,3 +114,21 @@ def test_dispatch_switch(monkeypatch):
     # on the CPU the automatic choice is the reference, and it says why
     reasons = dispatch.last_refusal("relpos_attention")
     assert reasons and ("CPU" in reasons[0] or "not CUDA" in reasons[0])
+
+
+def test_fvcore_counts_every_fused_op_like_its_reference():
+    """Counting with the kernels active gives the reference path's FLOPs."""
+    torch.manual_seed(0)
+    model = create_model(
+        "MMT-tiny",
+        audio=mat_tiny(**MICRO_AUDIO),
+        video=mvit_tiny(**MICRO_VIDEO),
+        bottleneck=BottleneckConfig(num_blocks=1, num_tokens=2, dim=16, num_heads=2),
+    )
+    batch = {"audio": torch.randn(1, 1, 16, 32), "video": torch.randn(1, 3, 2, 16, 16)}
+    ref = count_flops(model, batch)
+    with dispatch.use("triton"):
+        fused = count_flops(model, batch, path="auto")
+    for op in ("pooled_qkv_fwd", "relpos_attention_fwd", "bottleneck_attention_fwd"):
+        assert fused.get(op, 0) > 0, op
+    assert fused["total"] == pytest.approx(ref["total"], rel=1e-5)
