@@ -49,24 +49,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model from a YAML config")
     t.add_argument("--config", required=True, help="YAML file (see configs/)")
-    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.out_dir")
+    t.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint in train.out_dir"
+    )
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.epochs=3")
     t.set_defaults(func=_train)
 
-    e = sub.add_parser("evaluate", help="evaluate a checkpoint (multi-view top-1/top-5, per-class, EK action)")
+    e = sub.add_parser(
+        "evaluate", help="evaluate a checkpoint (multi-view top-1/top-5, per-class, EK action)"
+    )
     e.add_argument("--config", required=True, help="the training YAML (data and model sections)")
-    e.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or model.safetensors")
+    e.add_argument(
+        "--checkpoint", required=True, help="run folder, checkpoint folder or model.safetensors"
+    )
     e.add_argument("--split", default="test", choices=("train", "val", "test"))
-    e.add_argument("--views", type=int, default=None, help="test views per clip (default: data.test_views)")
-    e.add_argument("--out", default=None, help="results JSON (default: <checkpoint>/eval_<split>.json)")
+    e.add_argument(
+        "--views", type=int, default=None, help="test views per clip (default: data.test_views)"
+    )
+    e.add_argument(
+        "--out", default=None, help="results JSON (default: <checkpoint>/eval_<split>.json)"
+    )
     e.add_argument("--which", default="best", choices=("best", "latest"), help="for a run folder")
     e.add_argument("--no-plot", action="store_true", help="skip the confusion-matrix plots")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     e.set_defaults(func=_evaluate)
 
-    s = sub.add_parser("make-synthetic", help="write a synthetic audio-video dataset", add_help=False)
+    s = sub.add_parser(
+        "make-synthetic", help="write a synthetic audio-video dataset", add_help=False
+    )
     s.add_argument("args", nargs=argparse.REMAINDER)
-    s.set_defaults(func=lambda a: __import__("mmt_fast.data.synthetic", fromlist=["main"]).main(a.args))
+    s.set_defaults(
+        func=lambda a: __import__("mmt_fast.data.synthetic", fromlist=["main"]).main(a.args)
+    )
     return p
 
 

@@ -1,0 +1,177 @@
+"""From a :class:`TrainConfig` to records, class index, datasets, loaders and the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from mmt_fast.config import MMTConfig, apply_overrides, get_config
+from mmt_fast.data import (
+    AVClipDataset,
+    ClassIndex,
+    ClipRecord,
+    DataConfig,
+    collate_clips,
+    data_config,
+    read_epic_kitchens,
+    read_kinetics_sounds,
+    read_manifest,
+    read_vggsound,
+)
+from mmt_fast.registry import build
+from mmt_fast.train.config import DataSection, TrainConfig
+from mmt_fast.train.sampling import ResumableSampler, SeededDataset, derive_seed
+
+
+def _tuples(x):
+    if isinstance(x, list):
+        return tuple(_tuples(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _tuples(v) for k, v in x.items()}
+    return x
+
+
+# ------------------------------------------------------------------ records
+def read_records(data: DataSection, split: str) -> list[ClipRecord] | None:
+    """The records of ``split`` (``train``/``val``/``test``), None when not configured."""
+    path = getattr(data, split)
+    if not path:
+        return None
+    name = getattr(data, f"{split}_split")
+    root = data.root
+    if data.format == "manifest":
+        recs = read_manifest(path, root)
+        if name is not None and any(r.split for r in recs):
+            recs = [r for r in recs if r.split == name]
+    elif data.format == "vggsound":
+        recs = read_vggsound(path, root or Path(path).parent, split=name)
+    elif data.format == "kinetics_sounds":
+        recs = read_kinetics_sounds(
+            path, root or Path(path).parent, on_error=data.on_error, split=None
+        )
+        if name is not None and any(r.split for r in recs):
+            recs = [r for r in recs if r.split == name]
+    else:
+        recs = read_epic_kitchens(path, root or Path(path).parent)
+    if not recs:
+        raise ValueError(f"data.{split}={path!r} (split {name!r}) has no clips")
+    return recs
+
+
+def class_info(data: DataSection, train_records: list[ClipRecord] | None) -> dict:
+    """``{"kind": "label", "names": [...]}`` or ``{"kind": "verb_noun"}`` (saved with checkpoints)."""
+    if data.classes:
+        idx = ClassIndex.load(data.classes)
+        return {"kind": "label", "names": idx.names}
+    if data.format == "epic_kitchens" or (
+        train_records and train_records[0].label is None and train_records[0].verb is not None
+    ):
+        return {"kind": "verb_noun"}
+    if not train_records:
+        raise ValueError("no class list: give data.classes or a training manifest")
+    return {"kind": "label", "names": ClassIndex.from_labels(r.label for r in train_records).names}
+
+
+# ------------------------------------------------------------------ model
+def model_config(cfg: TrainConfig, classes: dict | None) -> MMTConfig:
+    """The preset with overrides; a single-label head sized to the class index."""
+    mc = get_config(cfg.model.preset)
+    if not isinstance(mc, MMTConfig):
+        raise TypeError(
+            f"model.preset={cfg.model.preset!r} is an encoder preset; training needs an MMT preset "
+            "(e.g. MMT, ablation/audio-only for MAT alone, ablation/video-only)"
+        )
+    ov = _tuples(dict(cfg.model.overrides))
+    if classes and classes.get("kind") == "label" and "num_classes" not in ov:
+        if isinstance(mc.num_classes, int):
+            ov["num_classes"] = len(classes["names"])
+    if ov:
+        mc = apply_overrides(mc, ov)
+    if classes and classes.get("kind") == "label":
+        n = len(classes["names"])
+        if mc.heads != {"label": n}:
+            raise ValueError(
+                f"the model's heads {mc.heads} do not match the {n} classes of the data"
+            )
+    return mc
+
+
+def build_model(mc: MMTConfig) -> nn.Module:
+    return build(mc)
+
+
+def modalities_of(mc: MMTConfig) -> str:
+    a, v = mc.audio is not None, mc.video is not None
+    return "av" if a and v else ("audio" if a else "video")
+
+
+# ------------------------------------------------------------------ data
+def dataset_config(data: DataSection, mc: MMTConfig, mode: str, views: int = 1) -> DataConfig:
+    """A DataConfig whose sizes match the model's input sizes (mismatch -> ValueError)."""
+    ov = _tuples(dict(data.overrides))
+    derived: dict = {"modalities": modalities_of(mc)}
+    if mc.audio is not None:
+        derived["num_mel_bins"], derived["target_length"] = mc.audio.input_size
+    if mc.video is not None:
+        t, h, w = mc.video.input_size
+        if h != w:
+            raise ValueError(f"video input {mc.video.input_size}: the data pipeline crops squares")
+        derived["num_frames"], derived["crop_size"] = t, h
+    for k, v in derived.items():
+        if k in ov and ov[k] != v and k != "modalities":
+            raise ValueError(f"data.overrides.{k}={ov[k]} but the model expects {v}")
+        ov[k] = v
+    ov.setdefault("on_error", data.on_error)
+    ov.update(mode=mode, num_views=max(views, 1))
+    return data_config(data.preset, **ov)
+
+
+def build_dataset(
+    records: list[ClipRecord], dc: DataConfig, classes: dict, mc: MMTConfig
+) -> AVClipDataset:
+    if classes["kind"] == "label":
+        return AVClipDataset(records, dc, class_index=ClassIndex(classes["names"]))
+    heads = mc.heads
+    return AVClipDataset(records, dc, num_verbs=heads["verb"], num_nouns=heads["noun"])
+
+
+def make_loader(
+    dataset,
+    batch_size: int,
+    num_workers: int,
+    sampler: ResumableSampler,
+    seed: int,
+    epoch: int,
+    drop_last: bool,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader for one epoch (or what is left of it).
+
+    Its own ``generator`` keeps the main process's torch RNG untouched (a plain
+    DataLoader draws the worker base seed from it); augmentation randomness
+    comes from :class:`SeededDataset` per clip.
+    """
+    if isinstance(dataset, SeededDataset):
+        dataset.epoch = epoch
+    g = torch.Generator().manual_seed(derive_seed(seed, epoch, 7))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_clips,
+        drop_last=drop_last,
+        generator=g,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        multiprocessing_context="fork" if num_workers > 0 and _fork_ok() else None,
+    )
+
+
+def _fork_ok() -> bool:
+    import multiprocessing as mp
+
+    return "fork" in mp.get_all_start_methods()

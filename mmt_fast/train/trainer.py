@@ -1,0 +1,522 @@
+"""The training loop (``mmt-fast train``).
+
+One process or many under ``torchrun`` (DDP; gloo on the CPU, NCCL on GPUs),
+AdamW with warmup + cosine (:mod:`schedule`), gradient accumulation and
+clipping, bf16 autocast on CUDA, the model's own loss (Eq. 8 or the ablation's,
+by the preset), validation with best-checkpoint tracking, atomic checkpoints
+and exact resume.
+
+Units: a *step* is one optimizer update = ``grad_accum`` micro-batches of
+``batch_size`` clips on each of ``world_size`` processes. An epoch has
+``floor(clips / world_size / batch_size)`` micro-batches per process (the last
+partial batch is dropped) and ``ceil(micro_batches / grad_accum)`` steps.
+
+Exact resume: a checkpoint is taken between steps and holds the model, AdamW,
+the schedule, (epoch, micro-batches done in the epoch), every rank's RNG states
+and the skip counters. The sampler's permutation depends on (seed, epoch) only
+and augmentation on (seed, epoch, clip), so the resumed run replays the same
+remaining batches with the same augmentation and reaches the same weights as an
+uninterrupted run (bit-identical on the CPU with ``deterministic: true``).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from mmt_fast.train import builders as B
+from mmt_fast.train import distributed as D
+from mmt_fast.train.checkpoint import (
+    CheckpointManager,
+    load_checkpoint,
+    model_state_for_saving,
+    rng_state,
+    set_rng_state,
+)
+from mmt_fast.train.config import TrainConfig
+from mmt_fast.train.evaluate import autocast, model_inputs, predict, report, summary
+from mmt_fast.train.logger import MetricLogger
+from mmt_fast.train.sampling import CachedDataset, ResumableSampler, SeededDataset, derive_seed
+from mmt_fast.train.schedule import WarmupCosine
+
+log = logging.getLogger("mmt_fast.train")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay for biases, norms (1-D) and ``model.no_weight_decay()``."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or n in skip else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Builds everything from a :class:`TrainConfig`; :meth:`fit` runs the loop.
+
+    Args:
+        cfg: the run's config.
+        resume: continue from the latest checkpoint in ``cfg.train.out_dir``
+            (a fresh start when there is none).
+    """
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
+        self.cfg = cfg
+        t = cfg.train
+        self.dist = D.setup(t.device)
+        self.device = self.dist.device
+        if t.torch_threads:
+            torch.set_num_threads(t.torch_threads)
+        if t.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        self.out_dir = Path(t.out_dir)
+        self.ckpt = CheckpointManager(self.out_dir / "checkpoints", t.keep_last)
+        resume_from = self.ckpt.latest() if resume else None
+        if not resume and self.ckpt.latest() is not None:
+            raise FileExistsError(
+                f"{self.ckpt.dir} already holds checkpoints: pass --resume to continue that run, "
+                "or choose another train.out_dir"
+            )
+        ck = load_checkpoint(resume_from) if resume_from is not None else None
+
+        # --- data
+        self.train_records = B.read_records(cfg.data, "train")
+        if self.train_records is None:
+            raise ValueError("data.train is not set")
+        self.val_records = B.read_records(cfg.data, "val") if t.eval_every > 0 else None
+        self.classes = B.class_info(cfg.data, self.train_records)
+        if ck is not None and ck.classes is not None and ck.classes != self.classes:
+            raise ValueError(
+                f"the class index of {resume_from} differs from the data's; "
+                "resume with the same data (or set data.classes to its classes.json)"
+            )
+        self.model_cfg = B.model_config(cfg, self.classes)
+        dc_train = B.dataset_config(
+            cfg.data, self.model_cfg, "test" if cfg.data.cache else "train", 1
+        )
+        base_train = B.build_dataset(self.train_records, dc_train, self.classes, self.model_cfg)
+        src = CachedDataset(base_train) if cfg.data.cache else base_train
+        self.train_set = SeededDataset(src, t.seed)
+        self.val_set = None
+        if self.val_records is not None:
+            dc_val = B.dataset_config(cfg.data, self.model_cfg, "test", cfg.data.val_views)
+            self.val_set = B.build_dataset(self.val_records, dc_val, self.classes, self.model_cfg)
+            if cfg.data.cache:
+                self.val_set = CachedDataset(self.val_set)
+        w, r = self.dist.world_size, self.dist.rank
+        self.sampler = ResumableSampler(len(self.train_set), w, r, shuffle=True, seed=t.seed)
+        per_rank = len(self.sampler.epoch_indices())
+        self.batches_per_epoch = per_rank // t.batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"{len(self.train_set)} training clips on {w} process(es) do not fill one batch of {t.batch_size}"
+            )
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / t.grad_accum)
+        self.total_steps = t.epochs * self.steps_per_epoch
+        if t.max_steps is not None:
+            self.total_steps = min(self.total_steps, t.max_steps)
+
+        # --- model, optimizer, schedule (same init on every rank)
+        seed_everything(t.seed)
+        model = B.build_model(self.model_cfg).to(self.device)
+        self.core = model
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.optim.weight_decay),
+            lr=cfg.optim.lr,
+            betas=cfg.optim.betas,
+            eps=cfg.optim.eps,
+        )
+        sc = cfg.schedule
+        warm = sc.warmup_steps
+        if sc.warmup_epochs is not None:
+            warm = round(sc.warmup_epochs * self.steps_per_epoch)
+        self.scheduler = WarmupCosine(
+            self.optimizer, self.total_steps, warm, sc.min_lr_ratio, sc.warmup_start_ratio
+        )
+        self.model: nn.Module = model
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DDP(model, device_ids=ids)
+
+        # --- loop state
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.best: dict | None = None
+        # skip events (a bad clip counts once per epoch it is drawn) and the unique bad clips
+        self.skipped: collections.Counter = collections.Counter(base_train.skip_counts)
+        self.bad_clips: dict[str, list[str]] = {
+            b.path: [b.kind, b.reason] for b in base_train.dropped
+        }
+        self.warnings: collections.Counter = collections.Counter()
+        self.last_val: dict | None = None
+        seed_everything(derive_seed(t.seed, r, 1))
+        if ck is not None:
+            self._load_state(ck)
+        self.logger = MetricLogger(self.out_dir, self.dist.is_main, t.tensorboard)
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(cfg.to_yaml())
+            n_par = sum(p.numel() for p in model.parameters())
+            self._print(
+                f"model {cfg.model.preset} ({n_par / 1e6:.2f} M params, heads {self.model_cfg.heads}, "
+                f"inputs {model.modalities}); {len(self.train_set)} train clips"
+                + (f", {len(self.val_set)} val clips" if self.val_set is not None else "")
+                + f"; {w} process(es) on {self.device}; {self.steps_per_epoch} steps/epoch, "
+                f"{self.total_steps} steps planned"
+                + (f"; resumed from {resume_from} (step {self.step})" if ck is not None else "")
+            )
+
+    # ------------------------------------------------------------------ state
+    def _state(self) -> dict:
+        rngs = D.all_gather_object(rng_state())
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "world_size": self.dist.world_size,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rngs,
+            "sampler": self.sampler.state_dict(),
+            "best": self.best,
+            "skipped": dict(self._gather_counter(self.skipped)),
+            "warnings": dict(self._gather_counter(self.warnings)),
+            "bad_clips": self._gather_bad(),
+        }
+
+    def _load_state(self, ck) -> None:
+        s = ck.state
+        if s.get("world_size") != self.dist.world_size and s.get("batch_in_epoch", 0):
+            raise ValueError(
+                f"{ck.path} was written mid-epoch by {s.get('world_size')} processes; resume "
+                f"with the same number (now {self.dist.world_size}) or from an end-of-epoch checkpoint"
+            )
+        self.core.load_state_dict(ck.model)
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.scheduler.load_state_dict(s["scheduler"])
+        if self.scheduler.total_steps != self.total_steps:
+            log.warning(
+                "the checkpoint planned %d steps, the config %d: the schedule follows the config",
+                self.scheduler.total_steps,
+                self.total_steps,
+            )
+            self.scheduler.total_steps = self.total_steps
+            self.scheduler._apply()
+        self.step, self.epoch, self.batch_in_epoch = s["step"], s["epoch"], s["batch_in_epoch"]
+        self.best = s.get("best")
+        # counters were summed over ranks when saved: rank 0 carries the totals
+        if self.dist.is_main:
+            self.skipped = collections.Counter(s.get("skipped", {}))
+            self.warnings = collections.Counter(s.get("warnings", {}))
+            self.bad_clips = dict(s.get("bad_clips", {}))
+        else:
+            self.skipped, self.warnings = collections.Counter(), collections.Counter()
+        rngs = s["rng"]
+        if len(rngs) == self.dist.world_size:
+            set_rng_state(rngs[self.dist.rank])
+        else:
+            seed_everything(derive_seed(self.cfg.train.seed, self.dist.rank, self.step))
+
+    def _gather_counter(self, c: collections.Counter) -> collections.Counter:
+        total: collections.Counter = collections.Counter()
+        for part in D.all_gather_object(dict(c)):
+            total.update(part)
+        return total
+
+    def _gather_bad(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for part in D.all_gather_object(self.bad_clips):
+            out.update(part)
+        return out
+
+    def save(self, meta: dict | None = None) -> Path | None:
+        state = self._state()  # collective: every rank takes part
+        path = None
+        if self.dist.is_main:
+            path = self.ckpt.save(
+                self.step,
+                model_state_for_saving(self.core),
+                state,
+                classes=self.classes,
+                config_yaml=self.cfg.to_yaml(),
+                meta={"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, **(meta or {})},
+            )
+        D.barrier()
+        return path
+
+    # ------------------------------------------------------------------ steps
+    def _dummy_batch(self) -> dict:
+        """Zeros standing in for a micro-batch whose clips were all bad: every
+        rank must still run forward/backward so DDP's all-reduce stays in step."""
+        mc, b = self.model_cfg, 2
+        out: dict = {}
+        if mc.audio is not None:
+            out["audio"] = torch.zeros(b, 1, *mc.audio.input_size)
+        if mc.video is not None:
+            out["video"] = torch.zeros(b, 3, *mc.video.input_size)
+        for h in mc.heads:
+            out[h] = torch.zeros(b, dtype=torch.long)
+        return out
+
+    def _micro_step(self, batch: dict, scale: float, sync: bool) -> tuple[dict, int]:
+        """Forward + backward of one micro-batch; returns (loss parts, good clips)."""
+        self.skipped.update(batch["skipped"])
+        self.warnings.update(batch.get("warnings", {}))
+        for b in batch.get("bad", []):
+            self.bad_clips[b.path] = [b.kind, b.reason]
+        n = batch["batch_size"]
+        if n == 0:
+            batch, scale = self._dummy_batch(), 0.0
+        inputs, _ = model_inputs(batch, self.core.modalities, self.device)
+        targets = {h: batch[h].to(self.device) for h in self.model_cfg.heads}
+        ctx = self.model.no_sync() if self.dist.enabled and not sync else contextlib.nullcontext()
+        with ctx:
+            with autocast(self.device, self.cfg.train.amp):
+                out = self.model(**inputs)
+                loss, parts = self.core.loss(out, targets)
+            (loss * scale).backward()
+        return (parts if n else {}), n
+
+    def _optimizer_step(self) -> float | None:
+        gn = None
+        if self.cfg.train.clip_grad:
+            gn = float(nn.utils.clip_grad_norm_(self.core.parameters(), self.cfg.train.clip_grad))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return gn
+
+    # ------------------------------------------------------------------ evaluation
+    def validate(self) -> dict | None:
+        if self.val_set is None:
+            return None
+        d = self.cfg.data
+        sampler = ResumableSampler(
+            len(self.val_set), self.dist.world_size, self.dist.rank, shuffle=False, pad=False
+        )
+        loader = B.make_loader(
+            self.val_set,
+            d.eval_batch_size or self.cfg.train.batch_size,
+            d.num_workers,
+            sampler,
+            self.cfg.train.seed,
+            self.epoch,
+            drop_last=False,
+        )
+        res = report(predict(self.model, loader, self.device, self.cfg.train.amp))
+        self.last_val = res
+        return res
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict:
+        """Train to ``total_steps`` (or ``stop_at_step``); returns a summary dict."""
+        t = self.cfg.train
+        bar = None
+        if self.dist.is_main and t.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=self.total_steps,
+                initial=self.step,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                desc="train",
+            )
+        interrupted = False
+        window_clips, window_t0 = 0, time.perf_counter()
+        window_parts: collections.defaultdict = collections.defaultdict(float)
+        window_n = 0
+        started = time.perf_counter()
+        step_times: list[float] = []
+        try:
+            while self.step < self.total_steps and not interrupted:
+                self.sampler.set_epoch(self.epoch, skip=self.batch_in_epoch * t.batch_size)
+                loader = B.make_loader(
+                    self.train_set,
+                    t.batch_size,
+                    self.cfg.data.num_workers,
+                    self.sampler,
+                    t.seed,
+                    self.epoch,
+                    drop_last=True,
+                    pin_memory=self.device.type == "cuda",
+                )
+                it = iter(loader)
+                self.model.train()
+                while self.batch_in_epoch < self.batches_per_epoch and self.step < self.total_steps:
+                    t0 = time.perf_counter()
+                    n_micro = min(t.grad_accum, self.batches_per_epoch - self.batch_in_epoch)
+                    for j in range(n_micro):
+                        parts, n = self._micro_step(next(it), 1.0 / n_micro, j == n_micro - 1)
+                        window_clips += n
+                        for k, v in parts.items():
+                            window_parts[k] += v
+                        window_n += bool(parts)
+                    gn = self._optimizer_step()
+                    self.step += 1
+                    self.batch_in_epoch += n_micro
+                    step_times.append(time.perf_counter() - t0)
+                    if bar is not None:
+                        bar.update(1)
+                    if self.step % t.log_every == 0 or self.step == self.total_steps:
+                        dt = time.perf_counter() - window_t0
+                        cps = window_clips * self.dist.world_size / max(dt, 1e-9)
+                        vals = {f"train/{k}": v / max(window_n, 1) for k, v in window_parts.items()}
+                        vals.update(
+                            {"train/lr": self.scheduler.get_last_lr()[0], "train/clips_per_s": cps}
+                        )
+                        if gn is not None:
+                            vals["train/grad_norm"] = gn
+                        self.logger.log(self.step, self.epoch, vals)
+                        if bar is not None:
+                            bar.set_postfix(
+                                loss=f"{vals.get('train/total', float('nan')):.3f}",
+                                clips_s=f"{cps:.1f}",
+                                lr=f"{vals['train/lr']:.2e}",
+                            )
+                        window_clips, window_t0, window_n = 0, time.perf_counter(), 0
+                        window_parts.clear()
+                    if self.batch_in_epoch >= self.batches_per_epoch:
+                        break  # end of epoch: handled below
+                    if t.ckpt_every and self.step % t.ckpt_every == 0:
+                        self.save()
+                    if self.step == self.total_steps:
+                        break
+                    if t.stop_at_step is not None and self.step >= t.stop_at_step:
+                        interrupted = True
+                        break
+                del it, loader
+                if interrupted:
+                    break
+                if self.batch_in_epoch >= self.batches_per_epoch:
+                    self._end_epoch()
+                    if t.stop_at_step is not None and self.step >= t.stop_at_step:
+                        interrupted = self.step < self.total_steps
+                elif self.step >= self.total_steps:
+                    self.save()  # max_steps reached mid-epoch
+        finally:
+            if bar is not None:
+                bar.close()
+        elapsed = time.perf_counter() - started
+        result = self._finish(interrupted, elapsed, step_times)
+        return result
+
+    def _end_epoch(self) -> None:
+        t = self.cfg.train
+        finished = self.epoch
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        meta: dict = {"finished_epoch": finished}
+        if (
+            self.val_set is not None
+            and t.eval_every
+            and (self.epoch % t.eval_every == 0 or self.step >= self.total_steps)
+        ):
+            res = self.validate()
+            meta["val"] = {k: res[k] for k in ("top1", "top5", "num_clips")}
+            self.logger.log(self.step, finished, {"val/top1": res["top1"], "val/top5": res["top5"]})
+            if self.dist.is_main:
+                self._print(f"epoch {finished}: val {summary(res)}")
+        is_best = False
+        if "val" in meta:  # every rank holds the same gathered result
+            v = meta["val"]["top1"]
+            if self.best is None or v > self.best["value"]:
+                self.best = {"step": self.step, "metric": "val/top1", "value": v}
+                is_best = True
+        skips = self._gather_counter(self.skipped)
+        self.logger.log(self.step, finished, {"data/skip_events": sum(skips.values())})
+        self.save(meta)
+        if is_best and self.dist.is_main:
+            self.ckpt.update_best(self.step, "val/top1", self.best["value"])
+
+    def _finish(self, interrupted: bool, elapsed: float, step_times: list[float]) -> dict:
+        skipped = self._gather_counter(self.skipped)
+        warnings = self._gather_counter(self.warnings)
+        bad = self._gather_bad()
+        # the first step of each loader start includes worker start-up: use the median
+        med = float(np.median(step_times)) if step_times else float("nan")
+        clips_per_step = (
+            self.cfg.train.batch_size * self.cfg.train.grad_accum * self.dist.world_size
+        )
+        result = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "total_steps": self.total_steps,
+            "interrupted": interrupted,
+            "best": self.best,
+            "last_val": None
+            if self.last_val is None
+            else {k: self.last_val[k] for k in ("top1", "top5", "num_clips")},
+            "skipped_clips": dict(collections.Counter(kind for kind, _ in bad.values())),
+            "skip_events": dict(skipped),
+            "warnings": dict(warnings),
+            "bad_clips": {p: {"kind": k, "reason": r} for p, (k, r) in sorted(bad.items())},
+            "seconds": elapsed,
+            "median_step_s": med,
+            "clips_per_s": clips_per_step / med if step_times else float("nan"),
+        }
+        if self.dist.is_main:
+            import json
+
+            (self.out_dir / "train_summary.json").write_text(json.dumps(result, indent=1) + "\n")
+            n_bad = len(bad)
+            self._print(
+                f"{'stopped' if interrupted else 'done'} at step {self.step}/{self.total_steps} "
+                f"(epoch {self.epoch}) in {elapsed:.1f} s; "
+                + (
+                    f"skipped {n_bad} bad clips {result['skipped_clips']} "
+                    f"({sum(skipped.values())} times; list in train_summary.json)"
+                    if n_bad
+                    else "no clips skipped"
+                )
+                + (f"; warnings {dict(warnings)}" if warnings else "")
+            )
+        self.logger.close()
+        return result
+
+    def _print(self, msg: str) -> None:
+        print(f"[mmt-fast] {msg}", file=sys.stderr, flush=True)
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Build a :class:`Trainer`, run it, leave the process group; returns the summary.
+
+    Process-wide torch settings the run changes (thread count, deterministic
+    algorithms) are restored afterwards.
+    """
+    threads = torch.get_num_threads()
+    det = torch.are_deterministic_algorithms_enabled()
+    det_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        return Trainer(cfg, resume=resume).fit()
+    finally:
+        D.cleanup()
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det, warn_only=det_warn)
