@@ -38,7 +38,6 @@ taps; forward+backward = 3x forward.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import gc
 import json
@@ -49,7 +48,7 @@ import statistics
 import sys
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -336,20 +335,11 @@ def make_inputs(case: Case, device: torch.device, dtype: torch.dtype, seed: int 
 # ----------------------------------------------------------------------------- paths
 
 
-@contextlib.contextmanager
-def kernel_mode(mode: str) -> Iterator[None]:
+def kernel_mode(mode: str):
     """Set ``MMT_FAST_KERNELS`` (``triton`` / ``reference``) for the duration."""
-    from kernels.dispatch import ENV_VAR
+    from kernels import dispatch
 
-    old = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = mode
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = old
+    return dispatch.use(mode)
 
 
 def relq_axes(

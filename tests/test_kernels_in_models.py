@@ -24,6 +24,16 @@ MICRO_VIDEO = dict(
 )  # fmt: skip
 
 
+def micro_mmt():
+    torch.manual_seed(0)
+    return create_model(
+        "MMT-tiny",
+        audio=mat_tiny(**MICRO_AUDIO),
+        video=mvit_tiny(**MICRO_VIDEO),
+        bottleneck=BottleneckConfig(num_blocks=1, num_tokens=2, dim=16, num_heads=2),
+    )
+
+
 def loss_and_grads(model, batch, targets, mode):
     model.zero_grad(set_to_none=True)
     with dispatch.use(mode):
@@ -54,13 +64,7 @@ def test_mat_with_kernels_is_a_drop_in():
 
 
 def test_mmt_with_kernels_matches_reference():
-    torch.manual_seed(0)
-    model = create_model(
-        "MMT-tiny",
-        audio=mat_tiny(**MICRO_AUDIO),
-        video=mvit_tiny(**MICRO_VIDEO),
-        bottleneck=BottleneckConfig(num_blocks=1, num_tokens=2, dim=16, num_heads=2),
-    )
+    model = micro_mmt()
     batch = {"audio": torch.randn(3, 1, 16, 32), "video": torch.randn(3, 3, 2, 16, 16)}
     targets = {"label": torch.tensor([0, 1, 0])}
     ref = loss_and_grads(model, batch, targets, "reference")
@@ -118,13 +122,7 @@ def test_dispatch_switch(monkeypatch):
 
 def test_fvcore_counts_every_fused_op_like_its_reference():
     """Counting with the kernels active gives the reference path's FLOPs."""
-    torch.manual_seed(0)
-    model = create_model(
-        "MMT-tiny",
-        audio=mat_tiny(**MICRO_AUDIO),
-        video=mvit_tiny(**MICRO_VIDEO),
-        bottleneck=BottleneckConfig(num_blocks=1, num_tokens=2, dim=16, num_heads=2),
-    )
+    model = micro_mmt()
     batch = {"audio": torch.randn(1, 1, 16, 32), "video": torch.randn(1, 3, 2, 16, 16)}
     ref = count_flops(model, batch)
     with dispatch.use("triton"):
