@@ -36,9 +36,9 @@ class MultiscaleEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         nd = len(cfg.input_size)
-        conv = nn.Conv2d if nd == 2 else nn.Conv3d
         if nd not in (2, 3):
             raise ValueError(f"input_size must be 2-D or 3-D, got {cfg.input_size}")
+        conv = nn.Conv2d if nd == 2 else nn.Conv3d
         self.patch_embed = conv(
             cfg.in_chans,
             cfg.embed_dim[0],
