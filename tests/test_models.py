@@ -254,3 +254,18 @@ def test_bf16_autocast_training_step():
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_video_and_mmt_full_size_forward():
+    """MViTv2-B-16 and MMT at the paper's input sizes: 393 video tokens of width
+    768 enter the AVBottleneck beside MAT's 257."""
+    model = create_model("MMT", num_classes=309).eval()
+    audio, video = torch.randn(1, 1, 128, 1024), torch.randn(1, 3, 16, 224, 224)
+    with torch.no_grad():
+        fv = model.video_encoder.forward_features(video)
+        assert fv.grid == (8, 7, 7) and fv.tokens.shape == (1, 1 + 8 * 7 * 7, 768)
+        out = model(audio=audio, video=video)
+    assert out.logits["label"].shape == (1, 309)
+    assert out.audio_embed.shape == out.video_embed.shape == (1, 256)
+    assert torch.isfinite(out.logits["label"]).all()
