@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from kernels import dispatch
+from kernels._common import tl_acc_dtype
 
 OP_NAME = "bottleneck_attention"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -54,10 +55,6 @@ def _configs() -> list[triton.Config]:
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs must not silently drop to tf32: PyTorch's fp32 matmul does not.
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-
-
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 # --------------------------------------------------------------------------- kernels
@@ -464,7 +461,7 @@ def _launch_fwd(q_main, k_main, v_main, q_extra, k_extra, v_extra, scale):
     _fwd_kernel[grid](
         q_main, k_main, v_main, q_extra, k_extra, v_extra, out_main, out_extra, lse,
         scale * _LOG2E, Nm, L, D,
-        ACC_DTYPE=_acc_dtype(q_main.dtype), DOT_PRECISION=_dot_precision(q_main.dtype),
+        ACC_DTYPE=tl_acc_dtype(q_main.dtype), DOT_PRECISION=_dot_precision(q_main.dtype),
         BLOCK_D=triton.next_power_of_2(max(D, 16)),
     )  # fmt: skip
     return out_main, out_extra, lse
@@ -481,7 +478,7 @@ def _launch_bwd(q_main, k_main, v_main, q_extra, k_extra, v_extra, out_main, out
             do_extra,
         )
     )  # fmt: skip
-    acc_dtype = _acc_dtype(q_main.dtype)
+    acc_dtype = tl_acc_dtype(q_main.dtype)
     precision = _dot_precision(q_main.dtype)
     block_d = triton.next_power_of_2(max(D, 16))
     delta = torch.empty_like(lse)

@@ -54,6 +54,7 @@ import triton
 import triton.language as tl
 
 from kernels import dispatch
+from kernels._common import tl_acc_dtype
 
 OP_NAME = "pooled_qkv"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -71,10 +72,6 @@ def _fwd_configs() -> list[triton.Config]:
 def _bwd_block_n() -> int:
     # Fixed (not autotuned): the partial-sum buffers are sized by the number of programs.
     return 32 if dispatch.interpreting() else 64
-
-
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 # --------------------------------------------------------------------------- kernels
@@ -398,7 +395,7 @@ def _geometry(grid, kernel, stride):
 def _constexprs(has_cls, k3, s3, dtype, head_dim):
     return dict(
         HAS_CLS=bool(has_cls), K0=k3[0], K1=k3[1], K2=k3[2], S0=s3[0], S1=s3[1], S2=s3[2],
-        ACC_DTYPE=_acc_dtype(dtype), BLOCK_D=triton.next_power_of_2(head_dim),
+        ACC_DTYPE=tl_acc_dtype(dtype), BLOCK_D=triton.next_power_of_2(head_dim),
     )  # fmt: skip
 
 

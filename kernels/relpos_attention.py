@@ -68,6 +68,7 @@ import triton
 import triton.language as tl
 
 from kernels import dispatch
+from kernels._common import acc_dtype, tl_acc_dtype
 
 OP_NAME = "relpos_attention"
 _MAX_HEAD_DIM = 256
@@ -508,14 +509,6 @@ def _bwd_dq_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs must not silently drop to tf32: PyTorch's fp32 matmul does not.
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
@@ -595,7 +588,7 @@ def _launch_fwd(
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     out = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, Nq), dtype=_acc_dtype(q.dtype), device=q.device)
+    lse = torch.empty((B, H, Nq), dtype=acc_dtype(q.dtype), device=q.device)
     if B * H == 0:
         return out, lse
     rel = _relq_packed(q, rel_tables, q_grid, k_grid, has_cls)
@@ -609,7 +602,7 @@ def _launch_fwd(
         *q.stride(), *k.stride(), *v.stride(),
         H, Nq, Nk, D, scale * _LOG2E,
         **geo,
-        RESIDUAL=residual, ACC=_tl_acc(q.dtype), DOT_PREC=_dot_precision(q.dtype),
+        RESIDUAL=residual, ACC=tl_acc_dtype(q.dtype), DOT_PREC=_dot_precision(q.dtype),
         BLOCK_D=_block_d(D),
     )  # fmt: skip
     return out, lse
@@ -631,17 +624,17 @@ def _launch_bwd(
 ) -> list[torch.Tensor]:
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
-    acc_dtype = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     dq = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, H, Nk, D), dtype=q.dtype, device=q.device)
     dv = torch.empty((B, H, Nk, D), dtype=q.dtype, device=q.device)
     if B * H == 0:
         return [dq, dk, dv, *[torch.zeros_like(t) for t in rel_tables]]
     block_d = _block_d(D)
-    ACC = _tl_acc(q.dtype)
+    ACC = tl_acc_dtype(q.dtype)
     prec = _dot_precision(q.dtype)
 
-    delta = torch.empty((B, H, Nq), dtype=acc_dtype, device=q.device)
+    delta = torch.empty((B, H, Nq), dtype=acc, device=q.device)
     block_m_delta = 16 if dispatch.interpreting() else 64
     _bwd_delta_kernel[(triton.cdiv(Nq, block_m_delta), B * H)](
         out, dout, q, delta,
@@ -667,7 +660,7 @@ def _launch_bwd(
     k3 = (1,) * (3 - len(k_grid)) + tuple(k_grid)
     block_m, block_n, warps, stages = _dq_blocks(block_d)
     windows = [_window(k3[a], math.prod(k3[a + 1 :]), block_n) for a in range(3)]
-    drel = torch.zeros((B, H, math.prod(q_grid), geo["KSUM"]), dtype=acc_dtype, device=q.device)
+    drel = torch.zeros((B, H, math.prod(q_grid), geo["KSUM"]), dtype=acc, device=q.device)
     _bwd_dq_kernel[(triton.cdiv(Nq, block_m), B * H)](
         q, k, v, rel, dout, lse, delta, dq, drel,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
@@ -743,7 +736,7 @@ def _relpos_attention_fwd(
 @_relpos_attention_fwd.register_fake
 def _(q, k, v, rel_tables, q_grid, k_grid, has_cls, scale, residual):
     B, H, Nq, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((B, H, Nq), dtype=_acc_dtype(q.dtype))
+    return q.new_empty(q.shape), q.new_empty((B, H, Nq), dtype=acc_dtype(q.dtype))
 
 
 @torch.library.custom_op("mmt_fast::relpos_attention_bwd", mutates_args=())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_helpers import ATOL, DEVICE, needs_interpreter
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from kernels import dispatch
@@ -13,20 +14,6 @@ from kernels.bottleneck_attention import (
     bottleneck_attention,
     bottleneck_attention_ref,
 )
-
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Conversion of an array with ndim:DeprecationWarning"
-)
-
-# Kernel tests run on CUDA when there is one, else on the CPU through the interpreter.
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_interpreter = pytest.mark.skipif(
-    not dispatch.interpreting(),
-    reason="float64 / fake CPU tensors reach Triton only when interpreting",
-)
-
-# atol added to the flash-attention rule |kernel - fp64| <= 2 |torch(dtype) - fp64| + atol.
-ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 @pytest.fixture

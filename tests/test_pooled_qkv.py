@@ -7,25 +7,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_helpers import ATOL, DEVICE, needs_interpreter
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from kernels import dispatch
 from kernels.pooled_qkv import _bwd_op, _fwd_op, pooled_grid, pooled_qkv, pooled_qkv_ref
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Conversion of an array with ndim:DeprecationWarning"
-)
-
-# Kernel tests run on CUDA when there is one, else on the CPU through the interpreter.
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_interpreter = pytest.mark.skipif(
-    not dispatch.interpreting(),
-    reason="float64 / fake CPU tensors reach Triton only when interpreting",
-)
-
-# atol added to the flash-attention rule |kernel - fp64| <= 2 |torch(dtype) - fp64| + atol.
-ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 LEAF_NAMES = ["x", "qkv_weight", "qkv_bias", "wq", "wk", "wv", "gq", "bq", "gk", "bk", "gv", "bv"]
 
 

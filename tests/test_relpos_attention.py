@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from kernel_helpers import DEVICE
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from kernels import dispatch
@@ -18,7 +19,6 @@ from kernels.relpos_attention import (
     relpos_attention_ref,
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 interpreter_only = pytest.mark.skipif(
     not dispatch.interpreting(), reason="float64 / bf16 refusal: interpreter-specific"
 )
@@ -37,12 +37,6 @@ CASES = {
 # atol = ATOL_REL * max |fp64| (fp32: a few ulp; exp2 in log2 units and another summation
 # order cost the kernel ~1e-6 relative where PyTorch's fp32 error is ~2e-7).
 ATOL_REL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
-
-# Triton's interpreter reads runtime loop bounds through a deprecated numpy conversion
-# (numpy < 2.4 is pinned for this reason, DESIGN.md).
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Conversion of an array with ndim > 0:DeprecationWarning"
-)
 
 
 def make_inputs(case, dtype, seed=0, requires_grad=True, device=DEVICE):
