@@ -82,6 +82,7 @@ class Row:
     stack_bytes: int = -1
     wgmma_serialized: bool = False  # ptxas C7515: wgmma pipeline serialised (a speed warning)
     selectable: bool = False
+    pinned: bool = False  # the config MMT_FAST_KERNEL_CONFIGS=pinned runs
     compile_s: float = 0.0
     error: str = ""
 
@@ -330,7 +331,9 @@ def _config_str(cfg: dict) -> str:
 SUBSETS = {
     "ci": dict(cases=("relpos/mat_s1", "relpos/video_s1", "bottleneck/mmt_audio", "pooled/mat_s1",
                       "pooled/video_s1"), dtypes=("bfloat16",), archs=(90,), pinned_only=True),
-    "full": dict(cases=None, dtypes=("bfloat16", "float16"), archs=(90, 80), pinned_only=False),
+    # float32 only for pooled QKV: fp32 attention takes the reference on CUDA (FP32_ON_CUDA)
+    "full": dict(cases=None, dtypes=("bfloat16", "float16", "float32"), archs=(90, 80),
+                 pinned_only=False),
 }  # fmt: skip
 
 
@@ -345,13 +348,16 @@ def plan(subset: str, archs: Sequence[int] | None = None) -> list[tuple[Row, tup
     for name in names:
         case = cases[name]
         for dt in spec["dtypes"]:
+            if dt == "float32" and case.op != "pooled":
+                continue
             for launch in launches_for(case, getattr(torch, dt)):
                 for i, (cfg, sel) in enumerate(zip(launch.configs, launch.selectable)):
-                    if spec["pinned_only"] and not _is_pinned(launch, cfg):
+                    pinned = _is_pinned(launch, cfg)
+                    if spec["pinned_only"] and not pinned:
                         continue
                     for arch in archs or spec["archs"]:
                         row = Row(kernel=launch.kernel, op=launch.op, dtype=dt, config=_config_str(cfg),
-                                  shape=name, arch=arch, selectable=sel,
+                                  shape=name, arch=arch, selectable=sel, pinned=pinned,
                                   shared_limit_bytes=SHARED_LIMIT[arch])  # fmt: skip
                         jobs.append((row, (name, dt, launch.kernel, i, arch)))
     return jobs

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import dispatch
+from kernels import dispatch, tuning
 from kernels._common import tl_acc_dtype
 
 OP_NAME = "bottleneck_attention"
@@ -42,14 +42,26 @@ _MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
 
 
-def _configs() -> list[triton.Config]:
-    if dispatch.interpreting():
-        # The interpreter breaks with two or more autotune configs.
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in ((64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 4, 2))
-    ]
+def _configs(kernel: str) -> list[triton.Config]:
+    # Each entry checked by the compile gate (sm_90, bf16/fp16, MMT's AVBottleneck shapes):
+    # no spills, within shared memory, HGMMA matmuls. The first is the pinned one.
+    entries = {
+        "_fwd_kernel": [
+            ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2),
+            ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 2),
+            ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 3),
+        ],
+        "_bwd_dkdv_kernel": [
+            ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 2),
+            ({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 2),
+        ],
+        "_bwd_dq_kernel": [
+            ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2),
+            ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 2),
+            ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 3),
+        ],
+    }[kernel]
+    return tuning.configs(OP_NAME, kernel, entries, ({"BLOCK_M": 16, "BLOCK_N": 16}, 4, 1))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -108,7 +120,7 @@ def _fwd_segment(
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_configs(), key=["N_MAIN", "N_EXTRA", "HEAD_DIM"])
+@triton.autotune(configs=_configs("_fwd_kernel"), key=["N_MAIN", "N_EXTRA", "HEAD_DIM", "BH"])
 @triton.jit
 def _fwd_kernel(
     QM,
@@ -124,6 +136,7 @@ def _fwd_kernel(
     N_MAIN,
     N_EXTRA,
     HEAD_DIM,
+    BH,
     ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -259,7 +272,7 @@ def _bwd_dkdv_segment(
     return dk, dv
 
 
-@triton.autotune(configs=_configs(), key=["N_MAIN", "N_EXTRA", "HEAD_DIM"])
+@triton.autotune(configs=_configs("_bwd_dkdv_kernel"), key=["N_MAIN", "N_EXTRA", "HEAD_DIM", "BH"])
 @triton.jit
 def _bwd_dkdv_kernel(
     QM,
@@ -281,6 +294,7 @@ def _bwd_dkdv_kernel(
     N_MAIN,
     N_EXTRA,
     HEAD_DIM,
+    BH,
     ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -366,7 +380,7 @@ def _bwd_dq_segment(
     return dq
 
 
-@triton.autotune(configs=_configs(), key=["N_MAIN", "N_EXTRA", "HEAD_DIM"])
+@triton.autotune(configs=_configs("_bwd_dq_kernel"), key=["N_MAIN", "N_EXTRA", "HEAD_DIM", "BH"])
 @triton.jit
 def _bwd_dq_kernel(
     QM,
@@ -386,6 +400,7 @@ def _bwd_dq_kernel(
     N_MAIN,
     N_EXTRA,
     HEAD_DIM,
+    BH,
     ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -460,7 +475,7 @@ def _launch_fwd(q_main, k_main, v_main, q_extra, k_extra, v_extra, scale):
 
     _fwd_kernel[grid](
         q_main, k_main, v_main, q_extra, k_extra, v_extra, out_main, out_extra, lse,
-        scale * _LOG2E, Nm, L, D,
+        scale * _LOG2E, Nm, L, D, B * H,
         ACC_DTYPE=tl_acc_dtype(q_main.dtype), DOT_PRECISION=_dot_precision(q_main.dtype),
         BLOCK_D=triton.next_power_of_2(max(D, 16)),
     )  # fmt: skip
@@ -499,12 +514,12 @@ def _launch_bwd(q_main, k_main, v_main, q_extra, k_extra, v_extra, out_main, out
 
     _bwd_dkdv_kernel[grid_kv](
         q_main, k_main, v_main, q_extra, k_extra, v_extra, do_main, do_extra, lse, delta,
-        dk_main, dv_main, dk_extra, dv_extra, scale, scale * _LOG2E, Nm, L, D,
+        dk_main, dv_main, dk_extra, dv_extra, scale, scale * _LOG2E, Nm, L, D, B * H,
         ACC_DTYPE=acc_dtype, DOT_PRECISION=precision, BLOCK_D=block_d,
     )  # fmt: skip
     _bwd_dq_kernel[grid_q](
         q_main, k_main, v_main, q_extra, k_extra, v_extra, do_main, do_extra, lse, delta,
-        dq_main, dq_extra, scale, scale * _LOG2E, Nm, L, D,
+        dq_main, dq_extra, scale, scale * _LOG2E, Nm, L, D, B * H,
         ACC_DTYPE=acc_dtype, DOT_PRECISION=precision, BLOCK_D=block_d,
     )  # fmt: skip
     return dq_main, dk_main, dv_main, dq_extra, dk_extra, dv_extra
@@ -676,6 +691,8 @@ def triton_reasons(
     if q_main.dtype == torch.float64 and not dispatch.interpreting():
         # fp64 is the gradcheck dtype under the interpreter; it is not compiled for GPUs.
         reasons.append("float64 runs on Triton only under the interpreter (tests)")
+    if q_main.dtype == torch.float32 and not dispatch.interpreting():
+        reasons.append(dispatch.FP32_ON_CUDA)
     return reasons
 
 

@@ -31,6 +31,14 @@ _last_refusal: dict[str, list[str]] = {}
 _shape_only = 0
 
 
+# Why float32 attention stays on the reference path on CUDA (relpos and bottleneck ops).
+FP32_ON_CUDA = (
+    "float32 attention runs the PyTorch reference on CUDA: IEEE-fp32 tiles compiled for "
+    "sm_90 spilled (6-17 KB per thread, no tensor cores) and took 11-311 s each to compile; "
+    "train under bf16/fp16 autocast (the trainer does) to use the kernel"
+)
+
+
 class KernelUnsupportedError(ValueError):
     """Raised when the Triton path is forced but cannot run the given input."""
 

@@ -164,14 +164,13 @@ def _configs(kernel: str) -> list[triton.Config]:
     # spills, within shared memory, HGMMA matmuls. The first is the pinned one.
     entries = {
         "_fwd_kernel": [
-            ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 2),
-            ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2),
-            ({"BLOCK_M": 128, "BLOCK_N": 128}, 8, 2),
+            ({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 2),
+            ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 2),
         ],
         "_bwd_dkdv_kernel": [
-            ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2),
-            ({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 2),
-            ({"BLOCK_M": 64, "BLOCK_N": 128}, 8, 2),
+            ({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 2),
+            ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 2),
+            ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 2),
         ],
     }[kernel]
     return tuning.configs(OP_NAME, kernel, entries, ({"BLOCK_M": 16, "BLOCK_N": 16}, 4, 1))
@@ -194,19 +193,23 @@ def _rel_window(rel_rows, row_sp, OFF: tl.constexpr, KA: tl.constexpr, W: tl.con
 
 @triton.jit
 def _bias_aligned(
-    rel_rows, row_sp, start, offs_n,
+    rel_bh, n_sp, row0, rel_rows, row_sp, start,
     K1: tl.constexpr, K2: tl.constexpr, USE0: tl.constexpr, USE1: tl.constexpr,
-    OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, ACC: tl.constexpr,
+    OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KSUM: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Bias of a key tile that lies inside one row of the fastest axis (K2 % BLOCK_N == 0).
 
     The fastest coordinate runs over c0 .. c0 + BLOCK_N - 1: one contiguous (BLOCK_M, BLOCK_N)
-    load; the slower coordinates are constant over the tile: one column each, broadcast.
+    block load; the slower coordinates are constant over the tile: one column each, broadcast.
     """
     r = start // K2
     c0 = start % K2
-    bias = tl.load(rel_rows[:, None] + OFF2 + c0 + offs_n[None, :], mask=row_sp[:, None],
-                   other=0.0).to(ACC)  # fmt: skip
+    # A block pointer over this (b, h)'s relq (n_sp rows x KSUM): no 64-bit address per
+    # element; rows outside [0, n_sp) (the CLS row is row -1) read as 0.
+    tile = tl.make_block_ptr(rel_bh, (n_sp, KSUM), (KSUM, 1), (row0, OFF2 + c0),
+                             (BLOCK_M, BLOCK_N), (1, 0))  # fmt: skip
+    bias = tl.load(tile, boundary_check=(0,), padding_option="zero").to(ACC)
     if USE1:
         bias += tl.load(rel_rows + OFF1 + r % K1, mask=row_sp, other=0.0).to(ACC)[:, None]
     if USE0:
@@ -277,7 +280,10 @@ def _fwd_kernel(
     row_in = rows < Nq
     d_in = offs_d < D
     row_sp = row_in & (rows >= HAS_CLS)
-    rel_rows = REL + pid_bh * (Nq - HAS_CLS) * KSUM + tl.maximum(rows - HAS_CLS, 0) * KSUM
+    NQS = Nq - HAS_CLS
+    rel_bh = REL + pid_bh * NQS * KSUM
+    row0 = pid_m * BLOCK_M - HAS_CLS
+    rel_rows = rel_bh + tl.maximum(rows - HAS_CLS, 0) * KSUM
 
     q = tl.load(
         Q + rows[:, None] * sqn + offs_d[None, :] * sqd,
@@ -316,7 +322,23 @@ def _fwd_kernel(
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
         if ALIGNED:
             s += _LOG2E_C * _bias_aligned(
-                rel_rows, row_sp, start, offs_n, K1, K2, USE0, USE1, OFF0, OFF1, OFF2, ACC
+                rel_bh,
+                NQS,
+                row0,
+                rel_rows,
+                row_sp,
+                start,
+                K1,
+                K2,
+                USE0,
+                USE1,
+                OFF0,
+                OFF1,
+                OFF2,
+                KSUM,
+                ACC,
+                BLOCK_M,
+                BLOCK_N,
             )
         elif FULL:
             bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
@@ -349,7 +371,13 @@ def _fwd_kernel(
 
     acc = acc / l_i[:, None]
     if RESIDUAL:
-        acc += tl.where((rows >= RES_FROM)[:, None], q.to(ACC), 0.0)
+        # q is read again rather than kept live through the loop (it spilled at 255 registers)
+        q_res = tl.load(
+            Q + rows[:, None] * sqn + offs_d[None, :] * sqd,
+            mask=row_in[:, None] & d_in[None, :] & (rows >= RES_FROM)[:, None],
+            other=0.0,
+        )
+        acc += q_res.to(ACC)
     OUT += pid_bh * Nq * D
     tl.store(
         OUT + rows[:, None] * D + offs_d[None, :],
@@ -434,7 +462,8 @@ def _bwd_dkdv_kernel(
     K += b * skb + h * skh + HAS_CLS * skn
     V += b * svb + h * svh + HAS_CLS * svn
     DO += b * sdb + h * sdh
-    REL += pid_bh * (Nq - HAS_CLS) * KSUM
+    NQS = Nq - HAS_CLS
+    rel_bh = REL + pid_bh * NQS * KSUM
     ALIGNED: tl.constexpr = USE2 and (K2 % BLOCK_N == 0)
 
     NKS = Nk - HAS_CLS
@@ -466,11 +495,28 @@ def _bwd_dkdv_kernel(
         do = tl.load(DO + rows[:, None] * sdn + offs_d[None, :] * sdd, mask=qd_mask, other=0.0)
         lse = tl.load(LSE + pid_bh * Nq + rows, mask=row_in, other=0.0)
         delta = tl.load(DELTA + pid_bh * Nq + rows, mask=row_in, other=0.0)
-        rel_rows = REL + tl.maximum(rows - HAS_CLS, 0) * KSUM
+        rel_rows = rel_bh + tl.maximum(rows - HAS_CLS, 0) * KSUM
+        row0 = start_m - HAS_CLS
         s = tl.dot(q, tl.trans(kb), input_precision=DOT_PREC) * qk_scale
         if ALIGNED:
             s += _LOG2E_C * _bias_aligned(
-                rel_rows, row_sp, start, offs_n, K1, K2, USE0, USE1, OFF0, OFF1, OFF2, ACC
+                rel_bh,
+                NQS,
+                row0,
+                rel_rows,
+                row_sp,
+                start,
+                K1,
+                K2,
+                USE0,
+                USE1,
+                OFF0,
+                OFF1,
+                OFF2,
+                KSUM,
+                ACC,
+                BLOCK_M,
+                BLOCK_N,
             )
         elif FULL:
             bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
@@ -578,7 +624,10 @@ def _bwd_dq_kernel(
     d_in = offs_d < D
     row_sp = row_in & (rows >= HAS_CLS)
     qd_mask = row_in[:, None] & d_in[None, :]
-    row_off = (pid_bh * (Nq - HAS_CLS) + tl.maximum(rows - HAS_CLS, 0)) * KSUM
+    NQS = Nq - HAS_CLS
+    row0 = pid_m * BLOCK_M - HAS_CLS
+    rel_bh = REL + pid_bh * NQS * KSUM
+    row_off = (pid_bh * NQS + tl.maximum(rows - HAS_CLS, 0)) * KSUM
     rel_rows = REL + row_off
     drel_rows = DREL + row_off
 
@@ -615,7 +664,23 @@ def _bwd_dq_kernel(
                 vb = tl.load(V + js[:, None] * svn + offs_d[None, :] * svd, mask=d_in[None, :],
                              other=0.0)  # fmt: skip
                 bias = _LOG2E_C * _bias_aligned(
-                    rel_rows, row_sp, start, offs_n, K1, K2, USE0, USE1, OFF0, OFF1, OFF2, ACC
+                    rel_bh,
+                    NQS,
+                    row0,
+                    rel_rows,
+                    row_sp,
+                    start,
+                    K1,
+                    K2,
+                    USE0,
+                    USE1,
+                    OFF0,
+                    OFF1,
+                    OFF2,
+                    KSUM,
+                    ACC,
+                    BLOCK_M,
+                    BLOCK_N,
                 )
                 ds = _dq_tile(q, do, lse, delta, kb, vb, bias, row_in, js < NKS, qk_scale,
                               DOT_PREC)  # fmt: skip
@@ -770,12 +835,13 @@ def _window(ka: int, stride: int, block_n: int) -> tuple[bool, int]:
 
 
 def _dq_blocks(block_d: int, k2: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dQ kernel (one config: checked by the
-    compile gate; BLOCK_N divides the fastest key axis when it can, for the aligned path)."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dQ kernel (one config, checked by the
+    compile gate; not autotuned: the slow-axis buffer is sized by BLOCK_N)."""
     if dispatch.interpreting():
         return 16, 16, 4, 1
-    block_n = 64 if k2 % 64 == 0 or k2 < 64 else 32
-    return 64, block_n, 4, 2
+    # 64 x 32 with 8 warps: 245 registers, no spill at MAT stage 1 (64 x 64 spills 132 B);
+    # 32 divides every MAT key row (128, 64, 32), so the aligned path runs there.
+    return 64, 32, 8, 2
 
 
 def _relq_packed(
@@ -1099,20 +1165,18 @@ def _check_inputs(
 def kernel_reasons(q: torch.Tensor) -> list[str]:
     """Why the Triton kernel cannot run an input like ``q`` (beyond the device); [] if it can."""
     reasons = []
-    supported = [torch.float16, torch.float32]
     if dispatch.interpreting():
-        supported.append(torch.float64)  # the tests' gradcheck; not tuned for a GPU
+        supported = [torch.float16, torch.float32, torch.float64]  # fp64: the tests' gradcheck
     else:
-        supported.append(torch.bfloat16)  # bf16 arithmetic is broken in the interpreter
-    if q.dtype not in supported:
+        supported = [torch.float16, torch.bfloat16]  # bf16 arithmetic is broken in the interpreter
+    if q.dtype == torch.float32 and not dispatch.interpreting():
+        reasons.append(dispatch.FP32_ON_CUDA)
+    elif q.dtype not in supported:
         names = ", ".join(str(d).removeprefix("torch.") for d in supported)
         where = "under the Triton interpreter" if dispatch.interpreting() else "on CUDA"
         reasons.append(f"dtype {q.dtype} is not supported {where} (supported: {names})")
     if q.shape[-1] > _MAX_HEAD_DIM:
         reasons.append(f"head dim {q.shape[-1]} > {_MAX_HEAD_DIM}")
-    elif q.dtype == torch.float32 and q.shape[-1] > 128 and not dispatch.interpreting():
-        # IEEE-fp32 tiles of 256 columns overflow shared memory and take minutes to compile.
-        reasons.append(f"float32 with head dim {q.shape[-1]} > 128")
     return reasons
 
 

@@ -195,7 +195,14 @@ def test_reference_mode_and_refusal_reason(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_fp32_takes_the_reference(force_triton) -> None:
+    inputs = _inputs(1, 2, 17, 4, 64, device="cuda", dtype=torch.float32)
+    with pytest.raises(dispatch.KernelUnsupportedError, match="float32"):
+        bottleneck_attention(*inputs, 0.125)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("Nm", "L"), [(393, 4), (257, 4), (257, 1)], ids=["video", "audio", "L1"])
 def test_gpu_real_sizes(force_triton, dtype, Nm, L) -> None:
     B, H, D = 4, 8, 96

@@ -32,6 +32,11 @@ CASES = {
     "3d_2x3x3_over_1x2x2_cls": (2, 2, (2, 3, 3), (1, 2, 2), True, 16),
     "3d_2x3x3_over_1x2x2": (1, 1, (2, 3, 3), (1, 2, 2), False, 40),
     "1d_12_over_6": (1, 1, (12,), (6,), False, 16),
+    # Key rows a multiple of the interpreter's BLOCK_N (16): the grid-aligned bias path.
+    "2d_4x32_over_2x32_aligned_cls": (1, 1, (4, 32), (2, 32), True, 16),
+    "3d_2x2x16_aligned": (1, 1, (2, 2, 16), (2, 2, 16), False, 16),
+    # A fastest axis longer than 64 that BLOCK_N does not divide: the gather fallback.
+    "2d_2x70_gather_cls": (1, 1, (2, 70), (2, 70), True, 16),
 }
 # The flash-attention rule: |kernel - fp64| <= 2 |PyTorch in the same dtype - fp64| + atol,
 # atol = ATOL_REL * max |fp64| (fp32: a few ulp; exp2 in log2 units and another summation
@@ -387,13 +392,13 @@ GPU_CASES = {
     # A later MAT stage: 8 heads, keys finer than queries along time.
     "mat_stage3": (4, 8, (8, 32), (8, 64), True, 96),
     "video": (2, 2, (4, 14, 14), (4, 7, 7), True, 96),
+    # A key row of 100 (> 64, not a multiple of BLOCK_N): the gather fallback.
+    "gather_fallback": (2, 2, (8, 100), (8, 100), True, 96),
 }
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"]
-)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("name", list(GPU_CASES))
 def test_gpu_matches_fp64(name, dtype, force_triton):
     case = GPU_CASES[name]
@@ -406,6 +411,21 @@ def test_gpu_matches_fp64(name, dtype, force_triton):
     term_scale = max(t.abs().max().item() for t in ref64[1:])
     for label, g, lo, hi in zip(grad_names(case), got, ref_low, ref64):
         assert_flash_rule(label, g, lo, hi, dtype, term_scale if label != "out" else 0.0)
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_takes_the_reference_with_a_reason(monkeypatch):
+    """fp32 attention on CUDA is refused by the kernel (it spilled and compiled for minutes):
+    forced, the error says why; in auto mode the reference runs and last_refusal says why."""
+    case = GPU_CASES["mat_stage3"]
+    tensors = make_inputs(case, torch.float32, device="cuda", requires_grad=False)
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    with pytest.raises(dispatch.KernelUnsupportedError, match="float32"):
+        call(relpos_attention, tensors, case)
+    monkeypatch.setenv(dispatch.ENV_VAR, "auto")
+    out = call(relpos_attention, tensors, case)
+    torch.testing.assert_close(out, call(relpos_attention_ref, tensors, case))
+    assert any("float32" in r for r in dispatch.last_refusal(OP_NAME))
 
 
 @pytest.mark.gpu
