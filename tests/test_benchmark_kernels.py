@@ -186,3 +186,25 @@ def test_small_cases_mirror_real_cases() -> None:
 def test_no_cuda_exits_cleanly(capsys: pytest.CaptureFixture[str]) -> None:
     assert kb.main([]) == 0
     assert "no CUDA: nothing to time" in capsys.readouterr().out
+
+
+def test_compile_estimate_sums_the_pinned_sm90_rows() -> None:
+    row = dict(kernel="k", config="c", shape="s", selectable=True)
+    gate = {
+        "rows": [
+            {**row, "dtype": "bfloat16", "arch": "sm_90", "pinned": True, "compile_s": 2.0},
+            {**row, "dtype": "bfloat16", "arch": "sm_90", "pinned": True, "compile_s": 3.5},
+            {**row, "dtype": "bfloat16", "arch": "sm_90", "pinned": False, "compile_s": 100.0},
+            {**row, "dtype": "float16", "arch": "sm_80", "pinned": True, "compile_s": 50.0},
+            {**row, "dtype": "float32", "arch": "sm_90", "pinned": True, "compile_s": 1.0},
+        ]
+    }
+    lines = kb.compile_time_estimate(gate)
+    assert "pinned" in lines[0]
+    assert lines[1].split() == ["bfloat16", "2", "variants", "5.5", "s"]
+    assert lines[2].split() == ["float32", "1", "variants", "1.0", "s"]
+    assert lines[3].split() == ["total", "3", "variants", "6.5", "s"]
+    for r in gate["rows"]:
+        del r["pinned"]
+    assert "no pins" in kb.compile_time_estimate(gate)[0]
+    assert kb.compile_time_estimate(gate)[-1].split()[:2] == ["total", "4"]

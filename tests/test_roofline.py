@@ -5,6 +5,8 @@ tensors the benchmark really allocates), and the ``--roofline`` table on the CPU
 import functools
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,3 +123,12 @@ def test_roofline_cli_prints_every_case_without_a_gpu(
     got = data["cases"]["pooled/video_s1"]["fwd"]
     assert got["flops"] == roofline.flops(case, "fwd")
     assert math.isclose(got["floor_ms"], roofline.floor_s(case, "fwd")["floor_ms"])
+
+
+def test_readme_roofline_rows_are_the_code_s() -> None:
+    """Every roofline row the README shows is a row of ``--roofline``'s table."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if re.match(r"(relpos|bottleneck|pooled)/", line)]
+    assert len(rows) >= 8
+    table = roofline.table(kb.real_cases()).splitlines()
+    assert [r for r in rows if r not in table] == []

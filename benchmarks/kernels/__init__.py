@@ -19,6 +19,7 @@ Other modes::
     python -m benchmarks.kernels --compile-report ... # the compile gate (benchmarks.compile_gate)
     python -m benchmarks.kernels --replot kernels.json
     python -m benchmarks.kernels --summary kernels.json
+    python -m benchmarks.kernels --compile-estimate benchmarks/results/compile_gate.json
 
 Modules: ``cases`` (shapes and inputs), ``baselines`` (the compared paths),
 ``check`` (the float64 rule), ``timing`` (measurements and the JSON), ``roofline``
@@ -62,6 +63,7 @@ _EXPORTS = {
         "TARGET_CASE",
         "bench_path",
         "ceilings",
+        "compile_time_estimate",
         "environment",
         "print_summary",
         "run_benchmarks",

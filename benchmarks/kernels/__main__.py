@@ -62,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--replot", type=Path, help="redraw the plot of an existing JSON")
     ap.add_argument("--summary", type=Path, help="print the summary of an existing JSON")
     ap.add_argument(
+        "--compile-estimate",
+        type=Path,
+        metavar="GATE_JSON",
+        help="print the compile time the compile gate's JSON predicts for the GPU run",
+    )
+    ap.add_argument(
         "--out", type=Path, help=f"output folder (default {DEFAULT_OUT}; --small: none)"
     )
     ap.add_argument("--cases", nargs="*", help="case names or prefixes, run in this order")
@@ -94,6 +100,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return compile_report(argv)
     args = _parser().parse_args(argv)
 
+    if args.compile_estimate:
+        if not args.compile_estimate.is_file():
+            print(
+                f"compile estimate: {args.compile_estimate} not found (the compile gate writes it)"
+            )
+            return 0
+        from benchmarks.kernels.timing import compile_time_estimate
+
+        print("\n".join(compile_time_estimate(json.loads(args.compile_estimate.read_text()))))
+        return 0
     if args.summary:
         data = json.loads(args.summary.read_text())
         if "modes" in data:  # --train-memory

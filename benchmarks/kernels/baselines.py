@@ -9,7 +9,8 @@
   adds ``relq_a[b, h, q_idx, coord_a(kv_idx)]`` from the same small per-axis
   tensors the fused kernel reads (no bias on the CLS row and column);
 * ``xformers``: ``memory_efficient_attention`` with a tensor bias, when xformers
-  imports;
+  imports (xformers 0.0.35 beside torch 2.11: its own CUDA extension does not load, so
+  this runs PyTorch's CUTLASS kernel through xformers' dispatcher, ``cutlassF-pt``);
 * ``compiled`` (pooled Q/K/V): ``torch.compile`` of the reference.
 
 The residual ``+ q`` of rel-pos attention is added outside the op for every

@@ -192,6 +192,9 @@ def environment(device: torch.device) -> dict[str, Any]:
         import xformers
 
         env["xformers"] = xformers.__version__
+        # False: its own CUDA extension did not load (built for another torch); then
+        # memory_efficient_attention runs PyTorch's kernels ("cutlassF-pt", "cutlassB-pt").
+        env["xformers_cpp_extension"] = bool(getattr(xformers, "_has_cpp_library", False))
     except Exception:
         env["xformers"] = "not installed"
     if device.type == "cuda":
@@ -424,3 +427,28 @@ def print_summary(results: dict[str, Any]) -> None:
         for k, v in t.items():
             if k != "case":
                 print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}")
+
+
+def compile_time_estimate(gate: dict[str, Any], arch: str = "90") -> list[str]:
+    """What the compile gate's JSON says the GPU run will spend compiling: per dtype, the
+    sum of ``compile_s`` over the pinned rows for ``sm_<arch>`` (rows with ``pinned`` true;
+    if no row carries that field, the selectable rows, an upper bound)."""
+    rows = [r for r in gate.get("rows", []) if arch in str(r.get("arch", arch))]
+    if any("pinned" in r for r in rows):
+        chosen, what = [r for r in rows if r.get("pinned")], "pinned"
+    else:
+        chosen, what = [r for r in rows if r.get("selectable", True)], "selectable (no pins)"
+    per_dtype: dict[str, list[float]] = {}
+    for r in chosen:
+        per_dtype.setdefault(str(r.get("dtype", "?")), []).append(float(r.get("compile_s", 0.0)))
+    if not per_dtype:
+        return [f"compile estimate: no {what} sm_{arch} rows in the compile gate's JSON"]
+    lines = [
+        f"compile estimate (sm_{arch}, {what} variants, compile_s as measured by the compile "
+        "gate on its machine; Triton's on-disk cache then serves later processes):"
+    ]
+    for dtype, secs in sorted(per_dtype.items()):
+        lines.append(f"  {dtype:9s} {len(secs):3d} variants  {sum(secs):7.1f} s")
+    total = sum(sum(v) for v in per_dtype.values())
+    lines.append(f"  {'total':9s} {len(chosen):3d} variants  {total:7.1f} s")
+    return lines
