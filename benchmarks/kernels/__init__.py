@@ -22,7 +22,8 @@ Other modes::
     python -m benchmarks.kernels --compile-estimate benchmarks/results/compile_gate.json
 
 Modules: ``cases`` (shapes and inputs), ``baselines`` (the compared paths),
-``check`` (the float64 rule), ``timing`` (measurements and the JSON), ``roofline``
+``check`` (the float64 rule), ``timing`` (measurements and the JSON), ``summary`` (the printed table,
+targets, compile estimate), ``roofline``
 (FLOPs, bytes, floors), ``plot``, ``train_memory``, ``__main__`` (the CLI). The
 names below are re-exported lazily, so ``--help`` does not import torch.
 """
@@ -58,17 +59,13 @@ _EXPORTS = {
         "zero_grads",
     ),
     "check": ("ATOL_REL", "check_case", "max_err", "print_checks", "run_checks", "tolerance"),
-    "timing": (
+    "timing": ("bench_path", "ceilings", "environment", "run_benchmarks", "time_ms"),
+    "summary": (
         "INTERPRETER_NOTE",
         "TARGET_CASE",
-        "bench_path",
-        "ceilings",
         "compile_time_estimate",
-        "environment",
         "print_summary",
-        "run_benchmarks",
         "targets",
-        "time_ms",
     ),
     "plot": ("plot",),
     "train_memory": ("train_memory",),

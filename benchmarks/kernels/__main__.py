@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"compile estimate: {args.compile_estimate} not found (the compile gate writes it)"
             )
             return 0
-        from benchmarks.kernels.timing import compile_time_estimate
+        from benchmarks.kernels.summary import compile_time_estimate
 
         print("\n".join(compile_time_estimate(json.loads(args.compile_estimate.read_text()))))
         return 0
@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "modes" in data:  # --train-memory
             _print_train_summary(data)
         else:
-            from benchmarks.kernels.timing import print_summary
+            from benchmarks.kernels.summary import print_summary
 
             print_summary(data)
         return 0
@@ -179,12 +179,8 @@ def _run(args: argparse.Namespace, device) -> int:
     from benchmarks.kernels.cases import SMALL_SUBSET, check_cases, real_cases, small_cases
     from benchmarks.kernels.check import run_checks
     from benchmarks.kernels.plot import plot
-    from benchmarks.kernels.timing import (
-        INTERPRETER_NOTE,
-        _write_json,
-        print_summary,
-        run_benchmarks,
-    )
+    from benchmarks.kernels.summary import INTERPRETER_NOTE, print_summary
+    from benchmarks.kernels.timing import _write_json, run_benchmarks
     from benchmarks.kernels.train_memory import train_memory
 
     cpu = device.type == "cpu"

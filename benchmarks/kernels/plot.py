@@ -11,6 +11,7 @@ COLORS = {
     "sdpa": "#d95f02",
     "flex": "#e7298a",
     "xformers": "#66a61e",
+    "compiled": "#e6ab02",
 }
 
 
