@@ -58,7 +58,15 @@ _EXPORTS = {
         "relq_axes",
         "zero_grads",
     ),
-    "check": ("ATOL_REL", "check_case", "max_err", "print_checks", "run_checks", "tolerance"),
+    "check": (
+        "ATOL",
+        "ATOL_REL",
+        "check_case",
+        "max_err",
+        "print_checks",
+        "run_checks",
+        "tolerance",
+    ),
     "timing": ("bench_path", "ceilings", "environment", "run_benchmarks", "time_ms"),
     "summary": (
         "INTERPRETER_NOTE",
