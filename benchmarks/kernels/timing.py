@@ -186,6 +186,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "platform": platform.platform(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
+        "kernel_configs": os.environ.get("MMT_FAST_KERNEL_CONFIGS", ""),
     }
     try:
         import xformers
