@@ -3,16 +3,36 @@
 #
 #     bash benchmarks/gpu_check.sh
 #
-# Stages, each under its own time limit so one failure or hang does not lose the
-# others' results (the whole script stays under about 8 minutes on an H200):
-#   1. pytest -m gpu: the kernels' GPU tests (bf16/fp16/fp32 against float64)
-#   2. benchmarks.kernels --check: every benchmark path against float64, reduced size
-#   3. benchmarks.kernels: timings and memory at the real shapes -> kernels.json, kernels.png
-#   4. benchmarks.kernels --train-memory: MAT training step, reference vs triton
-#   5. benchmarks.flops_memory --device cuda (skipped when fvcore does not import)
-# fvcore (stage 5) is not on the GPU image; build its pure-Python wheels here first,
+# It measures first and stays under 8 minutes on a cold H200. Stages, most valuable
+# first, each under its own time limit (SIGINT at the limit, so Python and pytest still
+# report; SIGKILL 10 s later):
+#   1. timings: rel-pos attention forward+backward at MAT stage 1, batch 64, bf16 against
+#      eager with the materialised bias, SDPA with an attn_mask bias, compiled
+#      FlexAttention and xformers; then the AVBottleneck cases, then pooled Q/K/V (also
+#      against torch.compile of its reference); then the other stages while the budget
+#      lasts. Before a case is timed, each path is checked against float64 at a reduced
+#      shape (rel-pos MAT stage 1: q grid 4 x 128 over k grid 2 x 64) with the kernel
+#      tests' rule: max error <= 2 x PyTorch's own max error in bf16 + a few ulp. A path
+#      that fails is not timed and the JSON says why.  -> kernels.json, kernels.png
+#   2. train-memory: one MAT training step at batch 64, MMT_FAST_KERNELS=reference vs
+#      triton.  -> kernels_train_memory.json
+#   3. pytest-gpu: the kernels' GPU tests (-m gpu) of tests/test_relpos_attention.py,
+#      tests/test_pooled_qkv.py, tests/test_bottleneck_attention.py and
+#      tests/test_kernels_in_models.py (not the data tests, which need decord).
+#   4. flops-memory: benchmarks.flops_memory --device cuda, in what is left of the 8
+#      minutes, when fvcore imports.
+# The kernels run with MMT_FAST_KERNEL_CONFIGS=pinned (one config per kernel, chosen by
+# the compile gate; no autotuning). The compile time that costs is printed first, read
+# from benchmarks/results/compile_gate.json when the compile gate has written it.
+#
+# Packages the GPU image lacks are carried as wheels in .whl/ (name .whl in the device
+# call's carry); they are installed below, without dependencies, when present:
 #     pip wheel -q --no-deps -w .whl fvcore==0.1.5.post20221221 iopath==0.1.10 yacs==0.1.8 termcolor==3.3.0
-# and name .whl in the device call's carry: they are installed below when present.
+#     pip download -q --no-deps --only-binary :all: --python-version 3.12 \
+#         --platform manylinux_2_28_x86_64 -d .whl xformers==0.0.35
+# (xformers 0.0.35 declares torch>=2.10, so it leaves torch 2.11 in place; its own CUDA
+# extension is built for torch 2.10 and does not load beside 2.11, so
+# memory_efficient_attention runs PyTorch's CUTLASS kernel, "cutlassF-pt": see the README.)
 # Output goes to $OUT (the device tool's folder) or benchmarks/results/; the full log
 # is $OUT/gpu_check.log. A summary of the stages is printed last.
 set -u
@@ -27,17 +47,19 @@ mkdir -p "$OUT"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}."
 export PYTHONUNBUFFERED=1
 export PYTHONWARNINGS="ignore::UserWarning"
+export MMT_FAST_KERNEL_CONFIGS="${MMT_FAST_KERNEL_CONFIGS:-pinned}"
 LOG="$OUT/gpu_check.log"
 : >"$LOG"
 declare -a SUMMARY=()
 T0=$SECONDS
+BUDGET=470  # seconds for all stages: 8 minutes less the header and the summary
 
 stage() {  # stage NAME SECONDS COMMAND...
     local name=$1 limit=$2
     shift 2
     local t=$SECONDS
-    echo "=== [$name] (limit ${limit}s): $*" | tee -a "$LOG"
-    timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    echo "=== [$name] (limit ${limit}s, at $((SECONDS - T0))s): $*" | tee -a "$LOG"
+    timeout -s INT -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"
     local rc=${PIPESTATUS[0]}
     local what="ok"
     if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
@@ -49,34 +71,36 @@ stage() {  # stage NAME SECONDS COMMAND...
 }
 
 {
-    echo "gpu_check: $(date -u +%FT%TZ) out=$OUT"
+    echo "gpu_check: $(date -u +%FT%TZ) out=$OUT MMT_FAST_KERNEL_CONFIGS=$MMT_FAST_KERNEL_CONFIGS"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
         --format=csv 2>&1 || true
     "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'triton', triton.__version__, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name())"
+    "$PY" -c "import xformers.ops, xformers; print('xformers', xformers.__version__)" 2>&1 |
+        tail -1 || true
+    "$PY" -m benchmarks.kernels --compile-estimate benchmarks/results/compile_gate.json
 } 2>&1 | tee -a "$LOG"
 
-# 1. Kernel GPU tests. Test files that import a missing package (decord, av, fvcore)
-#    fail to collect; the others still run.
-stage pytest-gpu 90 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider \
-    --continue-on-collection-errors -rfEs
-
-# 2. Every benchmark path against a float64 reference (bf16, a few hundred tokens).
-stage check 80 "$PY" -m benchmarks.kernels --check
-
-# 3. Timings at the real shapes; the JSON is rewritten after every case, and cases
-#    are not started after the budget, so a timeout keeps what was measured.
-stage timings 190 "$PY" -m benchmarks.kernels --out "$OUT" --budget-s 140
+# 1. Timings, most valuable case first. The JSON is rewritten after every path and no
+#    case is started after --budget-s, so a timeout keeps what was measured.
+stage timings 230 "$PY" -m benchmarks.kernels --out "$OUT" --budget-s 160 --cases \
+    relpos/mat_s1 bottleneck/mmt_audio bottleneck/mmt_video pooled/mat_s1 pooled/video_s1 \
+    relpos/mat_s2 relpos/video_s1 pooled/mat_s2 relpos/mat_s3 relpos/mat_s4 relpos/video_s2
 if [ -f "$OUT/kernels.json" ] && [ ! -f "$OUT/kernels.png" ]; then
-    stage replot 30 "$PY" -m benchmarks.kernels --replot "$OUT/kernels.json"
+    stage replot 20 "$PY" -m benchmarks.kernels --replot "$OUT/kernels.json"
 fi
 
-# 4. MAT training-step memory, MMT_FAST_KERNELS=reference vs triton.
-stage train-memory 120 "$PY" -m benchmarks.kernels --train-memory --out "$OUT"
+# 2. MAT training-step memory, MMT_FAST_KERNELS=reference vs triton.
+stage train-memory 75 "$PY" -m benchmarks.kernels --train-memory --out "$OUT"
 
-# 5. The paper's FLOPs/memory table, memory measured on the GPU. Needs fvcore, which
-#    the H200 image lacks (carry .whl, see the top); runs in whatever is left of 470 s.
-REMAINING=$((470 - (SECONDS - T0)))
+# 3. The kernels' GPU tests, named explicitly (the data tests need decord).
+stage pytest-gpu 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfEs \
+    tests/test_relpos_attention.py tests/test_pooled_qkv.py \
+    tests/test_bottleneck_attention.py tests/test_kernels_in_models.py
+
+# 4. The paper's FLOPs/memory table, memory measured on the GPU. Needs fvcore, which
+#    the H200 image lacks (carry .whl, see the top); runs in whatever is left.
+REMAINING=$((BUDGET - (SECONDS - T0)))
 if ! "$PY" -c "import fvcore" >/dev/null 2>&1; then
     echo "=== [flops-memory] skipped: fvcore does not import here (carry .whl)" | tee -a "$LOG"
     SUMMARY+=("$(printf '%-14s %-16s %4ss' flops-memory "skipped (fvcore)" 0)")
