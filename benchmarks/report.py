@@ -58,8 +58,52 @@ def flops_memory_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def compile_gate_table(data: dict) -> str:
+    """Per kernel: its pinned config and the worst figures over the model shapes, sm_90."""
+    rows = data["rows"]
+    env = data["environment"]
+    sel = [r for r in rows if r["selectable"]]
+    bad = [r for r in sel if r["spill_bytes"] > 0 or r["shared_bytes"] > r["shared_limit_bytes"]
+           or (r.get("needs_tensor_core", True) and not r["tensor_core"]) or r["error"]]  # fmt: skip
+    lines = [
+        f"Compiled on: {env['host']}, triton {env['triton']}, {env['date'][:10]} "
+        f"(`benchmarks/results/{data['_file']}`, subset `{data['subset']}`): "
+        f"{len(rows)} variants, {len(sel)} selectable, {len(bad)} failing the gate.",
+        "",
+        "| op | kernel | pinned config | max registers | max spill (B) | max shared (KiB) "
+        "| tensor-core instr. | compile s (pinned, all shapes) |",
+        "|---|---|---|---:|---:|---:|---|---:|",
+    ]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r["arch"] == 90 and r["dtype"] == "bfloat16" and r["pinned"]:
+            groups.setdefault((r["op"], r["kernel"]), []).append(r)
+    for (op, kernel), rs in sorted(groups.items()):
+        tc = "n/a (no matmul)" if not rs[0].get("needs_tensor_core", True) else (
+            f"HGMMA, {min(r['tc_instructions'] for r in rs)}-{max(r['tc_instructions'] for r in rs)}"
+        )  # fmt: skip
+        lines.append(
+            f"| {op} | `{kernel}` | {rs[0]['config']} | {max(r['registers'] for r in rs)} "
+            f"| {max(r['spill_bytes'] for r in rs)} | {max(r['shared_bytes'] for r in rs) / 1024:.1f} "
+            f"| {tc} | {sum(r['compile_s'] for r in rs):.1f} |"
+        )
+    before = RESULTS / "compile_gate_before.json"
+    if before.exists():
+        old = json.loads(before.read_text())["rows"]
+        spilled = [r for r in old if r["spill_bytes"] > 0]
+        lines += [
+            "",
+            f"Before this gate (the same tool on the previous kernels, bf16, sm_90, stage-1 shapes, "
+            f"every autotune config): {len(spilled)} of {len(old)} variants spilled (up to "
+            f"{max(r['spill_bytes'] for r in old)} B per thread), and the slowest took "
+            f"{max(r['compile_s'] for r in old):.0f} s to compile.",
+        ]
+    return "\n".join(lines)
+
+
 SECTIONS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "flops_memory": ("flops_memory_cpu.json", flops_memory_table),
+    "compile_gate": ("compile_gate.json", compile_gate_table),
 }
 
 

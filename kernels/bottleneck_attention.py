@@ -14,11 +14,12 @@ v_extra``: (B, H, L, D); Nm and L are independent.
 
 The Triton path is flash-attention v2 (Triton tutorial ``06-fused-attention``;
 Dao, "FlashAttention-2", 2023): one forward launch whose programs cover the
-query blocks of both segments; each program runs its key-block loop over the
-main segment, then over the extra segment, with an online softmax in fp32, and
-saves the log-sum-exp. The backward recomputes P from the log-sum-exp: one
-small launch for delta = rowsum(dO * O), one for dK/dV (programs over the key
-blocks of both segments, each looping over the queries of both), one for dQ.
+row blocks of the concatenated range [main; extra]; each program's key loop runs
+over the concatenated keys too (a tile straddling the boundary reads each part from
+its own tensor), with an online softmax in fp32, and saves the log-sum-exp. The
+backward recomputes P from the log-sum-exp: one small launch for
+delta = rowsum(dO * O), one for dK/dV (programs over the concatenated key blocks,
+each looping over the concatenated queries), one for dQ.
 No Nq x Nk tensor and no concatenated copy is allocated.
 
 File layout follows flash-attention's ``ops/triton/layer_norm.py``: kernels,
@@ -53,7 +54,7 @@ def _configs(kernel: str) -> list[triton.Config]:
         ],
         "_bwd_dkdv_kernel": [
             ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 2),
-            ({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 2),
+            ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 2),
         ],
         "_bwd_dq_kernel": [
             ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2),
@@ -71,119 +72,81 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 # --------------------------------------------------------------------------- kernels
 #
-# Every program covers one row block of the *concatenated* index space of a
-# segment pair: blocks [0, cdiv(Nm, BLOCK)) are main-segment rows, the rest
-# are extra-segment rows. Instead of branching on the segment (which breaks
-# Triton's type unification when a length is specialised to a constant), both
-# segments are addressed with disjoint masks: for a main block the extra row
-# indices are negative, for an extra block the main row indices are >= Nm.
+# Rows and keys are indexed in the *concatenated* range [0, N_MAIN + N_EXTRA): index i < N_MAIN
+# is main-segment token i, index i >= N_MAIN is extra-segment token i - N_MAIN. A tile that
+# straddles the boundary reads each part from its own tensor with two disjoint masked loads
+# (their sum is exact), so a 257 + 4 token sequence is 5 tiles of 64, not 5 + 1 (and the same
+# for the keys): no block is spent on the 4 bottleneck tokens alone.
 
 
 @triton.jit
-def _fwd_segment(
-    acc,
-    m_i,
-    l_i,
-    q,
-    k_base,
-    v_base,
-    n_keys,
-    head_dim,
-    offs_d,
-    mask_d,
-    qk_scale,
-    ACC_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """Online-softmax update of (acc, m_i, l_i) with every key of one segment.
+def _cat_load(PM, PE, base_m, base_e, idx, offs_d, mask_d, N_MAIN, N_EXTRA, HEAD_DIM):
+    """(len(idx), BLOCK_D) rows ``idx`` of [PM; PE] (0 past the end and in padded columns)."""
+    in_m = idx < N_MAIN
+    in_e = (idx >= N_MAIN) & (idx < N_MAIN + N_EXTRA)
+    a = tl.load(PM + base_m + idx[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=in_m[:, None] & mask_d[None, :], other=0.0)  # fmt: skip
+    b = tl.load(PE + base_e + (idx - N_MAIN)[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=in_e[:, None] & mask_d[None, :], other=0.0)  # fmt: skip
+    return a + b
+
+
+@triton.jit
+def _cat_store(PM, PE, base_m, base_e, idx, offs_d, mask_d, N_MAIN, N_EXTRA, HEAD_DIM, x):
+    in_m = idx < N_MAIN
+    in_e = (idx >= N_MAIN) & (idx < N_MAIN + N_EXTRA)
+    tl.store(PM + base_m + idx[:, None] * HEAD_DIM + offs_d[None, :], x.to(PM.dtype.element_ty),
+             mask=in_m[:, None] & mask_d[None, :])  # fmt: skip
+    tl.store(PE + base_e + (idx - N_MAIN)[:, None] * HEAD_DIM + offs_d[None, :],
+             x.to(PE.dtype.element_ty), mask=in_e[:, None] & mask_d[None, :])  # fmt: skip
+
+
+@triton.autotune(
+    configs=_configs("_fwd_kernel"),
+    key=["N_MAIN", "N_EXTRA", "HEAD_DIM", "BH"],
+    prune_configs_by={"early_config_prune": tuning.early_prune},
+)
+@triton.jit
+def _fwd_kernel(
+    QM, KM, VM, QE, KE, VE, OM, OE, LSE,
+    qk_scale, N_MAIN, N_EXTRA, HEAD_DIM, BH,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Online softmax over the concatenated keys for one concatenated row block.
 
     Scores are in log2 units (``qk_scale`` includes log2(e)) so exp2 is used.
     """
-    offs_n = tl.arange(0, BLOCK_N)
-    for start in range(0, n_keys, BLOCK_N):
-        cols = start + offs_n
-        mask_n = cols < n_keys
-        kv_off = cols[:, None] * head_dim + offs_d[None, :]
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + kv_off, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(ACC_DTYPE) * qk_scale
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + kv_off, mask=kv_mask, other=0.0)
-        pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(ACC_DTYPE)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
-    return acc, m_i, l_i
-
-
-@triton.autotune(configs=_configs("_fwd_kernel"), key=["N_MAIN", "N_EXTRA", "HEAD_DIM", "BH"])
-@triton.jit
-def _fwd_kernel(
-    QM,
-    KM,
-    VM,
-    QE,
-    KE,
-    VE,
-    OM,
-    OE,
-    LSE,
-    qk_scale,
-    N_MAIN,
-    N_EXTRA,
-    HEAD_DIM,
-    BH,
-    ACC_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    main_base = bh * N_MAIN * HEAD_DIM
-    extra_base = bh * N_EXTRA * HEAD_DIM
-    n_main_blocks = tl.cdiv(N_MAIN, BLOCK_M)
-
-    offs_m = tl.arange(0, BLOCK_M)
+    base_m = bh * N_MAIN * HEAD_DIM
+    base_e = bh * N_EXTRA * HEAD_DIM
+    NT = N_MAIN + N_EXTRA
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    rows_main = pid * BLOCK_M + offs_m
-    rows_extra = (pid - n_main_blocks) * BLOCK_M + offs_m
-    mask_main = rows_main < N_MAIN
-    mask_extra = (rows_extra >= 0) & (rows_extra < N_EXTRA)
-    off_main = main_base + rows_main[:, None] * HEAD_DIM + offs_d[None, :]
-    off_extra = extra_base + rows_extra[:, None] * HEAD_DIM + offs_d[None, :]
-    io_main = mask_main[:, None] & mask_d[None, :]
-    io_extra = mask_extra[:, None] & mask_d[None, :]
-    # One of the two loads is fully masked, so the sum is exact.
-    q = tl.load(QM + off_main, mask=io_main, other=0.0) + tl.load(
-        QE + off_extra, mask=io_extra, other=0.0
-    )
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = _cat_load(QM, QE, base_m, base_e, rows, offs_d, mask_d, N_MAIN, N_EXTRA, HEAD_DIM)
 
     m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
     l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
-    acc, m_i, l_i = _fwd_segment(
-        acc, m_i, l_i, q, KM + main_base, VM + main_base, N_MAIN, HEAD_DIM, offs_d, mask_d,
-        qk_scale, ACC_DTYPE, DOT_PRECISION, BLOCK_N,
-    )  # fmt: skip
-    acc, m_i, l_i = _fwd_segment(
-        acc, m_i, l_i, q, KE + extra_base, VE + extra_base, N_EXTRA, HEAD_DIM, offs_d, mask_d,
-        qk_scale, ACC_DTYPE, DOT_PRECISION, BLOCK_N,
-    )  # fmt: skip
+    for start in range(0, NT, BLOCK_N):
+        cols = start + offs_n
+        k = _cat_load(KM, KE, base_m, base_e, cols, offs_d, mask_d, N_MAIN, N_EXTRA, HEAD_DIM)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(ACC_DTYPE) * qk_scale
+        s = tl.where((cols < NT)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _cat_load(VM, VE, base_m, base_e, cols, offs_d, mask_d, N_MAIN, N_EXTRA, HEAD_DIM)
+        pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(ACC_DTYPE)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
     out = acc / l_i[:, None]
-    tl.store(OM + off_main, out.to(OM.dtype.element_ty), mask=io_main)
-    tl.store(OE + off_extra, out.to(OE.dtype.element_ty), mask=io_extra)
-
-    lse = m_i + tl.log2(l_i)  # log2 units
-    lse_base = bh * (N_MAIN + N_EXTRA)
-    tl.store(LSE + lse_base + rows_main, lse, mask=mask_main)
-    tl.store(LSE + lse_base + N_MAIN + rows_extra, lse, mask=mask_extra)
+    _cat_store(OM, OE, base_m, base_e, rows, offs_d, mask_d, N_MAIN, N_EXTRA, HEAD_DIM, out)
+    tl.store(LSE + bh * NT + rows, m_i + tl.log2(l_i), mask=rows < NT)  # log2 units
 
 
 # --------------------------------------------------------------------------- backward
@@ -191,45 +154,21 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_delta_kernel(
-    OM,
-    OE,
-    DOM,
-    DOE,
-    DELTA,
-    N_MAIN,
-    N_EXTRA,
-    HEAD_DIM,
-    ACC_DTYPE: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
-    """delta_i = sum_d dO_id * O_id for the rows of both segments."""
+    OM, OE, DOM, DOE, DELTA, N_MAIN, N_EXTRA, HEAD_DIM,
+    ACC_DTYPE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """delta_i = sum_d dO_id * O_id for the concatenated rows."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    main_base = bh * N_MAIN * HEAD_DIM
-    extra_base = bh * N_EXTRA * HEAD_DIM
-    n_main_blocks = tl.cdiv(N_MAIN, BLOCK_M)
-    offs_m = tl.arange(0, BLOCK_M)
+    base_m = bh * N_MAIN * HEAD_DIM
+    base_e = bh * N_EXTRA * HEAD_DIM
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    rows_main = pid * BLOCK_M + offs_m
-    rows_extra = (pid - n_main_blocks) * BLOCK_M + offs_m
-    mask_main = rows_main < N_MAIN
-    mask_extra = (rows_extra >= 0) & (rows_extra < N_EXTRA)
-    off_main = main_base + rows_main[:, None] * HEAD_DIM + offs_d[None, :]
-    off_extra = extra_base + rows_extra[:, None] * HEAD_DIM + offs_d[None, :]
-    io_main = mask_main[:, None] & mask_d[None, :]
-    io_extra = mask_extra[:, None] & mask_d[None, :]
-    o = tl.load(OM + off_main, mask=io_main, other=0.0).to(ACC_DTYPE) + tl.load(
-        OE + off_extra, mask=io_extra, other=0.0
-    ).to(ACC_DTYPE)
-    do = tl.load(DOM + off_main, mask=io_main, other=0.0).to(ACC_DTYPE) + tl.load(
-        DOE + off_extra, mask=io_extra, other=0.0
-    ).to(ACC_DTYPE)
-    delta = tl.sum(o * do, 1)
-    base = bh * (N_MAIN + N_EXTRA)
-    tl.store(DELTA + base + rows_main, delta, mask=mask_main)
-    tl.store(DELTA + base + N_MAIN + rows_extra, delta, mask=mask_extra)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    o = _cat_load(OM, OE, base_m, base_e, rows, offs_d, mask_d, N_MAIN, N_EXTRA, HEAD_DIM)
+    do = _cat_load(DOM, DOE, base_m, base_e, rows, offs_d, mask_d, N_MAIN, N_EXTRA, HEAD_DIM)
+    NT = N_MAIN + N_EXTRA
+    tl.store(DELTA + bh * NT + rows, tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), 1), mask=rows < NT)
 
 
 @triton.jit
@@ -272,191 +211,94 @@ def _bwd_dkdv_segment(
     return dk, dv
 
 
-@triton.autotune(configs=_configs("_bwd_dkdv_kernel"), key=["N_MAIN", "N_EXTRA", "HEAD_DIM", "BH"])
+@triton.autotune(
+    configs=_configs("_bwd_dkdv_kernel"),
+    key=["N_MAIN", "N_EXTRA", "HEAD_DIM", "BH"],
+    prune_configs_by={"early_config_prune": tuning.early_prune},
+)
 @triton.jit
 def _bwd_dkdv_kernel(
-    QM,
-    KM,
-    VM,
-    QE,
-    KE,
-    VE,
-    DOM,
-    DOE,
-    LSE,
-    DELTA,
-    DKM,
-    DVM,
-    DKE,
-    DVE,
-    scale,
-    qk_scale,
-    N_MAIN,
-    N_EXTRA,
-    HEAD_DIM,
-    BH,
-    ACC_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    QM, KM, VM, QE, KE, VE, DOM, DOE, LSE, DELTA, DKM, DVM, DKE, DVE,
+    scale, qk_scale, N_MAIN, N_EXTRA, HEAD_DIM, BH,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dK, dV of one concatenated key block, looping over the queries of both segments."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    main_base = bh * N_MAIN * HEAD_DIM
-    extra_base = bh * N_EXTRA * HEAD_DIM
-    stat_base = bh * (N_MAIN + N_EXTRA)
-    n_main_blocks = tl.cdiv(N_MAIN, BLOCK_N)
-
-    offs_n = tl.arange(0, BLOCK_N)
+    base_m = bh * N_MAIN * HEAD_DIM
+    base_e = bh * N_EXTRA * HEAD_DIM
+    NT = N_MAIN + N_EXTRA
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    cols_main = pid * BLOCK_N + offs_n
-    cols_extra = (pid - n_main_blocks) * BLOCK_N + offs_n
-    mask_main = cols_main < N_MAIN
-    mask_extra = (cols_extra >= 0) & (cols_extra < N_EXTRA)
-    off_main = main_base + cols_main[:, None] * HEAD_DIM + offs_d[None, :]
-    off_extra = extra_base + cols_extra[:, None] * HEAD_DIM + offs_d[None, :]
-    io_main = mask_main[:, None] & mask_d[None, :]
-    io_extra = mask_extra[:, None] & mask_d[None, :]
-    k = tl.load(KM + off_main, mask=io_main, other=0.0) + tl.load(
-        KE + off_extra, mask=io_extra, other=0.0
-    )
-    v = tl.load(VM + off_main, mask=io_main, other=0.0) + tl.load(
-        VE + off_extra, mask=io_extra, other=0.0
-    )
-
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = _cat_load(KM, KE, base_m, base_e, cols, offs_d, mask_d, N_MAIN, N_EXTRA, HEAD_DIM)
+    v = _cat_load(VM, VE, base_m, base_e, cols, offs_d, mask_d, N_MAIN, N_EXTRA, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
+    # The queries segment by segment: one load per tile (two masked loads per q and dO tile
+    # in this loop spilled and needed 241 KiB of shared memory at 128 x 64).
     dk, dv = _bwd_dkdv_segment(
-        dk, dv, k, v, QM + main_base, DOM + main_base, LSE + stat_base, DELTA + stat_base,
+        dk, dv, k, v, QM + base_m, DOM + base_m, LSE + bh * NT, DELTA + bh * NT,
         N_MAIN, HEAD_DIM, offs_d, mask_d, qk_scale, ACC_DTYPE, DOT_PRECISION, BLOCK_M,
     )  # fmt: skip
     dk, dv = _bwd_dkdv_segment(
-        dk, dv, k, v, QE + extra_base, DOE + extra_base, LSE + stat_base + N_MAIN,
-        DELTA + stat_base + N_MAIN, N_EXTRA, HEAD_DIM, offs_d, mask_d, qk_scale, ACC_DTYPE,
+        dk, dv, k, v, QE + base_e, DOE + base_e, LSE + bh * NT + N_MAIN,
+        DELTA + bh * NT + N_MAIN, N_EXTRA, HEAD_DIM, offs_d, mask_d, qk_scale, ACC_DTYPE,
         DOT_PRECISION, BLOCK_M,
     )  # fmt: skip
-    dk = dk * scale
-    tl.store(DKM + off_main, dk.to(DKM.dtype.element_ty), mask=io_main)
-    tl.store(DKE + off_extra, dk.to(DKE.dtype.element_ty), mask=io_extra)
-    tl.store(DVM + off_main, dv.to(DVM.dtype.element_ty), mask=io_main)
-    tl.store(DVE + off_extra, dv.to(DVE.dtype.element_ty), mask=io_extra)
+    _cat_store(DKM, DKE, base_m, base_e, cols, offs_d, mask_d, N_MAIN, N_EXTRA, HEAD_DIM,
+               dk * scale)  # fmt: skip
+    _cat_store(DVM, DVE, base_m, base_e, cols, offs_d, mask_d, N_MAIN, N_EXTRA, HEAD_DIM, dv)
 
 
+@triton.autotune(
+    configs=_configs("_bwd_dq_kernel"),
+    key=["N_MAIN", "N_EXTRA", "HEAD_DIM", "BH"],
+    prune_configs_by={"early_config_prune": tuning.early_prune},
+)
 @triton.jit
-def _bwd_dq_segment(
-    dq,
-    q,
-    do,
-    lse,
-    delta,
-    k_base,
-    v_base,
-    n_keys,
-    head_dim,
-    offs_d,
-    mask_d,
-    qk_scale,
-    ACC_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """Accumulate dQ of one query block over every key of one segment."""
+def _bwd_dq_kernel(
+    QM, KM, VM, QE, KE, VE, DOM, DOE, LSE, DELTA, DQM, DQE,
+    scale, qk_scale, N_MAIN, N_EXTRA, HEAD_DIM, BH,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dQ of one concatenated query block, looping over every concatenated key block."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    base_m = bh * N_MAIN * HEAD_DIM
+    base_e = bh * N_EXTRA * HEAD_DIM
+    NT = N_MAIN + N_EXTRA
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = rows < NT
     offs_n = tl.arange(0, BLOCK_N)
-    for start in range(0, n_keys, BLOCK_N):
+    q = _cat_load(QM, QE, base_m, base_e, rows, offs_d, mask_d, N_MAIN, N_EXTRA, HEAD_DIM)
+    do = _cat_load(DOM, DOE, base_m, base_e, rows, offs_d, mask_d, N_MAIN, N_EXTRA, HEAD_DIM)
+    lse = tl.load(LSE + bh * NT + rows, mask=mask_m, other=0.0)
+    delta = tl.load(DELTA + bh * NT + rows, mask=mask_m, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
+    for start in range(0, NT, BLOCK_N):
         cols = start + offs_n
-        mask_n = cols < n_keys
-        kv_off = cols[:, None] * head_dim + offs_d[None, :]
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + kv_off, mask=kv_mask, other=0.0)
+        k = _cat_load(KM, KE, base_m, base_e, cols, offs_d, mask_d, N_MAIN, N_EXTRA, HEAD_DIM)
+        v = _cat_load(VM, VE, base_m, base_e, cols, offs_d, mask_d, N_MAIN, N_EXTRA, HEAD_DIM)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(ACC_DTYPE) * qk_scale
-        p = tl.exp2(s - lse[:, None])
-        p = tl.where(mask_n[None, :], p, 0.0)
+        p = tl.where((cols < NT)[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION).to(ACC_DTYPE)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION).to(ACC_DTYPE)
-    return dq
-
-
-@triton.autotune(configs=_configs("_bwd_dq_kernel"), key=["N_MAIN", "N_EXTRA", "HEAD_DIM", "BH"])
-@triton.jit
-def _bwd_dq_kernel(
-    QM,
-    KM,
-    VM,
-    QE,
-    KE,
-    VE,
-    DOM,
-    DOE,
-    LSE,
-    DELTA,
-    DQM,
-    DQE,
-    scale,
-    qk_scale,
-    N_MAIN,
-    N_EXTRA,
-    HEAD_DIM,
-    BH,
-    ACC_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    main_base = bh * N_MAIN * HEAD_DIM
-    extra_base = bh * N_EXTRA * HEAD_DIM
-    stat_base = bh * (N_MAIN + N_EXTRA)
-    n_main_blocks = tl.cdiv(N_MAIN, BLOCK_M)
-
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    rows_main = pid * BLOCK_M + offs_m
-    rows_extra = (pid - n_main_blocks) * BLOCK_M + offs_m
-    mask_main = rows_main < N_MAIN
-    mask_extra = (rows_extra >= 0) & (rows_extra < N_EXTRA)
-    off_main = main_base + rows_main[:, None] * HEAD_DIM + offs_d[None, :]
-    off_extra = extra_base + rows_extra[:, None] * HEAD_DIM + offs_d[None, :]
-    io_main = mask_main[:, None] & mask_d[None, :]
-    io_extra = mask_extra[:, None] & mask_d[None, :]
-    q = tl.load(QM + off_main, mask=io_main, other=0.0) + tl.load(
-        QE + off_extra, mask=io_extra, other=0.0
-    )
-    do = tl.load(DOM + off_main, mask=io_main, other=0.0) + tl.load(
-        DOE + off_extra, mask=io_extra, other=0.0
-    )
-    lse = tl.load(LSE + stat_base + rows_main, mask=mask_main, other=0.0) + tl.load(
-        LSE + stat_base + N_MAIN + rows_extra, mask=mask_extra, other=0.0
-    )
-    delta = tl.load(DELTA + stat_base + rows_main, mask=mask_main, other=0.0) + tl.load(
-        DELTA + stat_base + N_MAIN + rows_extra, mask=mask_extra, other=0.0
-    )
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
-    dq = _bwd_dq_segment(
-        dq, q, do, lse, delta, KM + main_base, VM + main_base, N_MAIN, HEAD_DIM, offs_d, mask_d,
-        qk_scale, ACC_DTYPE, DOT_PRECISION, BLOCK_N,
-    )  # fmt: skip
-    dq = _bwd_dq_segment(
-        dq, q, do, lse, delta, KE + extra_base, VE + extra_base, N_EXTRA, HEAD_DIM, offs_d,
-        mask_d, qk_scale, ACC_DTYPE, DOT_PRECISION, BLOCK_N,
-    )  # fmt: skip
-    dq = dq * scale
-    tl.store(DQM + off_main, dq.to(DQM.dtype.element_ty), mask=io_main)
-    tl.store(DQE + off_extra, dq.to(DQE.dtype.element_ty), mask=io_extra)
+    _cat_store(DQM, DQE, base_m, base_e, rows, offs_d, mask_d, N_MAIN, N_EXTRA, HEAD_DIM,
+               dq * scale)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- launchers
 
 
 def _row_blocks(n_main: int, n_extra: int, block: int) -> int:
-    return triton.cdiv(n_main, block) + triton.cdiv(n_extra, block)
+    """Blocks over the concatenated range."""
+    return triton.cdiv(n_main + n_extra, block)
 
 
 def _launch_fwd(q_main, k_main, v_main, q_extra, k_extra, v_extra, scale):

@@ -69,6 +69,10 @@ def _fwd_configs() -> list[triton.Config]:
     return tuning.configs(OP_NAME, "_pool_ln_fwd_kernel", entries, ({"BLOCK_N": 32}, 4, 1))
 
 
+# 8 warps: with 4, the input-gradient kernel spilled 8-12 B at D = 96 (compile gate).
+_BWD_WARPS = 8
+
+
 def _bwd_block_n() -> int:
     # Fixed (not autotuned): the partial-sum buffers are sized by the number of programs.
     return 32 if dispatch.interpreting() else 64
@@ -449,11 +453,12 @@ def _launch_bwd(qkv, weights, norms, grads, grid, has_cls, num_heads, strides, e
         dw_part = torch.empty(B * H * n_in_blocks, math.prod(k3), D, **empty)
         _pool_ln_bwd_norm_kernel[(n_out_blocks, B * H)](
             x, w, gamma.contiguous(), grads[z].contiguous(), dc, dg_part, db_part, *x_strides,
-            H, n_out, g3[0], g3[1], g3[2], o3[1], o3[2], D, eps, BLOCK_N=block_n, **consts,
+            H, n_out, g3[0], g3[1], g3[2], o3[1], o3[2], D, eps, BLOCK_N=block_n, **consts, num_warps=_BWD_WARPS,
         )  # fmt: skip
         _pool_bwd_input_kernel[(n_in_blocks, B * H)](
             x, dc, w, d_qkv.narrow(2, z * C, C), dw_part, *x_strides, *dx_strides,
             H, N, n_out, g3[1], g3[2], o3[0], o3[1], o3[2], D, BLOCK_N=block_n, **consts,
+            num_warps=_BWD_WARPS,
         )  # fmt: skip
         d_weights.append(dw_part.sum(0).t().reshape(weights[z].shape).to(weights[z].dtype))
         d_norms.append((dg_part.sum(0).to(gamma.dtype), db_part.sum(0).to(beta.dtype)))

@@ -23,34 +23,52 @@ Design of the Triton path. The bias factorises through the small tensor
 
 so ``bias[i, j] = sum_a relq_a[i, j_a]``. relq (all axes concatenated:
 (B, H, Nq - cls, sum_a ka)) is computed by a gather + einsum in PyTorch (its
-cost is O(Nq sum_a ka D), a fraction of Q K^T), and the attention kernel adds
-the bias per (BLOCK_M, BLOCK_N) tile by decoding the key coordinates j_a from
-j with integer div/mod; every grid is treated as 3-D with leading size-1 axes.
-This is the flash-attention v2 scheme (Triton tutorial ``06-fused-attention``;
-Dao, "FlashAttention-2", 2023): online softmax in fp32, P V, log-sum-exp
-saved, residual q added in the epilogue. No Nq x Nk tensor exists, forward or
-backward.
+cost is O(Nq sum_a ka D), a fraction of Q K^T). Every key grid is treated as
+3-D (K0, K1, K2) with leading size-1 axes. The attention is the
+flash-attention v2 scheme (Triton tutorial ``06-fused-attention``; Dao,
+"FlashAttention-2", 2023): online softmax in fp32, P V, log-sum-exp saved,
+residual q added in the epilogue. No Nq x Nk tensor exists, forward or backward.
 
-Backward recomputes P from the log-sum-exp: delta = rowsum(dO * (O - q));
-a key-block-parallel kernel computes dK, dV; a query-block-parallel kernel
-computes dQ (through Q K^T) and d_relq_a[i, y] = sum_{j: j_a = y} dS[i, j].
-Keys in one BLOCK_N tile cover at most ``(BLOCK_N + s_a - 2) // s_a + 1``
-distinct values of j_a (s_a: the axis' stride in the flattened key grid), so
-the sum over a tile is one small ``dS @ onehot`` matmul into a window of W_a
-columns, flushed with atomics onto this program's own rows (no contention
-between programs; atomics only because successive windows overlap). For the
-fastest axis with ka >= BLOCK_N the tile's keys have distinct j_a and dS is
-added directly. The gradients of q (through relq) and of the tables are then
-the small einsums ``d_relq . R`` and ``d_relq^T q``, with an ``index_add``
-into the tables. Saved for backward: q, k, v, out, lse (B, H, Nq) and the
-tables; relq is recomputed (it can be larger than q: Nq x sum ka vs Nq x D).
+How a tile gets its bias, without a per-element gather (the kernels choose at
+compile time; the compile gate ``benchmarks/compile_gate.py`` checks the result):
+
+- The CLS key is peeled off the key loops (forward: it seeds the online softmax;
+  backward: its column of P and dS is computed by the delta kernel), so key tiles
+  start at multiples of BLOCK_N in the *spatial* key grid.
+- Aligned (K2 % BLOCK_N == 0, e.g. MAT's time axis of 128/64/32 keys): a tile lies
+  inside one row of the fastest axis, so its relq_2 columns are one contiguous
+  (BLOCK_M, BLOCK_N) block load, and the slower coordinates are constant: one
+  relq column each, broadcast along the tile.
+- Short axes (every used k_a <= 64, e.g. MViTv2-B's 8 x 7 x 7 keys): the
+  (BLOCK_M, W_a) relq columns of the row block stay in registers for the whole
+  loop and the tile's bias is ``sum_a relq_a @ onehot_a`` on the tensor cores
+  (onehot_a: (W_a, BLOCK_N), W_a = max(16, next_pow2(k_a))), the idea of
+  SAM-fast's flash_4 kernel generalised to any grid.
+- Otherwise (an axis longer than 64 that BLOCK_N does not divide): the general
+  per-element gather, kept for correctness on irregular grids.
+
+Backward recomputes P from the log-sum-exp: delta = rowsum(dO * (O - q)); a
+key-block-parallel kernel computes dK, dV (the CLS key's are two GEMVs in the
+launcher); a query-block-parallel kernel computes dQ and
+d_relq_a[i, y] = sum_{j: j_a = y} dS[i, j], without atomics on the first two
+paths: aligned tiles loop over the fastest axis' column blocks outside and its
+rows inside, so d_relq_2 is a register accumulator stored once per column block
+and each tile's row sum (the slow axes' share) goes to a small buffer
+(B, H, Nq - cls, K0 K1 K2 / BLOCK_N) summed in PyTorch; short axes accumulate
+``dS @ onehot_a^T`` in registers. The gather path keeps its windowed ``dS @
+onehot`` sums flushed with atomics. The two backward kernels both recompute
+Q K^T and dO V^T: a single FlashAttention-2 pass over the keys would need
+atomics for dQ and for d_relq on every path. The gradients of q (through relq)
+and of the tables are then the small einsums ``d_relq . R`` and ``d_relq^T q``,
+with an ``index_add`` into the tables. Saved for backward: q, k, v, out, lse
+(B, H, Nq) and the tables; relq is recomputed (it can be larger than q).
 
 Numerics: scores, softmax and all accumulators are fp32 (fp64 for fp64
 inputs); relq is computed in the input dtype, like PyTorch's own path; for
 16-bit inputs P and dS are rounded to the input dtype before the P V and
 dS K matmuls (as flash-attention) and dS is rounded to tf32 for the d_relq
-window sums. The d_relq atomics make the table and q gradients
-non-deterministic in the last bits.
+sums. Only the gather path's atomics make the gradients non-deterministic in the
+last bits. fp32 inputs run the reference on CUDA (``dispatch.FP32_ON_CUDA``).
 
 File layout follows flash-attention's ``ops/triton/layer_norm.py``: kernels,
 launchers, :func:`relpos_attention_ref`, ``torch.library`` custom ops
@@ -249,7 +267,11 @@ def _cls_key(q, K, V, offs_d, d_in, skd, svd, qk_scale, ACC: tl.constexpr):
     return s, kc, vc
 
 
-@triton.autotune(configs=_configs("_fwd_kernel"), key=["Nq", "Nk", "BH", "BLOCK_D"])
+@triton.autotune(
+    configs=_configs("_fwd_kernel"),
+    key=["Nq", "Nk", "BH", "BLOCK_D"],
+    prune_configs_by={"early_config_prune": tuning.early_prune},
+)
 @triton.jit
 def _fwd_kernel(
     Q, K, V, REL, OUT, LSE,
@@ -435,7 +457,11 @@ def _bwd_delta_kernel(
         tl.store(DS_CLS + pid_bh * Nq + rows, p * (dp - delta), mask=rows < Nq)
 
 
-@triton.autotune(configs=_configs("_bwd_dkdv_kernel"), key=["Nq", "Nk", "BH", "BLOCK_D"])
+@triton.autotune(
+    configs=_configs("_bwd_dkdv_kernel"),
+    key=["Nq", "Nk", "BH", "BLOCK_D"],
+    prune_configs_by={"early_config_prune": tuning.early_prune},
+)
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, REL, DO, LSE, DELTA, DK, DV,

@@ -1,0 +1,136 @@
+"""The compile gate: every pinned kernel config compiled for sm_90 on this CPU, and the gate
+itself shown to catch spills and missing tensor-core instructions.
+
+The CI subset (``--subset ci``: the pinned config of every kernel, bf16, at MAT stage 1,
+MViTv2-B stage 1 and the AVBottleneck, sm_90) runs here, in a subprocess without
+``TRITON_INTERPRET`` (the interpreter replaces kernels by Python). The whole matrix
+(every autotune config, bf16/fp16, every stage, sm_90 and sm_80) is
+``python -m benchmarks.compile_gate --subset full``; its last result is committed in
+``benchmarks/results/compile_gate.json``.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _python(code: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ci_gate(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp_path_factory.mktemp("gate") / "gate.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compile_gate", "--subset", "ci", "--json", str(out)],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1500,
+    )  # fmt: skip
+    data = json.loads(out.read_text()) if out.exists() else {}
+    return proc, data
+
+
+def test_ci_subset_passes(ci_gate) -> None:
+    proc, data = ci_gate
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = data["rows"]
+    fields = {"kernel", "dtype", "config", "shape", "arch", "registers", "spill_bytes",
+              "shared_bytes", "shared_limit_bytes", "tensor_core", "selectable", "compile_s"}  # fmt: skip
+    assert all(fields <= set(r) for r in rows)
+    # Every kernel of the three ops, at every CI shape.
+    kernels = {(r["op"], r["kernel"]) for r in rows}
+    assert {("relpos_attention", k) for k in
+            ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_bwd_delta_kernel")} <= kernels  # fmt: skip
+    assert ("bottleneck_attention", "_bwd_dkdv_kernel") in kernels
+    assert ("pooled_qkv", "_pool_bwd_input_kernel") in kernels
+    for r in rows:
+        assert not r["error"], r
+        assert r["spill_bytes"] == 0 and r["shared_bytes"] <= r["shared_limit_bytes"], r
+        assert r["tensor_core"] or not r["needs_tensor_core"], r
+        assert 0 < r["registers"] <= 255
+
+
+def test_attention_kernels_use_tensor_cores(ci_gate) -> None:
+    _, data = ci_gate
+    for r in data["rows"]:
+        if r["op"] != "pooled_qkv" and r["kernel"] != "_bwd_delta_kernel":
+            assert r["needs_tensor_core"] and r["tc_instructions"] > 0, r
+
+
+def test_gate_sees_a_spill() -> None:
+    """A config that does spill (rel-pos forward, 128 x 128 tiles, 8 warps, at MAT stage 1)
+    is reported with its spill bytes and fails the gate when selectable."""
+    code = """
+import torch
+from benchmarks import compile_gate as g
+case = g._cases()["relpos/mat_s1"]
+launch = next(x for x in g.launches_for(case, torch.bfloat16) if x.kernel == "_fwd_kernel")
+cfg = {"kwargs": {"BLOCK_M": 128, "BLOCK_N": 128}, "num_warps": 8, "num_stages": 2}
+res = g._compile_one(launch, cfg, 90)
+row = g.Row(kernel="_fwd_kernel", op="relpos_attention", dtype="bfloat16", config="", shape="",
+            arch=90, selectable=True, shared_limit_bytes=g.SHARED_LIMIT[90], **res)
+print(res["spill_bytes"], res["registers"], "|".join(row.failures()))
+"""
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    spill, regs, failures = proc.stdout.strip().splitlines()[-1].split(" ", 2)
+    assert int(spill) > 0 and int(regs) == 255
+    assert "spills" in failures
+
+
+def test_refuses_to_run_under_the_interpreter() -> None:
+    env = dict(_env(), TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.compile_gate", "--subset", "ci"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "TRITON_INTERPRET" in proc.stderr
+
+
+def test_pinned_mode_leaves_one_config_per_kernel() -> None:
+    code = """
+from triton.runtime.autotuner import Autotuner
+import kernels.relpos_attention as rp, kernels.bottleneck_attention as bn, kernels.pooled_qkv as pq
+from kernels import tuning
+tuners = [v for m in (rp, bn, pq) for v in vars(m).values() if isinstance(v, Autotuner)]
+print(len(tuners), sorted({len(t.configs) for t in tuners}))
+for t in tuners:
+    pin = tuning.pinned_config(t.fn.__name__, t.fn.__module__.split(".")[-1])
+    assert (t.configs[0].kwargs, t.configs[0].num_warps) == (pin.kwargs, pin.num_warps)
+"""
+    env = dict(_env(), MMT_FAST_KERNEL_CONFIGS="pinned")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["6", "[1]"]
+    proc = _python(code.replace("assert (t.configs[0]", "assert len(t.configs) > 1 or (t.configs[0]"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[0] == "6" and proc.stdout.split()[1] != "[1]"
+
+
+def test_early_prune_drops_configs_over_the_shared_memory_limit(monkeypatch) -> None:
+    import triton
+
+    from kernels import tuning
+
+    configs = [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    ]
+    # 2 stages x 192 rows x 128 x 2 B x 2 = 196608 B for the second; 131072 B for the first
+    monkeypatch.setattr(tuning, "_shared_limit", lambda: 166912)  # A100
+    assert tuning.early_prune(configs, {"BLOCK_D": 128}) == configs[:1]
+    monkeypatch.setattr(tuning, "_shared_limit", lambda: 232448)  # H100/H200
+    assert tuning.early_prune(configs, {"BLOCK_D": 128}) == configs
+    monkeypatch.setattr(tuning, "_shared_limit", lambda: 1000)  # nothing fits: the smallest
+    assert tuning.early_prune(configs, {"BLOCK_D": 128}) == configs[:1]
