@@ -11,7 +11,9 @@ Semantics (timm ``mvitv2.py`` ``cal_rel_pos_type``; SlowFast's 3-D
                    (float32 arithmetic, truncated, as timm's ``dist.long()``)
     bias[i, j]   = sum_a q_i . rel_tables[a][dist_a(i_a, j_a)]   (0 on the CLS row/column)
     S            = q k^T * scale + bias                           (bias not scaled: MViTv2's code)
-    out          = softmax(S) v + (q if residual else 0)          (residual on every row, as timm)
+    out          = softmax(S) v + (q if residual else 0)
+    residual_cls: True adds q on every row (timm's image MViTv2); False leaves the
+    CLS row without it (SlowFast / torchvision, ``x[:, :, 1:] += q[:, :, 1:]``)
 
 An empty ``rel_tables`` means no bias (plain attention with the residual).
 
@@ -128,6 +130,7 @@ def relpos_attention_ref(
     has_cls: bool,
     scale: float,
     residual: bool = True,
+    residual_cls: bool = True,
 ) -> torch.Tensor:
     """PyTorch reference: softmax(q k^T * scale + bias) v (+ q), the bias built in memory.
 
@@ -146,7 +149,11 @@ def relpos_attention_ref(
         bias = bias.reshape(B, H, math.prod(q_grid), math.prod(k_grid))
         attn = attn + F.pad(bias, (cls, 0, cls, 0))
     out = attn.softmax(dim=-1) @ v
-    return out + q if residual else out
+    if not residual:
+        return out
+    if has_cls and not residual_cls:
+        return torch.cat([out[:, :, :1], out[:, :, 1:] + q[:, :, 1:]], dim=2)
+    return out + q
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -218,7 +225,7 @@ def _fwd_kernel(
     K1: tl.constexpr, K2: tl.constexpr,
     USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
     OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KSUM: tl.constexpr,
-    RESIDUAL: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+    RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -274,7 +281,7 @@ def _fwd_kernel(
 
     acc = acc / l_i[:, None]
     if RESIDUAL:
-        acc += q.to(ACC)
+        acc += tl.where((rows >= RES_FROM)[:, None], q.to(ACC), 0.0)
     OUT += pid_bh * Nq * D
     tl.store(
         OUT + rows[:, None] * D + offs_d[None, :],
@@ -291,7 +298,8 @@ def _bwd_delta_kernel(
     sdb, sdh, sdn, sdd,
     sqb, sqh, sqn, sqd,
     H, Nq, D,
-    RESIDUAL: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """delta[i] = sum_d dO[i, d] * (out[i, d] - residual * q[i, d]) = rowsum(dP * P)."""
     pid_m = tl.program_id(0)
@@ -307,7 +315,7 @@ def _bwd_delta_kernel(
     if RESIDUAL:
         o -= tl.load(
             Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :] * sqd,
-            mask=mask,
+            mask=mask & (rows >= RES_FROM)[:, None],
             other=0.0,
         ).to(ACC)
     do = tl.load(
@@ -428,7 +436,8 @@ def _bwd_dq_kernel(
     OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KSUM: tl.constexpr,
     DIRECT0: tl.constexpr, DIRECT1: tl.constexpr, DIRECT2: tl.constexpr,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
-    RESIDUAL: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr, REL_PREC: tl.constexpr,
+    RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+    REL_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """dQ = scale * dS K (+ dO) and d_relq for one query block, looping over all key blocks."""
@@ -498,7 +507,7 @@ def _bwd_dq_kernel(
 
     dq = dq * sm_scale
     if RESIDUAL:
-        dq += do.to(ACC)
+        dq += tl.where((rows >= RES_FROM)[:, None], do.to(ACC), 0.0)
     tl.store(
         DQ + pid_bh * Nq * D + rows[:, None] * D + offs_d[None, :],
         dq.to(DQ.dtype.element_ty),
@@ -584,8 +593,10 @@ def _launch_fwd(
     has_cls: bool,
     scale: float,
     residual: bool,
+    residual_cls: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, Nq, D = q.shape
+    res_from = int(has_cls and not residual_cls)
     Nk = k.shape[2]
     out = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Nq), dtype=acc_dtype(q.dtype), device=q.device)
@@ -602,7 +613,7 @@ def _launch_fwd(
         *q.stride(), *k.stride(), *v.stride(),
         H, Nq, Nk, D, scale * _LOG2E,
         **geo,
-        RESIDUAL=residual, ACC=tl_acc_dtype(q.dtype), DOT_PREC=_dot_precision(q.dtype),
+        RESIDUAL=residual, RES_FROM=res_from, ACC=tl_acc_dtype(q.dtype), DOT_PREC=_dot_precision(q.dtype),
         BLOCK_D=_block_d(D),
     )  # fmt: skip
     return out, lse
@@ -621,8 +632,10 @@ def _launch_bwd(
     has_cls: bool,
     scale: float,
     residual: bool,
+    residual_cls: bool = True,
 ) -> list[torch.Tensor]:
     B, H, Nq, D = q.shape
+    res_from = int(has_cls and not residual_cls)
     Nk = k.shape[2]
     acc = acc_dtype(q.dtype)
     dq = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
@@ -640,7 +653,7 @@ def _launch_bwd(
         out, dout, q, delta,
         *out.stride(), *dout.stride(), *q.stride(),
         H, Nq, D,
-        RESIDUAL=residual, ACC=ACC, BLOCK_M=block_m_delta, BLOCK_D=block_d,
+        RESIDUAL=residual, RES_FROM=res_from, ACC=ACC, BLOCK_M=block_m_delta, BLOCK_D=block_d,
     )  # fmt: skip
 
     rel = _relq_packed(q, rel_tables, q_grid, k_grid, has_cls)
@@ -668,7 +681,7 @@ def _launch_bwd(
         K0=k3[0], **geo,
         DIRECT0=windows[0][0], DIRECT1=windows[1][0], DIRECT2=windows[2][0],
         W0=windows[0][1], W1=windows[1][1], W2=windows[2][1],
-        RESIDUAL=residual, ACC=ACC, DOT_PREC=prec,
+        RESIDUAL=residual, RES_FROM=res_from, ACC=ACC, DOT_PREC=prec,
         # dS is rounded to tf32 (no underflow, 10-bit mantissa) for 16-bit inputs.
         REL_PREC="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
@@ -728,13 +741,14 @@ def _relpos_attention_fwd(
     has_cls: bool,
     scale: float,
     residual: bool,
+    residual_cls: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton forward: (out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32/fp64, log2 units)."""
-    return _launch_fwd(q, k, v, rel_tables, q_grid, k_grid, has_cls, scale, residual)
+    return _launch_fwd(q, k, v, rel_tables, q_grid, k_grid, has_cls, scale, residual, residual_cls)
 
 
 @_relpos_attention_fwd.register_fake
-def _(q, k, v, rel_tables, q_grid, k_grid, has_cls, scale, residual):
+def _(q, k, v, rel_tables, q_grid, k_grid, has_cls, scale, residual, residual_cls):
     B, H, Nq, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, H, Nq), dtype=acc_dtype(q.dtype))
 
@@ -753,32 +767,33 @@ def _relpos_attention_bwd(
     has_cls: bool,
     scale: float,
     residual: bool,
+    residual_cls: bool,
 ) -> list[torch.Tensor]:
     """Triton backward: [dq, dk, dv, *d(rel_tables)]."""
     return _launch_bwd(
-        dout, q, k, v, rel_tables, out, lse, q_grid, k_grid, has_cls, scale, residual
+        dout, q, k, v, rel_tables, out, lse, q_grid, k_grid, has_cls, scale, residual, residual_cls
     )
 
 
 @_relpos_attention_bwd.register_fake
-def _(dout, q, k, v, rel_tables, out, lse, q_grid, k_grid, has_cls, scale, residual):
+def _(dout, q, k, v, rel_tables, out, lse, q_grid, k_grid, has_cls, scale, residual, residual_cls):
     return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)] + [
         t.new_empty(t.shape) for t in rel_tables
     ]
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, rel_tables, q_grid, k_grid, has_cls, scale, residual = inputs
+    q, k, v, rel_tables, q_grid, k_grid, has_cls, scale, residual, residual_cls = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, *rel_tables)
-    ctx.args = (list(q_grid), list(k_grid), has_cls, scale, residual)
+    ctx.args = (list(q_grid), list(k_grid), has_cls, scale, residual, residual_cls)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, *rel_tables = ctx.saved_tensors
     dq, dk, dv, *dtables = _relpos_attention_bwd(dout, q, k, v, rel_tables, out, lse, *ctx.args)
-    return dq, dk, dv, dtables, None, None, None, None, None
+    return dq, dk, dv, dtables, None, None, None, None, None, None
 
 
 _relpos_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -882,6 +897,7 @@ def relpos_attention(
     has_cls: bool,
     scale: float,
     residual: bool = True,
+    residual_cls: bool = True,
 ) -> torch.Tensor:
     """Attention with decomposed relative-position bias (MViTv2), fused on the Triton path.
 
@@ -891,6 +907,7 @@ def relpos_attention(
     table per axis, or none. Returns (B, H, Nq, D) in q's dtype::
 
         out = softmax(q k^T * scale + bias) v + (q if residual else 0),
+        (the CLS row gets no "+ q" when has_cls and not residual_cls: SlowFast's MViTv2)
         bias[i, j] = sum_a q_i . rel_tables[a][dist_a(i_a, j_a)]   (spatial i, j)
 
     Differentiable in q, k, v and every table. The path (Triton or
@@ -909,6 +926,9 @@ def relpos_attention(
             bool(has_cls),
             float(scale),
             bool(residual),
+            bool(residual_cls),
         )
         return out
-    return relpos_attention_ref(q, k, v, rel_tables, q_grid, k_grid, has_cls, scale, residual)
+    return relpos_attention_ref(
+        q, k, v, rel_tables, q_grid, k_grid, has_cls, scale, residual, residual_cls
+    )
