@@ -77,7 +77,8 @@ class ConversionReport:
     ``copied``: model keys filled unchanged (up to a layout-only reshape);
     ``adapted``: (model key, rule, checkpoint shape, model shape);
     ``kept``: (model key, why) left at the model's own initialisation;
-    ``dropped``: (checkpoint key, why) not used.
+    ``dropped``: (checkpoint key, why) not used, named as mmt-fast names it
+    (timm's ``head.fc.weight`` is ``head.weight``; AST's ``mlp_head.*`` keeps its name).
     """
 
     source: str
@@ -274,7 +275,6 @@ def _canonical_ast(sd: StateDict) -> StateDict:
     for k, v in sd.items():
         k2 = re.sub(r"^module\.", "", k)
         k2 = re.sub(r"^v\.", "", k2)
-        k2 = re.sub(r"^mlp_head\.", "ast_head.", k2)
         k2 = re.sub(r"^patch_embed\.proj\.", "patch_embed.", k2)
         out[k2] = v
     return out
@@ -362,6 +362,9 @@ def _fit(
     target = model.state_dict()
     out: StateDict = {}
     problems: list[str] = []
+    depth = [len({k.split(".")[1] for k in d if k.startswith("blocks.")}) for d in (src, target)]
+    if depth[0] != depth[1]:
+        problems.append(f"the checkpoint has {depth[0]} blocks, the model {depth[1]}")
     used: set[str] = set()
     is_ast = hasattr(model, "dist_token")
 
@@ -369,7 +372,7 @@ def _fit(
         out[key] = value.detach().to(target[key].dtype)
 
     for key, want in target.items():
-        src_key = "ast_" + key if is_ast and key.startswith("head.") else key  # AST's mlp_head
+        src_key = "mlp_" + key if is_ast and key.startswith("head.") else key  # AST's mlp_head
         have = src.get(src_key)
         if have is None:
             if key.startswith("head.") or key == "cls_token":
@@ -417,7 +420,7 @@ def _fit(
     for key in sorted(set(src) - used):
         if is_ast and key.startswith(("head.", "head_dist.")):
             report.dropped.append((key, "DeiT's ImageNet classifiers (AST uses its mlp_head)"))
-        elif key.startswith(("head.", "ast_head.")):
+        elif key.startswith(("head.", "mlp_head.")):
             report.dropped.append((key, "the model has no classifier head"))
         elif key == "cls_token":
             report.dropped.append((key, "the model has no CLS token"))
@@ -561,45 +564,6 @@ def convert_main(args) -> int:
     }
     save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata=meta)
     return 0
-
-
-def add_convert_parser(sub) -> None:
-    """The ``convert`` subcommand's arguments (called from :mod:`mmt_fast.cli`)."""
-    c = sub.add_parser(
-        "convert",
-        help="convert a pretrained checkpoint (timm / SlowFast / torchvision MViTv2, AST, DeiT)",
-        description="Map a public checkpoint onto an mmt-fast model and write it as safetensors "
-        "(for model.init.audio / model.init.video or load_state_dict). No download.",
-    )
-    c.add_argument("--from", dest="source", required=True, choices=SOURCES)
-    c.add_argument("--checkpoint", required=True, help=".pth / .pyth / .safetensors file")
-    c.add_argument("--out", required=True, help="the .safetensors file to write")
-    c.add_argument(
-        "--model",
-        default=None,
-        help="target preset (default: MAT for timm-mvitv2, MViTv2-B-16 for slowfast, "
-        "MViTv2-S-16 for torchvision, AST for ast)",
-    )
-    c.add_argument(
-        "--num-classes",
-        type=int,
-        default=0,
-        help="head size of the target (0: encoder only, as inside MMT; the checkpoint's "
-        "head is kept when the counts match)",
-    )
-    c.add_argument(
-        "--source-grid",
-        type=int,
-        nargs=2,
-        metavar=("F", "T"),
-        help="(frequency, time) patch grid of an AST checkpoint's position embeddings",
-    )
-    c.add_argument(
-        "--non-strict",
-        action="store_true",
-        help="keep the model's initialisation for tensors that do not fit (listed) instead of failing",
-    )
-    c.set_defaults(func=convert_main)
 
 
 __all__ = [
