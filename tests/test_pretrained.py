@@ -11,8 +11,8 @@ head, CLS token) each adaptation is checked against its definition.
 from __future__ import annotations
 
 import math
-import pickle
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +26,7 @@ from torchvision.models.video.mvit import MSBlockConfig, MViT, _interpolate, mvi
 from mmt_fast import AST, MAT, MultiscaleEncoder
 from mmt_fast.cli import main as cli_main
 from mmt_fast.config import ASTConfig, get_config, mat_tiny, mvitv2_b_image, mvitv2_s_16
+from mmt_fast.data.synthetic import make_synthetic
 from mmt_fast.pretrained import (
     CheckpointError,
     convert_state_dict,
@@ -33,8 +34,10 @@ from mmt_fast.pretrained import (
     load_pretrained,
     read_checkpoint,
 )
+from mmt_fast.train import load_config, train
 
 TOL = 1e-10
+DEMO = Path(__file__).parents[1] / "configs" / "demo_synthetic.yaml"
 
 
 class Payload:
@@ -300,11 +303,33 @@ def test_video_temporal_tables_interpolated(tmp_path):
         assert _close(ours.double()(x), ref.double()(x)) < 1e-6  # tables resized in float32
 
 
-def test_torchvision_full_size_mapping():
+def _mvitv2_b_blocks() -> list[MSBlockConfig]:
+    """SlowFast's MViTv2-B (Kinetics/MVITv2_B_32x3.yaml) as torchvision block settings."""
+    out, dim, heads = [], 96, 1
+    for stage, depth in enumerate((2, 3, 16, 3)):
+        for i in range(depth):
+            new_dim, new_heads = (dim * 2, heads * 2) if stage and not i else (dim, heads)
+            q = [1, 2, 2] if stage and not i else [1, 1, 1]
+            kv = [1, 8 // 2**stage, 8 // 2**stage] if stage < 3 else [1, 1, 1]
+            out.append(MSBlockConfig(new_heads, dim, new_dim, [3] * 3, [3] * 3, q, kv))
+            dim, heads = new_dim, new_heads
+    return out
+
+
+def test_video_full_size_mapping():
+    """torchvision's mvit_v2_s maps exactly onto MViTv2-S-16; SlowFast's MViTv2-B
+    32x3 (K400) onto the 16-frame MViTv2-B-16 with its 24 temporal tables resized
+    (on the meta device: shapes only)."""
     with torch.device("meta"):
         sd = mvit_v2_s().state_dict()
         _, report = convert_state_dict(sd, MultiscaleEncoder(mvitv2_s_16(num_classes=400)))
-    assert report.source == "torchvision" and report.exact and len(report.copied) == len(sd)
+        assert report.source == "torchvision" and report.exact and len(report.copied) == len(sd)
+        b32 = MViT((224, 224), 32, _mvitv2_b_blocks(), True, False, True, True, num_classes=400)
+        sd = _to_slowfast(b32.state_dict())
+        _, report = convert_state_dict(sd, MultiscaleEncoder(get_config("MViTv2-B-16")))
+    assert report.source == "slowfast" and not report.kept
+    assert {k for k, _ in report.dropped} == {"head.weight", "head.bias"}
+    assert [(a[0], b[0]) for _, _, a, b in report.adapted] == [(31, 15)] * 24
 
 
 # ----------------------------------------------------------------------------- AST
@@ -471,9 +496,53 @@ def test_strict_errors_name_the_problem(tmp_path):
         detect_format({"foo.weight": torch.zeros(1)})
 
     evil = tmp_path / "evil.pth"
-    torch.save({"model": Payload()}, evil, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    torch.save({"model": Payload()}, evil)
     with pytest.raises(CheckpointError, match="weights_only=True"):
         read_checkpoint(evil)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_checkpoint(tmp_path / "missing.pth")
     get_config("MViTv2-B-image")  # the image preset exists for users of the converter
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_mat_from_imagenet_checkpoint_trains_a_step(tmp_path):
+    """``model.init.audio`` with an ImageNet-format (timm) checkpoint: the run
+    starts from the converted weights and trains a step on synthetic clips."""
+    ckpt = tmp_path / "mvitv2_base_in1k.pth"
+    torch.save(_timm_mvit(False, depths=(1, 1, 1, 1), dim=16, classes=1000).state_dict(), ckpt)
+    expected = MAT(cfg=mat_tiny())
+    load_pretrained(expected, ckpt)
+    manifest = make_synthetic(tmp_path / "syn", num_clips=12, seed=0, size=32, duration=2.0)
+    cfg = load_config(
+        DEMO,
+        [
+            f"data.train={manifest}",
+            "data.val=null",
+            "data.test=null",
+            "model.preset=MMT-tiny-audio",
+            f"model.init.audio={ckpt}",
+            f"train.out_dir={tmp_path / 'run'}",
+            "train.max_steps=1",
+            "train.batch_size=4",
+            "train.eval_every=0",
+            "train.ckpt_every=null",
+            "train.progress=false",
+            "train.tensorboard=false",
+            "schedule.warmup_steps=0",
+        ],
+    )
+    assert cfg.model.init.audio == str(ckpt)
+    assert train(cfg)["step"] == 1
+    (saved,) = (tmp_path / "run").rglob("model.safetensors")
+    trained = read_checkpoint(saved)
+    moved = []
+    for k, v in expected.state_dict().items():
+        if k == "cls_token":
+            continue  # MAT's own initialisation (the checkpoint has none)
+        after = trained[f"audio_encoder.{k}"]
+        assert torch.isfinite(after).all(), k
+        assert (after - v).abs().max() < 0.01, k  # one small step from the checkpoint
+        moved.append((after - v).abs().max().item())
+    assert max(moved) > 0  # and the step did change the weights
