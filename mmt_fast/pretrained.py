@@ -513,7 +513,9 @@ def init_mmt(
 ) -> dict[str, ConversionReport]:
     """Load pretrained encoders into an :class:`~mmt_fast.models.mmt.MMT`:
     ``audio`` into its audio encoder (MAT or AST), ``video`` into its video
-    encoder. Returns {"audio": report, "video": report} for those given."""
+    encoder. A whole MMT checkpoint (a trained run's ``model.safetensors``)
+    gives its ``audio_encoder.*`` / ``video_encoder.*`` tensors. Returns
+    {"audio": report, "video": report} for those given."""
     reports = {}
     for name, path, source in (("audio", audio, audio_from), ("video", video, video_from)):
         if path is None:
@@ -521,7 +523,14 @@ def init_mmt(
         encoder = getattr(model, f"{name}_encoder", None)
         if encoder is None:
             raise ValueError(f"model.init.{name} is set but the model has no {name} encoder")
-        reports[name] = load_pretrained(encoder, path, source, strict)
+        sd = read_checkpoint(path)
+        prefix = f"{name}_encoder."
+        if source in ("auto", "mmt-fast") and any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+            source = "mmt-fast"
+        state, report = convert_state_dict(sd, encoder, source, strict, path=str(path))
+        encoder.load_state_dict(state, strict=True)
+        reports[name] = report
     return reports
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from torchvision.models.video.mvit import MSBlockConfig, MViT, _interpolate, mvit_v2_s
 
 from mmt_fast import AST, MAT, MultiscaleEncoder
+from mmt_fast import create_model as get_model
 from mmt_fast.cli import main as cli_main
 from mmt_fast.config import ASTConfig, get_config, mat_tiny, mvitv2_b_image, mvitv2_s_16
 from mmt_fast.data.synthetic import make_synthetic
@@ -31,10 +32,12 @@ from mmt_fast.pretrained import (
     CheckpointError,
     convert_state_dict,
     detect_format,
+    init_mmt,
     load_pretrained,
     read_checkpoint,
 )
 from mmt_fast.train import load_config, train
+from mmt_fast.train.config import config_from_dict
 
 TOL = 1e-10
 DEMO = Path(__file__).parents[1] / "configs" / "demo_synthetic.yaml"
@@ -501,6 +504,12 @@ def test_strict_errors_name_the_problem(tmp_path):
         read_checkpoint(evil)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_checkpoint(tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match=r"model\.init\.audio and model\.init\.ast both set"):
+        config_from_dict({"model": {"init": {"audio": "a.pth", "ast": "b.pth"}}})
+    with pytest.raises(ValueError, match=r"model\.init\.video_from='kinetics'"):
+        config_from_dict({"model": {"init": {"video": "a.pth", "video_from": "kinetics"}}})
+    with pytest.raises(ValueError, match="the model has no video encoder"):
+        init_mmt(get_model("MMT-tiny-audio"), video=str(evil))
     get_config("MViTv2-B-image")  # the image preset exists for users of the converter
 
 
@@ -546,3 +555,10 @@ def test_mat_from_imagenet_checkpoint_trains_a_step(tmp_path):
         assert (after - v).abs().max() < 0.01, k  # one small step from the checkpoint
         moved.append((after - v).abs().max().item())
     assert max(moved) > 0  # and the step did change the weights
+
+    # a trained run's weights initialise the encoder of another run
+    again = get_model("MMT-tiny-audio")
+    (report,) = init_mmt(again, audio=str(saved)).values()
+    assert report.source == "mmt-fast" and report.exact
+    for k, v in again.audio_encoder.state_dict().items():
+        assert torch.equal(v, trained[f"audio_encoder.{k}"]), k
