@@ -161,6 +161,8 @@ def read_checkpoint(path: str | Path) -> StateDict:
 def detect_format(sd: Mapping[str, torch.Tensor]) -> str:
     """One of :data:`FORMATS`, from the key names (error when none fits)."""
     keys = set(sd)
+    if "patch_embed.weight" in keys:
+        return "mmt-fast"
     if any(k.startswith(("module.v.", "v.")) for k in keys) or (
         "dist_token" in keys and "pos_embed" in keys
     ):
@@ -171,8 +173,6 @@ def detect_format(sd: Mapping[str, torch.Tensor]) -> str:
         return "timm-mvitv2"
     if "patch_embed.proj.weight" in keys:
         return "slowfast" if sd["patch_embed.proj.weight"].ndim == 5 else "timm-mvitv2"
-    if "patch_embed.weight" in keys:
-        return "mmt-fast"
     raise CheckpointError(
         f"cannot tell the format of this checkpoint (keys like {sorted(keys)[:6]}); "
         f"name it: one of {', '.join(FORMATS)}"
@@ -367,12 +367,13 @@ def _fit(
         problems.append(f"the checkpoint has {depth[0]} blocks, the model {depth[1]}")
     used: set[str] = set()
     is_ast = hasattr(model, "dist_token")
+    from_ast = report.source == "ast"  # AST / DeiT names: mlp_head, DeiT's head and head_dist
 
     def use(key: str, value: torch.Tensor) -> None:
         out[key] = value.detach().to(target[key].dtype)
 
     for key, want in target.items():
-        src_key = "mlp_" + key if is_ast and key.startswith("head.") else key  # AST's mlp_head
+        src_key = "mlp_" + key if from_ast and key.startswith("head.") else key
         have = src.get(src_key)
         if have is None:
             if key.startswith("head.") or key == "cls_token":
@@ -418,7 +419,7 @@ def _fit(
             out[key] = want
 
     for key in sorted(set(src) - used):
-        if is_ast and key.startswith(("head.", "head_dist.")):
+        if from_ast and key.startswith(("head.", "head_dist.")):
             report.dropped.append((key, "DeiT's ImageNet classifiers (AST uses its mlp_head)"))
         elif key.startswith(("head.", "mlp_head.")):
             report.dropped.append((key, "the model has no classifier head"))

@@ -423,6 +423,12 @@ def test_ast_checkpoint_is_exact(tmp_path):
     spec = torch.randn(2, 64, 32, dtype=torch.float64)  # (B, T, F), AST's layout
     with torch.no_grad():
         assert _close(ours.double()(spec.transpose(1, 2)[:, None]), ref.double()(spec)) < TOL
+    # what `mmt-fast convert` writes (our names) loads back exactly, head included
+    mine = tmp_path / "ast.safetensors"
+    save_file(ours.state_dict(), str(mine))
+    again = AST(cfg=ours.cfg, num_classes=7).double()
+    assert load_pretrained(again, mine).exact
+    assert all(torch.equal(v, ours.state_dict()[k]) for k, v in again.state_dict().items())
 
 
 @pytest.mark.parametrize(
