@@ -69,7 +69,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import dispatch
+from kernels import dispatch, tuning
 from kernels._common import acc_dtype, tl_acc_dtype
 
 OP_NAME = "relpos_attention"
@@ -159,48 +159,71 @@ def relpos_attention_ref(
 # ----------------------------------------------------------------------------- kernels
 
 
-def _configs() -> list[triton.Config]:
-    if dispatch.interpreting():
-        # The interpreter breaks with two or more autotune configs.
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        # (32, 32, 4, 1) fits shared memory for every supported dtype and head dim (checked
-        # by compiling for sm_90); autotune skips the configs that do not fit.
-        for bm, bn, w, s in (
-            (64, 64, 4, 2),
-            (128, 64, 8, 2),
-            (128, 32, 4, 3),
-            (64, 32, 4, 3),
-            (32, 32, 4, 1),
-        )
-    ]
+def _configs(kernel: str) -> list[triton.Config]:
+    # Each entry checked by the compile gate (sm_90, bf16/fp16, MAT and MViTv2 shapes): no
+    # spills, within shared memory, HGMMA matmuls. The first is the pinned one.
+    entries = {
+        "_fwd_kernel": [
+            ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 2),
+            ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2),
+            ({"BLOCK_M": 128, "BLOCK_N": 128}, 8, 2),
+        ],
+        "_bwd_dkdv_kernel": [
+            ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2),
+            ({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 2),
+            ({"BLOCK_M": 64, "BLOCK_N": 128}, 8, 2),
+        ],
+    }[kernel]
+    return tuning.configs(OP_NAME, kernel, entries, ({"BLOCK_M": 16, "BLOCK_N": 16}, 4, 1))
 
 
 @triton.jit
-def _tile_bias(
-    rel_rows,
-    row_sp,
-    cols,
-    Nk,
-    HAS_CLS: tl.constexpr,
-    K1: tl.constexpr,
-    K2: tl.constexpr,
-    USE0: tl.constexpr,
-    USE1: tl.constexpr,
-    USE2: tl.constexpr,
-    OFF0: tl.constexpr,
-    OFF1: tl.constexpr,
-    OFF2: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """bias[i, j] = sum_a relq_a[i, j_a] for a (BLOCK_M, BLOCK_N) tile; 0 off the spatial part."""
-    # The CLS column has js = -1; clamp so masked-off addresses stay in range.
-    js = tl.maximum(cols - HAS_CLS, 0)
-    mask = row_sp[:, None] & ((cols >= HAS_CLS) & (cols < Nk))[None, :]
-    bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+def _onehot(js, STRIDE: tl.constexpr, KA: tl.constexpr, W: tl.constexpr, DT: tl.constexpr):
+    """(W, BLOCK_N) one-hot of the keys' coordinate along one axis: [w == (j // STRIDE) % KA]."""
+    c = (js // STRIDE) % KA
+    return (tl.arange(0, W)[:, None] == c[None, :]).to(DT)
+
+
+@triton.jit
+def _rel_window(rel_rows, row_sp, OFF: tl.constexpr, KA: tl.constexpr, W: tl.constexpr):
+    """(BLOCK_M, W) relq columns OFF .. OFF + KA of these rows (0 past KA and off the rows)."""
+    w = tl.arange(0, W)
+    return tl.load(rel_rows[:, None] + OFF + w[None, :], mask=row_sp[:, None] & (w < KA)[None, :],
+                   other=0.0)  # fmt: skip
+
+
+@triton.jit
+def _bias_aligned(
+    rel_rows, row_sp, start, offs_n,
+    K1: tl.constexpr, K2: tl.constexpr, USE0: tl.constexpr, USE1: tl.constexpr,
+    OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """Bias of a key tile that lies inside one row of the fastest axis (K2 % BLOCK_N == 0).
+
+    The fastest coordinate runs over c0 .. c0 + BLOCK_N - 1: one contiguous (BLOCK_M, BLOCK_N)
+    load; the slower coordinates are constant over the tile: one column each, broadcast.
+    """
+    r = start // K2
+    c0 = start % K2
+    bias = tl.load(rel_rows[:, None] + OFF2 + c0 + offs_n[None, :], mask=row_sp[:, None],
+                   other=0.0).to(ACC)  # fmt: skip
+    if USE1:
+        bias += tl.load(rel_rows + OFF1 + r % K1, mask=row_sp, other=0.0).to(ACC)[:, None]
+    if USE0:
+        bias += tl.load(rel_rows + OFF0 + r // K1, mask=row_sp, other=0.0).to(ACC)[:, None]
+    return bias
+
+
+@triton.jit
+def _bias_gather(
+    rel_rows, row_sp, js, col_in,
+    K1: tl.constexpr, K2: tl.constexpr,
+    USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
+    OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """General fallback (an axis longer than 64 that BLOCK_N does not divide): per element."""
+    mask = row_sp[:, None] & col_in[None, :]
+    bias = tl.zeros([rel_rows.shape[0], js.shape[0]], dtype=ACC)
     if USE0:
         c0 = js // (K1 * K2)
         bias += tl.load(rel_rows[:, None] + OFF0 + c0[None, :], mask=mask, other=0.0).to(ACC)
@@ -213,18 +236,29 @@ def _tile_bias(
     return bias
 
 
-@triton.autotune(configs=_configs(), key=["Nq", "Nk", "BLOCK_D"])
+@triton.jit
+def _cls_key(q, K, V, offs_d, d_in, skd, svd, qk_scale, ACC: tl.constexpr):
+    """The CLS key, peeled off the key loop so that key tiles align with the grid:
+    (its score in log2 units (BLOCK_M,), k_cls (BLOCK_D,), v_cls (BLOCK_D,))."""
+    kc = tl.load(K + offs_d * skd, mask=d_in, other=0.0)
+    vc = tl.load(V + offs_d * svd, mask=d_in, other=0.0)
+    s = tl.sum(q.to(ACC) * kc.to(ACC)[None, :], 1) * qk_scale
+    return s, kc, vc
+
+
+@triton.autotune(configs=_configs("_fwd_kernel"), key=["Nq", "Nk", "BH", "BLOCK_D"])
 @triton.jit
 def _fwd_kernel(
     Q, K, V, REL, OUT, LSE,
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
-    H, Nq, Nk, D, qk_scale,
+    H, BH, Nq, Nk, D, qk_scale,
     HAS_CLS: tl.constexpr,
-    K1: tl.constexpr, K2: tl.constexpr,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
     OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KSUM: tl.constexpr,
+    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, FULL: tl.constexpr,
     RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -235,6 +269,7 @@ def _fwd_kernel(
     Q += b * sqb + h * sqh
     K += b * skb + h * skh
     V += b * svb + h * svh
+    ALIGNED: tl.constexpr = USE2 and (K2 % BLOCK_N == 0)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -249,30 +284,63 @@ def _fwd_kernel(
         mask=row_in[:, None] & d_in[None, :],
         other=0.0,
     )
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
-    l_i = tl.zeros([BLOCK_M], dtype=ACC)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
-    for start_n in range(0, Nk, BLOCK_N):
-        cols = start_n + offs_n
-        col_in = cols < Nk
+    if HAS_CLS:
+        m_i, _kc, vc = _cls_key(q, K, V, offs_d, d_in, skd, svd, qk_scale, ACC)
+        l_i = tl.full([BLOCK_M], 1.0, dtype=ACC)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC) + vc.to(ACC)[None, :]
+        K += skn
+        V += svn
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+        l_i = tl.zeros([BLOCK_M], dtype=ACC)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    if not ALIGNED and FULL:
+        # Every axis is short (<= 64): its relq columns stay in registers for the whole loop
+        # and the bias of a tile is sum_a relq_a @ onehot_a, on the tensor cores.
+        if USE0:
+            r0 = _rel_window(rel_rows, row_sp, OFF0, K0, W0)
+        if USE1:
+            r1 = _rel_window(rel_rows, row_sp, OFF1, K1, W1)
+        if USE2:
+            r2 = _rel_window(rel_rows, row_sp, OFF2, K2, W2)
+    NKS = Nk - HAS_CLS
+    for start in range(0, NKS, BLOCK_N):
+        js = start + offs_n
+        col_in = js < NKS
         kt = tl.load(
-            K + cols[None, :] * skn + offs_d[:, None] * skd,
+            K + js[None, :] * skn + offs_d[:, None] * skd,
             mask=col_in[None, :] & d_in[:, None],
             other=0.0,
         )
         # Scores in log2 units: exp2 is the native instruction.
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
-        s += _LOG2E_C * _tile_bias(
-            rel_rows, row_sp, cols, Nk, HAS_CLS, K1, K2, USE0, USE1, USE2,
-            OFF0, OFF1, OFF2, ACC, BLOCK_M, BLOCK_N,
-        )  # fmt: skip
+        if ALIGNED:
+            s += _LOG2E_C * _bias_aligned(
+                rel_rows, row_sp, start, offs_n, K1, K2, USE0, USE1, OFF0, OFF1, OFF2, ACC
+            )
+        elif FULL:
+            bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+            if USE0:
+                bias = tl.dot(r0, _onehot(js, K1 * K2, K0, W0, r0.dtype), bias,
+                              input_precision=DOT_PREC, out_dtype=ACC)  # fmt: skip
+            if USE1:
+                bias = tl.dot(r1, _onehot(js, K2, K1, W1, r1.dtype), bias,
+                              input_precision=DOT_PREC, out_dtype=ACC)  # fmt: skip
+            if USE2:
+                bias = tl.dot(r2, _onehot(js, 1, K2, W2, r2.dtype), bias,
+                              input_precision=DOT_PREC, out_dtype=ACC)  # fmt: skip
+            s += _LOG2E_C * bias
+        elif USE2:
+            s += _LOG2E_C * _bias_gather(
+                rel_rows, row_sp, js, col_in, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, ACC
+            )
         s = tl.where(col_in[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         vb = tl.load(
-            V + cols[:, None] * svn + offs_d[None, :] * svd,
+            V + js[:, None] * svn + offs_d[None, :] * svd,
             mask=col_in[:, None] & d_in[None, :],
             other=0.0,
         )
@@ -293,38 +361,53 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_delta_kernel(
-    OUT, DO, Q, DELTA,
+    OUT, DO, Q, K, V, LSE, DELTA, DS_CLS, P_CLS,
     sob, soh, son, sod,
     sdb, sdh, sdn, sdd,
     sqb, sqh, sqn, sqd,
-    H, Nq, D,
-    RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    H, Nq, D, qk_scale,
+    HAS_CLS: tl.constexpr, RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """delta[i] = sum_d dO[i, d] * (out[i, d] - residual * q[i, d]) = rowsum(dP * P)."""
+    """delta[i] = sum_d dO[i, d] * (out[i, d] - residual * q[i, d]) = rowsum(dP * P); with a
+    CLS token also the CLS key's column: P[i, cls] and dS[i, cls] = P (dP - delta)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (rows < Nq)[:, None] & (offs_d < D)[None, :]
+    d_in = offs_d < D
+    mask = (rows < Nq)[:, None] & d_in[None, :]
     o = tl.load(
         OUT + b * sob + h * soh + rows[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0
     ).to(ACC)
-    if RESIDUAL:
-        o -= tl.load(
+    if RESIDUAL or HAS_CLS:
+        q = tl.load(
             Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :] * sqd,
-            mask=mask & (rows >= RES_FROM)[:, None],
+            mask=mask,
             other=0.0,
-        ).to(ACC)
+        )
+    if RESIDUAL:
+        o -= tl.where((rows >= RES_FROM)[:, None], q.to(ACC), 0.0)
     do = tl.load(
         DO + b * sdb + h * sdh + rows[:, None] * sdn + offs_d[None, :] * sdd, mask=mask, other=0.0
     ).to(ACC)
-    tl.store(DELTA + pid_bh * Nq + rows, tl.sum(o * do, 1), mask=rows < Nq)
+    delta = tl.sum(o * do, 1)
+    tl.store(DELTA + pid_bh * Nq + rows, delta, mask=rows < Nq)
+    if HAS_CLS:
+        s, _kc, vc = _cls_key(q, K + b * skb + h * skh, V + b * svb + h * svh, offs_d, d_in,
+                              skd, svd, qk_scale, ACC)  # fmt: skip
+        lse = tl.load(LSE + pid_bh * Nq + rows, mask=rows < Nq, other=0.0)
+        p = tl.exp2(s - lse)
+        dp = tl.sum(do * vc.to(ACC)[None, :], 1)
+        tl.store(P_CLS + pid_bh * Nq + rows, p, mask=rows < Nq)
+        tl.store(DS_CLS + pid_bh * Nq + rows, p * (dp - delta), mask=rows < Nq)
 
 
-@triton.autotune(configs=_configs(), key=["Nq", "Nk", "BLOCK_D"])
+@triton.autotune(configs=_configs("_bwd_dkdv_kernel"), key=["Nq", "Nk", "BH", "BLOCK_D"])
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, REL, DO, LSE, DELTA, DK, DV,
@@ -332,33 +415,46 @@ def _bwd_dkdv_kernel(
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sdb, sdh, sdn, sdd,
-    H, Nq, Nk, D, sm_scale, qk_scale,
+    H, BH, Nq, Nk, D, sm_scale, qk_scale,
     HAS_CLS: tl.constexpr,
-    K1: tl.constexpr, K2: tl.constexpr,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
     OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KSUM: tl.constexpr,
+    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, FULL: tl.constexpr,
     ACC: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """dV = P^T dO, dK = scale * dS^T Q for one key block, looping over all query blocks."""
+    """dV = P^T dO, dK = scale * dS^T Q for one block of spatial keys, looping over all
+    query blocks (the CLS key's dK, dV are two GEMVs in the launcher)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     Q += b * sqb + h * sqh
-    K += b * skb + h * skh
-    V += b * svb + h * svh
+    K += b * skb + h * skh + HAS_CLS * skn
+    V += b * svb + h * svh + HAS_CLS * svn
     DO += b * sdb + h * sdh
     REL += pid_bh * (Nq - HAS_CLS) * KSUM
+    ALIGNED: tl.constexpr = USE2 and (K2 % BLOCK_N == 0)
 
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    NKS = Nk - HAS_CLS
+    start = pid_n * BLOCK_N
+    offs_n = tl.arange(0, BLOCK_N)
+    js = start + offs_n
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    col_in = cols < Nk
+    col_in = js < NKS
     d_in = offs_d < D
     kv_mask = col_in[:, None] & d_in[None, :]
-    kb = tl.load(K + cols[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-    vb = tl.load(V + cols[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    kb = tl.load(K + js[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+    vb = tl.load(V + js[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    if not ALIGNED and FULL:
+        if USE0:
+            oh0 = _onehot(js, K1 * K2, K0, W0, kb.dtype)
+        if USE1:
+            oh1 = _onehot(js, K2, K1, W1, kb.dtype)
+        if USE2:
+            oh2 = _onehot(js, 1, K2, W2, kb.dtype)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     for start_m in range(0, Nq, BLOCK_M):
@@ -372,46 +468,52 @@ def _bwd_dkdv_kernel(
         delta = tl.load(DELTA + pid_bh * Nq + rows, mask=row_in, other=0.0)
         rel_rows = REL + tl.maximum(rows - HAS_CLS, 0) * KSUM
         s = tl.dot(q, tl.trans(kb), input_precision=DOT_PREC) * qk_scale
-        s += _LOG2E_C * _tile_bias(
-            rel_rows, row_sp, cols, Nk, HAS_CLS, K1, K2, USE0, USE1, USE2,
-            OFF0, OFF1, OFF2, ACC, BLOCK_M, BLOCK_N,
-        )  # fmt: skip
+        if ALIGNED:
+            s += _LOG2E_C * _bias_aligned(
+                rel_rows, row_sp, start, offs_n, K1, K2, USE0, USE1, OFF0, OFF1, OFF2, ACC
+            )
+        elif FULL:
+            bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+            if USE0:
+                r0 = _rel_window(rel_rows, row_sp, OFF0, K0, W0)
+                bias = tl.dot(r0, oh0, bias, input_precision=DOT_PREC, out_dtype=ACC)
+            if USE1:
+                r1 = _rel_window(rel_rows, row_sp, OFF1, K1, W1)
+                bias = tl.dot(r1, oh1, bias, input_precision=DOT_PREC, out_dtype=ACC)
+            if USE2:
+                r2 = _rel_window(rel_rows, row_sp, OFF2, K2, W2)
+                bias = tl.dot(r2, oh2, bias, input_precision=DOT_PREC, out_dtype=ACC)
+            s += _LOG2E_C * bias
+        elif USE2:
+            s += _LOG2E_C * _bias_gather(
+                rel_rows, row_sp, js, col_in, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, ACC
+            )
         p = tl.where(row_in[:, None] & col_in[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
         dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
 
-    out_off = pid_bh * Nk * D + cols[:, None] * D + offs_d[None, :]
+    out_off = pid_bh * Nk * D + (HAS_CLS + js[:, None]) * D + offs_d[None, :]
     tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
-def _accumulate_drel(
-    drel_rows,
-    row_sp,
-    ds,
-    js,
-    js0,
-    col_sp,
-    OFF: tl.constexpr,
-    KA: tl.constexpr,
-    STRIDE: tl.constexpr,
-    DIRECT: tl.constexpr,
-    W: tl.constexpr,
-    ACC: tl.constexpr,
-    REL_PREC: tl.constexpr,
-):
-    """d_relq[i, OFF + y] += sum over this tile's keys j with j_a = y of dS[i, j]."""
+def _accumulate_drel_atomic(
+    drel_rows, row_sp, ds, js, js0, col_sp,
+    OFF: tl.constexpr, KA: tl.constexpr, STRIDE: tl.constexpr, DIRECT: tl.constexpr,
+    W: tl.constexpr, ACC: tl.constexpr, REL_PREC: tl.constexpr,
+):  # fmt: skip
+    """Gather fallback: d_relq[i, OFF + y] += sum over this tile's keys with j_a = y of dS[i, j]."""
     c = (js // STRIDE) % KA
     if DIRECT:
         # ka >= BLOCK_N on the fastest axis: the tile's keys have distinct j_a.
         mask = row_sp[:, None] & col_sp[None, :]
         tl.atomic_add(drel_rows[:, None] + OFF + c[None, :], ds, mask=mask, sem="relaxed")
     else:
-        # u = j_a relative to the tile's first key, mod ka, lies in [0, W) (see module doc):
-        # window column u holds one distinct y = (c0 + u) % ka.
+        # u = j_a relative to the tile's first key, mod ka, lies in [0, W): window column u
+        # holds one distinct y = (c0 + u) % ka.
         c0 = (js0 // STRIDE) % KA
         u = (c - c0 + KA) % KA
         w = tl.arange(0, W)
@@ -423,8 +525,19 @@ def _accumulate_drel(
 
 
 @triton.jit
+def _dq_tile(
+    q, do, lse, delta, kb, vb, s_bias, row_in, col_in, qk_scale, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """dS of one tile (fp32) from the recomputed P: dS = P (dO V^T - delta)."""
+    s = tl.dot(q, tl.trans(kb), input_precision=DOT_PREC) * qk_scale + s_bias
+    p = tl.where(row_in[:, None] & col_in[None, :], tl.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PREC)
+    return p * (dp - delta[:, None])
+
+
+@triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, REL, DO, LSE, DELTA, DQ, DREL,
+    Q, K, V, REL, DO, LSE, DELTA, DS_CLS, DQ, DREL, DSLOW,
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -434,19 +547,29 @@ def _bwd_dq_kernel(
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
     OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KSUM: tl.constexpr,
+    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, FULL: tl.constexpr,
     DIRECT0: tl.constexpr, DIRECT1: tl.constexpr, DIRECT2: tl.constexpr,
-    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
+    GW0: tl.constexpr, GW1: tl.constexpr, GW2: tl.constexpr,
     RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
     REL_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """dQ = scale * dS K (+ dO) and d_relq for one query block, looping over all key blocks."""
+    """dQ = scale * dS K (+ dO) and d_relq for one query block, looping over all key blocks.
+
+    d_relq without atomics: aligned tiles (K2 % BLOCK_N == 0) loop over the fastest axis'
+    column blocks outside and the slow rows inside, so the fastest axis' d_relq block is a
+    register accumulator stored once, and each tile's row sum (the slow axes' share) is
+    stored to DSLOW (B H, Nq - cls, rows x column blocks) and summed by the launcher; short
+    axes (FULL) accumulate dS @ onehot_a^T in registers. Other shapes use atomics.
+    """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     K += b * skb + h * skh
     V += b * svb + h * svh
+    ALIGNED: tl.constexpr = USE2 and (K2 % BLOCK_N == 0)
+    NCB: tl.constexpr = K2 // BLOCK_N
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -472,38 +595,117 @@ def _bwd_dq_kernel(
     lse = tl.load(LSE + pid_bh * Nq + rows, mask=row_in, other=0.0)
     delta = tl.load(DELTA + pid_bh * Nq + rows, mask=row_in, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
-    for start_n in range(0, Nk, BLOCK_N):
-        cols = start_n + offs_n
-        col_in = cols < Nk
-        kv_mask = col_in[:, None] & d_in[None, :]
-        kb = tl.load(K + cols[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-        vb = tl.load(V + cols[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(kb), input_precision=DOT_PREC) * qk_scale
-        s += _LOG2E_C * _tile_bias(
-            rel_rows, row_sp, cols, Nk, HAS_CLS, K1, K2, USE0, USE1, USE2,
-            OFF0, OFF1, OFF2, ACC, BLOCK_M, BLOCK_N,
-        )  # fmt: skip
-        p = tl.where(row_in[:, None] & col_in[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kb.dtype), kb, input_precision=DOT_PREC)
-
-        js = tl.maximum(cols - HAS_CLS, 0)
-        js0 = tl.maximum(start_n - HAS_CLS, 0)
-        col_sp = col_in & (cols >= HAS_CLS)
-        if USE0:
-            _accumulate_drel(
-                drel_rows, row_sp, ds, js, js0, col_sp, OFF0, K0, K1 * K2, DIRECT0, W0, ACC,
-                REL_PREC,
-            )  # fmt: skip
-        if USE1:
-            _accumulate_drel(
-                drel_rows, row_sp, ds, js, js0, col_sp, OFF1, K1, K2, DIRECT1, W1, ACC, REL_PREC
-            )
-        if USE2:
-            _accumulate_drel(
-                drel_rows, row_sp, ds, js, js0, col_sp, OFF2, K2, 1, DIRECT2, W2, ACC, REL_PREC
-            )
+    if HAS_CLS:
+        kc = tl.load(K + offs_d * skd, mask=d_in, other=0.0)
+        ds_c = tl.load(DS_CLS + pid_bh * Nq + rows, mask=row_in, other=0.0)
+        dq += ds_c[:, None] * kc.to(ACC)[None, :]
+        K += skn
+        V += svn
+    NKS = Nk - HAS_CLS
+    if ALIGNED:
+        NR = NKS // K2
+        slow_rows = DSLOW + (pid_bh * (Nq - HAS_CLS) + tl.maximum(rows - HAS_CLS, 0)) * NR * NCB
+        for cb in range(NCB):
+            d2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+            for r in range(0, NR):
+                start = r * K2 + cb * BLOCK_N
+                js = start + offs_n
+                kb = tl.load(K + js[:, None] * skn + offs_d[None, :] * skd, mask=d_in[None, :],
+                             other=0.0)  # fmt: skip
+                vb = tl.load(V + js[:, None] * svn + offs_d[None, :] * svd, mask=d_in[None, :],
+                             other=0.0)  # fmt: skip
+                bias = _LOG2E_C * _bias_aligned(
+                    rel_rows, row_sp, start, offs_n, K1, K2, USE0, USE1, OFF0, OFF1, OFF2, ACC
+                )
+                ds = _dq_tile(q, do, lse, delta, kb, vb, bias, row_in, js < NKS, qk_scale,
+                              DOT_PREC)  # fmt: skip
+                dq += tl.dot(ds.to(kb.dtype), kb, input_precision=DOT_PREC)
+                d2 += ds
+                if USE1:
+                    tl.store(slow_rows + r * NCB + cb, tl.sum(ds, 1), mask=row_sp)
+            tl.store(drel_rows[:, None] + OFF2 + cb * BLOCK_N + offs_n[None, :], d2,
+                     mask=row_sp[:, None])  # fmt: skip
+    else:
+        if FULL:
+            if USE0:
+                r0 = _rel_window(rel_rows, row_sp, OFF0, K0, W0)
+                g0 = tl.zeros([BLOCK_M, W0], dtype=ACC)
+            if USE1:
+                r1 = _rel_window(rel_rows, row_sp, OFF1, K1, W1)
+                g1 = tl.zeros([BLOCK_M, W1], dtype=ACC)
+            if USE2:
+                r2 = _rel_window(rel_rows, row_sp, OFF2, K2, W2)
+                g2 = tl.zeros([BLOCK_M, W2], dtype=ACC)
+        for start in range(0, NKS, BLOCK_N):
+            js = start + offs_n
+            col_in = js < NKS
+            kv_mask = col_in[:, None] & d_in[None, :]
+            kb = tl.load(K + js[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+            vb = tl.load(V + js[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+            if FULL:
+                bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+                if USE0:
+                    oh0 = _onehot(js, K1 * K2, K0, W0, kb.dtype)
+                    bias = tl.dot(r0, oh0, bias, input_precision=DOT_PREC, out_dtype=ACC)
+                if USE1:
+                    oh1 = _onehot(js, K2, K1, W1, kb.dtype)
+                    bias = tl.dot(r1, oh1, bias, input_precision=DOT_PREC, out_dtype=ACC)
+                if USE2:
+                    oh2 = _onehot(js, 1, K2, W2, kb.dtype)
+                    bias = tl.dot(r2, oh2, bias, input_precision=DOT_PREC, out_dtype=ACC)
+                bias = bias * _LOG2E_C
+            elif USE2:
+                bias = _LOG2E_C * _bias_gather(
+                    rel_rows, row_sp, js, col_in, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, ACC
+                )
+            else:
+                bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+            ds = _dq_tile(q, do, lse, delta, kb, vb, bias, row_in, col_in, qk_scale, DOT_PREC)
+            dq += tl.dot(ds.to(kb.dtype), kb, input_precision=DOT_PREC)
+            if FULL:
+                # d_relq_a += dS @ onehot_a^T (dS rounded to tf32 for 16-bit inputs)
+                if USE0:
+                    g0 = tl.dot(
+                        ds, tl.trans(oh0.to(ACC)), g0, input_precision=REL_PREC, out_dtype=ACC
+                    )
+                if USE1:
+                    g1 = tl.dot(
+                        ds, tl.trans(oh1.to(ACC)), g1, input_precision=REL_PREC, out_dtype=ACC
+                    )
+                if USE2:
+                    g2 = tl.dot(
+                        ds, tl.trans(oh2.to(ACC)), g2, input_precision=REL_PREC, out_dtype=ACC
+                    )
+            else:
+                col_sp = col_in
+                if USE0:
+                    _accumulate_drel_atomic(
+                        drel_rows, row_sp, ds, js, start, col_sp, OFF0, K0, K1 * K2, DIRECT0,
+                        GW0, ACC, REL_PREC,
+                    )  # fmt: skip
+                if USE1:
+                    _accumulate_drel_atomic(
+                        drel_rows, row_sp, ds, js, start, col_sp, OFF1, K1, K2, DIRECT1, GW1,
+                        ACC, REL_PREC,
+                    )  # fmt: skip
+                if USE2:
+                    _accumulate_drel_atomic(
+                        drel_rows, row_sp, ds, js, start, col_sp, OFF2, K2, 1, DIRECT2, GW2,
+                        ACC, REL_PREC,
+                    )  # fmt: skip
+        if FULL:
+            if USE0:
+                w0 = tl.arange(0, W0)
+                tl.store(drel_rows[:, None] + OFF0 + w0[None, :], g0,
+                         mask=row_sp[:, None] & (w0 < K0)[None, :])  # fmt: skip
+            if USE1:
+                w1 = tl.arange(0, W1)
+                tl.store(drel_rows[:, None] + OFF1 + w1[None, :], g1,
+                         mask=row_sp[:, None] & (w1 < K1)[None, :])  # fmt: skip
+            if USE2:
+                w2 = tl.arange(0, W2)
+                tl.store(drel_rows[:, None] + OFF2 + w2[None, :], g2,
+                         mask=row_sp[:, None] & (w2 < K2)[None, :])  # fmt: skip
 
     dq = dq * sm_scale
     if RESIDUAL:
@@ -527,16 +729,21 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
+_FULL_MAX = 64  # axes up to this long keep their relq columns in registers (one-hot path)
+
+
 def _geometry(n_tables: int, k_grid: Grid, has_cls: bool) -> dict:
     """Constexpr description of the key grid, padded to 3-D, and of relq's column layout."""
     k3 = (1,) * (3 - len(k_grid)) + tuple(k_grid)
-    use = [a >= 3 - n_tables for a in range(3)]
+    use = [n_tables > 0 and a >= 3 - n_tables for a in range(3)]
     offs, off = [], 0
     for a in range(3):
         offs.append(off)
         off += k3[a] if use[a] else 0
+    widths = [max(16, triton.next_power_of_2(k)) for k in k3]
     return dict(
         HAS_CLS=int(has_cls),
+        K0=k3[0],
         K1=k3[1],
         K2=k3[2],
         USE0=use[0],
@@ -546,29 +753,29 @@ def _geometry(n_tables: int, k_grid: Grid, has_cls: bool) -> dict:
         OFF1=offs[1],
         OFF2=offs[2],
         KSUM=max(off, 1),
+        W0=widths[0],
+        W1=widths[1],
+        W2=widths[2],
+        FULL=all(k <= _FULL_MAX for k, u in zip(k3, use) if u),
     )
 
 
 def _window(ka: int, stride: int, block_n: int) -> tuple[bool, int]:
-    """(direct, W) for the d_relq sum along an axis of ka keys with flattened stride ``stride``.
-
-    A tile of block_n consecutive keys spans at most (block_n + stride - 2) // stride + 1
-    values of the axis coordinate (fewer than ka when the axis is short).
-    """
+    """(direct, W) for the gather fallback's d_relq sum along an axis of ka keys with
+    flattened stride ``stride``: a tile of block_n consecutive keys spans at most
+    (block_n + stride - 2) // stride + 1 values of the axis coordinate."""
     direct = stride == 1 and ka >= block_n
     span = min(ka, (block_n + stride - 2) // stride + 1)
     return direct, max(16, triton.next_power_of_2(span))
 
 
-def _dq_blocks(block_d: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dQ kernel (not autotuned: it uses atomics)."""
+def _dq_blocks(block_d: int, k2: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dQ kernel (one config: checked by the
+    compile gate; BLOCK_N divides the fastest key axis when it can, for the aligned path)."""
     if dispatch.interpreting():
         return 16, 16, 4, 1
-    if block_d <= 64:
-        return 64, 64, 4, 2
-    if block_d <= 128:
-        return 64, 32, 4, 2
-    return 32, 32, 4, 1
+    block_n = 64 if k2 % 64 == 0 or k2 < 64 else 32
+    return 64, block_n, 4, 2
 
 
 def _relq_packed(
@@ -611,10 +818,10 @@ def _launch_fwd(
     _fwd_kernel[grid](
         q, k, v, rel, out, lse,
         *q.stride(), *k.stride(), *v.stride(),
-        H, Nq, Nk, D, scale * _LOG2E,
+        H, B * H, Nq, Nk, D, scale * _LOG2E,
         **geo,
-        RESIDUAL=residual, RES_FROM=res_from, ACC=tl_acc_dtype(q.dtype), DOT_PREC=_dot_precision(q.dtype),
-        BLOCK_D=_block_d(D),
+        RESIDUAL=residual, RES_FROM=res_from, ACC=tl_acc_dtype(q.dtype),
+        DOT_PREC=_dot_precision(q.dtype), BLOCK_D=_block_d(D),
     )  # fmt: skip
     return out, lse
 
@@ -648,39 +855,55 @@ def _launch_bwd(
     prec = _dot_precision(q.dtype)
 
     delta = torch.empty((B, H, Nq), dtype=acc, device=q.device)
+    ds_cls = torch.empty((B, H, Nq), dtype=acc, device=q.device) if has_cls else delta
+    p_cls = torch.empty((B, H, Nq), dtype=acc, device=q.device) if has_cls else delta
     block_m_delta = 16 if dispatch.interpreting() else 64
     _bwd_delta_kernel[(triton.cdiv(Nq, block_m_delta), B * H)](
-        out, dout, q, delta,
-        *out.stride(), *dout.stride(), *q.stride(),
-        H, Nq, D,
-        RESIDUAL=residual, RES_FROM=res_from, ACC=ACC, BLOCK_M=block_m_delta, BLOCK_D=block_d,
+        out, dout, q, k, v, lse, delta, ds_cls, p_cls,
+        *out.stride(), *dout.stride(), *q.stride(), *k.stride(), *v.stride(),
+        H, Nq, D, scale * _LOG2E,
+        HAS_CLS=bool(has_cls), RESIDUAL=residual, RES_FROM=res_from, ACC=ACC,
+        BLOCK_M=block_m_delta, BLOCK_D=block_d,
     )  # fmt: skip
 
     rel = _relq_packed(q, rel_tables, q_grid, k_grid, has_cls)
     geo = _geometry(len(rel_tables), k_grid, has_cls)
 
     def grid_n(meta):
-        return (triton.cdiv(Nk, meta["BLOCK_N"]), B * H)
+        return (triton.cdiv(Nk - int(has_cls), meta["BLOCK_N"]), B * H)
 
     _bwd_dkdv_kernel[grid_n](
         q, k, v, rel, dout, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-        H, Nq, Nk, D, scale, scale * _LOG2E,
+        H, B * H, Nq, Nk, D, scale, scale * _LOG2E,
         **geo,
         ACC=ACC, DOT_PREC=prec, BLOCK_D=block_d,
     )  # fmt: skip
+    if has_cls:
+        # The CLS key's column (peeled off the kernels): dV = P^T dO, dK = scale dS^T Q, with
+        # P and dS rounded to the input dtype as in the kernels' matmuls.
+        dv[:, :, 0] = (p_cls.to(q.dtype).unsqueeze(2) @ dout).squeeze(2)
+        dk[:, :, 0] = ((ds_cls.to(q.dtype).unsqueeze(2) @ q).squeeze(2).to(acc) * scale).to(q.dtype)
 
     k3 = (1,) * (3 - len(k_grid)) + tuple(k_grid)
-    block_m, block_n, warps, stages = _dq_blocks(block_d)
+    block_m, block_n, warps, stages = _dq_blocks(block_d, k3[2])
     windows = [_window(k3[a], math.prod(k3[a + 1 :]), block_n) for a in range(3)]
-    drel = torch.zeros((B, H, math.prod(q_grid), geo["KSUM"]), dtype=acc, device=q.device)
+    nq_sp = math.prod(q_grid)
+    drel = torch.zeros((B, H, nq_sp, geo["KSUM"]), dtype=acc, device=q.device)
+    aligned = bool(geo["USE2"]) and k3[2] % block_n == 0
+    n_rows, n_cb = math.prod(k3[:2]), k3[2] // block_n
+    dslow = (
+        torch.empty((B, H, nq_sp, n_rows * n_cb), dtype=acc, device=q.device)
+        if aligned and geo["USE1"]
+        else drel
+    )
     _bwd_dq_kernel[(triton.cdiv(Nq, block_m), B * H)](
-        q, k, v, rel, dout, lse, delta, dq, drel,
+        q, k, v, rel, dout, lse, delta, ds_cls, dq, drel, dslow,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
         H, Nq, Nk, D, scale, scale * _LOG2E,
-        K0=k3[0], **geo,
+        **geo,
         DIRECT0=windows[0][0], DIRECT1=windows[1][0], DIRECT2=windows[2][0],
-        W0=windows[0][1], W1=windows[1][1], W2=windows[2][1],
+        GW0=windows[0][1], GW1=windows[1][1], GW2=windows[2][1],
         RESIDUAL=residual, RES_FROM=res_from, ACC=ACC, DOT_PREC=prec,
         # dS is rounded to tf32 (no underflow, 10-bit mantissa) for 16-bit inputs.
         REL_PREC="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
@@ -688,6 +911,12 @@ def _launch_bwd(
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     del rel
+    if aligned and geo["USE1"]:
+        # Row sums of the aligned tiles: (.., K0 x K1 rows, column blocks) -> the slow axes.
+        slow = dslow.view(B, H, nq_sp, k3[0], k3[1], n_cb).sum(-1)
+        drel[..., geo["OFF1"] : geo["OFF1"] + k3[1]] = slow.sum(3)
+        if geo["USE0"]:
+            drel[..., geo["OFF0"] : geo["OFF0"] + k3[0]] = slow.sum(4)
 
     dtables = _relq_backward(drel, q, dq, rel_tables, q_grid, k_grid, has_cls, geo)
     return [dq, dk, dv, *dtables]

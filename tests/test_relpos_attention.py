@@ -143,6 +143,11 @@ def assert_flash_rule(label, got, ref_low, ref64, dtype, term_scale=0.0):
     err = (got.double() - ref64).abs().max().item()
     torch_err = (ref_low.double() - ref64).abs().max().item()
     atol = ATOL_REL[dtype] * max(ref64.abs().max().item(), term_scale)
+    if label.startswith("dtable"):
+        # A table gradient sums dS q over every query and key; along a short axis (k_a = 1)
+        # its terms cancel to ~0 (softmax rows of dS sum to 0), leaving pure rounding noise:
+        # allow one ulp of the terms' size.
+        atol = max(atol, torch.finfo(dtype).eps * term_scale)
     assert err <= 2 * torch_err + atol, (
         f"{label}: kernel error {err:.3g} > 2 x PyTorch's {torch_err:.3g} + {atol:.2g}"
     )
