@@ -539,7 +539,18 @@ def init_mmt(
 
 
 def convert_main(args) -> int:
-    """``mmt-fast convert``: one checkpoint -> a safetensors file of an mmt-fast model."""
+    """``mmt-fast convert``: one checkpoint -> a safetensors file of an mmt-fast model.
+    A checkpoint that is missing, unsafe or does not fit is reported in one message (exit 2)."""
+    import sys
+
+    try:
+        return _convert(args)
+    except (FileNotFoundError, CheckpointError) as e:
+        print(f"mmt-fast convert: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _convert(args) -> int:
     import json
 
     from safetensors.torch import save_file

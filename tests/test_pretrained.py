@@ -484,6 +484,8 @@ def test_convert_cli_round_trip(tmp_path, capsys):
     log = capsys.readouterr().out
     assert "adapted patch_embed.weight: RGB kernels summed" in log and "[3/3] writing" in log
     assert detect_format(read_checkpoint(out)) == "mmt-fast"
+    assert cli_main([*argv, "--model", "MViT-tiny"]) == 2  # an image checkpoint into video
+    assert "needs a 2-D model" in capsys.readouterr().err
     direct = MAT(cfg=mat_tiny())
     load_pretrained(direct, src)
     again = MAT(cfg=mat_tiny())
