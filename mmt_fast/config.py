@@ -244,7 +244,10 @@ def mvitv2_s_16(**kw) -> MultiscaleConfig:
 
 
 def mvit_tiny(**kw) -> MultiscaleConfig:
-    """A small video encoder for tests: 4x32x32 clips."""
+    """A small video encoder for tests: 4x32x32 clips. It is trained from scratch
+    only, and keeps timm's residual pooling on the CLS row too: on the synthetic
+    demo task MMT-tiny reached 75.0% held-out top-1 without it, below the
+    learning test's 80% (97.9% with it)."""
     base = dict(
         input_size=(4, 32, 32),
         in_chans=3,
@@ -257,7 +260,6 @@ def mvit_tiny(**kw) -> MultiscaleConfig:
         stride_q=((1, 1, 1), (1, 2, 2), (1, 2, 2), (1, 1, 1)),
         stride_kv=((1, 2, 2), (1, 1, 1), (1, 1, 1), (1, 1, 1)),
         kernel_qkv=(3, 3, 3),
-        residual_cls=False,
     )
     base.update(kw)
     return MultiscaleConfig(**base)
