@@ -5,6 +5,7 @@
     mmt-fast train --config FILE [--resume] [KEY=VALUE ...]
     mmt-fast evaluate --config FILE --checkpoint DIR_OR_FILE [--split test] [--views 5] [--out F.json]
     mmt-fast make-synthetic --out DIR [--num-clips N] ...
+    mmt-fast convert --from timm-mvitv2|slowfast|torchvision|ast --checkpoint IN --out OUT.safetensors
     torchrun --nproc_per_node=8 -m mmt_fast.cli train --config FILE   # DDP
 
 ``KEY=VALUE`` overrides use dotted config keys and YAML values, e.g.
@@ -43,6 +44,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from mmt_fast.pretrained import convert_main
+
+    return convert_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmt-fast", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -73,6 +80,50 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-plot", action="store_true", help="skip the confusion-matrix plots")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     e.set_defaults(func=_evaluate)
+
+    c = sub.add_parser(
+        "convert",
+        help="convert a pretrained checkpoint (timm/SlowFast/torchvision MViTv2, AST, DeiT)",
+        description="Map a public checkpoint onto an mmt-fast encoder and write it as "
+        "safetensors (for model.init.audio / model.init.video). Nothing is downloaded.",
+    )
+    c.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        choices=("timm-mvitv2", "slowfast", "torchvision", "ast"),
+        help="timm-mvitv2: timm mvitv2_* or MViT .pyth (ImageNet); slowfast: SlowFast MViTv2 "
+        ".pyth; torchvision: mvit_v2_s state dict; ast: AST checkpoints or DeiT",
+    )
+    c.add_argument("--checkpoint", required=True, help=".pth / .pyth / .safetensors file")
+    c.add_argument("--out", required=True, help="the .safetensors file to write")
+    c.add_argument(
+        "--model",
+        default=None,
+        help="target encoder preset (default: MAT for timm-mvitv2, MViTv2-B-16 for slowfast, "
+        "MViTv2-S-16 for torchvision, AST for ast)",
+    )
+    c.add_argument(
+        "--num-classes",
+        type=int,
+        default=0,
+        help="head of the target (default 0: encoder only, as inside MMT; a checkpoint head "
+        "of the same size is copied)",
+    )
+    c.add_argument(
+        "--source-grid",
+        type=int,
+        nargs=2,
+        metavar=("F", "T"),
+        help="(frequency, time) patch grid of an AST checkpoint's position embeddings, when "
+        "neither 12 x 101 nor the model's own",
+    )
+    c.add_argument(
+        "--non-strict",
+        action="store_true",
+        help="keep the model's initialisation (listed) for tensors that do not fit, instead of failing",
+    )
+    c.set_defaults(func=_convert)
 
     s = sub.add_parser(
         "make-synthetic", help="write a synthetic audio-video dataset", add_help=False

@@ -124,6 +124,8 @@ class MultiScaleAttention(nn.Module):
     Per head: Q = LN(P_Q(x W_Q)), K = LN(P_K(x W_K)), V = LN(P_V(x W_V)) with
     depthwise conv pooling shared across heads;
     out = softmax(Q K^T / sqrt(d) + E_rel) V + Q, then a linear projection.
+    With ``residual_cls=False`` the CLS row gets no "+ Q" (SlowFast's video
+    MViTv2); True adds it on every row (timm's image MViTv2).
     """
 
     def __init__(
@@ -140,6 +142,7 @@ class MultiScaleAttention(nn.Module):
         residual_pooling: bool = True,
         qkv_bias: bool = True,
         eps: float = 1e-6,
+        residual_cls: bool = True,
     ) -> None:
         super().__init__()
         nd = len(input_grid)
@@ -149,6 +152,7 @@ class MultiScaleAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.has_cls = has_cls
         self.residual_pooling = residual_pooling
+        self.residual_cls = residual_cls
         self.kernel = tuple(kernel_qkv)
         self.stride_q = tuple(stride_q)
         self.stride_kv = tuple(stride_kv)
@@ -232,6 +236,7 @@ class MultiScaleAttention(nn.Module):
             self.has_cls,
             self.scale,
             self.residual_pooling,
+            residual_cls=self.residual_cls,
         )
         out = out.transpose(1, 2).reshape(B, -1, self.dim_out)
         return self.proj(out), q_grid
@@ -261,6 +266,7 @@ class MultiScaleBlock(nn.Module):
         qkv_bias: bool = True,
         drop_path: float = 0.0,
         eps: float = 1e-6,
+        residual_cls: bool = True,
     ) -> None:
         super().__init__()
         nd = len(input_grid)
@@ -285,6 +291,7 @@ class MultiScaleBlock(nn.Module):
             residual_pooling=residual_pooling,
             qkv_bias=qkv_bias,
             eps=eps,
+            residual_cls=residual_cls,
         )
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim_out, eps=eps)

@@ -72,6 +72,7 @@ class MultiscaleEncoder(nn.Module):
                     has_cls=cfg.use_cls_token,
                     rel_pos=cfg.rel_pos,
                     residual_pooling=cfg.residual_pooling,
+                    residual_cls=cfg.residual_cls,
                     qkv_bias=cfg.qkv_bias,
                     drop_path=dpr[len(self.blocks)],
                     eps=cfg.norm_eps,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from mmt_fast.data import (
     read_vggsound,
 )
 from mmt_fast.registry import build
-from mmt_fast.train.config import DataSection, TrainConfig
+from mmt_fast.train.config import DataSection, InitSection, TrainConfig
 from mmt_fast.train.sampling import ResumableSampler, SeededDataset, derive_seed
 
 
@@ -99,8 +100,22 @@ def model_config(cfg: TrainConfig, classes: dict | None) -> MMTConfig:
     return mc
 
 
-def build_model(mc: MMTConfig) -> nn.Module:
-    return build(mc)
+def build_model(
+    mc: MMTConfig, init: InitSection | None = None, log: Callable[[str], None] | None = None
+) -> nn.Module:
+    """The model of ``mc``; with ``init``, its encoders loaded from pretrained
+    checkpoints (:func:`mmt_fast.pretrained.init_mmt`), each report passed to ``log``."""
+    model = build(mc)
+    if init is not None:
+        audio, audio_from = init.audio_checkpoint()
+        if audio is not None or init.video is not None:
+            from mmt_fast.pretrained import init_mmt
+
+            reports = init_mmt(model, audio, init.video, audio_from, init.video_from, init.strict)
+            for name, report in reports.items():
+                if log is not None:
+                    log(f"{name} encoder initialised: {report.summary()}")
+    return model
 
 
 def modalities_of(mc: MMTConfig) -> str:

@@ -3,7 +3,7 @@
 A run is described by one YAML file with five sections (every key optional;
 unknown keys are an error, so a typo never passes silently)::
 
-    model:      {preset: MMT, overrides: {num_classes: 309}}
+    model:      {preset: MMT, overrides: {num_classes: 309}, init: {audio: mat.pth}}
     data:       {format: manifest, train: ..., val: ..., test: ..., ...}
     optim:      {lr: 1.0e-4, weight_decay: 0.05, ...}
     schedule:   {warmup_steps: 500, min_lr_ratio: 0.01}
@@ -27,10 +27,50 @@ from typing import Any
 
 import yaml
 
+INIT_FORMATS = ("auto", "mmt-fast", "timm-mvitv2", "slowfast", "torchvision", "ast")
+
+
+@dataclass
+class InitSection:
+    """Pretrained weights for the encoders (:mod:`mmt_fast.pretrained`), loaded
+    when a run starts (not on ``--resume``). Files only: nothing is downloaded.
+
+    ``audio``: a checkpoint for the audio encoder: timm MViTv2 (ImageNet) for
+    MAT, or an AST / DeiT checkpoint when the audio encoder is AST (``ast`` is
+    the same field under AST's name). ``video``: a SlowFast ``.pyth`` or
+    torchvision MViTv2 state dict for the video encoder. Any of them may also
+    be a file written by ``mmt-fast convert``. ``*_from``: the checkpoint's
+    format, ``auto`` to detect it from the key names. ``strict``: every tensor
+    used or its omission explained (see the report in the log), else an error.
+    """
+
+    audio: str | None = None
+    video: str | None = None
+    ast: str | None = None
+    audio_from: str = "auto"
+    video_from: str = "auto"
+    strict: bool = True
+
+    def __post_init__(self) -> None:
+        if self.audio is not None and self.ast is not None:
+            raise ValueError("model.init.audio and model.init.ast both set: give one")
+        for name in ("audio_from", "video_from"):
+            if getattr(self, name) not in INIT_FORMATS:
+                raise ValueError(
+                    f"model.init.{name}={getattr(self, name)!r}; expected one of {INIT_FORMATS}"
+                )
+
+    def audio_checkpoint(self) -> tuple[str | None, str]:
+        """(path, format) for the audio encoder."""
+        if self.ast is not None:
+            return self.ast, "ast" if self.audio_from == "auto" else self.audio_from
+        return self.audio, self.audio_from
+
 
 @dataclass
 class ModelSection:
-    """The model: a preset of :mod:`mmt_fast.config` and field overrides.
+    """The model: a preset of :mod:`mmt_fast.config`, field overrides and
+    pretrained weights (``init``, see :class:`InitSection`).
 
     ``overrides`` use ``__`` for nested fields (``audio__drop_path_rate: 0.1``,
     ``loss__align: null``). ``num_classes`` of a single-label preset defaults to
@@ -39,6 +79,7 @@ class ModelSection:
 
     preset: str = "MMT"
     overrides: dict[str, Any] = field(default_factory=dict)
+    init: InitSection = field(default_factory=InitSection)
 
 
 @dataclass
@@ -295,8 +336,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
     cfg = config_from_dict(read_yaml(path), overrides)
     base = Path(path).resolve().parent
     # Relative data paths are relative to the config file's folder when they exist there.
-    for name in ("train", "val", "test", "root", "classes"):
-        p = getattr(cfg.data, name)
-        if p and not Path(p).is_absolute() and not Path(p).exists() and (base / p).exists():
-            setattr(cfg.data, name, str(base / p))
+    for section, names in (
+        (cfg.data, ("train", "val", "test", "root", "classes")),
+        (cfg.model.init, ("audio", "video", "ast")),
+    ):
+        for name in names:
+            p = getattr(section, name)
+            if p and not Path(p).is_absolute() and not Path(p).exists() and (base / p).exists():
+                setattr(section, name, str(base / p))
     return cfg

@@ -143,7 +143,9 @@ class Trainer:
 
         # --- model, optimizer, schedule (same init on every rank)
         seed_everything(t.seed)
-        model = B.build_model(self.model_cfg).to(self.device)
+        init = cfg.model.init if ck is None else None  # a resumed run has its own weights
+        model = B.build_model(self.model_cfg, init, self._print if self.dist.is_main else None)
+        model = model.to(self.device)
         self.core = model
         self.optimizer = torch.optim.AdamW(
             param_groups(model, cfg.optim.weight_decay),
