@@ -78,7 +78,12 @@ def test_train_then_evaluate(data_dir, tmp_path):
     assert list((out / "tb").iterdir()), "TensorBoard events written"
     best = json.loads((out / "checkpoints" / "best.json").read_text())
     ck = out / "checkpoints" / f"step_{best['step']:09d}"
-    assert json.loads((ck / "classes.json").read_text())["names"] == ["0", "1", "2", "3"]
+    assert json.loads((ck / "classes.json").read_text())["names"] == [
+        "left-300Hz",
+        "left-700Hz",
+        "right-300Hz",
+        "right-700Hz",
+    ]
     with pytest.raises(FileExistsError):  # a second fresh run may not overwrite the first
         main(["train", "--config", str(DEMO), *ov])
     res_file = tmp_path / "eval.json"
