@@ -42,3 +42,17 @@ def test_readme_python_block_runs(i):
         assert ns["cls"].shape == (2, 768)
         assert ns["tokens"].shape == (2, 1 + 8 * 1, 768)  # 32 frames -> 1 time token
         assert torch.isfinite(ns["loss"]) and ns["opt"].state, "the training step ran"
+
+
+def test_mat_snippet_comments_hold():
+    """What the snippet's comments say: feats.cls is mat.embed(x), mat.head(cls) is
+    mat(x) in eval mode (checked on the tiny preset)."""
+    from mmt_fast import create_model
+
+    torch.manual_seed(0)
+    mat = create_model("MAT-tiny", num_classes=5).eval()
+    x = torch.randn(2, 1, *mat.cfg.input_size)
+    with torch.no_grad():
+        feats = mat.forward_features(x)
+        torch.testing.assert_close(feats.cls, mat.embed(x), rtol=0, atol=0)
+        torch.testing.assert_close(mat.head(feats.cls), mat(x), rtol=0, atol=0)
