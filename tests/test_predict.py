@@ -55,6 +55,14 @@ def run(data_dir, tmp_path_factory):
     return out, r.stderr
 
 
+@pytest.fixture(scope="module")
+def evaluation(run):
+    """``mmt-fast evaluate --checkpoint RUN`` (nothing else): the report it writes."""
+    out, _ = run
+    assert main(["evaluate", "--checkpoint", str(out)]) == 0
+    return json.loads((out / "eval_test.json").read_text())  # beside metrics.csv
+
+
 def _test_clips(data_dir: Path) -> list[dict]:
     rows = list(csv.DictReader(open(data_dir / "manifest.csv")))
     return [r for r in rows if r["split"] == "test"]
@@ -73,10 +81,9 @@ def test_train_terminal_lines(run):
     assert epochs == {"1", "2"}
 
 
-def test_evaluate_defaults_to_the_runs_config(run, tmp_path):
+def test_evaluate_defaults_to_the_runs_config(run, evaluation):
     out, _ = run
-    assert main(["evaluate", "--checkpoint", str(out)]) == 0
-    res = json.loads((out / "eval_test.json").read_text())  # beside metrics.csv
+    res = evaluation
     assert res["views"] == 2 and res["num_clips"] == 8
     assert res["class_names"] == ["left-300Hz", "left-700Hz", "right-300Hz", "right-700Hz"]
     assert (out / "eval_test_confusion_label.png").stat().st_size > 1000
@@ -87,11 +94,9 @@ def test_evaluate_defaults_to_the_runs_config(run, tmp_path):
     assert len(str(e.value)) < 400 and "\n" not in str(e.value)
 
 
-def test_predict_matches_evaluate(run, data_dir, tmp_path, capsys):
+def test_predict_matches_evaluate(run, evaluation, data_dir, tmp_path, capsys):
     out, _ = run
-    res_file = tmp_path / "eval.json"
-    main(["evaluate", "--checkpoint", str(out), "--out", str(res_file), "--no-plot"])
-    res = json.loads(res_file.read_text())
+    res = evaluation
     names = res["class_names"]
     test = _test_clips(data_dir)
     # a list file (relative paths) and a folder holding the same clips
@@ -123,7 +128,7 @@ def test_predict_matches_evaluate(run, data_dir, tmp_path, capsys):
     assert 100.0 * right / len(test) == pytest.approx(res["top1"])
 
 
-def test_predict_bad_files_and_embeddings(run, data_dir, tmp_path, capfd):
+def test_predict_bad_files_and_embeddings(run, evaluation, data_dir, tmp_path, capfd):
     out, _ = run
     good = data_dir / _test_clips(data_dir)[0]["path"]
     corrupt = tmp_path / "corrupt.mp4"
@@ -150,7 +155,7 @@ def test_predict_bad_files_and_embeddings(run, data_dir, tmp_path, capfd):
     assert e.shape == (1, fc.in_features) and e.dtype == torch.float32
     with torch.no_grad():
         p = torch.softmax(fc(e), -1)[0]
-    names = json.loads((out / "eval_test.json").read_text())["class_names"]
+    names = evaluation["class_names"]
     assert names[int(p.argmax())] == rows[0]["label"]
     assert float(p.max()) == pytest.approx(float(rows[0]["label_prob"]), abs=1e-5)
 
