@@ -1,15 +1,19 @@
-"""``mmt-fast``: command-line entry point.
+"""mmt-fast: train, evaluate and apply audio-video classifiers (MMT and its ablations).
 
-::
+Commands::
 
-    mmt-fast train --config FILE [--resume] [KEY=VALUE ...]
-    mmt-fast evaluate --config FILE --checkpoint DIR_OR_FILE [--split test] [--views 5] [--out F.json]
     mmt-fast make-synthetic --out DIR [--num-clips N] ...
+    mmt-fast train --config FILE [--resume] [KEY=VALUE ...]
+    mmt-fast evaluate --checkpoint RUN_DIR [--config FILE] [--split test] [--views N]
+    mmt-fast predict --checkpoint RUN_DIR INPUT... [--out preds.csv|.jsonl] [--top-k K]
     mmt-fast convert --from timm-mvitv2|slowfast|torchvision|ast --checkpoint IN --out OUT.safetensors
     torchrun --nproc_per_node=8 -m mmt_fast.cli train --config FILE   # DDP
 
-``KEY=VALUE`` overrides use dotted config keys and YAML values, e.g.
-``train.epochs=3 optim.lr=3e-4 model.overrides.loss__align=null``.
+KEY=VALUE overrides use dotted config keys and YAML values, e.g.
+train.epochs=3 optim.lr=3e-4 model.overrides.loss__align=null.
+
+Only the standard library is imported here: torch and the package are imported
+by each command after its arguments are parsed, so ``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -29,17 +33,17 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from mmt_fast.train import evaluate_checkpoint, load_config
+    from mmt_fast.train.run_eval import evaluate_checkpoint
 
-    cfg = load_config(args.config, args.overrides)
     evaluate_checkpoint(
-        cfg,
+        args.config,
         args.checkpoint,
         split=args.split,
         views=args.views,
         out=args.out,
         which=args.which,
         plot=not args.no_plot,
+        overrides=args.overrides,
     )
     return 0
 
@@ -50,9 +54,34 @@ def _convert(args: argparse.Namespace) -> int:
     return convert_main(args)
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from mmt_fast.predict import main as predict_main
+
+    return predict_main(args)
+
+
+def _make_synthetic(args: argparse.Namespace) -> int:
+    from mmt_fast.data.synthetic import main as synthetic_main
+
+    return synthetic_main(args.args)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmt-fast", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    """The ``mmt-fast`` parser: one subparser per command, ``func`` set to its handler."""
+    p = argparse.ArgumentParser(
+        prog="mmt-fast",
+        description=__doc__.split("\n\n")[0],
+        epilog="Run 'mmt-fast COMMAND --help' for the options of a command.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser(
+        "make-synthetic",
+        help="write a synthetic audio-video dataset (mp4 clips + manifest)",
+        add_help=False,
+    )
+    s.add_argument("args", nargs=argparse.REMAINDER)
+    s.set_defaults(func=_make_synthetic)
 
     t = sub.add_parser("train", help="train a model from a YAML config")
     t.add_argument("--config", required=True, help="YAML file (see configs/)")
@@ -63,22 +92,29 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     e = sub.add_parser(
-        "evaluate", help="evaluate a checkpoint (multi-view top-1/top-5, per-class, EK action)"
+        "evaluate",
+        help="evaluate a run on a labelled split (multi-view top-1/top-5, per-class, EK action)",
+        description="Evaluate a checkpoint with the config and class index it was trained "
+        "with (saved in the run); results go next to the run's metrics.csv.",
     )
-    e.add_argument("--config", required=True, help="the training YAML (data and model sections)")
     e.add_argument(
         "--checkpoint", required=True, help="run folder, checkpoint folder or model.safetensors"
+    )
+    e.add_argument(
+        "--config",
+        default=None,
+        help="a training YAML to use instead of the run's saved config (its model must match)",
     )
     e.add_argument("--split", default="test", choices=("train", "val", "test"))
     e.add_argument(
         "--views", type=int, default=None, help="test views per clip (default: data.test_views)"
     )
-    e.add_argument(
-        "--out", default=None, help="results JSON (default: <checkpoint>/eval_<split>.json)"
-    )
+    e.add_argument("--out", default=None, help="results JSON (default: RUN_DIR/eval_<split>.json)")
     e.add_argument("--which", default="best", choices=("best", "latest"), help="for a run folder")
     e.add_argument("--no-plot", action="store_true", help="skip the confusion-matrix plots")
-    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    e.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.test=other/manifest.csv"
+    )
     e.set_defaults(func=_evaluate)
 
     c = sub.add_parser(
@@ -125,13 +161,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(func=_convert)
 
-    s = sub.add_parser(
-        "make-synthetic", help="write a synthetic audio-video dataset", add_help=False
+    pr = sub.add_parser(
+        "predict",
+        help="classify your own clips (files, folders, list files) with a trained run",
+        description="Classify unlabelled clips with a trained run: multi-view inference as in "
+        "evaluation, class names from the run's class index. Bad files are reported and skipped.",
     )
-    s.add_argument("args", nargs=argparse.REMAINDER)
-    s.set_defaults(
-        func=lambda a: __import__("mmt_fast.data.synthetic", fromlist=["main"]).main(a.args)
+    pr.add_argument(
+        "--checkpoint", required=True, help="run folder, checkpoint folder or model.safetensors"
     )
+    pr.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="media files, folders (searched recursively), or list files (.txt: one path a line; "
+        ".csv/.jsonl: a manifest with a path column)",
+    )
+    pr.add_argument("--out", default=None, help="preds.csv or preds.jsonl (default: CSV on stdout)")
+    pr.add_argument(
+        "--views", type=int, default=None, help="views per clip (default: the run's test_views)"
+    )
+    pr.add_argument("--top-k", type=int, default=1, help="classes per clip in the output")
+    pr.add_argument(
+        "--embeddings",
+        default=None,
+        help="save the clip embeddings (N, D) as .npy, in output order",
+    )
+    pr.add_argument("--batch-size", type=int, default=None, help="clips per batch")
+    pr.add_argument("--which", default="best", choices=("best", "latest"), help="for a run folder")
+    pr.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pr.set_defaults(func=_predict)
     return p
 
 
@@ -139,9 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if argv[:1] == ["make-synthetic"]:  # every option belongs to the generator
-        from mmt_fast.data.synthetic import main as synthetic_main
-
-        return synthetic_main(argv[1:])
+        return _make_synthetic(argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -3,7 +3,7 @@
 Each preset is a function that returns a fresh config, so callers can change
 it freely. ``mmt_fast.create_model(name, **overrides)`` builds the model.
 
-Interpretations of the paper made here (see PAPER.md):
+Interpretations of the paper made here (all are listed in docs/design.md):
 - MAT's K/V pooling strides are not in the paper. (2x2, 1, 1, 1) per stage, with
   the Table-1 Q schedule (1, 2x2, 2x2, time-only 1x2), reproduces its 46.2
   GFLOPs; MViTv2-B's default adaptive schedule (4x4, 2x2, 1, 1) gives ~34.
@@ -11,7 +11,7 @@ Interpretations of the paper made here (see PAPER.md):
 - The video encoder is MViTv2-B with 16 frames (SlowFast's MViTv2-B recipe:
   3x7x7 patches with stride 2x4x4, K/V strides adapted from (1, 8, 8)).
 - "AVBottle w/o MAT" keeps the first three MAT layers without any pooling, the
-  third at width 768 (the seed: "we can only use three layers, i.e. the first
+  third at width 768 (the paper: "we can only use three layers, i.e. the first
   three layers of MAT ... In the third layer, we maintain the same dimension
   of 768").
 """
@@ -133,7 +133,7 @@ class BottleneckConfig:
 
     ``update="sequential"`` (default) feeds each block's updated bottleneck
     tokens to the next; ``"average"`` instead feeds the running mean of the
-    bottleneck tokens over the blocks so far (the seed's "updated by averaging
+    bottleneck tokens over the blocks so far (the paper's "updated by averaging
     the multimodal tokens along all the AVBottleneck blocks").
     """
 

@@ -1,8 +1,12 @@
 """Test configuration.
 
 Triton's interpreter must be switched on before any ``@triton.jit`` function is
-imported, so the kernels run on the CPU (DESIGN.md). On a machine with CUDA the
-kernels run natively unless ``TRITON_INTERPRET`` is already set.
+imported, so that the kernels run on the CPU (``TRITON_INTERPRET=1``; see
+docs/design.md). On a machine with CUDA the kernels run natively unless
+``TRITON_INTERPRET`` is already set.
+
+``pytest`` runs everything except the kernel benchmark cases (marked
+``benchmark_case``); ``pytest --benchmark`` runs only those.
 """
 
 import os
@@ -20,12 +24,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--benchmark",
         action="store_true",
         default=False,
-        help="run the kernel benchmark cases (marked benchmark_case); needs CUDA for timings",
+        help="run only the kernel benchmark cases (marked benchmark_case); timings need CUDA",
     )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     run_bench = config.getoption("--benchmark")
+    if run_bench:  # only the benchmark cases
+        keep = [it for it in items if "benchmark_case" in it.keywords]
+        dropped = [it for it in items if "benchmark_case" not in it.keywords]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
     has_cuda = torch.cuda.is_available()
     skip_bench = pytest.mark.skip(reason="benchmark case: run with `pytest --benchmark`")
     skip_gpu = pytest.mark.skip(reason="needs CUDA")

@@ -134,3 +134,32 @@ def test_early_prune_drops_configs_over_the_shared_memory_limit(monkeypatch) -> 
     assert tuning.early_prune(configs, {"BLOCK_D": 128}) == configs
     monkeypatch.setattr(tuning, "_shared_limit", lambda: 1000)  # nothing fits: the smallest
     assert tuning.early_prune(configs, {"BLOCK_D": 128}) == configs[:1]
+
+
+def test_committed_full_gate_is_clean_and_current() -> None:
+    """benchmarks/results/compile_gate.json (``--subset full``) has no failing selectable
+    variant, and its pinned rows are the configs the kernels pin today (not a stale run)."""
+    code = """
+import json
+from pathlib import Path
+import kernels.relpos_attention, kernels.bottleneck_attention, kernels.pooled_qkv
+from benchmarks import compile_gate as g
+from kernels import tuning
+data = json.loads(Path("benchmarks/results/compile_gate.json").read_text())
+assert data["subset"] == "full", data["subset"]
+bad = [r for r in data["rows"] if g.Row(**r).failures()]
+assert not bad, bad[:3]
+stale = []
+for r in data["rows"]:
+    pin = tuning.pinned_config(r["kernel"], r["op"])
+    if r["pinned"] and pin is not None:
+        want = g._config_str({"kwargs": pin.kwargs, "num_warps": pin.num_warps,
+                              "num_stages": pin.num_stages})
+        if r["config"] != want:
+            stale.append((r["kernel"], r["op"], r["config"], want))
+assert not stale, stale[:3]
+print(len(data["rows"]))
+"""
+    proc = _python(code, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout.split()[-1]) > 100

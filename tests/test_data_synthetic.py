@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mmt_fast.data import AVClipDataset, ClassIndex, DataConfig, read_manifest
-from mmt_fast.data.synthetic import MOTIONS, PITCHES_HZ, factorize, main, make_synthetic
+from mmt_fast.data.synthetic import PITCHES_HZ, factorize, main, make_synthetic
 
 
 def _motion(frames: np.ndarray) -> str:
@@ -49,17 +49,21 @@ def test_files_decode_and_manifest(dataset):
         vr = decord.VideoReader(str(out / r["path"]))
         assert len(vr) == 32 and vr[0].shape == (64, 64, 3) and vr.get_avg_fps() == 16
         assert decord.AudioReader(str(out / r["path"]), sample_rate=16000).duration() >= 1.9
-    assert ClassIndex.load(out / "classes.json").names == ["0", "1", "2", "3"]
+    assert ClassIndex.load(out / "classes.json").names == [
+        "left-300Hz",
+        "left-700Hz",
+        "right-300Hz",
+        "right-700Hz",
+    ]
     assert len(read_manifest(manifest, split="train")) == 4  # 3 rounds of 4: train, val, test
 
 
 def test_labels_follow_motion_and_pitch(dataset):
     _, manifest = dataset
-    n_audio = 2
     for r in read_manifest(manifest):
         frames = decord.VideoReader(r.path).get_batch(list(range(0, 32, 2))).asnumpy()
-        motion, pitch = MOTIONS.index(_motion(frames)), _pitch_band(r.path)
-        assert int(r.label) == motion * n_audio + pitch, r.path
+        motion, pitch = _motion(frames), _pitch_band(r.path)
+        assert r.label == f"{motion}-{PITCHES_HZ[pitch]:.0f}Hz", r.path
 
 
 def test_dataset_over_synthetic(dataset):
@@ -70,7 +74,9 @@ def test_dataset_over_synthetic(dataset):
     ds = AVClipDataset(read_manifest(manifest), cfg)
     item = ds[5]
     assert item["video"].shape == (3, 8, 32, 32) and item["audio"].shape == (1, 128, 256)
-    assert item["label"].item() == 1 and item["warnings"] == ()
+    # clip 5: class 5 % 4 = 1 = (right, 700 Hz); the index sorts the names
+    assert ds.class_index.names[item["label"].item()] == "right-700Hz"
+    assert item["warnings"] == ()
 
 
 def test_factorize_and_cli(tmp_path):

@@ -78,7 +78,12 @@ def test_train_then_evaluate(data_dir, tmp_path):
     assert list((out / "tb").iterdir()), "TensorBoard events written"
     best = json.loads((out / "checkpoints" / "best.json").read_text())
     ck = out / "checkpoints" / f"step_{best['step']:09d}"
-    assert json.loads((ck / "classes.json").read_text())["names"] == ["0", "1", "2", "3"]
+    assert json.loads((ck / "classes.json").read_text())["names"] == [
+        "left-300Hz",
+        "left-700Hz",
+        "right-300Hz",
+        "right-700Hz",
+    ]
     with pytest.raises(FileExistsError):  # a second fresh run may not overwrite the first
         main(["train", "--config", str(DEMO), *ov])
     res_file = tmp_path / "eval.json"
@@ -129,10 +134,9 @@ def test_epic_kitchens_two_heads(data_dir, tmp_path):
         *FAST,
     ]
     assert main(["train", "--config", str(DEMO), *ov]) == 0
-    assert (
-        main(["evaluate", "--config", str(DEMO), "--checkpoint", str(out), "--no-plot", *ov]) == 0
-    )
-    res = json.loads(next((out / "checkpoints").glob("step_*/eval_test.json")).read_text())
+    # the run's own config and class index by default; results beside metrics.csv
+    assert main(["evaluate", "--checkpoint", str(out), "--no-plot"]) == 0
+    res = json.loads((out / "eval_test.json").read_text())
     assert set(res["heads"]) == {"verb", "noun"}
     assert {"verb_top1", "noun_top1"} <= set(res) and set(res["action"]) == {"top1", "top5"}
     assert res["top1"] == res["action"]["top1"] <= min(res["verb_top1"], res["noun_top1"])

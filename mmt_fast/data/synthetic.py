@@ -7,8 +7,9 @@ The task needs both modalities. A class is a pair (motion, pitch):
 - audio factor: the pitch band of a tone (about 300, 700, 1600, 3600 Hz; the
   first ``n_audio``).
 
-``label = motion * n_audio + pitch`` and ``num_classes = n_video * n_audio``
-(default 4 = 2 x 2). Video alone cannot tell the pitch and audio alone cannot
+Clip ``i`` has class ``c = i % num_classes``, motion ``c // n_audio`` and pitch
+``c % n_audio``; its label names both, e.g. ``right-300Hz`` (:func:`class_name`),
+and ``num_classes = n_video * n_audio`` (default 4 = 2 x 2). Video alone cannot tell the pitch and audio alone cannot
 tell the motion, so either modality alone is right at best ``1 / n_audio`` or
 ``1 / n_video`` of the time (50% at 2 x 2); both together can reach 100%.
 Nuisances: background colour and per-frame pixel noise, square size, colour,
@@ -16,9 +17,10 @@ position and speed; tone frequency (+-8% within its band), amplitude, phase,
 tremolo, and white noise.
 
 Output in ``out_dir``: ``clip_00000.mp4`` ... , ``manifest.csv`` with header
-``path,label,split,motion,pitch_hz`` (paths relative to ``out_dir``, label the
-class id as a string, split ``train``/``val``/``test``), ``classes.json``
-(a :class:`ClassIndex`) and ``synthetic.json`` (settings and class factors).
+``path,label,split,motion,pitch_hz`` (paths relative to ``out_dir``, split
+``train``/``val``/``test``, ``pitch_hz`` the tone's exact frequency), ``classes.json``
+(a :class:`ClassIndex` of the sorted labels, the order training uses) and
+``synthetic.json`` (settings and class factors).
 Read it with ``read_manifest(out_dir / "manifest.csv", split="train")``.
 Defaults (64 px, 4 s, 16 fps = 64 frames) allow 16 frames at stride 4.
 """
@@ -41,6 +43,11 @@ from .manifests import ClassIndex
 MOTIONS: tuple[str, ...] = ("right", "left", "down", "up")
 MOTION_VECTORS = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}  # (dy, dx)
 PITCHES_HZ: tuple[float, ...] = (300.0, 700.0, 1600.0, 3600.0)
+
+
+def class_name(motion: int, pitch: int) -> str:
+    """The label of (motion index, pitch band index), e.g. ``right-300Hz``."""
+    return f"{MOTIONS[motion]}-{PITCHES_HZ[pitch]:.0f}Hz"
 
 
 def write_clip(
@@ -174,13 +181,14 @@ def make_synthetic(
         name = f"clip_{i:05d}.mp4"
         write_clip(out / name, frames, fps, audio, sample_rate)
         split = _split_of(i // num_classes, groups, val_frac, test_frac)
-        rows.append([name, str(label), split, MOTIONS[motion], f"{freq:.1f}"])
+        rows.append([name, class_name(motion, pitch), split, MOTIONS[motion], f"{freq:.1f}"])
     manifest = out / "manifest.csv"
     with open(manifest, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "label", "split", "motion", "pitch_hz"])
         w.writerows(rows)
-    ClassIndex([str(c) for c in range(num_classes)]).save(out / "classes.json")
+    names = [class_name(*divmod(c, n_audio)) for c in range(num_classes)]
+    ClassIndex.from_labels(names).save(out / "classes.json")
     meta = {
         "num_clips": num_clips,
         "seed": seed,
@@ -192,7 +200,7 @@ def make_synthetic(
         "n_video": n_video,
         "n_audio": n_audio,
         "classes": {
-            str(c): {"motion": MOTIONS[c // n_audio], "pitch_hz": PITCHES_HZ[c % n_audio]}
+            names[c]: {"motion": MOTIONS[c // n_audio], "pitch_hz": PITCHES_HZ[c % n_audio]}
             for c in range(num_classes)
         },
     }

@@ -1,6 +1,6 @@
 """Metric sinks of rank 0: a long-format CSV and TensorBoard.
 
-``metrics.csv`` has one row per value: ``time,step,epoch,name,value`` (e.g.
+``metrics.csv`` has one row per value: ``time,step,epoch,name,value`` (epochs 1-based; e.g.
 ``train/loss``, ``train/lr``, ``train/clips_per_s``, ``val/top1``). It is opened
 in append mode, so a resumed run continues the same file (rows after the
 checkpoint it resumed from are repeated by the resumed run; keep the last row of

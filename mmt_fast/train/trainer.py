@@ -86,6 +86,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
         self.cfg = cfg
         t = cfg.train
+        self._bar = None  # the progress bar while fit() runs (messages go above it)
         self.dist = D.setup(t.device)
         self.device = self.dist.device
         if t.torch_threads:
@@ -97,6 +98,10 @@ class Trainer:
         self.out_dir = Path(t.out_dir)
         self.ckpt = CheckpointManager(self.out_dir / "checkpoints", t.keep_last)
         resume_from = self.ckpt.latest() if resume else None
+        if resume and resume_from is None and self.dist.is_main:
+            self._print(
+                f"--resume: no checkpoint in {self.ckpt.dir}, so this run starts from step 0"
+            )
         if not resume and self.ckpt.latest() is not None:
             raise FileExistsError(
                 f"{self.ckpt.dir} already holds checkpoints: pass --resume to continue that run, "
@@ -190,9 +195,14 @@ class Trainer:
                 f"inputs {model.modalities}); {len(self.train_set)} train clips"
                 + (f", {len(self.val_set)} val clips" if self.val_set is not None else "")
                 + f"; {w} process(es) on {self.device}; {self.steps_per_epoch} steps/epoch, "
-                f"{self.total_steps} steps planned"
+                f"{self.total_steps} steps ({self.planned_epochs} epochs) planned"
                 + (f"; resumed from {resume_from} (step {self.step})" if ck is not None else "")
             )
+
+    @property
+    def planned_epochs(self) -> int:
+        """Epochs the run will reach (``train.epochs``, fewer when ``max_steps`` stops it earlier)."""
+        return math.ceil(self.total_steps / self.steps_per_epoch)
 
     # ------------------------------------------------------------------ state
     def _state(self) -> dict:
@@ -349,8 +359,9 @@ class Trainer:
                 unit="step",
                 dynamic_ncols=True,
                 file=sys.stderr,
-                desc="train",
+                desc=f"epoch {self.epoch + 1}/{self.planned_epochs}",
             )
+            self._bar = bar
         interrupted = False
         window_clips, window_t0 = 0, time.perf_counter()
         window_parts: collections.defaultdict = collections.defaultdict(float)
@@ -396,7 +407,7 @@ class Trainer:
                         )
                         if gn is not None:
                             vals["train/grad_norm"] = gn
-                        self.logger.log(self.step, self.epoch, vals)
+                        self.logger.log(self.step, self.epoch + 1, vals)
                         if bar is not None:
                             bar.set_postfix(
                                 loss=f"{vals.get('train/total', float('nan')):.3f}",
@@ -419,6 +430,8 @@ class Trainer:
                     break
                 if self.batch_in_epoch >= self.batches_per_epoch:
                     self._end_epoch()
+                    if bar is not None and self.step < self.total_steps:
+                        bar.set_description(f"epoch {self.epoch + 1}/{self.planned_epochs}")
                     if t.stop_at_step is not None and self.step >= t.stop_at_step:
                         interrupted = self.step < self.total_steps
                 elif self.step >= self.total_steps:
@@ -426,13 +439,14 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            self._bar = None
         elapsed = time.perf_counter() - started
         result = self._finish(interrupted, elapsed, step_times)
         return result
 
     def _end_epoch(self) -> None:
         t = self.cfg.train
-        finished = self.epoch
+        finished = self.epoch + 1  # 1-based, as printed and logged
         self.epoch += 1
         self.batch_in_epoch = 0
         meta: dict = {"finished_epoch": finished}
@@ -445,7 +459,7 @@ class Trainer:
             meta["val"] = {k: res[k] for k in ("top1", "top5", "num_clips")}
             self.logger.log(self.step, finished, {"val/top1": res["top1"], "val/top5": res["top5"]})
             if self.dist.is_main:
-                self._print(f"epoch {finished}: val {summary(res)}")
+                self._print(f"epoch {finished}/{self.planned_epochs}: val {summary(res)}")
         is_best = False
         if "val" in meta:  # every rank holds the same gathered result
             v = meta["val"]["top1"]
@@ -491,7 +505,7 @@ class Trainer:
             n_bad = len(bad)
             self._print(
                 f"{'stopped' if interrupted else 'done'} at step {self.step}/{self.total_steps} "
-                f"(epoch {self.epoch}) in {elapsed:.1f} s; "
+                f"(epoch {self.epoch}/{self.planned_epochs}) in {elapsed:.1f} s; "
                 + (
                     f"skipped {n_bad} bad clips {result['skipped_clips']} "
                     f"({sum(skipped.values())} times; list in train_summary.json)"
@@ -504,7 +518,11 @@ class Trainer:
         return result
 
     def _print(self, msg: str) -> None:
-        print(f"[mmt-fast] {msg}", file=sys.stderr, flush=True)
+        """A line on stderr; above the progress bar while it is shown."""
+        if self._bar is not None:
+            self._bar.write(f"[mmt-fast] {msg}", file=sys.stderr)
+        else:
+            print(f"[mmt-fast] {msg}", file=sys.stderr, flush=True)
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:

@@ -1,0 +1,307 @@
+"""``mmt-fast predict``: classify unlabelled clips with a trained run.
+
+Inputs are media files, folders (searched recursively for video files, and for
+``.wav`` files when the model is audio-only) and list files: ``.txt``/``.lst``
+with one path a line (``#`` comments; relative paths are relative to the list
+file's folder), or a ``.csv``/``.jsonl`` manifest whose ``path`` column (and
+``start_s``/``end_s``, if present) is read and whose labels are ignored.
+
+Each clip is decoded as in evaluation (the run's data settings, ``V`` test
+views: uniform temporal windows and a centre crop); its class probabilities are
+the mean over the views of the softmax of the multimodal logits,
+``p = 1/V sum_v softmax(z_v)`` (the same function as ``mmt-fast evaluate``), so
+on a labelled split the top-1 predictions give exactly the accuracy evaluate
+reports. The optional embeddings are the input of the classification head (for
+MMT: ``[LN(video CLS), LN(audio CLS)]`` after the AVBottleneck, 2 x width;
+for one encoder its CLS token; for ``avg`` fusion [video CLS, audio CLS]),
+averaged over the views: (N, D) float32, one row per output row.
+
+Bad files (missing, corrupt, no audio, ...) are skipped, listed on stderr and
+counted per kind; they do not appear in the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import io
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmt_fast.data import ClipRecord, collate_clips, read_manifest
+from mmt_fast.data.manifests import VIDEO_EXTENSIONS
+from mmt_fast.train import builders as B
+from mmt_fast.train import metrics as M
+from mmt_fast.train.evaluate import autocast, model_inputs
+from mmt_fast.train.run_eval import LoadedRun, load_run
+
+AUDIO_EXTENSIONS = (".wav",)
+LIST_EXTENSIONS = (".txt", ".lst", ".list")
+MANIFEST_EXTENSIONS = (".csv", ".jsonl", ".json")
+
+
+@dataclass
+class Predictions:
+    """What :func:`predict_clips` returns.
+
+    ``records``: the clips predicted, in input order; ``probs``: head -> (N, C)
+    view-averaged probabilities; ``class_names``: head -> C names;
+    ``embeddings``: (N, D) or None; ``bad``: (path, kind, reason) of each
+    skipped input; ``skipped``: kind -> count.
+    """
+
+    records: list[ClipRecord]
+    probs: dict[str, torch.Tensor]
+    class_names: dict[str, list[str]]
+    embeddings: torch.Tensor | None = None
+    bad: list[tuple[str, str, str]] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return dict(collections.Counter(kind for _, kind, _ in self.bad))
+
+    def top_k(self, head: str, k: int) -> tuple[torch.Tensor, list[list[str]]]:
+        """(N, k) probabilities and class names of the k most likely classes."""
+        p = self.probs[head]
+        vals, idx = p.topk(min(k, p.shape[1]), dim=-1)
+        names = self.class_names[head]
+        return vals, [[names[j] for j in row] for row in idx.tolist()]
+
+
+# ------------------------------------------------------------------ inputs
+def collect_inputs(
+    inputs: list[str | Path], modalities: tuple[str, ...] = ("audio", "video")
+) -> list[ClipRecord]:
+    """ClipRecords (without targets) for files, folders and list files, in the given order.
+
+    A path that does not exist is kept (it is reported as ``missing_file``);
+    a folder or list file without any media raises ValueError.
+    """
+    exts = VIDEO_EXTENSIONS + (AUDIO_EXTENSIONS if "video" not in modalities else ())
+    out: list[ClipRecord] = []
+    for item in inputs:
+        p = Path(item)
+        suffix = p.suffix.lower()
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in exts)
+            if not found:
+                raise ValueError(f"{p}: no media files ({', '.join(exts)}) in this folder")
+            out += [ClipRecord(path=str(f), clip_id=f.stem) for f in found]
+        elif p.is_file() and suffix in LIST_EXTENSIONS:
+            n0 = len(out)
+            for line in p.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    f = Path(line) if Path(line).is_absolute() else p.parent / line
+                    out.append(ClipRecord(path=str(f), clip_id=f.stem))
+            if len(out) == n0:
+                raise ValueError(f"{p}: the list file names no files")
+        elif p.is_file() and suffix in MANIFEST_EXTENSIONS:
+            for r in read_manifest(p):
+                out.append(
+                    ClipRecord(path=r.path, clip_id=r.clip_id, start_s=r.start_s, end_s=r.end_s)
+                )
+        else:
+            out.append(ClipRecord(path=str(p), clip_id=p.stem))
+    if not out:
+        raise ValueError("no inputs")
+    return out
+
+
+def _with_placeholder_targets(records: list[ClipRecord], classes: dict) -> list[ClipRecord]:
+    # The dataset attaches a target to every item; prediction ignores it.
+    if classes.get("kind") == "label":
+        name = classes["names"][0]
+        return [ClipRecord(**{**r.to_dict(), "label": name}) for r in records]
+    return [ClipRecord(**{**r.to_dict(), "verb": 0, "noun": 0}) for r in records]
+
+
+def class_names(run: LoadedRun) -> dict[str, list[str]]:
+    """head -> class names (the saved class index; class ids as strings for verb/noun)."""
+    if run.classes.get("kind") == "label":
+        return {"label": list(run.classes["names"])}
+    return {h: [str(i) for i in range(n)] for h, n in run.model_cfg.heads.items()}
+
+
+class _HeadInputs:
+    """Records the input of the classification head(s) during a forward pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        mods = [
+            getattr(model, n) for n in ("head", "head_video", "head_audio") if hasattr(model, n)
+        ]
+        self.parts: list[torch.Tensor] = []
+        self.handles = [m.register_forward_pre_hook(self._hook) for m in mods]
+
+    def _hook(self, module: nn.Module, args: tuple) -> None:
+        self.parts.append(args[0].detach().float())
+
+    def take(self) -> torch.Tensor:
+        x = torch.cat(self.parts, dim=-1)
+        self.parts = []
+        return x
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+# ------------------------------------------------------------------ prediction
+@torch.no_grad()
+def predict_clips(
+    run: LoadedRun,
+    records: list[ClipRecord],
+    views: int | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    embeddings: bool = False,
+    progress: bool = True,
+    num_workers: int | None = None,
+) -> Predictions:
+    """Multi-view predictions of ``run``'s model for ``records`` (see the module docstring)."""
+    cfg, mc = run.cfg, run.model_cfg
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    nv = views if views is not None else cfg.data.test_views
+    if nv < 1:
+        raise ValueError(f"--views must be >= 1, got {nv}")
+    dc = B.dataset_config(cfg.data, mc, "test", nv)
+    ds = B.build_dataset(_with_placeholder_targets(records, run.classes), dc, run.classes, mc)
+    bs = batch_size or cfg.data.eval_batch_size or cfg.train.batch_size
+    nw = cfg.data.num_workers if num_workers is None else num_workers
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=bs, shuffle=False, num_workers=nw, collate_fn=collate_clips
+    )
+    model = run.model.to(device).eval()
+    hook = _HeadInputs(model) if embeddings else None
+    heads = list(mc.heads)
+    probs: dict[str, list[torch.Tensor]] = {h: [] for h in heads}
+    embeds: list[torch.Tensor] = []
+    index: list[torch.Tensor] = []
+    bad: list[tuple[int, str, str, str]] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(ds), unit="clip", desc="predict", file=sys.stderr, dynamic_ncols=True)
+    try:
+        for batch in loader:
+            bad += [(b.index, b.path, b.kind, b.reason) for b in batch["bad"]]
+            b = batch["batch_size"]
+            if b:
+                inputs, v = model_inputs(batch, model.modalities, device)
+                with autocast(device, cfg.train.amp):
+                    out = model(**inputs)
+                for h in heads:
+                    probs[h].append(M.average_views(out.logits[h].float().view(b, v, -1)).cpu())
+                if hook is not None:
+                    e = hook.take()
+                    embeds.append(e.view(b, v, -1).mean(1).cpu())
+                index.append(batch["index"])
+            if bar is not None:
+                bar.update(b + len(batch["bad"]))
+    finally:
+        if bar is not None:
+            bar.close()
+        if hook is not None:
+            hook.remove()
+    idx = torch.cat(index).tolist() if index else []
+    return Predictions(
+        records=[ds.records[i] for i in idx],
+        probs={h: torch.cat(v) if v else torch.empty(0, mc.heads[h]) for h, v in probs.items()},
+        class_names=class_names(run),
+        embeddings=(torch.cat(embeds) if embeds else torch.empty(0, 0)) if embeddings else None,
+        bad=[(p, k, r) for _, p, k, r in sorted(bad)],
+    )
+
+
+# ------------------------------------------------------------------ output
+def _rows(pred: Predictions, k: int) -> tuple[list[str], list[dict]]:
+    seg = any(r.start_s is not None or r.end_s is not None for r in pred.records)
+    cols = ["path"] + (["start_s", "end_s"] if seg else [])
+    tops = {h: pred.top_k(h, k) for h in pred.probs}
+    for h, (vals, _) in tops.items():
+        for j in range(vals.shape[1] if len(vals) else min(k, len(pred.class_names[h]))):
+            sfx = "" if j == 0 else f"_{j + 1}"
+            cols += [f"{h}{sfx}", f"{h}_prob{sfx}"]
+    rows = []
+    for i, r in enumerate(pred.records):
+        row: dict = {"path": r.path}
+        if seg:
+            row.update(start_s=r.start_s, end_s=r.end_s)
+        for h, (vals, names) in tops.items():
+            for j, (name, v) in enumerate(zip(names[i], vals[i].tolist())):
+                sfx = "" if j == 0 else f"_{j + 1}"
+                row[f"{h}{sfx}"] = name
+                row[f"{h}_prob{sfx}"] = round(v, 6)
+        rows.append(row)
+    return cols, rows
+
+
+def write_predictions(pred: Predictions, out: str | Path | None, top_k: int = 1) -> str:
+    """Write CSV (``.csv`` or ``out=None`` -> returned text for stdout) or JSONL (``.jsonl``).
+
+    CSV columns: ``path`` [``start_s,end_s``], then per head ``H, H_prob`` for the
+    best class and ``H_2, H_prob_2``... for the next ones (``H`` is ``label``,
+    or ``verb``/``noun``). JSONL: one object a clip with the same keys.
+    """
+    cols, rows = _rows(pred, top_k)
+    if out is not None and Path(out).suffix.lower() == ".jsonl":
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+    elif out is None or Path(out).suffix.lower() == ".csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        text = buf.getvalue()
+    else:
+        raise ValueError(f"--out {out}: use a .csv or .jsonl file")
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+    return text
+
+
+def main(args: argparse.Namespace) -> int:
+    """``mmt-fast predict`` (arguments from :func:`mmt_fast.cli.build_parser`)."""
+    if args.top_k < 1:
+        raise SystemExit("mmt-fast predict: --top-k must be >= 1")
+    if args.out is not None and Path(args.out).suffix.lower() not in (".csv", ".jsonl"):
+        raise SystemExit(f"mmt-fast predict: --out {args.out}: use a .csv or .jsonl file")
+    if args.embeddings is not None and not str(args.embeddings).endswith(".npy"):
+        raise SystemExit(f"mmt-fast predict: --embeddings {args.embeddings}: use a .npy file")
+    run = load_run(args.checkpoint, which=args.which)
+    records = collect_inputs(args.inputs, run.model.modalities)
+    pred = predict_clips(
+        run,
+        records,
+        views=args.views,
+        batch_size=args.batch_size,
+        device=args.device,
+        embeddings=args.embeddings is not None,
+        progress=not args.no_progress,
+    )
+    text = write_predictions(pred, args.out, args.top_k)
+    if args.out is None:
+        sys.stdout.write(text)
+    for path, kind, reason in pred.bad:
+        print(f"[mmt-fast] skipped {path}: {kind}: {reason}", file=sys.stderr)
+    msg = f"predicted {len(pred.records)} clips with {run.checkpoint.path}"
+    if pred.bad:
+        msg += f"; skipped {len(pred.bad)} bad files {pred.skipped}"
+    if args.out is not None:
+        msg += f"; wrote {args.out}"
+    if args.embeddings is not None:
+        Path(args.embeddings).parent.mkdir(parents=True, exist_ok=True)
+        np.save(args.embeddings, pred.embeddings.numpy().astype(np.float32))
+        msg += f", {args.embeddings} {tuple(pred.embeddings.shape)}"
+    print(f"[mmt-fast] {msg}", file=sys.stderr)
+    return 0
