@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from mmt_fast.data.dataset import check_split
+from mmt_fast.errors import ConfigError, DataError
 from mmt_fast.train import builders as B
 from mmt_fast.train import distributed as D
 from mmt_fast.train.checkpoint import load_checkpoint
@@ -36,7 +38,7 @@ def evaluate_checkpoint(
             classes = B.class_info(cfg.data, B.read_records(cfg.data, "train"))
         records = B.read_records(cfg.data, split)
         if records is None:
-            raise ValueError(f"data.{split} is not set in the config")
+            raise ConfigError(f"data.{split} is not set in the config")
         mc = B.model_config(cfg, classes)
         model = B.build_model(mc)
         model.load_state_dict(ck.model)
@@ -48,6 +50,7 @@ def evaluate_checkpoint(
         )
         dc = B.dataset_config(cfg.data, mc, "test", nv)
         ds = B.build_dataset(records, dc, classes, mc)
+        check_split(split, ds, cfg.data.max_bad_fraction)
         sampler = ResumableSampler(len(ds), info.world_size, info.rank, shuffle=False, pad=False)
         loader = B.make_loader(
             ds,
@@ -59,14 +62,13 @@ def evaluate_checkpoint(
             drop_last=False,
         )
         pred = predict(model, loader, info.device, cfg.train.amp, progress=info.is_main)
-        pred["skipped"] = (
-            {
-                k: pred["skipped"].get(k, 0) + ds.skip_counts.get(k, 0)
-                for k in set(pred["skipped"]) | set(ds.skip_counts)
-            }
-            if info.is_main
-            else pred["skipped"]
-        )
+        if info.is_main:  # records dropped when the dataset was built (not seen by the loader)
+            for b in ds.dropped:
+                pred["skipped"][b.kind] = pred["skipped"].get(b.kind, 0) + 1
+        if len(pred["index"]) == 0:
+            raise DataError(
+                f"no clip of the {split} split could be evaluated (skipped {pred['skipped']})"
+            )
         names = classes.get("names") if classes.get("kind") == "label" else None
         res = report(pred, names)
         res.update(checkpoint=str(ck.path), step=ck.step, split=split, views=nv)
