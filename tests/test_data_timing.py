@@ -116,7 +116,7 @@ def test_vfr_segment_uses_frame_timestamps(media):
 
 def test_mpeg_ts_is_refused(media):
     ds = AVClipDataset([ClipRecord(str(media["ts"]), "t", label="a")], DataConfig(crop_size=16))
-    with pytest.raises(BadClipError, match="MPEG-TS.*remux") as e:
+    with pytest.raises(BadClipError, match=r"MPEG-TS.*remux") as e:
         ds[0]
     assert e.value.kind == "unsupported_format"
 
@@ -188,7 +188,7 @@ def _audio_only_m4a(path):
 def test_audio_only_m4a_and_folder_named_mp4(tmp_path):
     m4a = _audio_only_m4a(tmp_path / "song.m4a")
     r = ClipRecord(str(m4a), "s", label="a")
-    with pytest.raises(BadClipError, match="no video stream.*audio-only model") as e:
+    with pytest.raises(BadClipError, match=r"no video stream.*audio-only model") as e:
         AVClipDataset([r], DataConfig(crop_size=16, target_length=128))[0]
     assert e.value.kind == "no_video"
     item = AVClipDataset([r], DataConfig(modalities="audio", target_length=128))[0]

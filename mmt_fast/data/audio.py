@@ -208,7 +208,7 @@ class ContainerAudio(AudioSource):
             return np.zeros(0, np.float32)
         pad = 64 / rate if rate != sr else 0.0  # resampling context on both sides
         t0, t1 = a / sr - pad, b / sr + pad  # clip time
-        n_native = int(math.ceil((t1 - t0) * rate))
+        n_native = math.ceil((t1 - t0) * rate)
         buf = np.zeros(n_native, np.float32)
         target = t0 - self.SEEK_MARGIN + self._origin  # container time
         got_end = t0

@@ -281,7 +281,8 @@ class Trainer:
         if bad:  # never write a checkpoint that cannot be trained or evaluated from
             raise TrainingError(
                 f"step {self.step}: {len(bad)} weight tensors are not finite (e.g. {bad[0]}); "
-                f"not saving. The last good checkpoint is {self.ckpt.latest()}; lower optim.lr"
+                f"not saving. The last good checkpoint is {self.ckpt.latest() or 'none yet'}; "
+                "lower optim.lr"
             )
         state = self._state()  # collective: every rank takes part
         path = None
@@ -355,7 +356,7 @@ class Trainer:
                     f"non-finite {what} at {where}"
                     + (f", {self._nonfinite_run} updates in a row" if t.nonfinite == "skip" else "")
                     + "; the weights were not updated and the last checkpoint is "
-                    f"{self.ckpt.latest()}. Lower optim.lr, check the data, or set "
+                    f"{self.ckpt.latest() or 'none yet'}. Lower optim.lr, check the data, or set "
                     "train.nonfinite: skip"
                 )
             log.warning("skipping the update of %s: non-finite %s", where, what)
