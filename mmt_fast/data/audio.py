@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -98,6 +97,29 @@ class _ArraySource(AudioSource):
 
     def read(self, a: int, b: int) -> np.ndarray:
         return self.samples[max(a, 0) : max(b, 0)]
+
+
+class _SpanSource(AudioSource):
+    """Samples ``[lo, hi)`` of another source held in memory (same time axis)."""
+
+    def __init__(self, src: AudioSource, lo: int, hi: int) -> None:
+        self.path, self.sample_rate = src.path, src.sample_rate
+        self.start_sample, self.num_samples = src.start_sample, src.num_samples
+        self.lo = lo
+        self.samples = np.ascontiguousarray(src.read(lo, hi), dtype=np.float32)
+
+    def read(self, a: int, b: int) -> np.ndarray:
+        out = np.zeros(max(b - a, 0), np.float32)
+        i0, i1 = max(a, self.lo), min(b, self.lo + len(self.samples))
+        if i1 > i0:
+            out[i0 - a : i1 - a] = self.samples[i0 - self.lo : i1 - self.lo]
+        return out
+
+
+def preload(src: AudioSource, lo: int, hi: int) -> AudioSource:
+    """Read samples ``[lo, hi)`` of ``src`` (clamped to its audio) once, for several windows."""
+    lo, hi = max(lo, src.start_sample, 0), min(hi, src.num_samples)
+    return _SpanSource(src, lo, max(hi, lo))
 
 
 def _resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
@@ -201,17 +223,22 @@ class ContainerAudio(AudioSource):
             self._c.close()
 
     def read(self, a: int, b: int) -> np.ndarray:
-        """Samples ``[a, b)`` at ``sample_rate``; zeros where the file has no audio."""
-        sr, rate = self.sample_rate, self._rate
+        """Samples ``[a, b)`` at ``sample_rate``; zeros where the file has no audio.
+
+        Decoded frames are resampled by FFmpeg's swresample (channel layout kept, so
+        the mean of the channels is taken here, not swresample's downmix) and each
+        resampled frame is placed by its own timestamp."""
+        import av
+
+        sr = self.sample_rate
         n_out = max(b - a, 0)
+        out = np.zeros(n_out, np.float32)
         if n_out == 0:
-            return np.zeros(0, np.float32)
-        pad = 64 / rate if rate != sr else 0.0  # resampling context on both sides
-        t0, t1 = a / sr - pad, b / sr + pad  # clip time
-        n_native = math.ceil((t1 - t0) * rate)
-        buf = np.zeros(n_native, np.float32)
+            return out
+        t0, t1 = a / sr, b / sr  # clip time
         target = t0 - self.SEEK_MARGIN + self._origin  # container time
         got_end = t0
+        origin = round(self._origin * sr)
         try:
             if target <= self._a0:  # from the start: decode from a fresh open, never seek
                 if not self._fresh:
@@ -221,21 +248,34 @@ class ContainerAudio(AudioSource):
                 self._c.seek(int(target / self._st.time_base), stream=self._st, backward=True)
             self._fresh = False
             st, tb = self._st, self._st.time_base
+            rs = None
+            done = False
             for fr in self._c.decode(st):
                 if fr.pts is None:
                     continue
-                ft = float(fr.pts * tb) - self._origin
-                if ft >= t1:
+                if float(fr.pts * tb) - self._origin >= t1 + 0.05:
+                    done = True
+                if rs is None:
+                    layout = fr.layout.name
+                    rs = av.AudioResampler(format="fltp", layout=layout, rate=sr)
+                frames = rs.resample(None if done else fr)
+                for g in frames:
+                    x = g.to_ndarray().mean(0)
+                    i0 = g.pts - origin - a  # g.pts counts samples at sr (container time)
+                    lo, hi = max(i0, 0), min(i0 + len(x), n_out)
+                    if hi > lo:
+                        out[lo:hi] = x[lo - i0 : hi - i0]
+                    got_end = max(got_end, (g.pts - origin + len(x)) / sr)
+                if done:
                     break
-                x = fr.to_ndarray()
-                if not fr.format.is_planar:
-                    x = x.reshape(-1, len(fr.layout.channels)).T
-                x = x.astype(np.float32, copy=False).mean(0)
-                i0 = round((ft - t0) * rate)
-                lo, hi = max(i0, 0), min(i0 + len(x), n_native)
-                if hi > lo:
-                    buf[lo:hi] = x[lo - i0 : hi - i0]
-                got_end = max(got_end, ft + len(x) / rate)
+            if rs is not None and not done:
+                for g in rs.resample(None):
+                    x = g.to_ndarray().mean(0)
+                    i0 = g.pts - origin - a
+                    lo, hi = max(i0, 0), min(i0 + len(x), n_out)
+                    if hi > lo:
+                        out[lo:hi] = x[lo - i0 : hi - i0]
+                    got_end = max(got_end, (g.pts - origin + len(x)) / sr)
         except Exception as e:
             msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise BadClipError(self.path, f"cannot decode audio: {msg}", "corrupt_file") from e
@@ -247,9 +287,7 @@ class ContainerAudio(AudioSource):
                 "(truncated file?)",
                 "corrupt_file",
             )
-        y = _resample(buf, rate, sr)
-        skip = round(pad * sr)
-        return y[skip : skip + n_out]
+        return out
 
 
 def _stream_start(st) -> float:

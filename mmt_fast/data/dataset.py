@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -86,6 +87,7 @@ class DataConfig:
     short_clip: str = "pad"  # "pad" (warning) | "error" (bad data)
     decode_threads: int = 1
     decoder_resize: bool = True  # decode frames at a reduced size (see video.decode_size)
+    audio_span: bool = True  # decode only the audio the windows cover (False: the whole track)
     train_short_side: int | None = None  # None: round(crop_size * 320 / 224)
 
     def __post_init__(self) -> None:
@@ -269,10 +271,13 @@ class AVClipDataset(Dataset):
                     )
                 warnings.append("short_clip")
             starts = Vd.window_starts(n, L, cfg.train, cfg.views)
+            # one ascending pass over the frames of every view (test views overlap and
+            # share keyframes: decoding them view by view would seek back each time)
+            idx = [Vd.frame_indices(f0, f1, s, cfg.num_frames, cfg.stride) for s in starts]
+            decoded = Vd.decode_frames(vr, np.concatenate(idx), rec.path)
             views = []
-            for s in starts:
-                idx = Vd.frame_indices(f0, f1, s, cfg.num_frames, cfg.stride)
-                frames = Vd.decode_frames(vr, idx, rec.path)
+            for k in range(len(starts)):
+                frames = decoded[k * cfg.num_frames : (k + 1) * cfg.num_frames]
                 views.append(
                     Vd.transform_frames(
                         frames,
@@ -310,6 +315,12 @@ class AVClipDataset(Dataset):
                 wss = [A.window_start(c, span, a0, a1, cfg.audio_align) for c in centres]
             else:
                 wss = self._audio_only_starts(a0, a1, span)
+            # one read covers every view (test views overlap); the rest of a long track is skipped
+            sr, n_win = cfg.sample_rate, A.window_samples(cfg.target_length)
+            lo, hi = round(max(min(wss), a0) * sr), round(min(max(wss) * sr + n_win, a1 * sr))
+            if not cfg.audio_span:
+                lo, hi = src.start_sample, src.num_samples
+            src = A.preload(src, lo, hi)
             specs = []
             for ws in wss:
                 fb = A.window_fbank(src, ws, a0, a1, cfg.target_length, cfg.num_mel_bins)
