@@ -26,7 +26,8 @@ is the current code with the old settings (``decoder_resize: false``,
 window, decode, resize/transform, audio decode, fbank) calls the stages one by
 one: ``before`` with the old loader's structure (each view seeks and decodes on
 its own at the file's size, the whole audio track), ``after`` with the current
-one. Results go to ``benchmarks/results/data_<host>.json``.
+one. Results go to ``benchmarks/results/data_cpu.json`` (``--json`` to change);
+``python -m benchmarks.report`` puts them in the README.
 """
 
 from __future__ import annotations
@@ -60,8 +61,14 @@ def _frames(w: int, h: int, n: int, seed: int):
     """Moving textured frames: a drifting colour gradient, a bouncing box, mild noise."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    tex = np.stack([128 + 100 * np.sin(xx / 97.0), 128 + 100 * np.sin(yy / 53.0),
-                    128 + 100 * np.sin((xx + yy) / 151.0)], -1).astype(np.uint8)  # fmt: skip
+    tex = np.stack(
+        [
+            128 + 100 * np.sin(xx / 97.0),
+            128 + 100 * np.sin(yy / 53.0),
+            128 + 100 * np.sin((xx + yy) / 151.0),
+        ],
+        -1,
+    ).astype(np.uint8)
     noise = rng.integers(0, 24, (4, h, w, 3), dtype=np.uint8)
     for i in range(n):
         f = np.roll(tex, (2 * i, 3 * i), axis=(0, 1)) + noise[i % 4]
@@ -80,8 +87,14 @@ def make_source(path: Path, kind: str, seconds: float, seed: int = 0) -> Path:
         vs = c.add_stream("libx264", rate=fps)
         vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
         g = round(gop_s * fps)
-        vs.options = {"preset": "veryfast", "crf": "23", "g": str(g), "keyint_min": str(g),
-                      "sc_threshold": "0", "threads": "2"}  # fmt: skip
+        vs.options = {
+            "preset": "veryfast",
+            "crf": "23",
+            "g": str(g),
+            "keyint_min": str(g),
+            "sc_threshold": "0",
+            "threads": "2",
+        }
         a = c.add_stream("aac", rate=rate)
         a.layout = "stereo"
         for f in _frames(w, h, round(seconds * fps), seed):
@@ -96,8 +109,9 @@ def make_source(path: Path, kind: str, seconds: float, seed: int = 0) -> Path:
         )
         x = np.stack([x, 0.7 * x]).astype(np.float32)
         for s in range(0, x.shape[1], 1024):
-            fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(x[:, s : s + 1024]),
-                                            format="fltp", layout="stereo")  # fmt: skip
+            fr = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(x[:, s : s + 1024]), format="fltp", layout="stereo"
+            )
             fr.sample_rate, fr.pts, fr.time_base = rate, s, fractions.Fraction(1, rate)
             for p in a.encode(fr):
                 c.mux(p)
@@ -181,8 +195,9 @@ def breakdown(path: Path, mode: str, pipeline: str, reps: int) -> dict[str, floa
         info = Vd.probe_video(str(path))
         size = None
         if cfg.decoder_resize:
-            size = Vd.decode_size(info.height, info.width, cfg.crop_size, cfg.train,
-                                  cfg.decode_short_side)  # fmt: skip
+            size = Vd.decode_size(
+                info.height, info.width, cfg.crop_size, cfg.train, cfg.decode_short_side
+            )
         vr = Vd.open_video(str(path), 1, size)
         times = Vd.frame_times(vr)
         t["probe_open"] += time.perf_counter() - c0
@@ -202,8 +217,16 @@ def breakdown(path: Path, mode: str, pipeline: str, reps: int) -> dict[str, floa
         frames = torch.cat(views)
         c0 = time.perf_counter()
         for k in range(len(starts)):
-            Vd.transform_frames(frames[k * 16 : (k + 1) * 16], cfg.crop_size, cfg.train, cfg.mean,
-                                cfg.std, cfg.train_scale, cfg.train_ratio, cfg.flip_prob)  # fmt: skip
+            Vd.transform_frames(
+                frames[k * 16 : (k + 1) * 16],
+                cfg.crop_size,
+                cfg.train,
+                cfg.mean,
+                cfg.std,
+                cfg.train_scale,
+                cfg.train_ratio,
+                cfg.flip_prob,
+            )
         t["resize_transform"] += time.perf_counter() - c0
         del vr, views, frames
         c0 = time.perf_counter()
@@ -241,8 +264,11 @@ def measure(cache: Path, quick: bool, pipelines: list[str]) -> dict:
                 r = time_items(paths, mode, pipe, items[mode])
                 key = f"{kind}/{mode}/{pipe}"
                 res[key] = r
-                print(f"  {key:28s} {r['clips_per_s']:7.2f} clips/s per worker "
-                      f"({r['median_s'] * 1000:.0f} ms/clip)", file=sys.stderr)  # fmt: skip
+                print(
+                    f"  {key:28s} {r['clips_per_s']:7.2f} clips/s per worker "
+                    f"({r['median_s'] * 1000:.0f} ms/clip)",
+                    file=sys.stderr,
+                )
     return res
 
 
@@ -251,12 +277,24 @@ def measure_ref(ref: str, cache: Path, quick: bool) -> dict:
     """Time the items with the ``mmt_fast`` package of git revision ``ref``."""
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as d:
-        tar = subprocess.run(["git", "-C", str(root), "archive", ref, "mmt_fast", "kernels"],
-                             check=True, capture_output=True).stdout  # fmt: skip
+        tar = subprocess.run(
+            ["git", "-C", str(root), "archive", ref, "mmt_fast", "kernels"],
+            check=True,
+            capture_output=True,
+        ).stdout
         subprocess.run(["tar", "-x", "-C", d], input=tar, check=True)
         out = Path(d) / "ref.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--_items-only", str(out),
-               "--cache", str(cache)] + (["--quick"] if quick else [])  # fmt: skip
+        # a copy of this script beside the old packages: its folder comes first on sys.path
+        child = Path(d) / "bench_data_child.py"
+        child.write_text(Path(__file__).read_text())
+        cmd = [
+            sys.executable,
+            str(child),
+            "--_items-only",
+            str(out),
+            "--cache",
+            str(cache),
+        ] + (["--quick"] if quick else [])
         env = {**os.environ, "PYTHONPATH": d}
         subprocess.run(cmd, check=True, env=env)
         return json.loads(out.read_text())
@@ -300,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer items, a 60 s long clip")
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "mmt_fast_bench_data"))
-    p.add_argument("--json", default=None, help="default: benchmarks/results/data_<host>.json")
+    p.add_argument("--json", default=None, help="default: benchmarks/results/data_cpu.json")
     p.add_argument(
         "--before",
         default=BEFORE_REF,
@@ -343,22 +381,35 @@ def main(argv: list[str] | None = None) -> int:
             for pipe in ("before", "after"):
                 b = breakdown(paths[0], mode, pipe, reps)
                 stages[f"{kind}/{mode}/{pipe}"] = b
-                print(f"  {kind}/{mode}/{pipe:6s} " + " ".join(
-                    f"{k} {v * 1000:.0f}" for k, v in b.items()), file=sys.stderr)  # fmt: skip
+                print(
+                    f"  {kind}/{mode}/{pipe:6s} "
+                    + " ".join(f"{k} {v * 1000:.0f}" for k, v in b.items()),
+                    file=sys.stderr,
+                )
     summary = {}
     for kind in src:
         for mode in ("train", "test"):
             b = items[f"{kind}/{mode}/before"]["clips_per_s"]
             f = items[f"{kind}/{mode}/after"]["clips_per_s"]
-            row = {"before": b, "after": f, "speedup": f / b,
-                   "workers_per_gpu": workers_per_gpu(f, a.gpu_clips_per_s)}  # fmt: skip
+            row = {
+                "before": b,
+                "after": f,
+                "speedup": f / b,
+                "workers_per_gpu": workers_per_gpu(f, a.gpu_clips_per_s),
+            }
             summary[f"{kind}/{mode}"] = row
     print(f"\nclips/s per worker; before = {before_is}", file=sys.stderr)
-    print(f"| source / mode | before | after | speed-up | workers per GPU at "
-          f"{a.gpu_clips_per_s:.0f} clips/s |", file=sys.stderr)  # fmt: skip
+    print(
+        f"| source / mode | before | after | speed-up | workers per GPU at "
+        f"{a.gpu_clips_per_s:.0f} clips/s |",
+        file=sys.stderr,
+    )
     for k, r in summary.items():
-        print(f"| {k} | {r['before']:.2f} | {r['after']:.2f} | {r['speedup']:.1f}x | "
-              f"{r['workers_per_gpu']:.0f} |", file=sys.stderr)  # fmt: skip
+        print(
+            f"| {k} | {r['before']:.2f} | {r['after']:.2f} | {r['speedup']:.1f}x | "
+            f"{r['workers_per_gpu']:.0f} |",
+            file=sys.stderr,
+        )
     out = {
         "env": _env(),
         "settings": {
@@ -389,8 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "seconds": time.perf_counter() - t_start,
     }
-    dest = Path(a.json) if a.json else (
-        Path(__file__).parent / "results" / f"data_{platform.node() or 'host'}.json")  # fmt: skip
+    dest = Path(a.json) if a.json else Path(__file__).parent / "results" / "data_cpu.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(out, indent=1) + "\n")
     print(f"[data bench] wrote {dest} ({out['seconds']:.0f} s)", file=sys.stderr)

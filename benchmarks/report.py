@@ -58,8 +58,38 @@ def flops_memory_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def data_loader_table(data: dict) -> str:
+    env = data["env"]
+    gpu = data["settings"]["gpu_clips_per_s"]
+    lines = [
+        f"Measured on: {env['cpu']} ({env['cores']} cores, shared), one process, one thread, "
+        f"torch {env['torch']}, decord {env['decord']}, PyAV {env['av']}, {env['date'][:10]} "
+        f"(`benchmarks/results/{data['_file']}`; before = {data['before_is']}).",
+        "",
+        f"| source | mode | before (clips/s per worker) | after | speed-up | workers per GPU "
+        f"at {gpu:.0f} clips/s |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for key, r in data["summary"].items():
+        kind, mode = key.split("/")
+        lines.append(
+            f"| {kind} | {mode} | {r['before']:.2f} | {r['after']:.2f} | {r['speedup']:.1f}x "
+            f"| {r['workers_per_gpu']:.0f} |"
+        )
+    names = list(next(iter(data["stages_s"].values())))
+    lines += [
+        "",
+        "| source / mode / code | " + " | ".join(n.replace("_", " ") for n in names) + " (ms) |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for key, st in data["stages_s"].items():
+        lines.append(f"| {key} | " + " | ".join(f"{1000 * st[n]:.0f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
 SECTIONS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "flops_memory": ("flops_memory_cpu.json", flops_memory_table),
+    "data_loader": ("data_cpu.json", data_loader_table),
 }
 
 

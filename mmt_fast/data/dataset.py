@@ -62,6 +62,9 @@ class DataConfig:
     Units: ``stride`` in frames between samples; ``crop_size`` in pixels;
     ``target_length`` in fbank frames (10 ms); ``freqm``/``timem`` are the
     maximum SpecAugment mask widths in bins / frames (0 disables).
+    ``decoder_resize``: decode frames at the size the transform needs (see
+    ``video.decode_size``; ``train_short_side`` sets the training size).
+    ``audio_span``: decode only the audio the windows cover (else the whole track).
     """
 
     mode: str = "train"  # "train" | "test"
@@ -357,9 +360,10 @@ def unusable_clips(dataset: AVClipDataset) -> list[BadItem]:
     for i, r in enumerate(dataset.records):
         if r.path not in status:
             p = Path(r.path)
+            audio_only = dataset.config.modalities == "audio"
             status[r.path] = (
                 None
-                if p.is_file()
+                if p.is_file() or (audio_only and A.sidecar_wav(r.path) is not None)
                 else "is a folder, not a media file"
                 if p.is_dir()
                 else "file does not exist"
