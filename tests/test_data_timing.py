@@ -223,3 +223,28 @@ def test_audio_only_rejects_negative_start_and_truncation(tmp_path):
     with pytest.raises(BadClipError) as e:
         AVClipDataset([ClipRecord(str(bad), "c", label="a")], cfg)[0]
     assert e.value.kind == "corrupt_file"
+
+
+@pytest.mark.parametrize("codec,fmt", [("pcm_s16le", "s16"), ("pcm_s32le", "s32"), ("flac", "s16")])
+def test_integer_pcm_tracks_are_scaled(tmp_path, codec, fmt):
+    """A .mov/.mkv with integer PCM or FLAC audio reads as floats in [-1, 1] (AAC decodes to float)."""
+    import av
+
+    path = tmp_path / f"{codec}.mkv"
+    x = (0.5 * np.sin(2 * np.pi * 440 * np.arange(SR) / SR)).astype(np.float32)
+    ints = {"s16": (x * 32767).astype(np.int16), "s32": (x * 2**31).astype(np.int32)}[fmt]
+    with av.open(str(path), "w") as c:
+        st = c.add_stream(codec, rate=SR)
+        st.layout = "mono"
+        for s in range(0, SR, 1024):
+            fr = av.AudioFrame.from_ndarray(
+                ints[None, s : s + 1024].copy(), format=fmt, layout="mono"
+            )
+            fr.sample_rate, fr.pts = SR, s
+            for p in st.encode(fr):
+                c.mux(p)
+        for p in st.encode():
+            c.mux(p)
+    src = open_audio(str(path))
+    got = src.read(0, SR)
+    assert np.abs(got - x).max() < 1e-3

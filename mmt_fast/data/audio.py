@@ -225,11 +225,9 @@ class ContainerAudio(AudioSource):
     def read(self, a: int, b: int) -> np.ndarray:
         """Samples ``[a, b)`` at ``sample_rate``; zeros where the file has no audio.
 
-        Decoded frames are resampled by FFmpeg's swresample (channel layout kept, so
-        the mean of the channels is taken here, not swresample's downmix) and each
-        resampled frame is placed by its own timestamp."""
-        import av
-
+        Each gapless run of decoded frames is averaged over its channels (the mean,
+        not swresample's downmix), resampled in one call to FFmpeg's swresample and
+        placed by its timestamp."""
         sr = self.sample_rate
         n_out = max(b - a, 0)
         out = np.zeros(n_out, np.float32)
@@ -237,8 +235,8 @@ class ContainerAudio(AudioSource):
             return out
         t0, t1 = a / sr, b / sr  # clip time
         target = t0 - self.SEEK_MARGIN + self._origin  # container time
-        got_end = t0
-        origin = round(self._origin * sr)
+        runs: list[tuple[int, list[np.ndarray]]] = []  # (first pts, planar arrays) per gapless run
+        next_pts = None
         try:
             if target <= self._a0:  # from the start: decode from a fresh open, never seek
                 if not self._fresh:
@@ -248,30 +246,28 @@ class ContainerAudio(AudioSource):
                 self._c.seek(int(target / self._st.time_base), stream=self._st, backward=True)
             self._fresh = False
             st, tb = self._st, self._st.time_base
-            rs = None
-            done = False
+            # stream time base -> native samples (they are equal for mp4/mkv audio)
+            scale = float(tb * self._rate)
             for fr in self._c.decode(st):
                 if fr.pts is None:
                     continue
                 if float(fr.pts * tb) - self._origin >= t1 + 0.05:
-                    done = True
-                if rs is None:
-                    layout = fr.layout.name
-                    rs = av.AudioResampler(format="fltp", layout=layout, rate=sr)
-                frames = rs.resample(None if done else fr)
-                for g in frames:
-                    x = g.to_ndarray().mean(0)
-                    i0 = g.pts - origin - a  # g.pts counts samples at sr (container time)
-                    lo, hi = max(i0, 0), min(i0 + len(x), n_out)
-                    if hi > lo:
-                        out[lo:hi] = x[lo - i0 : hi - i0]
-                    got_end = max(got_end, (g.pts - origin + len(x)) / sr)
-                if done:
                     break
-            if rs is not None and not done:
-                for g in rs.resample(None):
-                    x = g.to_ndarray().mean(0)
-                    i0 = g.pts - origin - a
+                x = fr.to_ndarray()
+                if not fr.format.is_planar:
+                    x = x.reshape(-1, len(fr.layout.channels)).T
+                p = round(fr.pts * scale)
+                if next_pts is None or abs(p - next_pts) > 1:
+                    runs.append((p, []))
+                runs[-1][1].append(_to_float(x))
+                next_pts = p + x.shape[1]
+            got_end = t0
+            origin = round(self._origin * sr)
+            for p0, parts in runs:  # one swresample call per gapless run
+                mono = np.concatenate(parts, 1).mean(0, keepdims=True)  # mean, then resample
+                for g in _resample_run(mono, self._rate, sr, p0):
+                    x = g.to_ndarray()[0]
+                    i0 = g.pts - origin - a  # g.pts counts samples at sr (container time)
                     lo, hi = max(i0, 0), min(i0 + len(x), n_out)
                     if hi > lo:
                         out[lo:hi] = x[lo - i0 : hi - i0]
@@ -288,6 +284,28 @@ class ContainerAudio(AudioSource):
                 "corrupt_file",
             )
         return out
+
+
+def _to_float(x: np.ndarray) -> np.ndarray:
+    """Decoded samples (float, or integer PCM such as s16/s32/u8) -> float32 in [-1, 1]."""
+    if x.dtype == np.uint8:
+        return (x.astype(np.float32) - 128.0) / 128.0
+    if np.issubdtype(x.dtype, np.integer):
+        return x.astype(np.float32) / float(-np.iinfo(x.dtype).min)
+    return x.astype(np.float32, copy=False)
+
+
+def _resample_run(x: np.ndarray, rate: int, sr: int, pts: int) -> list:
+    """Mono float (1, N) at ``rate`` starting at sample ``pts`` -> AudioFrames resampled
+    by swresample at ``sr`` (pts in samples at ``sr``)."""
+    import fractions
+
+    import av
+
+    fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(x), format="fltp", layout="mono")
+    fr.sample_rate, fr.pts, fr.time_base = rate, pts, fractions.Fraction(1, rate)
+    rs = av.AudioResampler(format="fltp", layout="mono", rate=sr)
+    return [*rs.resample(fr), *rs.resample(None)]
 
 
 def _stream_start(st) -> float:
