@@ -245,13 +245,13 @@ class ContainerAudio(AudioSource):
             else:
                 self._c.seek(int(target / self._st.time_base), stream=self._st, backward=True)
             self._fresh = False
-            st, tb = self._st, self._st.time_base
-            # stream time base -> native samples (they are equal for mp4/mkv audio)
-            scale = float(tb * self._rate)
+            st, tb = self._st, float(self._st.time_base)  # floats: Fractions cost per frame
+            scale = tb * self._rate  # stream time base -> native samples
+            stop = (t1 + 0.05 + self._origin) / tb
             for fr in self._c.decode(st):
                 if fr.pts is None:
                     continue
-                if float(fr.pts * tb) - self._origin >= t1 + 0.05:
+                if fr.pts >= stop:
                     break
                 x = fr.to_ndarray()
                 if not fr.format.is_planar:

@@ -239,10 +239,15 @@ def _decode_padded_width(path: str, indices: np.ndarray) -> torch.Tensor:
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(T, 3, h, w) float -> (T, 3, *size), bilinear with antialiasing when shrinking."""
+    """(T, 3, h, w) -> (T, 3, *size), bilinear with antialiasing when shrinking.
+
+    uint8 input is resized in uint8 (torch's vectorised channels-last path, several
+    times faster than float; the result differs by at most one grey level)."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    if x.dtype == torch.uint8:
+        x = x.contiguous(memory_format=torch.channels_last)
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
 
@@ -288,17 +293,16 @@ def transform_frames(
     _, height, width, _ = frames.shape
     if train:
         top, left, h, w = random_resized_crop_box(height, width, scale, ratio)
-        x = frames[:, top : top + h, left : left + w].permute(0, 3, 1, 2).float().div_(255.0)
-        x = _resize(x, (crop_size, crop_size))
+        x = _resize(frames[:, top : top + h, left : left + w].permute(0, 3, 1, 2), (crop_size,) * 2)
+        x = x.float().div_(255.0)
         if flip_prob > 0 and float(torch.rand(())) < flip_prob:
             x = x.flip(-1)
     else:
-        x = frames.permute(0, 3, 1, 2).float().div_(255.0)
         s = crop_size / min(height, width)
         new_h, new_w = max(crop_size, round(height * s)), max(crop_size, round(width * s))
-        x = _resize(x, (new_h, new_w))
+        x = _resize(frames.permute(0, 3, 1, 2), (new_h, new_w))
         top, left = (new_h - crop_size) // 2, (new_w - crop_size) // 2
-        x = x[:, :, top : top + crop_size, left : left + crop_size]
+        x = x[:, :, top : top + crop_size, left : left + crop_size].float().div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     sd = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     x = (x - m) / sd
