@@ -27,8 +27,8 @@ is the current code with the old settings (``decoder_resize: false``,
 ``audio_span: false``). The per-stage breakdown (probe/open, seek to the
 window, decode, resize/transform, audio decode, fbank) calls the stages one by
 one: ``before`` with the old loader's structure (each view seeks and decodes on
-its own at the file's size, the whole audio track), ``after`` with the current
-one. Results go to ``benchmarks/results/data_cpu.json`` (``--json`` to change);
+its own at the file's size, frames resized as floats, the whole audio track),
+``after`` with the current one. Results go to ``benchmarks/results/data_cpu.json`` (``--json`` to change);
 ``python -m benchmarks.report`` puts them in the README.
 """
 
@@ -221,6 +221,8 @@ def breakdown(path: Path, mode: str, pipeline: str, reps: int) -> dict[str, floa
             t["seek"] += c1 - c0
             t["decode"] += c2 - c1
         frames = torch.cat(views)
+        if pipeline == "before":
+            frames = frames.float()  # the old transform converted to float before resizing
         c0 = _clock()
         for k in range(len(starts)):
             Vd.transform_frames(
