@@ -79,7 +79,7 @@ def data_loader_table(data: dict) -> str:
     names = list(next(iter(data["stages_s"].values())))
     lines += [
         "",
-        "| source / mode / code | " + " | ".join(n.replace("_", " ") for n in names) + " (ms) |",
+        "| ms CPU per clip | " + " | ".join(n.replace("_", " ") for n in names) + " |",
         "|---|" + "---:|" * len(names),
     ]
     for key, st in data["stages_s"].items():
