@@ -229,3 +229,23 @@ def test_evaluate_counts_each_skipped_clip_once(manifest, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     r = json.loads(res.read_text())
     assert r["num_clips"] == 3 and r["skipped"] == {"missing_file": 1, "unknown_label": 1}
+    # a test split whose labels are all unknown: a data error before any decoding
+    bad = [{**row, "label": row["label"] + "x"} for row in rows if row["split"] == "test"]
+    keep = [row for row in rows if row["split"] != "test"]
+    m2 = _write(manifest.parent / "eval_bad.csv", keep + bad)
+    rc = main(
+        [
+            "evaluate",
+            "--config",
+            str(DEMO),
+            "--checkpoint",
+            str(out),
+            "--no-plot",
+            f"data.test={m2}",
+            f"data.train={m2}",
+            "data.val=null",
+            "data.num_workers=0",
+        ]
+    )
+    line = _error_line(capsys.readouterr().err)
+    assert rc == 3 and "the test split has no usable clip" in line and "unknown_label" in line
