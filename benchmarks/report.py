@@ -98,12 +98,41 @@ def compile_gate_table(data: dict) -> str:
             f"{max(r['spill_bytes'] for r in old)} B per thread), and the slowest took "
             f"{max(r['compile_s'] for r in old):.0f} s to compile.",
         ]
+
+
+def data_loader_table(data: dict) -> str:
+    env = data["env"]
+    gpu = data["settings"]["gpu_clips_per_s"]
+    lines = [
+        f"Measured on: {env['cpu']} ({env['cores']} cores, shared), one process, one thread, "
+        f"torch {env['torch']}, decord {env['decord']}, PyAV {env['av']}, {env['date'][:10]} "
+        f"(`benchmarks/results/{data['_file']}`; before = {data['before_is']}).",
+        "",
+        f"| source | mode | before (clips/s per worker) | after | speed-up | workers per GPU "
+        f"at {gpu:.0f} clips/s |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for key, r in data["summary"].items():
+        kind, mode = key.split("/")
+        lines.append(
+            f"| {kind} | {mode} | {r['before']:.2f} | {r['after']:.2f} | {r['speedup']:.1f}x "
+            f"| {r['workers_per_gpu']:.0f} |"
+        )
+    names = list(next(iter(data["stages_s"].values())))
+    lines += [
+        "",
+        "| ms CPU per clip | " + " | ".join(n.replace("_", " ") for n in names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for key, st in data["stages_s"].items():
+        lines.append(f"| {key} | " + " | ".join(f"{1000 * st[n]:.0f}" for n in names) + " |")
     return "\n".join(lines)
 
 
 SECTIONS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "flops_memory": ("flops_memory_cpu.json", flops_memory_table),
     "compile_gate": ("compile_gate.json", compile_gate_table),
+    "data_loader": ("data_cpu.json", data_loader_table),
 }
 
 

@@ -14,6 +14,12 @@ train.epochs=3 optim.lr=3e-4 model.overrides.loss__align=null.
 
 Only the standard library is imported here: torch and the package are imported
 by each command after its arguments are parsed, so ``--help`` answers at once.
+
+Errors end the command with one line on stderr (--debug anywhere on the line,
+or MMT_FAST_DEBUG=1, prints the traceback too) and an exit code that says who
+must act: 2 config (a value, override, path or the run folder), 3 data (an
+empty or unusable split, a bad manifest), 4 runtime (non-finite loss, no valid
+batch, damaged checkpoints, any other failure), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -24,10 +30,26 @@ import sys
 from collections.abc import Sequence
 
 
-def _train(args: argparse.Namespace) -> int:
-    from mmt_fast.train import load_config, train
+def _load_config(args: argparse.Namespace):
+    """The config, every failure to read or validate it being a ConfigError (exit code 2)."""
+    from mmt_fast.errors import ConfigError
+    from mmt_fast.train import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError:
+        raise
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file {e.filename} does not exist") from e
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise ConfigError(f"{args.config}: {msg}") from e
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mmt_fast.train import train
+
+    cfg = _load_config(args)
     train(cfg, resume=args.resume)
     return 0
 
@@ -72,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mmt-fast",
         description=__doc__.split("\n\n")[0],
         epilog="Run 'mmt-fast COMMAND --help' for the options of a command.",
+    )
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="print the traceback of an error (anywhere on the line)",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -195,13 +222,52 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def _run(argv: list[str]) -> int:
     if argv[:1] == ["make-synthetic"]:  # every option belongs to the generator
         return _make_synthetic(argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
+
+
+def error_exit_code(e: BaseException) -> tuple[int, str]:
+    """(exit code, kind) of an exception reaching the command line (see the module docstring)."""
+    from mmt_fast.errors import MMTError
+
+    if isinstance(e, KeyboardInterrupt):
+        return 130, "interrupted"
+    if isinstance(e, MMTError):
+        return e.exit_code, e.kind
+    if type(e).__name__ == "BadClipError":  # data.on_error: raise
+        return 3, "data"
+    return 4, "runtime"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; returns its exit code (errors become one line on stderr)."""
+    import os
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("MMT_FAST_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(argv)
+    except SystemExit:
+        raise
+    except BaseException as e:
+        code, kind = error_exit_code(e)
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        from mmt_fast.errors import MMTError
+
+        msg = str(e).strip() or type(e).__name__
+        if not isinstance(e, MMTError | KeyboardInterrupt) and code != 3:
+            msg = f"{type(e).__name__}: {msg}"  # an unexpected error: say what it was
+        hint = "" if debug else " (--debug for the traceback)"
+        print(f"mmt-fast: {kind} error: {msg}{hint}", file=sys.stderr, flush=True)
+        return code
 
 
 if __name__ == "__main__":

@@ -70,3 +70,60 @@ def write_wav(path: Path, samples: np.ndarray, sample_rate: int) -> Path:
         w.setframerate(sample_rate)
         w.writeframes(pcm.tobytes())
     return path
+
+
+def timed_clip(
+    path: Path,
+    frame_times: list[float],
+    event_frames: list[int],
+    audio_start: float = 0.0,
+    channels: int = 1,
+    fmt: str | None = None,
+    sample_rate: int = SR,
+    size: tuple[int, int] = (32, 64),
+) -> Path:
+    """A flash-and-click clip written with PyAV with explicit timestamps: frame ``k`` shows
+    at ``frame_times[k]`` (variable frame rate allowed, millisecond time base), white at
+    the event frames; the audio track starts at ``audio_start`` s and clicks at the middle
+    of each event frame's display interval. With ``channels=2`` the right channel is
+    half the left (mono = mean of the channels)."""
+    import fractions
+
+    import av
+
+    h, w = size
+    dur = frame_times[-1] + (frame_times[-1] - frame_times[-2])
+    ends = [*frame_times[1:], dur]
+    x = np.zeros(int(dur * sample_rate) + 1, np.float32)
+    for f in event_frames:
+        c = int((frame_times[f] + ends[f]) / 2 * sample_rate)
+        x[c - 80 : c + 80] = 0.8 * np.sin(2 * np.pi * 1000 * np.arange(160) / sample_rate)
+    layout = "stereo" if channels == 2 else "mono"
+    with av.open(str(path), "w", format=fmt) as c:
+        vs = c.add_stream("libx264", rate=1000)
+        vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
+        vs.options = {"preset": "ultrafast", "crf": "20", "threads": "1"}
+        vs.codec_context.time_base = fractions.Fraction(1, 1000)
+        as_ = c.add_stream("aac", rate=sample_rate)
+        as_.layout = layout
+        for k, t in enumerate(frame_times):
+            img = np.full((h, w, 3), 255 if k in event_frames else 0, np.uint8)
+            fr = av.VideoFrame.from_ndarray(img, format="rgb24")
+            fr.pts, fr.time_base = round(t * 1000), fractions.Fraction(1, 1000)
+            for p in vs.encode(fr):
+                c.mux(p)
+        for p in vs.encode():
+            c.mux(p)
+        s0 = int(audio_start * sample_rate)
+        for s in range(s0, len(x), 1024):
+            seg = x[None, s : s + 1024]
+            if channels == 2:
+                seg = np.concatenate([seg, 0.5 * seg])
+            fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(seg), format="fltp", layout=layout)
+            fr.sample_rate, fr.pts = sample_rate, s
+            fr.time_base = fractions.Fraction(1, sample_rate)
+            for p in as_.encode(fr):
+                c.mux(p)
+        for p in as_.encode():
+            c.mux(p)
+    return path

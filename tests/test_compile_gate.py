@@ -113,7 +113,9 @@ for t in tuners:
                           text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["6", "[1]"]
-    proc = _python(code.replace("assert (t.configs[0]", "assert len(t.configs) > 1 or (t.configs[0]"))
+    proc = _python(
+        code.replace("assert (t.configs[0]", "assert len(t.configs) > 1 or (t.configs[0]")
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split()[0] == "6" and proc.stdout.split()[1] != "[1]"
 

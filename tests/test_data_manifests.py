@@ -15,6 +15,7 @@ from mmt_fast.data import (
     read_manifest,
     read_vggsound,
 )
+from mmt_fast.errors import DataError
 
 
 def test_vggsound_no_header_quoted_labels_and_path_rules(tmp_path):
@@ -151,3 +152,31 @@ def test_class_index(tmp_path):
         ci.index("fish")
     with pytest.raises(ValueError, match="duplicate"):
         ClassIndex(["a", "a"])
+
+
+def test_manifest_bom_crlf_and_spaces(tmp_path):
+    text = "path, label, split, start_s\r\na.mp4, dog, train, 1.5\r\nb.mp4, cat, val,\r\n"
+    (tmp_path / "m.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())  # spreadsheet export
+    recs = read_manifest(tmp_path / "m.csv")
+    assert [(r.path, r.label, r.split, r.start_s) for r in recs] == [
+        (str(tmp_path / "a.mp4"), "dog", "train", 1.5),
+        (str(tmp_path / "b.mp4"), "cat", "val", None),
+    ]
+
+
+@pytest.mark.parametrize(
+    "row,words",
+    [
+        ("a.mp4,dog,nan,", "start time nan s is not a finite number"),
+        ("a.mp4,dog,inf,", "start time inf s"),
+        ("a.mp4,dog,-2,", "start time -2.0 s"),
+        ("a.mp4,dog,3,2", "end time 2.0 s is not after the start time 3.0 s"),
+        ("a.mp4,dog,abc,", "start_s='abc' is not a number"),
+        (",dog,1,", "row has no 'path'"),
+    ],
+)
+def test_manifest_bad_times_name_the_line(tmp_path, row, words):
+    (tmp_path / "m.csv").write_text(f"path,label,start_s,end_s\nok.mp4,cat,0,1\n{row}\n")
+    with pytest.raises(DataError) as e:
+        read_manifest(tmp_path / "m.csv")
+    assert str(tmp_path / "m.csv") + ":3:" in str(e.value) and words in str(e.value)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mmt_fast import create_model
+from mmt_fast.errors import CheckpointError
 from mmt_fast.train.checkpoint import (
     CheckpointManager,
     load_checkpoint,
@@ -74,8 +75,9 @@ def test_state_file_is_loaded_with_weights_only(tmp_path):
 
     with open(d / "state.pt", "wb") as f:
         pickle.dump({"step": Evil()}, f, protocol=2)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match=r"state\.pt cannot be read") as e:
         load_checkpoint(d)
+    assert isinstance(e.value.__cause__, pickle.UnpicklingError)
     assert not (tmp_path / "pwned").exists()
 
 

@@ -1,10 +1,16 @@
 """Audio loading, AST-style log-mel filterbanks, SpecAugment, and window alignment.
 
-Source of the audio: ``<stem>.wav`` beside the video when it exists (read with
-the standard-library ``wave`` module, PCM 8/16/24/32-bit, seeking to the window,
-so long Epic-Kitchens videos are cheap when their audio has been extracted),
-otherwise the video container's own audio track, decoded whole by decord's
-``AudioReader`` (resampled to mono 16 kHz by decord). Other sample rates are
+Source of the audio: ``<stem>.wav`` beside the video when it exists and can be
+read (soundfile: PCM 8/16/24/32-bit, float, WAVE_FORMAT_EXTENSIBLE, any channel
+count; read by seeking to the window, so long Epic-Kitchens videos are cheap
+when their audio has been extracted; it is taken to start with the video),
+otherwise the file's own audio track, decoded with PyAV over the window only
+(seek, then decode) and placed by its timestamps: the clip's time axis starts at
+the first video frame (decord's frame timestamps use the same origin), so an
+audio track that starts 1 s after the video is padded by 1 s of silence (fbank
+zeros) and one that starts earlier is trimmed. A sidecar that fails to read
+falls back to the file's own track. Channels are always averaged (mono = mean of
+the channels, for container audio and wavs alike); other sample rates are
 resampled with ``torchaudio.functional.resample``.
 
 Features follow AST's ``dataloader.py`` (Gong et al.): waveform minus its mean,
@@ -32,8 +38,9 @@ are zeros (AST pads the fbank with zeros, not the waveform).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +48,8 @@ import torch
 import torchaudio
 
 from .errors import BadClipError
+
+log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 HOP = 160  # samples per fbank frame shift (10 ms)
@@ -55,15 +64,27 @@ def window_samples(target_length: int, hop: int = HOP, win: int = WIN) -> int:
 
 
 class AudioSource:
-    """Mono audio of one file at ``sample_rate``; ``read(a, b)`` returns samples ``[a, b)``."""
+    """Mono audio of one file at ``sample_rate`` on the clip's time axis.
+
+    ``read(a, b)`` returns samples ``[a, b)`` (sample ``k`` is at time ``k / sample_rate``
+    on the clip's axis, whose 0 is the first video frame, see the module docstring);
+    audio exists on ``[start_sample, num_samples)``; the caller reads inside it.
+    """
 
     path: str
     sample_rate: int
     num_samples: int
+    start_sample: int = 0
 
     @property
     def duration(self) -> float:
+        """End of the audio (s) on the clip's time axis."""
         return self.num_samples / self.sample_rate
+
+    @property
+    def start(self) -> float:
+        """Start of the audio (s) on the clip's time axis."""
+        return self.start_sample / self.sample_rate
 
     def read(self, a: int, b: int) -> np.ndarray:
         raise NotImplementedError
@@ -78,48 +99,225 @@ class _ArraySource(AudioSource):
         return self.samples[max(a, 0) : max(b, 0)]
 
 
+class _SpanSource(AudioSource):
+    """Samples ``[lo, hi)`` of another source held in memory (same time axis)."""
+
+    def __init__(self, src: AudioSource, lo: int, hi: int) -> None:
+        self.path, self.sample_rate = src.path, src.sample_rate
+        self.start_sample, self.num_samples = src.start_sample, src.num_samples
+        self.lo = lo
+        self.samples = np.ascontiguousarray(src.read(lo, hi), dtype=np.float32)
+
+    def read(self, a: int, b: int) -> np.ndarray:
+        out = np.zeros(max(b - a, 0), np.float32)
+        i0, i1 = max(a, self.lo), min(b, self.lo + len(self.samples))
+        if i1 > i0:
+            out[i0 - a : i1 - a] = self.samples[i0 - self.lo : i1 - self.lo]
+        return out
+
+
+def preload(src: AudioSource, lo: int, hi: int) -> AudioSource:
+    """Read samples ``[lo, hi)`` of ``src`` (clamped to its audio) once, for several windows."""
+    lo, hi = max(lo, src.start_sample, 0), min(hi, src.num_samples)
+    return _SpanSource(src, lo, max(hi, lo))
+
+
+def _resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
+    if rate == target:
+        return x
+    return torchaudio.functional.resample(torch.from_numpy(x), rate, target).numpy()
+
+
 class _WavSource(AudioSource):
-    """PCM wav read by seeking; resampled per read when the file rate differs."""
+    """A wav file read with soundfile by seeking (PCM 8/16/24/32-bit, float 32/64,
+    WAVE_FORMAT_EXTENSIBLE, any number of channels, averaged); it starts at time 0."""
 
     def __init__(self, path: str, sample_rate: int) -> None:
+        import soundfile
+
         self.path, self.sample_rate = path, sample_rate
         try:
-            with wave.open(path, "rb") as w:
-                self._rate, self._channels = w.getframerate(), w.getnchannels()
-                self._width, self._frames = w.getsampwidth(), w.getnframes()
-        except (wave.Error, EOFError) as e:
-            raise BadClipError(path, f"cannot read wav file: {e}", "corrupt_file") from e
+            info = soundfile.info(path)
+        except Exception as e:  # soundfile.LibsndfileError / RuntimeError
+            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise BadClipError(path, f"cannot read wav file: {msg}", "corrupt_file") from e
+        self._rate, self._frames = int(info.samplerate), int(info.frames)
+        if self._frames <= 0:
+            raise BadClipError(path, "wav file holds no samples", "no_audio")
         self.num_samples = int(self._frames * sample_rate // self._rate)
 
     def read(self, a: int, b: int) -> np.ndarray:
-        ra = max(0, int(a * self._rate // self.sample_rate))
-        rb = min(self._frames, int(-(-b * self._rate // self.sample_rate)))
+        import soundfile
+
+        # read a little more on both sides so the resampling filter sees real neighbours
+        margin = 64 if self._rate != self.sample_rate else 0
+        ra = max(0, int(a * self._rate // self.sample_rate) - margin)
+        rb = min(self._frames, int(-(-b * self._rate // self.sample_rate)) + margin)
         if rb <= ra:
             return np.zeros(0, np.float32)
-        with wave.open(self.path, "rb") as w:
-            w.setpos(ra)
-            raw = w.readframes(rb - ra)
-        x = _pcm_to_float(raw, self._width).reshape(-1, self._channels).mean(1)
-        if self._rate != self.sample_rate:
-            x = torchaudio.functional.resample(
-                torch.from_numpy(x), self._rate, self.sample_rate
-            ).numpy()
-        return x[: max(b - a, 0)]
+        try:
+            x, _ = soundfile.read(
+                self.path, frames=rb - ra, start=ra, dtype="float32", always_2d=True
+            )
+        except Exception as e:
+            raise BadClipError(self.path, f"cannot read wav file: {e}", "corrupt_file") from e
+        x = _resample(np.ascontiguousarray(x.mean(1)), self._rate, self.sample_rate)
+        skip = max(round(a - ra * self.sample_rate / self._rate), 0)
+        return x[skip : skip + max(b - a, 0)]
 
 
-def _pcm_to_float(raw: bytes, width: int) -> np.ndarray:
-    if width == 1:
-        return (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
-    if width == 2:
-        return np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
-    if width == 3:
-        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
-        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
-        v = np.where(v >= 1 << 23, v - (1 << 24), v)
-        return v.astype(np.float32) / float(1 << 23)
-    if width == 4:
-        return np.frombuffer(raw, "<i4").astype(np.float32) / float(1 << 31)
-    raise ValueError(f"unsupported PCM sample width {width}")
+class ContainerAudio(AudioSource):
+    """The audio track of a media file, decoded with PyAV only over the span asked for.
+
+    Time axis: 0 is the start of the first video stream when the file has one (the
+    origin of decord's frame timestamps), else of the audio stream; each decoded
+    audio frame is placed by its own timestamp, so an audio track that starts late
+    (or early) lands where it plays. Channels are averaged; the file's rate is
+    resampled to ``sample_rate`` with ``torchaudio.functional.resample``.
+    """
+
+    # s decoded before the span: the first frame after a seek decodes as silence (AAC,
+    # Opus and Vorbis frames overlap their predecessor); 0.3 s covers 2048-sample frames
+    SEEK_MARGIN = 0.3
+
+    def __init__(self, path: str, sample_rate: int = SAMPLE_RATE) -> None:
+        self.path, self.sample_rate = path, sample_rate
+        self._open()
+        st = self._c.streams.audio[0]
+        self._st = st
+        self._rate = int(st.codec_context.sample_rate or st.rate or 0)
+        if self._rate <= 0:
+            raise BadClipError(path, "audio track has no sample rate", "corrupt_file")
+        origin_stream = self._c.streams.video[0] if self._c.streams.video else st
+        self._origin = _stream_start(origin_stream)
+        self._a0 = _stream_start(st)
+        a0 = self._a0 - self._origin
+        dur = _stream_duration(self._c, st)
+        if dur is None or dur <= 0:
+            raise BadClipError(path, "audio track has no duration (empty or corrupt)", "no_audio")
+        self.start_sample = round(a0 * sample_rate)
+        self.num_samples = round((a0 + dur) * sample_rate)
+
+    def _open(self) -> None:
+        import av
+
+        path = self.path
+        self._fresh = True  # nothing decoded yet: the first frame decodes exactly
+        try:
+            self._c = av.open(path)
+        except Exception as e:
+            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise BadClipError(
+                path, f"cannot open file (truncated or corrupt?): {msg}", "corrupt_file"
+            ) from e
+        if not self._c.streams.audio:
+            self._c.close()
+            raise BadClipError(path, "no audio track in the file and no .wav beside it", "no_audio")
+        self._st = self._c.streams.audio[0]
+
+    def close(self) -> None:
+        self._c.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self._c.close()
+
+    def read(self, a: int, b: int) -> np.ndarray:
+        """Samples ``[a, b)`` at ``sample_rate``; zeros where the file has no audio.
+
+        Each gapless run of decoded frames is averaged over its channels (the mean,
+        not swresample's downmix), resampled in one call to FFmpeg's swresample and
+        placed by its timestamp."""
+        sr = self.sample_rate
+        n_out = max(b - a, 0)
+        out = np.zeros(n_out, np.float32)
+        if n_out == 0:
+            return out
+        t0, t1 = a / sr, b / sr  # clip time
+        target = t0 - self.SEEK_MARGIN + self._origin  # container time
+        runs: list[tuple[int, list[np.ndarray]]] = []  # (first pts, planar arrays) per gapless run
+        next_pts = None
+        try:
+            if target <= self._a0:  # from the start: decode from a fresh open, never seek
+                if not self._fresh:
+                    self._c.close()
+                    self._open()
+            else:
+                self._c.seek(int(target / self._st.time_base), stream=self._st, backward=True)
+            self._fresh = False
+            st, tb = self._st, float(self._st.time_base)  # floats: Fractions cost per frame
+            scale = tb * self._rate  # stream time base -> native samples
+            stop = (t1 + 0.05 + self._origin) / tb
+            for fr in self._c.decode(st):
+                if fr.pts is None:
+                    continue
+                if fr.pts >= stop:
+                    break
+                x = fr.to_ndarray()
+                if not fr.format.is_planar:
+                    x = x.reshape(-1, len(fr.layout.channels)).T
+                p = round(fr.pts * scale)
+                if next_pts is None or abs(p - next_pts) > 1:
+                    runs.append((p, []))
+                runs[-1][1].append(_to_float(x))
+                next_pts = p + x.shape[1]
+            got_end = t0
+            origin = round(self._origin * sr)
+            for p0, parts in runs:  # one swresample call per gapless run
+                mono = np.concatenate(parts, 1).mean(0, keepdims=True)  # mean, then resample
+                for g in _resample_run(mono, self._rate, sr, p0):
+                    x = g.to_ndarray()[0]
+                    i0 = g.pts - origin - a  # g.pts counts samples at sr (container time)
+                    lo, hi = max(i0, 0), min(i0 + len(x), n_out)
+                    if hi > lo:
+                        out[lo:hi] = x[lo - i0 : hi - i0]
+                    got_end = max(got_end, (g.pts - origin + len(x)) / sr)
+        except Exception as e:
+            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise BadClipError(self.path, f"cannot decode audio: {msg}", "corrupt_file") from e
+        want_end = min(t1, self.duration)
+        if got_end < want_end - 0.1:
+            raise BadClipError(
+                self.path,
+                f"audio data ends at {got_end:.2f} s but the track lasts {self.duration:.2f} s "
+                "(truncated file?)",
+                "corrupt_file",
+            )
+        return out
+
+
+def _to_float(x: np.ndarray) -> np.ndarray:
+    """Decoded samples (float, or integer PCM such as s16/s32/u8) -> float32 in [-1, 1]."""
+    if x.dtype == np.uint8:
+        return (x.astype(np.float32) - 128.0) / 128.0
+    if np.issubdtype(x.dtype, np.integer):
+        return x.astype(np.float32) / float(-np.iinfo(x.dtype).min)
+    return x.astype(np.float32, copy=False)
+
+
+def _resample_run(x: np.ndarray, rate: int, sr: int, pts: int) -> list:
+    """Mono float (1, N) at ``rate`` starting at sample ``pts`` -> AudioFrames resampled
+    by swresample at ``sr`` (pts in samples at ``sr``)."""
+    import fractions
+
+    import av
+
+    fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(x), format="fltp", layout="mono")
+    fr.sample_rate, fr.pts, fr.time_base = rate, pts, fractions.Fraction(1, rate)
+    rs = av.AudioResampler(format="fltp", layout="mono", rate=sr)
+    return [*rs.resample(fr), *rs.resample(None)]
+
+
+def _stream_start(st) -> float:
+    return float(st.start_time * st.time_base) if st.start_time is not None else 0.0
+
+
+def _stream_duration(container, st) -> float | None:
+    if st.duration is not None and st.duration > 0:
+        return float(st.duration * st.time_base)
+    if container.duration:  # in microseconds
+        return container.duration / 1e6 - _stream_start(st)
+    return None
 
 
 def sidecar_wav(path: str) -> str | None:
@@ -129,32 +327,32 @@ def sidecar_wav(path: str) -> str | None:
 
 
 def open_audio(path: str, sample_rate: int = SAMPLE_RATE) -> AudioSource:
-    """Open the audio of a clip (sidecar wav, else the container's audio track)."""
+    """Open the audio of a clip: the sidecar ``<stem>.wav`` when it exists and reads,
+    else the file's own audio track (a failing sidecar never hides a good track)."""
     wav = sidecar_wav(path)
+    sidecar_error = None
     if wav is not None:
-        return _WavSource(wav, sample_rate)
-    if path.lower().endswith(".wav"):
-        if not os.path.isfile(path):
-            raise BadClipError(path, "file does not exist", "missing_file")
-        return _WavSource(path, sample_rate)
+        try:
+            return _WavSource(wav, sample_rate)
+        except BadClipError as e:
+            sidecar_error = e
     if not os.path.isfile(path):
+        if os.path.isdir(path):
+            raise BadClipError(path, "is a folder, not a media file", "missing_file")
         raise BadClipError(path, "file does not exist", "missing_file")
-    import decord
-
+    if path.lower().endswith(".wav"):
+        return _WavSource(path, sample_rate)
     try:
-        ar = decord.AudioReader(path, ctx=decord.cpu(0), sample_rate=sample_rate, mono=True)
-        samples = ar[:].asnumpy()[0].astype(np.float32, copy=False)
-    except Exception as e:
-        msg = str(e)
-        if "audio stream" in msg.lower():
+        src = ContainerAudio(path, sample_rate)
+    except BadClipError as e:
+        if sidecar_error is not None:
             raise BadClipError(
-                path, "no audio track in the file and no .wav beside it", "no_audio"
+                path, f"{sidecar_error.reason} ({wav}), and {e.reason}", sidecar_error.kind
             ) from e
-        last = msg.strip().splitlines()[-1] if msg.strip() else type(e).__name__
-        raise BadClipError(path, f"cannot decode audio: {last}", "corrupt_file") from e
-    if samples.size == 0:
-        raise BadClipError(path, "audio track is empty", "no_audio")
-    return _ArraySource(path, samples, sample_rate)
+        raise
+    if sidecar_error is not None:
+        log.warning("%s: using the file's own audio track", sidecar_error)
+    return src
 
 
 def fbank(
@@ -204,7 +402,7 @@ def window_fbank(
     sr = src.sample_rate
     n_win = window_samples(target_length)
     ws = round(ws_s * sr)
-    a = max(ws, round(clip_start_s * sr), 0)
+    a = max(ws, round(clip_start_s * sr), src.start_sample, 0)
     b = min(ws + n_win, round(clip_end_s * sr), src.num_samples)
     out = torch.zeros(target_length, num_mel_bins)
     if b - a < WIN:

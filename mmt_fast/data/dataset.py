@@ -30,13 +30,19 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
+import os
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from mmt_fast.errors import DataError
 
 from . import audio as A
 from . import video as Vd
@@ -56,6 +62,9 @@ class DataConfig:
     Units: ``stride`` in frames between samples; ``crop_size`` in pixels;
     ``target_length`` in fbank frames (10 ms); ``freqm``/``timem`` are the
     maximum SpecAugment mask widths in bins / frames (0 disables).
+    ``decoder_resize``: decode frames at the size the transform needs (see
+    ``video.decode_size``; ``train_short_side`` sets the training size).
+    ``audio_span``: decode only the audio the windows cover (else the whole track).
     """
 
     mode: str = "train"  # "train" | "test"
@@ -80,6 +89,9 @@ class DataConfig:
     on_error: str = "raise"  # "raise" | "skip"
     short_clip: str = "pad"  # "pad" (warning) | "error" (bad data)
     decode_threads: int = 1
+    decoder_resize: bool = True  # decode frames at a reduced size (see video.decode_size)
+    audio_span: bool = True  # decode only the audio the windows cover (False: the whole track)
+    train_short_side: int | None = None  # None: round(crop_size * 320 / 224)
 
     def __post_init__(self) -> None:
         checks = {
@@ -104,6 +116,11 @@ class DataConfig:
     @property
     def views(self) -> int:
         return 1 if self.train else self.num_views
+
+    @property
+    def decode_short_side(self) -> int:
+        """Short side (px) training frames are decoded at (when larger in the file)."""
+        return self.train_short_side or round(self.crop_size * 320 / 224)
 
     @property
     def window_frames(self) -> int:
@@ -240,9 +257,15 @@ class AVClipDataset(Dataset):
         warnings: list[str] = []
         centres = None
         if cfg.modalities in ("av", "video"):
-            vr = Vd.open_video(rec.path, cfg.decode_threads)
-            fps = float(vr.get_avg_fps())
-            f0, f1 = Vd.segment_frames(len(vr), fps, rec.start_s, rec.end_s, rec.path)
+            info = Vd.probe_video(rec.path)
+            size = None
+            if cfg.decoder_resize:
+                size = Vd.decode_size(
+                    info.height, info.width, cfg.crop_size, cfg.train, cfg.decode_short_side
+                )
+            vr = Vd.open_video(rec.path, cfg.decode_threads, size)
+            times = Vd.frame_times(vr)
+            f0, f1 = Vd.segment_frames(times, rec.start_s, rec.end_s, rec.path)
             n, L = f1 - f0, cfg.window_frames
             if n < L:
                 if cfg.short_clip == "error":
@@ -251,10 +274,13 @@ class AVClipDataset(Dataset):
                     )
                 warnings.append("short_clip")
             starts = Vd.window_starts(n, L, cfg.train, cfg.views)
+            # one ascending pass over the frames of every view (test views overlap and
+            # share keyframes: decoding them view by view would seek back each time)
+            idx = [Vd.frame_indices(f0, f1, s, cfg.num_frames, cfg.stride) for s in starts]
+            decoded = Vd.decode_frames(vr, np.concatenate(idx), rec.path)
             views = []
-            for s in starts:
-                idx = Vd.frame_indices(f0, f1, s, cfg.num_frames, cfg.stride)
-                frames = Vd.decode_frames(vr, idx, rec.path)
+            for k in range(len(starts)):
+                frames = decoded[k * cfg.num_frames : (k + 1) * cfg.num_frames]
                 views.append(
                     Vd.transform_frames(
                         frames,
@@ -268,8 +294,16 @@ class AVClipDataset(Dataset):
                     )
                 )
             item["video"] = views[0] if len(views) == 1 else torch.stack(views)
-            centres = [(f0 + s + L / 2) / fps for s in starts]
+            centres = [Vd.window_centre(times, f0 + s, L) for s in starts]
         if cfg.modalities in ("av", "audio"):
+            if cfg.modalities == "audio" and not str(rec.path).lower().endswith(".wav"):
+                if os.path.isdir(rec.path):
+                    raise BadClipError(rec.path, "is a folder, not a media file", "missing_file")
+            for name, v in (("start", rec.start_s), ("end", rec.end_s)):
+                if v is not None and not (math.isfinite(v) and v >= 0):
+                    raise BadClipError(
+                        rec.path, f"{name} {v} s is not a finite time >= 0", "bad_segment"
+                    )
             src = A.open_audio(rec.path, cfg.sample_rate)
             a0 = rec.start_s or 0.0
             a1 = min(rec.end_s if rec.end_s is not None else float("inf"), src.duration)
@@ -284,6 +318,12 @@ class AVClipDataset(Dataset):
                 wss = [A.window_start(c, span, a0, a1, cfg.audio_align) for c in centres]
             else:
                 wss = self._audio_only_starts(a0, a1, span)
+            # one read covers every view (test views overlap); the rest of a long track is skipped
+            sr, n_win = cfg.sample_rate, A.window_samples(cfg.target_length)
+            lo, hi = round(max(min(wss), a0) * sr), round(min(max(wss) * sr + n_win, a1 * sr))
+            if not cfg.audio_span:
+                lo, hi = src.start_sample, src.num_samples
+            src = A.preload(src, lo, hi)
             specs = []
             for ws in wss:
                 fb = A.window_fbank(src, ws, a0, a1, cfg.target_length, cfg.num_mel_bins)
@@ -309,6 +349,56 @@ class AVClipDataset(Dataset):
             return [a0 + slack * float(torch.rand(()))]
         v = self.config.views
         return [a0 + slack * (0.5 if v == 1 else k / (v - 1)) for k in range(v)]
+
+
+def unusable_clips(dataset: AVClipDataset) -> list[BadItem]:
+    """Clips known to be unusable without decoding: dropped at construction (labels
+    outside the class list) and files that are missing or are folders (one stat per
+    unique path)."""
+    bad = list(dataset.dropped)
+    status: dict[str, str | None] = {}
+    for i, r in enumerate(dataset.records):
+        if r.path not in status:
+            p = Path(r.path)
+            audio_only = dataset.config.modalities == "audio"
+            status[r.path] = (
+                None
+                if p.is_file() or (audio_only and A.sidecar_wav(r.path) is not None)
+                else "is a folder, not a media file"
+                if p.is_dir()
+                else "file does not exist"
+            )
+        if status[r.path] is not None:
+            bad.append(BadItem(i, r.path, "missing_file", status[r.path]))
+    return bad
+
+
+def check_split(name: str, dataset: AVClipDataset, max_bad_fraction: float = 0.5) -> list[BadItem]:
+    """Stop before any work when split ``name`` is empty or mostly unusable.
+
+    Raises :class:`DataError` (naming the split, the counts per kind and the first
+    files) when no clip is usable or the fraction of unusable clips (see
+    :func:`unusable_clips`) exceeds ``max_bad_fraction``; returns the unusable clips.
+    """
+    bad = unusable_clips(dataset)
+    total = len(dataset.records) + len(dataset.dropped)
+    usable = total - len(bad)
+    if total and usable and len(bad) <= max_bad_fraction * total:
+        return bad
+    counts = dict(collections.Counter(b.kind for b in bad))
+    first = "; ".join(f"{b.path}: {b.reason}" for b in bad[:3])
+    why = (
+        "has no clips"
+        if total == 0
+        else f"has no usable clip ({total} clips: {counts})"
+        if usable == 0
+        else f"has {len(bad)} unusable clips of {total} {counts}, more than "
+        f"data.max_bad_fraction={max_bad_fraction}"
+    )
+    raise DataError(
+        f"the {name} split {why}" + (f"; first: {first}" if first else "")
+        + ". Check the manifest's paths and labels, data.root and data.classes"
+    )  # fmt: skip
 
 
 def _release_frames(exc: BaseException) -> None:

@@ -5,8 +5,10 @@ and a short machine-readable ``kind`` (the key of the skip counters):
 
 | kind | cause |
 |---|---|
-| ``missing_file`` | no file at the resolved path |
+| ``missing_file`` | no file at the resolved path (or a folder there) |
 | ``corrupt_file`` | the container cannot be opened or decoded (truncated, damaged, not a video) |
+| ``no_video`` | the clip needs video and the file has no video stream (e.g. an audio-only .m4a) |
+| ``unsupported_format`` | a container decord cannot decode frame-accurately (MPEG-TS/PS): remux it |
 | ``no_audio`` | the clip needs audio and has neither an audio track nor a ``.wav`` beside it |
 | ``short_clip`` | fewer frames than the sampling window (only when ``short_clip="error"``) |
 | ``bad_segment`` | start/end times outside the file or end <= start |
@@ -19,6 +21,8 @@ from __future__ import annotations
 BAD_KINDS = (
     "missing_file",
     "corrupt_file",
+    "no_video",
+    "unsupported_format",
     "no_audio",
     "short_clip",
     "bad_segment",

@@ -34,6 +34,11 @@ line): ``path`` and either ``label`` or ``verb`` and ``noun``; optional
 ``start_s``/``end_s`` (seconds; ``start``/``end`` accepted), ``split``,
 ``clip_id`` (default: the file stem, plus the start time when given). Relative
 paths are resolved against ``root`` (default: the manifest's folder).
+
+Every CSV reader accepts a UTF-8 byte-order mark (spreadsheet exports), CRLF
+line ends and spaces after the commas. A row that cannot be used as written
+(a missing column, a time that is not a finite number >= 0, ``end <= start``)
+raises :class:`~mmt_fast.errors.DataError` naming the file and the line.
 """
 
 from __future__ import annotations
@@ -42,10 +47,13 @@ import collections
 import csv
 import json
 import logging
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from mmt_fast.errors import DataError
 
 from .errors import BadClipError
 
@@ -230,17 +238,17 @@ def read_vggsound(
     """Read VGGSound's ``vggsound.csv`` (no header). ``split``: keep only "train"/"test"."""
     root = Path(root)
     out = []
-    with open(csv_path, newline="") as f:
-        for lineno, row in enumerate(csv.reader(f), 1):
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        for lineno, row in enumerate(csv.reader(f, skipinitialspace=True), 1):
             if not row or not "".join(row).strip():
                 continue
             if len(row) != 4:
-                raise ValueError(f"{csv_path}:{lineno}: expected 4 columns, got {len(row)}: {row}")
+                raise DataError(f"{csv_path}:{lineno}: expected 4 columns, got {len(row)}: {row}")
             ytid, start, label, row_split = (c.strip() for c in row)
             if not _is_int(start):
                 if lineno == 1:  # tolerate a header row
                     continue
-                raise ValueError(f"{csv_path}:{lineno}: start_seconds {start!r} is not an int")
+                raise DataError(f"{csv_path}:{lineno}: start_seconds {start!r} is not an int")
             if split is not None and row_split != split:
                 continue
             cid = vggsound_clip_id(ytid, int(start))
@@ -275,8 +283,8 @@ def read_kinetics_sounds(
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     root = Path(root)
     allowed = set(classes) if classes is not None else None
-    with open(csv_path, newline="") as f:
-        rows = [r for r in csv.reader(f) if r and "".join(r).strip()]
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        rows = [r for r in csv.reader(f, skipinitialspace=True) if r and "".join(r).strip()]
     header = None
     if rows:
         low = [c.strip().lower() for c in rows[0]]
@@ -296,7 +304,7 @@ def read_kinetics_sounds(
             row_split = d.get("split")
         else:
             if len(row) < 2:
-                raise ValueError(f"{csv_path}: expected (path or id, label), got {row}")
+                raise DataError(f"{csv_path}: expected (path or id, label), got {row}")
             key, label = row[0], row[1]
         if split is not None and row_split != split:
             continue
@@ -338,15 +346,16 @@ def read_epic_kitchens(csv_path: str | os.PathLike, root: str | os.PathLike) -> 
     """Read ``EPIC_100_{train,validation}.csv``: one segment record per narration."""
     root = Path(root)
     out = []
-    with open(csv_path, newline="") as f:
-        for lineno, d in enumerate(csv.DictReader(f), 2):
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        for lineno, d in enumerate(_dict_rows(f), 2):
             try:
                 pid, vid = d["participant_id"], d["video_id"]
                 start = parse_timestamp(d["start_timestamp"])
                 stop = parse_timestamp(d["stop_timestamp"])
                 verb, noun = int(d["verb_class"]), int(d["noun_class"])
+                _check_times(start, stop)
             except (KeyError, ValueError) as e:
-                raise ValueError(f"{csv_path}:{lineno}: bad Epic-Kitchens row ({e})") from e
+                raise DataError(f"{csv_path}:{lineno}: bad Epic-Kitchens row ({e})") from e
             path = _first_existing(
                 [
                     root / pid / "videos" / f"{vid}.MP4",
@@ -364,12 +373,32 @@ def read_epic_kitchens(csv_path: str | os.PathLike, root: str | os.PathLike) -> 
 
 
 # ------------------------------------------------------------ plain manifest
+def _dict_rows(f) -> Iterable[dict]:
+    """csv.DictReader with stripped keys and values (spaces after commas, CRLF)."""
+    for d in csv.DictReader(f, skipinitialspace=True):
+        yield {
+            (k.strip() if isinstance(k, str) else k): (v.strip() if isinstance(v, str) else v)
+            for k, v in d.items()
+        }
+
+
 def _opt_float(d: dict, *keys: str) -> float | None:
     for k in keys:
         v = d.get(k)
         if v is not None and str(v).strip() != "":
-            return float(v)
+            try:
+                return float(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"{k}={v!r} is not a number") from None
     return None
+
+
+def _check_times(start: float | None, end: float | None) -> None:
+    for name, v in (("start", start), ("end", end)):
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} time {v} s is not a finite number >= 0")
+    if start is not None and end is not None and end <= start:
+        raise ValueError(f"end time {end} s is not after the start time {start} s")
 
 
 def _int_or_str(v):
@@ -385,22 +414,34 @@ def read_manifest(
     """Read a plain CSV (with header) or JSONL manifest (see module docstring)."""
     path = Path(path)
     root = Path(root) if root is not None else path.parent
-    if path.suffix.lower() in (".jsonl", ".json"):
-        with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    else:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+    jsonl = path.suffix.lower() in (".jsonl", ".json")
+    with open(path, newline="" if not jsonl else None, encoding="utf-8-sig") as f:
+        if jsonl:
+            rows = []
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append((lineno, json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{lineno}: not a JSON object ({e})") from e
+        else:
+            rows = [(lineno, d) for lineno, d in enumerate(_dict_rows(f), 2)]
     out = []
-    for i, d in enumerate(rows):
-        if "path" not in d:
-            raise ValueError(f"{path}: row {i} has no 'path'")
+    for lineno, d in rows:
+        where = f"{path}:{lineno}"
+        if not isinstance(d, dict) or not str(d.get("path") or "").strip():
+            keys = list(d) if isinstance(d, dict) else type(d).__name__
+            raise DataError(f"{where}: row has no 'path' (columns: {keys})")
         if split is not None and d.get("split") != split:
             continue
-        p = Path(str(d["path"]))
+        p = Path(str(d["path"]).strip())
         p = p if p.is_absolute() else root / p
-        start = _opt_float(d, "start_s", "start")
-        end = _opt_float(d, "end_s", "end")
+        try:
+            start = _opt_float(d, "start_s", "start")
+            end = _opt_float(d, "end_s", "end")
+            _check_times(start, end)
+        except ValueError as e:
+            raise DataError(f"{where}: {e}") from None
         cid = d.get("clip_id") or (p.stem if start is None else f"{p.stem}_{start:.3f}")
         if d.get("label") not in (None, ""):
             rec = ClipRecord(str(p), str(cid), label=str(d["label"]), start_s=start, end_s=end)
@@ -410,7 +451,7 @@ def read_manifest(
                 start_s=start, end_s=end,
             )  # fmt: skip
         else:
-            raise ValueError(f"{path}: row {i} has neither 'label' nor 'verb' and 'noun'")
+            raise DataError(f"{where}: row has neither 'label' nor 'verb' and 'noun'")
         rec.split = d.get("split") or None
         out.append(rec)
     return out

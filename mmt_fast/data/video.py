@@ -7,8 +7,18 @@ uniformly from ``[0, max(n - L, 0)]``; testing uses ``V`` windows spaced
 uniformly from the first possible start to the last one (view ``k`` starts at
 ``round(k * (n - L) / (V - 1))``; one view is centred). A segment shorter than
 ``L`` frames repeats its last frame (the dataset counts it as ``short_clip``).
-The window's time span is ``[(f0 + start) / fps, (f0 + start + L) / fps)``; its
-centre is what the audio window is aligned to (see ``audio.py``).
+Times come from the container's frame timestamps (decord's
+``get_frame_timestamp``), not the average frame rate, so variable-frame-rate
+files stay in step with their audio: the segment ``[start_s, end_s)`` holds the
+frames whose start time lies in it, and the window's time span runs from the
+start of its first frame to the end of its last; its centre is what the audio
+window is aligned to (see ``audio.py``). Containers decord cannot index
+frame-accurately (MPEG-TS/PS) are refused (``unsupported_format``).
+
+Speed: frames are decoded at a reduced size where the transform would shrink
+them anyway (:func:`decode_size`): the test short side is the crop size; for
+training the short side is ``train_short_side`` (320 px for a 224 crop, the
+upper end of SlowFast's scale jitter).
 
 Spatial: training takes one random resized crop (area scale and aspect ratio
 ranges as torchvision's ``RandomResizedCrop``; the MViTv2 recipe in SlowFast uses
@@ -23,6 +33,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -31,14 +42,71 @@ import torch.nn.functional as F
 from .errors import BadClipError
 
 
-def open_video(path: str, num_threads: int = 1):
-    """Open ``path`` with decord; BadClipError for a missing or unreadable file."""
+class VideoInfo(NamedTuple):
+    """What the container's header says about the first video stream."""
+
+    height: int
+    width: int
+    format: str
+
+
+def probe_video(path: str) -> VideoInfo:
+    """Read the header with PyAV: BadClipError for a missing path, a folder, a file
+    without a video stream (``no_video``), or a container whose frames decord
+    cannot index correctly (``unsupported_format``: MPEG-TS, whose decoded frame
+    ``k`` can be frame ``k + 12`` with B-frames, silently shifting video against audio)."""
+    import av
+
+    if not os.path.isfile(path):
+        if os.path.isdir(path):
+            raise BadClipError(path, "is a folder, not a media file", "missing_file")
+        raise BadClipError(path, "file does not exist", "missing_file")
+    try:
+        with av.open(path) as c:
+            fmt = c.format.name
+            if not c.streams.video:
+                kinds = sorted({s.type for s in c.streams})
+                raise BadClipError(
+                    path,
+                    f"no video stream (streams: {', '.join(kinds) or 'none'}); "
+                    "an audio-only file needs an audio-only model (e.g. ablation/audio-only)",
+                    "no_video",
+                )
+            cc = c.streams.video[0].codec_context
+            h, w = int(cc.height), int(cc.width)
+    except BadClipError:
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise BadClipError(
+            path, f"cannot open video (truncated or corrupt file?): {msg}", "corrupt_file"
+        ) from e
+    if fmt in UNSUPPORTED_FORMATS:
+        raise BadClipError(
+            path,
+            f"{UNSUPPORTED_FORMATS[fmt]} cannot be decoded frame-accurately by decord "
+            "(frames come out shifted against the audio); remux it, e.g. "
+            "`ffmpeg -i in.ts -c copy out.mp4`",
+            "unsupported_format",
+        )
+    return VideoInfo(h, w, fmt)
+
+
+UNSUPPORTED_FORMATS = {"mpegts": "MPEG-TS", "mpeg": "MPEG-PS"}
+
+
+def open_video(path: str, num_threads: int = 1, size: tuple[int, int] | None = None):
+    """Open ``path`` with decord (decoding at ``size`` = (height, width) when given);
+    BadClipError for a missing or unreadable file."""
     import decord
 
     if not os.path.isfile(path):
+        if os.path.isdir(path):
+            raise BadClipError(path, "is a folder, not a media file", "missing_file")
         raise BadClipError(path, "file does not exist", "missing_file")
+    kw = {} if size is None else {"height": size[0], "width": size[1]}
     try:
-        vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=num_threads)
+        vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=num_threads, **kw)
     except Exception as e:  # decord raises DECORDError / RuntimeError
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise BadClipError(
@@ -49,20 +117,74 @@ def open_video(path: str, num_threads: int = 1):
     return vr
 
 
+def decode_size(
+    height: int, width: int, crop_size: int, train: bool, train_short_side: int | None
+) -> tuple[int, int] | None:
+    """(height, width) to decode at, or None for the file's own size.
+
+    Test: the short side becomes ``crop_size`` (what the transform resizes to);
+    train: ``train_short_side`` (the random crop then has ample pixels) when the
+    file's short side is more than 1.25 times that; never upscaled. The width is rounded up to a multiple of 64 (decord 0.6.0 fails
+    on some widths); the transform resizes the small frames to the exact size.
+    """
+    target = crop_size if not train else train_short_side
+    if target is None or min(height, width) <= (target if not train else 1.25 * target):
+        return None  # (training: scaling 360 -> 320 px costs more in the decoder than it saves)
+    s = target / min(height, width)
+    h, w = max(target, round(height * s)), max(target, round(width * s))
+    return h, -(-w // 64) * 64
+
+
+def frame_times(vr, n: int | None = None) -> np.ndarray:
+    """Start times (s) of the frames from the container's timestamps, (n + 1,): the last
+    entry is the end of the last frame. Falls back to ``k / avg_fps`` when the
+    timestamps are missing or not increasing."""
+    n = len(vr) if n is None else n
+    fps = float(vr.get_avg_fps()) or 25.0
+    try:
+        ts = np.asarray(vr.get_frame_timestamp(np.arange(n)), dtype=np.float64).reshape(n, 2)
+    except Exception:
+        ts = None
+    if ts is None or not np.isfinite(ts).all() or (np.diff(ts[:, 0]) <= 0).any():
+        return np.arange(n + 1, dtype=np.float64) / fps
+    # the last frame's duration is often missing or a placeholder (1 tick): use the median
+    typical = float(np.median(np.diff(ts[:, 0]))) if n > 1 else 1 / fps
+    last = ts[-1, 1] - ts[-1, 0]
+    return np.append(ts[:, 0], ts[-1, 0] + (last if last > 0.5 * typical else typical))
+
+
 def segment_frames(
-    num_frames_in_file: int, fps: float, start_s: float | None, end_s: float | None, path: str = ""
+    times: np.ndarray, start_s: float | None, end_s: float | None, path: str = ""
 ) -> tuple[int, int]:
-    """Frame range ``[f0, f1)`` of the segment ``[start_s, end_s)`` seconds (None = file edge)."""
-    f0 = 0 if start_s is None else round(start_s * fps)
-    f1 = num_frames_in_file if end_s is None else min(num_frames_in_file, round(end_s * fps))
-    if f0 < 0 or f1 <= f0:
+    """Frame range ``[f0, f1)`` of the frames whose start time lies in ``[start_s, end_s)``
+    (None = file edge); ``times`` from :func:`frame_times`."""
+    n = len(times) - 1
+    if start_s is not None and not (math.isfinite(start_s) and start_s >= 0):
+        raise BadClipError(path, f"start {start_s} s is not a finite time >= 0", "bad_segment")
+    eps = 1e-6
+    f0 = 0 if start_s is None else int(np.searchsorted(times[:n], start_s - eps))
+    f1 = n if end_s is None else int(np.searchsorted(times[:n], end_s - eps))
+    if f1 <= f0:
         raise BadClipError(
             path,
             f"segment [{start_s}, {end_s}) s is empty or outside the video "
-            f"({num_frames_in_file} frames at {fps:.3f} fps)",
+            f"({n} frames, {times[-1]:.3f} s)",
             "bad_segment",
         )
     return f0, f1
+
+
+def window_centre(times: np.ndarray, first: int, window_len: int) -> float:
+    """Centre (s) of the window of ``window_len`` frames from frame ``first``: the middle
+    of [start of ``first``, end of frame ``first + window_len - 1``], extrapolated at
+    the average frame duration past the end of the file."""
+    n = len(times) - 1
+    dt = (times[-1] - times[0]) / max(n, 1)
+
+    def at(k: int) -> float:
+        return float(times[k]) if k <= n else float(times[n] + (k - n) * dt)
+
+    return (at(first) + at(first + window_len)) / 2
 
 
 def window_starts(
@@ -117,10 +239,15 @@ def _decode_padded_width(path: str, indices: np.ndarray) -> torch.Tensor:
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(T, 3, h, w) float -> (T, 3, *size), bilinear with antialiasing when shrinking."""
+    """(T, 3, h, w) -> (T, 3, *size), bilinear with antialiasing when shrinking.
+
+    uint8 input is resized in uint8 (torch's vectorised channels-last path, several
+    times faster than float; the result differs by at most one grey level)."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    if x.dtype == torch.uint8:
+        x = x.contiguous(memory_format=torch.channels_last)
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
 
@@ -166,17 +293,16 @@ def transform_frames(
     _, height, width, _ = frames.shape
     if train:
         top, left, h, w = random_resized_crop_box(height, width, scale, ratio)
-        x = frames[:, top : top + h, left : left + w].permute(0, 3, 1, 2).float().div_(255.0)
-        x = _resize(x, (crop_size, crop_size))
+        x = _resize(frames[:, top : top + h, left : left + w].permute(0, 3, 1, 2), (crop_size,) * 2)
+        x = x.float().div_(255.0)
         if flip_prob > 0 and float(torch.rand(())) < flip_prob:
             x = x.flip(-1)
     else:
-        x = frames.permute(0, 3, 1, 2).float().div_(255.0)
         s = crop_size / min(height, width)
         new_h, new_w = max(crop_size, round(height * s)), max(crop_size, round(width * s))
-        x = _resize(x, (new_h, new_w))
+        x = _resize(frames.permute(0, 3, 1, 2), (new_h, new_w))
         top, left = (new_h - crop_size) // 2, (new_w - crop_size) // 2
-        x = x[:, :, top : top + crop_size, left : left + crop_size]
+        x = x[:, :, top : top + crop_size, left : left + crop_size].float().div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     sd = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     x = (x - m) / sd

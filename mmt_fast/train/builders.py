@@ -22,6 +22,7 @@ from mmt_fast.data import (
     read_manifest,
     read_vggsound,
 )
+from mmt_fast.errors import DataError
 from mmt_fast.registry import build
 from mmt_fast.train.config import DataSection, InitSection, TrainConfig
 from mmt_fast.train.sampling import ResumableSampler, SeededDataset, derive_seed
@@ -43,10 +44,21 @@ def read_records(data: DataSection, split: str) -> list[ClipRecord] | None:
         return None
     name = getattr(data, f"{split}_split")
     root = data.root
+    # a file that serves training and another split must say which row belongs to which
+    shared = [s for s in ("train", "val", "test") if s != split and getattr(data, s) == path]
+    if "train" not in (split, *shared):
+        shared = []  # val and test from one list: evaluating on the val clips is allowed
     if data.format == "manifest":
         recs = read_manifest(path, root)
         if name is not None and any(r.split for r in recs):
             recs = [r for r in recs if r.split == name]
+        elif name is not None and shared and recs:
+            raise DataError(
+                f"data.{split}={path!r} has no 'split' column but also serves "
+                f"{', '.join('data.' + s for s in shared)}: every row would be used for each "
+                "(test clips trained on). Add a split column (train/val/test) or give one "
+                "manifest per split"
+            )
     elif data.format == "vggsound":
         recs = read_vggsound(path, root or Path(path).parent, split=name)
     elif data.format == "kinetics_sounds":
@@ -55,10 +67,15 @@ def read_records(data: DataSection, split: str) -> list[ClipRecord] | None:
         )
         if name is not None and any(r.split for r in recs):
             recs = [r for r in recs if r.split == name]
+        elif name is not None and shared and recs:
+            raise DataError(
+                f"data.{split}={path!r} has no split column but also serves "
+                f"{', '.join('data.' + s for s in shared)}: give one list per split"
+            )
     else:
         recs = read_epic_kitchens(path, root or Path(path).parent)
     if not recs:
-        raise ValueError(f"data.{split}={path!r} (split {name!r}) has no clips")
+        raise DataError(f"data.{split}={path!r} (split {name!r}) has no clips")
     return recs
 
 

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from mmt_fast.errors import CheckpointError
+
 STEP_RE = re.compile(r"^step_(\d+)$")
 TMP_PREFIX = ".tmp-"
 
@@ -211,6 +213,11 @@ class CheckpointManager:
         self.prune()
         return final
 
+    def update_meta(self, step: int, extra: dict) -> None:
+        """Add keys to ``meta.json`` of checkpoint ``step`` (atomically)."""
+        f = self.path_of(step) / "meta.json"
+        write_json_atomic(f, {**json.loads(f.read_text()), **extra})
+
     def update_best(
         self, step: int, metric: str, value: float, higher_is_better: bool = True
     ) -> bool:
@@ -263,19 +270,62 @@ def resolve_checkpoint(path: str | os.PathLike, which: str = "best") -> Path:
     raise FileNotFoundError(f"no checkpoint in {p} (expected model.safetensors or step_* folders)")
 
 
+STATE_KEYS = ("step", "epoch", "batch_in_epoch", "optimizer", "scheduler", "rng")
+
+
 def load_checkpoint(
-    path: str | os.PathLike, which: str = "best", weights_only_model: bool = False
+    path: str | os.PathLike,
+    which: str = "best",
+    weights_only_model: bool = False,
+    require_state: bool = False,
 ) -> Checkpoint:
     """Load weights (safetensors) and, unless ``weights_only_model``, the training
-    state with ``torch.load(weights_only=True)``: no code from the file is run."""
+    state with ``torch.load(weights_only=True)``: no code from the file is run.
+
+    ``require_state``: the checkpoint must hold a complete training state (for
+    resuming). A missing or unreadable file raises :class:`CheckpointError`
+    naming it."""
     d = resolve_checkpoint(path, which)
-    model = load_file(str(d / "model.safetensors"))
+
+    def read(name: str, fn):
+        f = d / name
+        try:
+            return fn(f)
+        except FileNotFoundError:
+            raise CheckpointError(f"{f} is missing (incomplete checkpoint)") from None
+        except Exception as e:
+            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{f} cannot be read (damaged?): {msg}") from e
+
+    model = read("model.safetensors", lambda f: load_file(str(f)))
     state: dict[str, Any] = {}
-    if not weights_only_model and (d / "state.pt").is_file():
-        state = torch.load(d / "state.pt", map_location="cpu", weights_only=True)
+    if require_state or (not weights_only_model and (d / "state.pt").is_file()):
+        state = read("state.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True))
+        missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+        if require_state and missing:
+            raise CheckpointError(f"{d / 'state.pt'} lacks the training state {missing}")
     classes = (
-        json.loads((d / "classes.json").read_text()) if (d / "classes.json").is_file() else None
+        read("classes.json", lambda f: json.loads(f.read_text()))
+        if (d / "classes.json").is_file()
+        else None
     )
     config = (d / "config.yaml").read_text() if (d / "config.yaml").is_file() else None
-    meta = json.loads((d / "meta.json").read_text()) if (d / "meta.json").is_file() else {}
+    meta = (
+        read("meta.json", lambda f: json.loads(f.read_text()))
+        if (d / "meta.json").is_file()
+        else {}
+    )
     return Checkpoint(d, model, state, classes, config, meta)
+
+
+def load_latest_loadable(mgr: CheckpointManager) -> tuple[Checkpoint | None, list[str]]:
+    """The newest checkpoint of ``mgr`` that loads completely (weights and training
+    state), and one line per newer checkpoint skipped, saying why. ``(None, reasons)``
+    when there are checkpoints but none loads; ``(None, [])`` when there is none."""
+    skipped: list[str] = []
+    for step in reversed(mgr.steps()):
+        try:
+            return load_checkpoint(mgr.path_of(step), require_state=True), skipped
+        except CheckpointError as e:
+            skipped.append(str(e))
+    return None, skipped

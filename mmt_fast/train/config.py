@@ -19,6 +19,8 @@ code from the file: YAML is read with ``yaml.safe_load``.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from mmt_fast.errors import ConfigError
 
 INIT_FORMATS = ("auto", "mmt-fast", "timm-mvitv2", "slowfast", "torchvision", "ast")
 
@@ -98,7 +102,11 @@ class DataSection:
     (``num_mel_bins``, ``target_length``, ``num_frames``, ``crop_size``) are filled
     in from the model config when not given. ``test_views``: views averaged at
     evaluation; ``val_views`` during training (1 is cheaper). ``on_error``:
-    ``skip`` bad clips (counted and reported per kind) or ``raise``. ``cache``:
+    ``skip`` bad clips (counted and reported per kind) or ``raise``.
+    ``max_bad_fraction``: before training, a split whose clips are missing or have
+    labels outside the class list in a larger fraction than this (or that has no
+    usable clip at all) stops the run with a message naming the split, the counts
+    per kind and the first files. ``cache``:
     decode each training clip once, with the deterministic test-time transform
     (centre window and crop, no SpecAugment), and keep it in memory: no
     augmentation; for small data sets and demos on the CPU (needs ``num_workers: 0``).
@@ -120,16 +128,28 @@ class DataSection:
     test_views: int = 5
     eval_batch_size: int | None = None
     on_error: str = "skip"
+    max_bad_fraction: float = 0.5
     cache: bool = False
 
     def __post_init__(self) -> None:
         formats = ("manifest", "vggsound", "kinetics_sounds", "epic_kitchens")
         if self.format not in formats:
-            raise ValueError(f"data.format={self.format!r}; expected one of {formats}")
+            raise ConfigError(f"data.format={self.format!r}; expected one of {formats}")
         if self.cache and self.num_workers:
-            raise ValueError("data.cache keeps clips in the main process: set data.num_workers: 0")
+            raise ConfigError("data.cache keeps clips in the main process: set data.num_workers: 0")
         if self.on_error not in ("raise", "skip"):
-            raise ValueError(f"data.on_error={self.on_error!r}; expected raise or skip")
+            raise ConfigError(f"data.on_error={self.on_error!r}; expected raise or skip")
+        _check("data.num_workers", self.num_workers, self.num_workers >= 0, ">= 0")
+        _check("data.val_views", self.val_views, self.val_views >= 1, ">= 1")
+        _check("data.test_views", self.test_views, self.test_views >= 1, ">= 1")
+        if self.eval_batch_size is not None:
+            _check("data.eval_batch_size", self.eval_batch_size, self.eval_batch_size >= 1, ">= 1")
+        _check(
+            "data.max_bad_fraction",
+            self.max_bad_fraction,
+            0.0 <= self.max_bad_fraction <= 1.0,
+            "in [0, 1]",
+        )
 
 
 @dataclass
@@ -141,6 +161,12 @@ class OptimSection:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _check("optim.lr", self.lr, math.isfinite(self.lr) and self.lr > 0, "a finite number > 0")
+        _check("optim.weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0")
+        _check("optim.betas", self.betas, all(0 <= b < 1 for b in self.betas), "in [0, 1)")
+        _check("optim.eps", self.eps, self.eps > 0, "> 0")
 
 
 @dataclass
@@ -154,6 +180,14 @@ class ScheduleSection:
     warmup_start_ratio: float = 0.0
     min_lr_ratio: float = 0.01
 
+    def __post_init__(self) -> None:
+        _check("schedule.warmup_steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0")
+        if self.warmup_epochs is not None:
+            _check("schedule.warmup_epochs", self.warmup_epochs, self.warmup_epochs >= 0, ">= 0")
+        for name in ("warmup_start_ratio", "min_lr_ratio"):
+            v = getattr(self, name)
+            _check(f"schedule.{name}", v, 0 <= v <= 1, "in [0, 1]")
+
 
 @dataclass
 class TrainSection:
@@ -161,7 +195,11 @@ class TrainSection:
     of ``batch_size`` clips per process). ``max_steps`` caps the planned length
     (the schedule spans it); ``stop_at_step`` ends the process early without
     changing the plan (an interruption, for tests). ``amp``: ``auto`` = bf16
-    autocast on CUDA, none on the CPU; ``bf16``; ``none``."""
+    autocast on CUDA, none on the CPU; ``bf16``; ``none``. ``nonfinite``: what a
+    non-finite loss or gradient norm does: ``stop`` the run (the weights are not
+    updated; the last checkpoint stays the latest) or ``skip`` the update
+    (counted in ``train_summary.json``; the run stops after ``max_nonfinite``
+    skipped updates in a row)."""
 
     out_dir: str = "runs/mmt"
     epochs: int = 50
@@ -181,14 +219,35 @@ class TrainSection:
     tensorboard: bool = True
     progress: bool = True
     torch_threads: int | None = None
+    nonfinite: str = "stop"
+    max_nonfinite: int = 10
 
     def __post_init__(self) -> None:
         if self.amp not in ("auto", "bf16", "none"):
-            raise ValueError(f"train.amp={self.amp!r}; expected auto, bf16 or none")
+            raise ConfigError(f"train.amp={self.amp!r}; expected auto, bf16 or none")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"train.nonfinite={self.nonfinite!r}; expected stop or skip")
         if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 1:
-            raise ValueError("train.batch_size, grad_accum and epochs must be >= 1")
+            raise ConfigError("train.batch_size, grad_accum and epochs must be >= 1")
         if self.keep_last < 1:
-            raise ValueError("train.keep_last must be >= 1")
+            raise ConfigError("train.keep_last must be >= 1")
+        for name in ("log_every", "max_nonfinite"):
+            _check(f"train.{name}", getattr(self, name), getattr(self, name) >= 1, ">= 1")
+        for name in ("max_steps", "stop_at_step", "ckpt_every", "torch_threads"):
+            v = getattr(self, name)
+            if v is not None:
+                _check(f"train.{name}", v, v >= 1, ">= 1 or null")
+        _check("train.eval_every", self.eval_every, self.eval_every >= 0, ">= 0 (0 disables)")
+        if self.clip_grad is not None:
+            ok = math.isfinite(self.clip_grad) and self.clip_grad > 0
+            _check("train.clip_grad", self.clip_grad, ok, "> 0 or null")
+        if not str(self.out_dir).strip():
+            raise ConfigError("train.out_dir is empty")
+        dev = self.device
+        if dev not in ("auto", "cpu", "cuda") and not (
+            dev.startswith("cuda:") and dev[5:].isdigit()
+        ):
+            raise ConfigError(f"train.device={dev!r}; expected auto, cpu, cuda or cuda:N")
 
 
 @dataclass
@@ -204,6 +263,34 @@ class TrainConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check(name: str, value, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r}; expected {expected}")
+
+
+def check_paths(cfg: TrainConfig, splits: tuple[str, ...] = ("train", "val"), out_dir: bool = True):
+    """Check, before anything is built, that the configured files exist and ``out_dir`` is
+    writable (created if needed). ConfigError naming the key and the path otherwise."""
+    d = cfg.data
+    for split in splits:
+        p = getattr(d, split)
+        if p and not Path(p).is_file():
+            raise ConfigError(f"data.{split}: manifest {p} does not exist")
+    if d.classes and not Path(d.classes).is_file():
+        raise ConfigError(f"data.classes: {d.classes} does not exist")
+    if d.root and not Path(d.root).is_dir():
+        raise ConfigError(f"data.root: {d.root} is not a folder")
+    if out_dir:
+        out = Path(cfg.train.out_dir)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"train.out_dir: cannot write to {out} ({e.strerror or e})") from e
 
 
 def _plain(x):

@@ -14,6 +14,8 @@ import yaml
 from torch import nn
 
 from mmt_fast.config import MMTConfig
+from mmt_fast.data.dataset import check_split
+from mmt_fast.errors import ConfigError, DataError
 from mmt_fast.train import builders as B
 from mmt_fast.train import distributed as D
 from mmt_fast.train.checkpoint import Checkpoint, load_checkpoint
@@ -54,7 +56,7 @@ def run_config(
     saved = yaml.safe_load(ck.config) if ck.config else None
     if config is None:
         if saved is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{ck.path} has no config.yaml (not written by mmt-fast train?): pass --config"
             )
         return config_from_dict(saved, overrides)
@@ -64,7 +66,7 @@ def run_config(
         theirs = config_from_dict(saved).to_dict()["model"]
         if mine != theirs:
             where = config if not isinstance(config, TrainConfig) else "the given config"
-            raise ValueError(
+            raise ConfigError(
                 f"{where} describes model {mine} but {ck.path} was trained as {theirs}; "
                 "leave out --config to evaluate with the run's own config"
             )
@@ -89,7 +91,7 @@ def load_run(
     model = B.build_model(mc)
     missing, unexpected = _state_dict_mismatch(model, ck.model)
     if missing or unexpected:
-        raise ValueError(
+        raise ConfigError(
             f"the weights in {ck.path} do not fit model.preset={cfg.model.preset!r} "
             f"({len(missing)} missing and {len(unexpected)} unexpected or differently shaped "
             f"tensors, e.g. {(missing + unexpected)[0]!r}): evaluate with the run's own config"
@@ -130,7 +132,7 @@ def evaluate_checkpoint(
     try:
         records = B.read_records(cfg.data, split)
         if records is None:
-            raise ValueError(f"data.{split} is not set in the config")
+            raise ConfigError(f"data.{split} is not set in the config")
         model = run.model.to(info.device)
         nv = (
             views
@@ -139,6 +141,7 @@ def evaluate_checkpoint(
         )
         dc = B.dataset_config(cfg.data, mc, "test", nv)
         ds = B.build_dataset(records, dc, classes, mc)
+        check_split(split, ds, cfg.data.max_bad_fraction)
         sampler = ResumableSampler(len(ds), info.world_size, info.rank, shuffle=False, pad=False)
         loader = B.make_loader(
             ds,
@@ -150,14 +153,13 @@ def evaluate_checkpoint(
             drop_last=False,
         )
         pred = predict(model, loader, info.device, cfg.train.amp, progress=info.is_main)
-        pred["skipped"] = (
-            {
-                k: pred["skipped"].get(k, 0) + ds.skip_counts.get(k, 0)
-                for k in set(pred["skipped"]) | set(ds.skip_counts)
-            }
-            if info.is_main
-            else pred["skipped"]
-        )
+        if info.is_main:  # records dropped when the dataset was built (not seen by the loader)
+            for b in ds.dropped:
+                pred["skipped"][b.kind] = pred["skipped"].get(b.kind, 0) + 1
+        if len(pred["index"]) == 0:
+            raise DataError(
+                f"no clip of the {split} split could be evaluated (skipped {pred['skipped']})"
+            )
         names = classes.get("names") if classes.get("kind") == "label" else None
         res = report(pred, names)
         res.update(checkpoint=str(ck.path), step=ck.step, split=split, views=nv)

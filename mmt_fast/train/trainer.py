@@ -36,16 +36,18 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from mmt_fast.data.dataset import check_split
+from mmt_fast.errors import ConfigError, DataError, TrainingError
 from mmt_fast.train import builders as B
 from mmt_fast.train import distributed as D
 from mmt_fast.train.checkpoint import (
     CheckpointManager,
-    load_checkpoint,
+    load_latest_loadable,
     model_state_for_saving,
     rng_state,
     set_rng_state,
 )
-from mmt_fast.train.config import TrainConfig
+from mmt_fast.train.config import TrainConfig, check_paths
 from mmt_fast.train.evaluate import autocast, model_inputs, predict, report, summary
 from mmt_fast.train.logger import MetricLogger
 from mmt_fast.train.sampling import CachedDataset, ResumableSampler, SeededDataset, derive_seed
@@ -87,6 +89,7 @@ class Trainer:
         self.cfg = cfg
         t = cfg.train
         self._bar = None  # the progress bar while fit() runs (messages go above it)
+        check_paths(cfg, ("train", "val") if t.eval_every > 0 else ("train",))
         self.dist = D.setup(t.device)
         self.device = self.dist.device
         if t.torch_threads:
@@ -97,22 +100,28 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         self.out_dir = Path(t.out_dir)
         self.ckpt = CheckpointManager(self.out_dir / "checkpoints", t.keep_last)
-        resume_from = self.ckpt.latest() if resume else None
-        if resume and resume_from is None and self.dist.is_main:
-            self._print(
-                f"--resume: no checkpoint in {self.ckpt.dir}, so this run starts from step 0"
-            )
         if not resume and self.ckpt.latest() is not None:
-            raise FileExistsError(
+            raise ConfigError(
                 f"{self.ckpt.dir} already holds checkpoints: pass --resume to continue that run, "
                 "or choose another train.out_dir"
             )
-        ck = load_checkpoint(resume_from) if resume_from is not None else None
+        ck, skipped_ckpts = load_latest_loadable(self.ckpt) if resume else (None, [])
+        for why in skipped_ckpts:
+            log.warning("resume: skipping a checkpoint that does not load: %s", why)
+        if resume and ck is None and skipped_ckpts:
+            raise TrainingError(
+                f"--resume: no checkpoint in {self.ckpt.dir} loads: " + "; ".join(skipped_ckpts)
+            )
+        if resume and ck is None and self.dist.is_main:
+            self._print(
+                f"--resume: no checkpoint in {self.ckpt.dir}, so this run starts from step 0"
+            )
+        resume_from = ck.path if ck is not None else None
 
         # --- data
         self.train_records = B.read_records(cfg.data, "train")
         if self.train_records is None:
-            raise ValueError("data.train is not set")
+            raise ConfigError("data.train is not set")
         self.val_records = B.read_records(cfg.data, "val") if t.eval_every > 0 else None
         self.classes = B.class_info(cfg.data, self.train_records)
         if ck is not None and ck.classes is not None and ck.classes != self.classes:
@@ -131,6 +140,10 @@ class Trainer:
         if self.val_records is not None:
             dc_val = B.dataset_config(cfg.data, self.model_cfg, "test", cfg.data.val_views)
             self.val_set = B.build_dataset(self.val_records, dc_val, self.classes, self.model_cfg)
+        # empty or mostly unusable splits stop here, before any decoding or training
+        check_split("train", base_train, cfg.data.max_bad_fraction)
+        if self.val_set is not None:
+            check_split("val", self.val_set, cfg.data.max_bad_fraction)
             if cfg.data.cache:
                 self.val_set = CachedDataset(self.val_set)
         w, r = self.dist.world_size, self.dist.rank
@@ -138,7 +151,7 @@ class Trainer:
         per_rank = len(self.sampler.epoch_indices())
         self.batches_per_epoch = per_rank // t.batch_size
         if self.batches_per_epoch == 0:
-            raise ValueError(
+            raise DataError(
                 f"{len(self.train_set)} training clips on {w} process(es) do not fill one batch of {t.batch_size}"
             )
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / t.grad_accum)
@@ -182,6 +195,11 @@ class Trainer:
         }
         self.warnings: collections.Counter = collections.Counter()
         self.last_val: dict | None = None
+        self.nonfinite_steps = 0  # updates skipped for a non-finite loss/gradient (all time)
+        self._nonfinite_run = 0  # ... in a row
+        self.good_clips = 0  # clips that reached a loss in this process since it started
+        self._epoch_good = 0
+        self._bad_loss: float | None = None
         seed_everything(derive_seed(t.seed, r, 1))
         if ck is not None:
             self._load_state(ck)
@@ -220,6 +238,7 @@ class Trainer:
             "skipped": dict(self._gather_counter(self.skipped)),
             "warnings": dict(self._gather_counter(self.warnings)),
             "bad_clips": self._gather_bad(),
+            "nonfinite_steps": self.nonfinite_steps,
         }
 
     def _load_state(self, ck) -> None:
@@ -241,7 +260,9 @@ class Trainer:
             self.scheduler.total_steps = self.total_steps
             self.scheduler._apply()
         self.step, self.epoch, self.batch_in_epoch = s["step"], s["epoch"], s["batch_in_epoch"]
-        self.best = s.get("best")
+        # best.json is written after validation, which follows the epoch's checkpoint
+        self.best = self.ckpt.best_info() or s.get("best")
+        self.nonfinite_steps = int(s.get("nonfinite_steps", 0))
         # counters were summed over ranks when saved: rank 0 carries the totals
         if self.dist.is_main:
             self.skipped = collections.Counter(s.get("skipped", {}))
@@ -268,6 +289,13 @@ class Trainer:
         return out
 
     def save(self, meta: dict | None = None) -> Path | None:
+        bad = [n for n, p in self.core.state_dict().items() if not torch.isfinite(p).all()]
+        if bad:  # never write a checkpoint that cannot be trained or evaluated from
+            raise TrainingError(
+                f"step {self.step}: {len(bad)} weight tensors are not finite (e.g. {bad[0]}); "
+                f"not saving. The last good checkpoint is {self.ckpt.latest() or 'none yet'}; "
+                "lower optim.lr"
+            )
         state = self._state()  # collective: every rank takes part
         path = None
         if self.dist.is_main:
@@ -313,16 +341,43 @@ class Trainer:
                 out = self.model(**inputs)
                 loss, parts = self.core.loss(out, targets)
             (loss * scale).backward()
+        if n and not math.isfinite(float(loss.detach())):
+            self._bad_loss = float(loss.detach())
+        self.good_clips += n
+        self._epoch_good += n
         return (parts if n else {}), n
 
     def _optimizer_step(self) -> float | None:
-        gn = None
-        if self.cfg.train.clip_grad:
-            gn = float(nn.utils.clip_grad_norm_(self.core.parameters(), self.cfg.train.clip_grad))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        """Clip, check and apply the gradients. A non-finite loss (any rank) or gradient
+        norm (the same on every rank after DDP's all-reduce) never reaches the weights:
+        the run stops (``train.nonfinite: stop``) or the update is skipped and counted."""
+        t = self.cfg.train
+        gn = float(nn.utils.clip_grad_norm_(self.core.parameters(), t.clip_grad or float("inf")))
+        bad_loss, self._bad_loss = self._bad_loss, None
+        flag = torch.tensor([float(bad_loss is not None or not math.isfinite(gn))])
+        if D.is_dist():
+            flag = D.all_reduce_sum(flag.to(self.device)).cpu()
+        if flag.item() > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_steps += 1
+            self._nonfinite_run += 1
+            what = f"loss {bad_loss}" if bad_loss is not None else f"gradient norm {gn}"
+            where = f"step {self.step + 1} (epoch {self.epoch})"
+            if t.nonfinite == "stop" or self._nonfinite_run >= t.max_nonfinite:
+                raise TrainingError(
+                    f"non-finite {what} at {where}"
+                    + (f", {self._nonfinite_run} updates in a row" if t.nonfinite == "skip" else "")
+                    + "; the weights were not updated and the last checkpoint is "
+                    f"{self.ckpt.latest() or 'none yet'}. Lower optim.lr, check the data, or set "
+                    "train.nonfinite: skip"
+                )
+            log.warning("skipping the update of %s: non-finite %s", where, what)
+        else:
+            self._nonfinite_run = 0
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return gn
+        return gn if t.clip_grad else None
 
     # ------------------------------------------------------------------ evaluation
     def validate(self) -> dict | None:
@@ -341,9 +396,32 @@ class Trainer:
             self.epoch,
             drop_last=False,
         )
-        res = report(predict(self.model, loader, self.device, self.cfg.train.amp))
+        pred = predict(self.model, loader, self.device, self.cfg.train.amp)
+        if len(pred["index"]) == 0:
+            raise DataError(
+                f"validation after epoch {self.epoch - 1}: no clip of the val split could be "
+                f"loaded (skipped {pred['skipped']}); the epoch's checkpoint is saved "
+                f"({self.ckpt.latest()})"
+            )
+        res = report(pred)
         self.last_val = res
         return res
+
+    def _check_progress(self, where: str) -> None:
+        """A run whose clips all fail must not look like success (every rank agrees)."""
+        n = torch.tensor([float(self._epoch_good)])
+        if D.is_dist():
+            n = D.all_reduce_sum(n.to(self.device)).cpu()
+        if n.item() > 0:
+            return
+        skips = dict(self._gather_counter(self.skipped))
+        bad = self._gather_bad()
+        first = "; ".join(f"{p}: {r}" for p, (_, r) in list(bad.items())[:3])
+        raise DataError(
+            f"{where}: no training step saw a valid clip (skipped {skips}"
+            + (f"; first: {first}" if first else "")
+            + "). Check data.root, the files and the labels"
+        )
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
@@ -383,6 +461,8 @@ class Trainer:
                 )
                 it = iter(loader)
                 self.model.train()
+                self._epoch_good = 0
+                epoch_start_batch = self.batch_in_epoch
                 while self.batch_in_epoch < self.batches_per_epoch and self.step < self.total_steps:
                     t0 = time.perf_counter()
                     n_micro = min(t.grad_accum, self.batches_per_epoch - self.batch_in_epoch)
@@ -426,6 +506,8 @@ class Trainer:
                         interrupted = True
                         break
                 del it, loader
+                if self.batch_in_epoch > epoch_start_batch:
+                    self._check_progress(f"epoch {self.epoch}")
                 if interrupted:
                     break
                 if self.batch_in_epoch >= self.batches_per_epoch:
@@ -441,36 +523,45 @@ class Trainer:
                 bar.close()
             self._bar = None
         elapsed = time.perf_counter() - started
+        if step_times:
+            n = torch.tensor([float(self.good_clips)])
+            if D.is_dist():
+                n = D.all_reduce_sum(n.to(self.device)).cpu()
+            if n.item() == 0:
+                self._epoch_good = 0
+                self._check_progress("training")
         result = self._finish(interrupted, elapsed, step_times)
         return result
 
     def _end_epoch(self) -> None:
+        """Save the epoch's checkpoint, then validate: a failing evaluation never loses
+        the epoch's work. The val result is added to the checkpoint's meta.json and
+        best.json afterwards."""
         t = self.cfg.train
         finished = self.epoch + 1  # 1-based, as printed and logged
         self.epoch += 1
         self.batch_in_epoch = 0
-        meta: dict = {"finished_epoch": finished}
-        if (
+        skips = self._gather_counter(self.skipped)
+        self.logger.log(self.step, finished, {"data/skip_events": sum(skips.values())})
+        self.save({"finished_epoch": finished})
+        if not (
             self.val_set is not None
             and t.eval_every
             and (self.epoch % t.eval_every == 0 or self.step >= self.total_steps)
         ):
-            res = self.validate()
-            meta["val"] = {k: res[k] for k in ("top1", "top5", "num_clips")}
-            self.logger.log(self.step, finished, {"val/top1": res["top1"], "val/top5": res["top5"]})
+            return
+        res = self.validate()
+        val = {k: res[k] for k in ("top1", "top5", "num_clips")}
+        self.logger.log(self.step, finished, {"val/top1": res["top1"], "val/top5": res["top5"]})
+        if self.dist.is_main:
+            self._print(f"epoch {finished}/{self.planned_epochs}: val {summary(res)}")
+            self.ckpt.update_meta(self.step, {"val": val})
+        v = val["top1"]  # every rank holds the same gathered result
+        if self.best is None or v > self.best["value"]:
+            self.best = {"step": self.step, "metric": "val/top1", "value": v}
             if self.dist.is_main:
-                self._print(f"epoch {finished}/{self.planned_epochs}: val {summary(res)}")
-        is_best = False
-        if "val" in meta:  # every rank holds the same gathered result
-            v = meta["val"]["top1"]
-            if self.best is None or v > self.best["value"]:
-                self.best = {"step": self.step, "metric": "val/top1", "value": v}
-                is_best = True
-        skips = self._gather_counter(self.skipped)
-        self.logger.log(self.step, finished, {"data/skip_events": sum(skips.values())})
-        self.save(meta)
-        if is_best and self.dist.is_main:
-            self.ckpt.update_best(self.step, "val/top1", self.best["value"])
+                self.ckpt.update_best(self.step, "val/top1", v)
+        D.barrier()
 
     def _finish(self, interrupted: bool, elapsed: float, step_times: list[float]) -> dict:
         skipped = self._gather_counter(self.skipped)
@@ -491,6 +582,7 @@ class Trainer:
             if self.last_val is None
             else {k: self.last_val[k] for k in ("top1", "top5", "num_clips")},
             "skipped_clips": dict(collections.Counter(kind for kind, _ in bad.values())),
+            "nonfinite_steps": self.nonfinite_steps,
             "skip_events": dict(skipped),
             "warnings": dict(warnings),
             "bad_clips": {p: {"kind": k, "reason": r} for p, (k, r) in sorted(bad.items())},

@@ -1,0 +1,459 @@
+"""Data-loader throughput: clips/s per worker at the paper's settings, and where the time goes.
+
+    python -m benchmarks.data [--quick] [--cache DIR] [--json PATH] [--compare REF]
+
+Settings (the paper's): 16 frames at 224x224 with stride 4 (a 61-frame window),
+a 128x1024 log-mel fbank; ``train`` = one random window, crop, flip and
+SpecAugment; ``test`` = 5 views. Sources, generated here with PyAV (H.264,
+AAC stereo) into ``--cache`` (default: a folder under the system temp dir,
+reused between runs, never committed):
+
+| kind | size | fps | keyframe every | audio |
+|---|---|---|---|---|
+| ``360p-10s`` | 640x360 | 25 | 2 s | AAC 44.1 kHz stereo |
+| ``720p-10s`` | 1280x720 | 30 | 5 s | AAC 48 kHz stereo |
+| ``360p-90s`` | 640x360 | 30 | 3 s | AAC 48 kHz stereo |
+
+The content is moving, textured (noise over gradients and shapes), so the
+codec does real work. One process, one decoding thread, ``torch`` on one
+thread: the figure is clips/s **per DataLoader worker** (``AVClipDataset[i]``,
+median over items of the CPU time per clip: on a shared machine the wall time
+also counts other people's work; a worker with a core to itself gets the CPU
+figure). ``after`` is the current code; ``before`` is the code of
+git revision ``--before`` (default: the commit before the loader was made
+faster; ``git archive REF mmt_fast`` into a temporary folder, run in a child
+process on the same items); when that revision is not available, ``before``
+is the current code with the old settings (``decoder_resize: false``,
+``audio_span: false``). The per-stage breakdown (probe/open, seek to the
+window, decode, resize/transform, audio decode, fbank) calls the stages one by
+one: ``before`` with the old loader's structure (each view seeks and decodes on
+its own at the file's size, frames resized as floats, the whole audio track),
+``after`` with the current one. Results go to ``benchmarks/results/data_cpu.json`` (``--json`` to change);
+``python -m benchmarks.report`` puts them in the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import fractions
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+BEFORE_REF = "61d459a"  # the last commit before the loader was made faster
+
+KINDS = {
+    # name: (width, height, fps, seconds, keyframe interval s, audio rate)
+    "360p-10s": (640, 360, 25, 10.0, 2.0, 44100),
+    "720p-10s": (1280, 720, 30, 10.0, 5.0, 48000),
+    "360p-90s": (640, 360, 30, 90.0, 3.0, 48000),
+}
+QUICK_SECONDS = {"360p-90s": 60.0}  # --quick: a 60 s long clip
+
+
+def _frames(w: int, h: int, n: int, seed: int):
+    """Moving textured frames: a drifting colour gradient, a bouncing box, mild noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    tex = np.stack(
+        [
+            128 + 100 * np.sin(xx / 97.0),
+            128 + 100 * np.sin(yy / 53.0),
+            128 + 100 * np.sin((xx + yy) / 151.0),
+        ],
+        -1,
+    ).astype(np.uint8)
+    noise = rng.integers(0, 24, (4, h, w, 3), dtype=np.uint8)
+    for i in range(n):
+        f = np.roll(tex, (2 * i, 3 * i), axis=(0, 1)) + noise[i % 4]
+        bx, by = (37 * i) % max(w - w // 5, 1), (23 * i) % max(h - h // 5, 1)
+        f[by : by + h // 5, bx : bx + w // 5] = (255 - 4 * (i % 60), 40, 200)
+        yield f
+
+
+def make_source(path: Path, kind: str, seconds: float, seed: int = 0) -> Path:
+    """Write one benchmark source (see the module docstring) with PyAV."""
+    import av
+
+    w, h, fps, _, gop_s, rate = KINDS[kind]
+    tmp = path.with_name(f".tmp-{path.name}")
+    with av.open(str(tmp), "w", format="mp4") as c:
+        vs = c.add_stream("libx264", rate=fps)
+        vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
+        g = round(gop_s * fps)
+        vs.options = {
+            "preset": "veryfast",
+            "crf": "23",
+            "g": str(g),
+            "keyint_min": str(g),
+            "sc_threshold": "0",
+            "threads": "2",
+        }
+        a = c.add_stream("aac", rate=rate)
+        a.layout = "stereo"
+        for f in _frames(w, h, round(seconds * fps), seed):
+            for p in vs.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in vs.encode():
+            c.mux(p)
+        rng = np.random.default_rng(seed)
+        t = np.arange(round(seconds * rate)) / rate
+        x = 0.2 * np.sin(2 * np.pi * (220 + 30 * np.sin(t)) * t) + 0.05 * rng.standard_normal(
+            t.size
+        )
+        x = np.stack([x, 0.7 * x]).astype(np.float32)
+        for s in range(0, x.shape[1], 1024):
+            fr = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(x[:, s : s + 1024]), format="fltp", layout="stereo"
+            )
+            fr.sample_rate, fr.pts, fr.time_base = rate, s, fractions.Fraction(1, rate)
+            for p in a.encode(fr):
+                c.mux(p)
+        for p in a.encode():
+            c.mux(p)
+    os.replace(tmp, path)
+    return path
+
+
+def sources(cache: Path, quick: bool, per_kind: int) -> dict[str, list[Path]]:
+    cache.mkdir(parents=True, exist_ok=True)
+    out: dict[str, list[Path]] = {}
+    for kind, spec in KINDS.items():
+        seconds = QUICK_SECONDS.get(kind, spec[3]) if quick else spec[3]
+        out[kind] = []
+        for i in range(per_kind):
+            p = cache / f"{kind}-{int(seconds)}s-{i}.mp4"
+            if not p.is_file():
+                t0 = time.perf_counter()
+                make_source(p, kind, seconds, seed=i)
+                print(f"  wrote {p.name} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+            out[kind].append(p)
+    return out
+
+
+# ---------------------------------------------------------------- measuring
+def _config(mode: str, pipeline: str):
+    from mmt_fast.data import DataConfig
+
+    kw = {"mode": mode, "num_views": 5}
+    if pipeline == "before":
+        kw.update(decoder_resize=False, audio_span=False)
+    return DataConfig(**kw)
+
+
+def time_items(paths: list[Path], mode: str, pipeline: str, items: int) -> dict:
+    """Clips/s of ``AVClipDataset[i]`` in this process (one worker's view)."""
+    import torch
+
+    from mmt_fast.data import AVClipDataset, ClipRecord
+
+    recs = [ClipRecord(str(p), p.stem, label="x") for p in paths]
+    ds = AVClipDataset(recs, _config(mode, pipeline))
+    torch.manual_seed(0)
+    if mode == "train":
+        ds[0]  # warm-up: imports, page cache
+    wall, cpu = [], []
+    for i in range(items):
+        t0, c0 = time.perf_counter(), time.process_time()
+        item = ds[i % len(ds)]
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        assert isinstance(item, dict), item
+    med = float(np.median(cpu))
+    return {
+        "items": items,
+        "median_cpu_s": med,
+        "median_wall_s": float(np.median(wall)),
+        "clips_per_s": 1.0 / med,
+    }
+
+
+_clock = time.process_time  # CPU seconds: a shared machine's load does not inflate them
+
+
+def breakdown(path: Path, mode: str, pipeline: str, reps: int) -> dict[str, float]:
+    """Median seconds per item of each stage, called one by one with the current code.
+
+    ``before`` follows the old loader's structure (each view seeks and decodes on its own,
+    frames at the file's size, the whole audio track decoded); ``after`` the current one
+    (one ascending pass over every view's frames at the reduced size, the audio of the
+    windows only)."""
+    import torch
+
+    from mmt_fast.data import audio as A
+    from mmt_fast.data import video as Vd
+
+    cfg = _config(mode, pipeline)
+    names = ("probe_open", "seek", "decode", "resize_transform", "audio_decode", "fbank")
+    stages: dict[str, list[float]] = {k: [] for k in names}
+    torch.manual_seed(0)
+    for _ in range(reps):
+        t = {k: 0.0 for k in names}
+        c0 = _clock()
+        info = Vd.probe_video(str(path))
+        size = None
+        if cfg.decoder_resize:
+            size = Vd.decode_size(
+                info.height, info.width, cfg.crop_size, cfg.train, cfg.decode_short_side
+            )
+        vr = Vd.open_video(str(path), 1, size)
+        times = Vd.frame_times(vr)
+        t["probe_open"] += _clock() - c0
+        n, L = len(times) - 1, cfg.window_frames
+        starts = Vd.window_starts(n, L, cfg.train, cfg.views)
+        idx = [Vd.frame_indices(0, n, s, cfg.num_frames, cfg.stride) for s in starts]
+        groups = [[i] for i in idx] if pipeline == "before" else [[np.concatenate(idx)]]
+        views = []
+        for g in groups:
+            c0 = _clock()
+            vr.seek_accurate(int(g[0].min()))  # keyframe, then decode up to the first frame
+            c1 = _clock()
+            views.append(Vd.decode_frames(vr, g[0], str(path)))
+            c2 = _clock()
+            t["seek"] += c1 - c0
+            t["decode"] += c2 - c1
+        frames = torch.cat(views)
+        if pipeline == "before":
+            frames = frames.float()  # the old transform converted to float before resizing
+        c0 = _clock()
+        for k in range(len(starts)):
+            Vd.transform_frames(
+                frames[k * 16 : (k + 1) * 16],
+                cfg.crop_size,
+                cfg.train,
+                cfg.mean,
+                cfg.std,
+                cfg.train_scale,
+                cfg.train_ratio,
+                cfg.flip_prob,
+            )
+        t["resize_transform"] += _clock() - c0
+        del vr, views, frames
+        c0 = _clock()
+        src = A.open_audio(str(path))
+        span = A.window_samples(cfg.target_length) / cfg.sample_rate
+        centres = [Vd.window_centre(times, s, L) for s in starts]
+        wss = [A.window_start(c, span, 0.0, src.duration, cfg.audio_align) for c in centres]
+        sr, n_win = cfg.sample_rate, A.window_samples(cfg.target_length)
+        lo, hi = round(min(wss) * sr), round(max(wss) * sr) + n_win
+        if pipeline == "before":
+            lo, hi = src.start_sample, src.num_samples
+        src = A.preload(src, lo, hi)
+        t["audio_decode"] += _clock() - c0
+        c0 = _clock()
+        for ws in wss:
+            fb = A.window_fbank(src, ws, 0.0, src.duration, cfg.target_length, cfg.num_mel_bins)
+            spec = fb.t().unsqueeze(0)
+            if cfg.train:
+                spec = A.spec_augment(spec, cfg.freqm, cfg.timem)
+            A.normalize_fbank(spec)
+        t["fbank"] += _clock() - c0
+        for k in names:
+            stages[k].append(t[k])
+    return {k: float(np.median(v)) for k, v in stages.items()}
+
+
+def measure(cache: Path, quick: bool, pipelines: list[str]) -> dict:
+    per_kind = 2
+    src = sources(cache, quick, per_kind)
+    items = {"train": 3 if quick else 12, "test": 1 if quick else 5}
+    res: dict = {}
+    for kind, paths in src.items():
+        for mode in ("train", "test"):
+            for pipe in pipelines:
+                r = time_items(paths, mode, pipe, items[mode])
+                key = f"{kind}/{mode}/{pipe}"
+                res[key] = r
+                print(
+                    f"  {key:28s} {r['clips_per_s']:7.2f} clips/s per worker "
+                    f"({r['median_cpu_s'] * 1000:.0f} ms CPU/clip)",
+                    file=sys.stderr,
+                )
+    return res
+
+
+# ---------------------------------------------------------------- before = old code
+def measure_ref(ref: str, cache: Path, quick: bool) -> dict:
+    """Time the items with the ``mmt_fast`` package of git revision ``ref``."""
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as d:
+        tar = subprocess.run(
+            ["git", "-C", str(root), "archive", ref, "mmt_fast", "kernels"],
+            check=True,
+            capture_output=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", d], input=tar, check=True)
+        out = Path(d) / "ref.json"
+        # a copy of this script beside the old packages: its folder comes first on sys.path
+        child = Path(d) / "bench_data_child.py"
+        child.write_text(Path(__file__).read_text())
+        cmd = [
+            sys.executable,
+            str(child),
+            "--_items-only",
+            str(out),
+            "--cache",
+            str(cache),
+        ] + (["--quick"] if quick else [])
+        env = {**os.environ, "PYTHONPATH": d}
+        subprocess.run(cmd, check=True, env=env)
+        return json.loads(out.read_text())
+
+
+def _env() -> dict:
+    import torch
+
+    import mmt_fast
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import av
+    import decord
+
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "decord": decord.__version__,
+        "av": av.__version__,
+        "mmt_fast": getattr(mmt_fast, "__version__", "?"),
+    }
+
+
+def workers_per_gpu(clips_per_s_per_worker: float, gpu_clips_per_s: float = 40.0) -> float:
+    """Workers one GPU needs to be fed ``gpu_clips_per_s`` (tens of clips/s for MMT)."""
+    return gpu_clips_per_s / clips_per_s_per_worker
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer items, a 60 s long clip")
+    p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "mmt_fast_bench_data"))
+    p.add_argument("--json", default=None, help="default: benchmarks/results/data_cpu.json")
+    p.add_argument(
+        "--before",
+        default=BEFORE_REF,
+        metavar="REF",
+        help="git revision timed as 'before' ('' for the old settings instead)",
+    )
+    p.add_argument("--gpu-clips-per-s", type=float, default=40.0)
+    p.add_argument("--_items-only", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    cache = Path(a.cache)
+    if a._items_only:  # a child timing another revision's code
+        res = measure(cache, a.quick, ["ref"])
+        Path(a._items_only).write_text(json.dumps(res))
+        return 0
+    t_start = time.perf_counter()
+    print("[data bench] sources", file=sys.stderr)
+    sources(cache, a.quick, 2)
+    print("[data bench] clips/s per worker (one process, one thread)", file=sys.stderr)
+    items = measure(cache, a.quick, ["after"])
+    before_is = "old settings of the current code"
+    if a.before:
+        print(f"[data bench] clips/s per worker with the code of {a.before}", file=sys.stderr)
+        try:
+            ref = measure_ref(a.before, cache, a.quick)
+            items.update({k.replace("/ref", "/before"): v for k, v in ref.items()})
+            before_is = f"git revision {a.before}"
+        except (subprocess.CalledProcessError, OSError) as e:
+            print(f"  cannot time {a.before} ({e}); using the old settings", file=sys.stderr)
+    if before_is.startswith("old"):
+        items.update(measure(cache, a.quick, ["before"]))
+    print("[data bench] time per clip by stage (ms)", file=sys.stderr)
+    src = sources(cache, a.quick, 2)
+    stages: dict = {}
+    reps = 1 if a.quick else 3
+    for kind, paths in src.items():
+        for mode in ("train", "test"):
+            for pipe in ("before", "after"):
+                b = breakdown(paths[0], mode, pipe, reps)
+                stages[f"{kind}/{mode}/{pipe}"] = b
+                print(
+                    f"  {kind}/{mode}/{pipe:6s} "
+                    + " ".join(f"{k} {v * 1000:.0f}" for k, v in b.items()),
+                    file=sys.stderr,
+                )
+    summary = {}
+    for kind in src:
+        for mode in ("train", "test"):
+            b = items[f"{kind}/{mode}/before"]["clips_per_s"]
+            f = items[f"{kind}/{mode}/after"]["clips_per_s"]
+            row = {
+                "before": b,
+                "after": f,
+                "speedup": f / b,
+                "workers_per_gpu": workers_per_gpu(f, a.gpu_clips_per_s),
+            }
+            summary[f"{kind}/{mode}"] = row
+    print(f"\nclips/s per worker; before = {before_is}", file=sys.stderr)
+    print(
+        f"| source / mode | before | after | speed-up | workers per GPU at "
+        f"{a.gpu_clips_per_s:.0f} clips/s |",
+        file=sys.stderr,
+    )
+    for k, r in summary.items():
+        print(
+            f"| {k} | {r['before']:.2f} | {r['after']:.2f} | {r['speedup']:.1f}x | "
+            f"{r['workers_per_gpu']:.0f} |",
+            file=sys.stderr,
+        )
+    out = {
+        "env": _env(),
+        "settings": {
+            "num_frames": 16,
+            "stride": 4,
+            "crop": 224,
+            "fbank": [128, 1024],
+            "test_views": 5,
+            "quick": a.quick,
+            "torch_threads": 1,
+            "decode_threads": 1,
+            "gpu_clips_per_s": a.gpu_clips_per_s,
+        },
+        "sources": {
+            k: {
+                "width": v[0],
+                "height": v[1],
+                "fps": v[2],
+                "seconds": QUICK_SECONDS.get(k, v[3]) if a.quick else v[3],
+                "keyframe_s": v[4],
+                "audio_hz": v[5],
+            }
+            for k, v in KINDS.items()
+        },
+        "clips_per_s_per_worker": items,
+        "stages_s": stages,
+        "before_is": before_is,
+        "summary": summary,
+        "seconds": time.perf_counter() - t_start,
+    }
+    dest = Path(a.json) if a.json else Path(__file__).parent / "results" / "data_cpu.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"[data bench] wrote {dest} ({out['seconds']:.0f} s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
