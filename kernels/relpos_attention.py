@@ -188,7 +188,6 @@ def _configs(kernel: str) -> list[triton.Config]:
         "_bwd_dkdv_kernel": [
             ({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 2),
             ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 2),
-            ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 2),
         ],
     }[kernel]
     return tuning.configs(OP_NAME, kernel, entries, ({"BLOCK_M": 16, "BLOCK_N": 16}, 4, 1))

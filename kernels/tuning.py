@@ -9,6 +9,9 @@
   gate; nothing is benchmarked and each kernel compiles once per shape. The GPU script
   uses it so that a cold run spends its minutes measuring, not compiling.
 
+A list may end with fallback entries: configs that fit a smaller shared memory (an
+A100's 163 KiB) and run only when nothing before them fits the GPU.
+
 Under Triton's interpreter every kernel has one small config (the interpreter breaks
 with two or more).
 """
@@ -36,20 +39,34 @@ def mode() -> str:
     return value
 
 
-def _config(entry: tuple[dict, int, int]) -> triton.Config:
-    kwargs, warps, stages = entry
+def _config(entry: tuple) -> triton.Config:
+    kwargs, warps, stages = entry[:3]
     return triton.Config(dict(kwargs), num_warps=warps, num_stages=stages)
 
 
-def configs(
-    op: str, kernel: str, entries: list[tuple[dict, int, int]], interpreter: tuple[dict, int, int]
-) -> list[triton.Config]:
-    """Register ``op``'s ``kernel`` and return its autotune list under the current mode."""
+# ids of the configs created as fallbacks: used only when no other config fits the GPU's
+# shared memory (e.g. an A100's 163 KiB), so they are never selectable on an H100/H200.
+_FALLBACK: set[int] = set()
+
+
+def configs(op: str, kernel: str, entries: list[tuple], interpreter: tuple) -> list[triton.Config]:
+    """Register ``op``'s ``kernel`` and return its autotune list under the current mode.
+
+    ``entries``: (kwargs, num_warps, num_stages[, "fallback"]), the pinned one first.
+    """
     TABLE[f"{op}.{kernel}"] = entries
     INTERPRETER[f"{op}.{kernel}"] = interpreter
     if dispatch.interpreting():
         return [_config(interpreter)]
-    return [_config(e) for e in (entries[:1] if mode() == "pinned" else entries)]
+    primary = [e for e in entries if e[3:] != ("fallback",)]
+    fallback = [e for e in entries if e[3:] == ("fallback",)]
+    chosen = primary[:1] if mode() == "pinned" else primary
+    out = [_config(e) for e in chosen]
+    for e in fallback:
+        c = _config(e)
+        _FALLBACK.add(id(c))
+        out.append(c)
+    return out
 
 
 def pinned_config(kernel: str, op: str) -> triton.Config | None:
@@ -87,11 +104,16 @@ def early_prune(configs_: list, named_args: dict, **kwargs) -> list:
     first = next((v for v in named_args.values() if hasattr(v, "element_size")), None)
     itemsize = first.element_size() if first is not None else 2
     est = {id(c): shared_memory_estimate(c, block_d, itemsize) for c in configs_}
-    kept = [c for c in configs_ if est[id(c)] <= limit]
-    return kept or [min(configs_, key=lambda c: est[id(c)])]
+    fits = [c for c in configs_ if est[id(c)] <= limit]
+    primary = [c for c in fits if id(c) not in _FALLBACK]
+    if primary:
+        return primary
+    if fits:
+        return fits[:1]
+    return [min(configs_, key=lambda c: est[id(c)])]
 
 
 def prune(configs_, args: dict, kernel: str, op: str) -> list:
-    """The configs autotune may pick for these arguments on an H100/H200 (227 KiB): the
-    whole short list (each fits; the compile gate checks the measured figure)."""
-    return list(configs_)
+    """The configs autotune may pick on an H100/H200 (227 KiB): the short list without its
+    fallbacks (each fits; the compile gate checks the measured figure)."""
+    return [c for c in configs_ if id(c) not in _FALLBACK]

@@ -103,7 +103,9 @@ from triton.runtime.autotuner import Autotuner
 import kernels.relpos_attention as rp, kernels.bottleneck_attention as bn, kernels.pooled_qkv as pq
 from kernels import tuning
 tuners = [v for m in (rp, bn, pq) for v in vars(m).values() if isinstance(v, Autotuner)]
-print(len(tuners), sorted({len(t.configs) for t in tuners}))
+# fallbacks (configs for a smaller shared memory, used only when nothing else fits) aside
+print(len(tuners), sorted({len([c for c in t.configs if id(c) not in tuning._FALLBACK])
+                           for t in tuners}))
 for t in tuners:
     pin = tuning.pinned_config(t.fn.__name__, t.fn.__module__.split(".")[-1])
     assert (t.configs[0].kwargs, t.configs[0].num_warps) == (pin.kwargs, pin.num_warps)
@@ -165,3 +167,19 @@ print(len(data["rows"]))
     proc = _python(code, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert int(proc.stdout.split()[-1]) > 100
+
+
+def test_fallback_configs_run_only_when_nothing_else_fits(monkeypatch) -> None:
+    import triton
+
+    from kernels import tuning
+
+    big = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2)
+    small = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2)
+    monkeypatch.setattr(tuning, "_FALLBACK", {id(small)})
+    monkeypatch.setattr(tuning, "_shared_limit", lambda: 232448)  # H100/H200: the primary
+    assert tuning.early_prune([big, small], {"BLOCK_D": 128}) == [big]
+    monkeypatch.setattr(tuning, "_shared_limit", lambda: 166912)  # A100: the fallback
+    assert tuning.early_prune([big, small], {"BLOCK_D": 128}) == [small]
+    # and the compile gate does not count a fallback as selectable on an H100/H200
+    assert tuning.prune([big, small], {}, "k", "op") == [big]
