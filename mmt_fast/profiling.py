@@ -145,8 +145,11 @@ def count_flops(
     model: nn.Module,
     inputs: dict[str, torch.Tensor] | tuple[torch.Tensor, ...],
     path: str = "reference",
+    modules: tuple[str, ...] = (),
 ) -> dict[str, float]:
-    """fvcore FLOPs of one forward pass: {"total": n, "<operator>": n, ...}.
+    """fvcore FLOPs of one forward pass: {"total": n, "<operator>": n, ...},
+    plus {"module:<name>": n} for each submodule named in ``modules``
+    (``"audio_encoder"`` of an MMT, for instance).
 
     ``inputs``: positional tensors, or keyword tensors (MMT: audio=..., video=...).
     FLOPs are a property of the model, not of the kernels that compute it, so
@@ -162,7 +165,7 @@ def count_flops(
 
     if path != "auto":
         with dispatch.use(path):
-            return count_flops(model, inputs, path="auto")
+            return count_flops(model, inputs, path="auto", modules=modules)
 
     keys: tuple[str, ...] = tuple(inputs) if isinstance(inputs, dict) else ()
     args = tuple(inputs.values()) if isinstance(inputs, dict) else tuple(inputs)
@@ -175,6 +178,7 @@ def count_flops(
             analysis.unsupported_ops_warnings(False)
             analysis.uncalled_modules_warnings(False)
             total = analysis.total()
+            by_module = analysis.by_module()
             unsupported = analysis.unsupported_ops()
     finally:
         model.train(was_training)
@@ -188,6 +192,12 @@ def count_flops(
         raise RuntimeError(f"fvcore could not count these attention ops: {missed}")
     out = {"total": float(total)}
     out.update({k: float(v) for k, v in analysis.by_operator().items()})
+    for name in modules:
+        # fvcore names submodules from the wrapper (_TupleOut.model)
+        key = f"model.{name}"
+        if key not in by_module:
+            raise KeyError(f"{type(model).__name__} has no submodule {name!r}")
+        out[f"module:{name}"] = float(by_module[key])
     return out
 
 
