@@ -5,6 +5,7 @@
     mmt-fast train --config FILE [--resume] [KEY=VALUE ...]
     mmt-fast evaluate --config FILE --checkpoint DIR_OR_FILE [--split test] [--views 5] [--out F.json]
     mmt-fast make-synthetic --out DIR [--num-clips N] ...
+    mmt-fast plan --model MMT --gpu-mem 40GiB [--precision bf16] [--checkpointing stage1]
     torchrun --nproc_per_node=8 -m mmt_fast.cli train --config FILE   # DDP
 
 ``KEY=VALUE`` overrides use dotted config keys and YAML values, e.g.
@@ -73,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-plot", action="store_true", help="skip the confusion-matrix plots")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     e.set_defaults(func=_evaluate)
+
+    pl = sub.add_parser("plan", help="largest batch that fits a GPU (estimated, no GPU needed)")
+    __import__("mmt_fast.plan", fromlist=["add_arguments"]).add_arguments(pl)
+    pl.set_defaults(func=lambda a: __import__("mmt_fast.plan", fromlist=["run"]).run(a))
 
     s = sub.add_parser(
         "make-synthetic", help="write a synthetic audio-video dataset", add_help=False

@@ -461,16 +461,20 @@ def _init_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def _kernel_mode(kernels: bool):
+def _kernel_mode(kernels: bool | str):
     from kernels import dispatch
 
+    if isinstance(kernels, str):
+        return dispatch.use(kernels)
     return dispatch.use("triton") if kernels else dispatch.use("reference")
 
 
 @contextlib.contextmanager
-def fake_mode(kernels: bool = False):
+def fake_mode(kernels: bool | str = False):
     """Shape-only tracing: FakeTensorMode, with the fused ops' fake
-    implementations (``kernels=True``) or the PyTorch references."""
+    implementations (``kernels=True`` or ``"triton"``), the PyTorch references
+    (``False``, ``"reference"``), or each op's own choice as on CUDA
+    (``"auto"``: Triton where its checks pass)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from kernels import dispatch

@@ -120,7 +120,11 @@ class TrainSection:
     of ``batch_size`` clips per process). ``max_steps`` caps the planned length
     (the schedule spans it); ``stop_at_step`` ends the process early without
     changing the plan (an interruption, for tests). ``amp``: ``auto`` = bf16
-    autocast on CUDA, none on the CPU; ``bf16``; ``none``."""
+    autocast on CUDA, none on the CPU; ``bf16``; ``none``.
+    ``activation_checkpointing``: ``none``, ``blocks`` (recompute every
+    block's activations in the backward pass) or ``stage1`` (only the
+    multiscale encoders' first stage, where most activation memory sits); see
+    ``mmt-fast plan`` for what each saves."""
 
     out_dir: str = "runs/mmt"
     epochs: int = 50
@@ -140,8 +144,12 @@ class TrainSection:
     tensorboard: bool = True
     progress: bool = True
     torch_threads: int | None = None
+    activation_checkpointing: str = "none"
 
     def __post_init__(self) -> None:
+        from mmt_fast.models.checkpointing import check_mode
+
+        check_mode(self.activation_checkpointing)
         if self.amp not in ("auto", "bf16", "none"):
             raise ValueError(f"train.amp={self.amp!r}; expected auto, bf16 or none")
         if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 1:

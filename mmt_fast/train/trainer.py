@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from mmt_fast.models.checkpointing import set_activation_checkpointing
 from mmt_fast.train import builders as B
 from mmt_fast.train import distributed as D
 from mmt_fast.train.checkpoint import (
@@ -144,6 +145,7 @@ class Trainer:
         # --- model, optimizer, schedule (same init on every rank)
         seed_everything(t.seed)
         model = B.build_model(self.model_cfg).to(self.device)
+        set_activation_checkpointing(model, t.activation_checkpointing)
         self.core = model
         self.optimizer = torch.optim.AdamW(
             param_groups(model, cfg.optim.weight_decay),
