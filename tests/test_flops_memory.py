@@ -108,6 +108,9 @@ def test_benchmark_cli_writes_json_and_plot(tmp_path, monkeypatch, capsys):
         {"AST": (8, 2, 20.6), "AST (SDPA)": (8, 2, None), "MAT": (8, 2, 16.8),
          "MAT (kernels)": (8, 2, None)},
     )  # fmt: skip
+    # shapes only: the fused ops' fake implementations run, not the interpreter
+    # (whose bf16 refusal would otherwise stop the forced Triton path)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     out, png = tmp_path / "r.json", tmp_path / "m.png"
     argv = ["--json", str(out), "--plot", str(png), "--device", "cpu", "--precision", "all"]
     assert fm.main(argv) == 0
