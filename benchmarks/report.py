@@ -35,7 +35,7 @@ def flops_memory_table(data: dict) -> str:
     head = data.get("precision")
     method = data.get("memory_method") or "estimated"
     lines = [
-        f"Measured on: {data['device']}, torch {data['torch']}, {data['date'][:10]} "
+        f"Run on: {data['device']}, torch {data['torch']}, {data['date'][:10]} "
         f"(`benchmarks/results/{data['_file']}`). Memory: {method}, "
         f"{_PREC.get(head, head)}, GiB.",
         "",
