@@ -141,6 +141,9 @@ def largest_batch(
             guess = b + 1  # near-affine: the boundary is usually next to a good guess
         else:
             hi = b
+    if lo > 1:  # the line through the measured ends of the range searched
+        per = (peak(lo) - p1) / (lo - 1)
+        fixed = p1 - per
     return lo, cache[lo], per, fixed
 
 
@@ -216,9 +219,10 @@ def format_plan(preset: str, plans: dict[str, Plan], args: dict) -> str:
             continue
         bd = p.result.breakdown
         parts = ", ".join(f"{label} {bd[k] / GiB:.2f}" for k, label in _KINDS if bd.get(k))
+        limit = " (the --max-batch limit)" if p.batch_size == args.get("max_batch") else ""
         lines.append(
-            f"{mode:>9}: largest batch per process {p.batch_size}, peak {p.result.peak_bytes / GiB:.2f} GiB "
-            f"({p.per_sample_bytes / 2**20:.1f} MiB/sample); at the peak, GiB: {parts}"
+            f"{mode:>9}: largest batch per process {p.batch_size}{limit}, peak {p.result.peak_bytes / GiB:.2f} GiB "
+            f"({p.per_sample_bytes / 2**20:.2f} MiB/sample); at the peak, GiB: {parts}"
         )
     return "\n".join(lines)
 
@@ -272,6 +276,7 @@ def run(args: argparse.Namespace) -> int:
                 precision=args.precision,
                 kernels=args.kernels,
                 checkpointing=args.checkpointing,
+                max_batch=args.max_batch,
             ),
         )
     )
