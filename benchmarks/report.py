@@ -84,8 +84,31 @@ def flops_memory_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def mmt_flops_table(data: dict) -> str:
+    lines = [
+        f"Counted on: {data['device']}, torch {data['torch']}, {data['date'][:10]} "
+        f"(`benchmarks/results/{data['_file']}`, `python -m benchmarks.mmt_flops`).",
+        "",
+        "| reading | AVBottleneck input tokens | video encoder | fusion | total GFLOPs | vs 206 |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['reading']} | {r['avbottleneck_tokens']} | {r['video_encoder']:.1f} "
+            f"| {r['fusion']:.1f} | {r['total']:.1f} | {100 * r['vs_paper']:+.1f}% |"
+        )
+    r0 = data["rows"][0]
+    lines += [
+        "",
+        f"Common to every reading: MAT {r0['audio_encoder']:.1f} GFLOPs, heads, norms and "
+        f"projections {r0['rest']:.3f}.",
+    ]
+    return "\n".join(lines)
+
+
 SECTIONS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "flops_memory": ("flops_memory_cpu.json", flops_memory_table),
+    "mmt_flops": ("mmt_flops_readings.json", mmt_flops_table),
 }
 
 

@@ -141,11 +141,14 @@ def test_benchmark_cli_writes_json_and_plot(tmp_path, monkeypatch, capsys):
     assert "| MAT (kernels) |" in table and "fp16 autocast" in table and "bf16 autocast" in table
 
 
-def test_mat_and_mvit_flops_read_off_the_mmt_trace_equal_their_own_count():
+def test_flops_read_off_the_mmt_trace_equal_their_own_count():
     """The main job counts MAT and MViTv2 once, inside MMT: the per-module total
-    plus the head must equal a trace of the encoder on its own."""
+    plus the head must equal a trace of the encoder on its own. The FLOP
+    readings (benchmarks.mmt_flops) count the fusion on its own: for the
+    literal reading it must equal the AVBottleneck's share of the trace."""
     import dataclasses
 
+    from benchmarks.mmt_flops import _Fusion, fusion_gflops
     from mmt_fast.models.mvit import MAT, MViTv2
 
     mmt = create_model("MMT-tiny")
@@ -153,8 +156,13 @@ def test_mat_and_mvit_flops_read_off_the_mmt_trace_equal_their_own_count():
     f = count_flops(
         mmt,
         {"audio": torch.randn(1, *a), "video": torch.randn(1, *v)},
-        modules=("audio_encoder", "video_encoder"),
+        modules=("audio_encoder", "video_encoder", "bottleneck"),
     )
+    nv = mmt.video_encoder.forward_features(torch.randn(1, *v)).tokens.shape[1]
+    na = mmt.audio_encoder.forward_features(torch.randn(1, *a)).tokens.shape[1]
+    bc = mmt.cfg.bottleneck
+    alone = fusion_gflops(_Fusion(bc), nv, na, bc.dim)
+    assert alone * 1e9 == pytest.approx(f["module:bottleneck"], rel=1e-9)
     for cls, cfg, shape, sub in (
         (MAT, mmt.cfg.audio, a, "audio_encoder"),
         (MViTv2, mmt.cfg.video, v, "video_encoder"),
