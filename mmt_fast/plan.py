@@ -128,7 +128,7 @@ def largest_batch(
         if hi is None:
             if lo >= max_batch:
                 break
-            b = min(max_batch, max(guess, 2 * lo))
+            b = min(max_batch, guess if guess > lo else 2 * lo)
         elif hi - lo <= 1:
             break
         else:
@@ -138,7 +138,11 @@ def largest_batch(
                 b = lo + 1 if lo + 1 not in cache else (lo + hi) // 2
         if peak(b) <= budget:
             lo = b
-            guess = b + 1  # near-affine: the boundary is usually next to a good guess
+            # re-aim with the line through b = 1 and lo (the boundary is
+            # usually next to it); at least one step further
+            slope = (peak(lo) - p1) / (lo - 1) if lo > 1 else per
+            guess = int(1 + (budget - p1) // slope) if slope > 0 else max_batch
+            guess = max(guess, lo + 1)
         else:
             hi = b
     if lo > 1:  # the line through the measured ends of the range searched

@@ -315,14 +315,15 @@ class PeakTracker(torch.utils._python_dispatch.TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self.peak_at = 0
-        self.n = 0
-        # per storage: [nbytes, first op index, last op index (or None), kind]
+        self.t = 0  # event clock: one tick per allocation or release
+        # per storage: [nbytes, allocated at, released at (or None), kind]
         self.records: list[list] = []
         self._seen: dict[int, list] = {}
 
     def _free(self, key: int, rec: list) -> None:
+        self.t += 1
         self.live -= rec[0]
-        rec[2] = self.n
+        rec[2] = self.t
         self._seen.pop(key, None)
 
     def register(self, t: torch.Tensor, kind: str = "activations") -> None:
@@ -333,23 +334,23 @@ class PeakTracker(torch.utils._python_dispatch.TorchDispatchMode):
             if kind != "activations":
                 rec[3] = kind
             return
-        rec = [st.nbytes(), self.n, None, kind]
+        self.t += 1
+        rec = [st.nbytes(), self.t, None, kind]
         self._seen[key] = rec
         self.records.append(rec)
         weakref.finalize(st, self._free, key, rec)
         self.live += rec[0]
         if self.live > self.peak:
-            self.peak, self.peak_at = self.live, self.n
+            self.peak, self.peak_at = self.live, self.t
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.n += 1
         for t in _flat_tensors(out):
             self.register(t)
         return out
 
     def breakdown(self) -> dict[str, int]:
-        """Bytes alive at the peak, by kind."""
+        """Bytes alive at the peak, by kind (they sum to ``peak``)."""
         at = self.peak_at
         out: dict[str, int] = {}
         for nbytes, first, last, kind in self.records:

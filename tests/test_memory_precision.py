@@ -31,6 +31,7 @@ def test_peak_tracker_equals_memtracker():
     ref = estimate_train_memory(_mat, SHAPES, 4, 10, precision="fp16", tracker="memtracker")
     inputs = 4 * 32 * 64 * 4 + 4 * 8  # fp32 spectrograms + int64 labels
     assert fast.breakdown["inputs"] == inputs
+    assert sum(fast.breakdown.values()) == fast.peak_bytes
     assert fast.peak_bytes - inputs == ref.peak_bytes
     assert fast.breakdown["parameters"] == ref.breakdown["Parameter"] == 4 * count_params(_mat())
     assert fast.breakdown["optimizer_state"] == ref.breakdown["Optstate"]

@@ -50,6 +50,7 @@ def test_plan_finds_the_largest_batch_and_agrees_with_memtracker(capsys):
     inf = plans["inference"]
     assert inf.batch_size > b  # no gradients, optimizer state or saved activations
     assert inf.result.peak_bytes <= budget
+    assert sum(inf.result.breakdown.values()) == inf.result.peak_bytes
 
 
 @pytest.mark.gpu
