@@ -1,19 +1,22 @@
 """Params, FLOPs and training memory of AST, MAT, MViTv2-B and MMT, beside the
 paper's figures (Table 2 and § 4).
 
-    python -m benchmarks.flops_memory [--json out.json] [--plot out.png]
+    python -m benchmarks.flops_memory [--precision fp16|bf16|fp32|all] [--json out.json] [--plot out.png]
 
 FLOPs: fvcore, one multiply-add = one FLOP, attention included (see
 ``mmt_fast.profiling``), batch 1, full input sizes (128x1024 spectrogram,
-16x224x224 clip). Training memory (fp32 weights and activations, AdamW):
-measured on CUDA, estimated without computing on a machine without it
-(FakeTensorMode + MemTracker). GB here is GiB (2**30 bytes), as nvidia-smi
-reports it. Runs on the CPU in about two minutes.
+16x224x224 clip). Training memory: one AdamW step with fp32 weights, in the
+chosen precision (default fp16 autocast, the paper's V100 setting; AST's own
+training code also uses fp16 autocast + GradScaler); measured on CUDA,
+estimated without computing on a machine without it (FakeTensorMode + a
+memory tracker, CUDA's autocast cast policy). Memory is in GiB (2**30 bytes),
+as nvidia-smi reports it. Each row is printed as it completes.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import platform
@@ -26,9 +29,11 @@ import torch
 import mmt_fast
 from mmt_fast import create_model
 from mmt_fast.profiling import (
+    PRECISIONS,
     count_flops,
     count_params,
-    estimate_train_memory,
+    estimate_step_memory,
+    fake_mode,
     measure_train_memory,
 )
 
@@ -36,13 +41,24 @@ NUM_CLASSES = 309  # VGGSound
 GiB = 2**30
 AUDIO = (1, 128, 1024)
 VIDEO = (3, 16, 224, 224)
+PAPER_PRECISION = "fp16"  # V100: fp16 autocast (no bf16 on that GPU)
+PRECISION_LABEL = {"fp32": "fp32", "fp16": "fp16 autocast", "bf16": "bf16 autocast"}
 
-# name -> (preset, forward inputs, paper params (M), paper GFLOPs, source)
+# name -> (preset, config overrides, forward inputs, paper params (M), paper GFLOPs, source)
 MODELS = {
-    "AST": ("AST", {"x": AUDIO}, 87.0, 131.0, "MMT paper, Table 2 / § 4"),
-    "MAT": ("MAT", {"x": AUDIO}, 52.0, 46.2, "MMT paper, Table 2 / § 4"),
+    "AST": ("AST", {}, {"x": AUDIO}, 87.0, 131.0, "MMT paper, Table 2 / § 4"),
+    "AST (SDPA)": (
+        "AST",
+        {"attn_impl": "sdpa"},
+        {"x": AUDIO},
+        87.0,
+        131.0,
+        "the same model as AST, with F.scaled_dot_product_attention",
+    ),
+    "MAT": ("MAT", {}, {"x": AUDIO}, 52.0, 46.2, "MMT paper, Table 2 / § 4"),
     "MAT (kernels)": (
         "MAT",
+        {},
         {"x": AUDIO},
         52.0,
         46.2,
@@ -50,6 +66,7 @@ MODELS = {
     ),
     "MViTv2-B-16": (
         "MViTv2-B-16",
+        {},
         {"x": VIDEO},
         51.2,
         None,
@@ -57,6 +74,7 @@ MODELS = {
     ),
     "MMT": (
         "MMT",
+        {},
         {"audio": AUDIO, "video": VIDEO},
         None,
         206.0,
@@ -64,102 +82,174 @@ MODELS = {
     ),
 }
 # training-memory rows: model -> (headline batch, second batch for the curve, paper peak GB)
-MEMORY = {"AST": (8, 2, 20.6), "MAT": (64, 16, 16.8), "MAT (kernels)": (64, 16, None)}
-KERNEL_ROWS = {
-    "MAT (kernels)"
-}  # rows whose fused ops take the Triton path (or its fake implementation)
+MEMORY = {
+    "AST": (8, 2, 20.6),
+    "AST (SDPA)": (8, 2, None),
+    "MAT": (64, 16, 16.8),
+    "MAT (kernels)": (64, 16, None),
+}
+KERNEL_ROWS = {"MAT (kernels)"}  # rows whose fused ops take the Triton path (or its fake)
 PAPER_RATIO = 9.8
+# per-sample ratios reported: (numerator, denominator)
+RATIOS = (
+    ("AST", "MAT"),
+    ("AST", "MAT (kernels)"),
+    ("AST (SDPA)", "MAT (kernels)"),
+)
 
 
-def _build(preset: str):
-    return lambda: create_model(preset, num_classes=NUM_CLASSES)
+def _build(name: str):
+    preset, overrides = MODELS[name][0], MODELS[name][1]
+    return lambda: create_model(preset, num_classes=NUM_CLASSES, **overrides)
 
 
-def flops_rows() -> list[dict]:
-    """FLOPs are counted once per preset: the kernels compute the same model
-    (``count_flops`` runs the references, whose ops fvcore counts)."""
-    rows = []
-    counted: dict[str, tuple[float, int]] = {}
-    for name, (preset, shapes, p_params, p_gflops, _) in MODELS.items():
-        if preset not in counted:
-            model = create_model(preset, num_classes=NUM_CLASSES)
-            inputs = {k: torch.randn(1, *s) for k, s in shapes.items()}
-            if set(inputs) == {"x"}:
-                inputs = (inputs["x"],)
-            counted[preset] = (count_flops(model, inputs)["total"], count_params(model))
-            del model
-        total, n_params = counted[preset]
-        rows.append(
-            {
-                "model": name,
-                "params_m": n_params / 1e6,
-                "gflops": total / 1e9,
-                "paper_params_m": p_params,
-                "paper_gflops": p_gflops,
-                "batch_size": None,
-                "peak_memory_gb": None,
-                "memory_method": None,
-            }
-        )
-    return rows
+# encoders whose FLOPs are read off the MMT count (fvcore's per-module totals)
+# plus their own head, instead of tracing them a second time
+MMT_ENCODERS = {"MAT": "audio_encoder", "MViTv2-B-16": "video_encoder"}
 
 
-def memory_points(device: str) -> dict[str, list[dict]]:
-    """Peak training memory at two batch sizes per model."""
-    points: dict[str, list[dict]] = {}
-    for name, (batch, small, _paper) in MEMORY.items():
-        if name not in MODELS:
-            continue
-        preset, shapes = MODELS[name][0], MODELS[name][1]
-        points[name] = []
-        kernels = name in KERNEL_ROWS
-        for bs in (small, batch):
-            if device == "cuda":
-                res = measure_train_memory(_build(preset), shapes, bs, NUM_CLASSES, kernels=kernels)
-            else:
-                res = estimate_train_memory(
-                    _build(preset), shapes, bs, NUM_CLASSES, kernels=kernels
+def _count_direct(preset: str, shapes: dict, modules: tuple[str, ...] = ()):
+    model = create_model(preset, num_classes=NUM_CLASSES)
+    inputs = {k: torch.randn(1, *s) for k, s in shapes.items()}
+    args = (inputs["x"],) if set(inputs) == {"x"} else inputs
+    return model, count_flops(model, args, modules=modules)
+
+
+def preset_flops(preset: str, shapes: dict, cache: dict[str, tuple[float, int]]) -> None:
+    """Fill ``cache[preset] = (FLOPs, params)``. FLOPs are a property of the
+    model: the kernels and SDPA compute the same one, and count_flops runs the
+    references (whose ops fvcore counts). MAT and MViTv2-B-16 are read off
+    the MMT trace (the same encoder configs; checked) plus their heads."""
+    if preset in cache:
+        return
+    if preset == "MMT" or preset in MMT_ENCODERS:
+        if "MMT" not in cache:
+            mmt, f = _count_direct("MMT", MODELS["MMT"][2], tuple(MMT_ENCODERS.values()))
+            cache["MMT"] = (f["total"], count_params(mmt))
+            cache["_mmt_modules"] = {k: f[f"module:{k}"] for k in MMT_ENCODERS.values()}
+            cache["_mmt_cfg"] = mmt.cfg
+            del mmt
+        if preset == "MMT":
+            return
+        sub = MMT_ENCODERS[preset]
+        model = create_model(preset, num_classes=NUM_CLASSES)
+        enc_cfg = getattr(cache["_mmt_cfg"], "audio" if sub == "audio_encoder" else "video")
+        if dataclasses.replace(enc_cfg, num_classes=NUM_CLASSES) == model.cfg:
+            head = count_flops(model.head, (torch.randn(1, model.num_features),))["total"]
+            cache[preset] = (cache["_mmt_modules"][sub] + head, count_params(model))
+            return
+    model, f = _count_direct(preset, next(v[2] for v in MODELS.values() if v[0] == preset))
+    cache[preset] = (f["total"], count_params(model))
+
+
+def flops_row(name: str, cache: dict) -> dict:
+    preset, _, shapes, p_params, p_gflops, _ = MODELS[name]
+    preset_flops(preset, shapes, cache)
+    total, n_params = cache[preset]
+    return {
+        "model": name,
+        "params_m": n_params / 1e6,
+        "gflops": total / 1e9,
+        "paper_params_m": p_params,
+        "paper_gflops": p_gflops,
+        "precision": None,
+        "batch_size": None,
+        "peak_memory_gb": None,
+        "per_sample_gb": None,
+        "memory_method": None,
+    }
+
+
+def memory_points(name: str, device: str, precisions: list[str]) -> dict[str, list[dict]]:
+    """Peak training memory of one model at its two batch sizes, per precision.
+    On the CPU the model is built once (fake) and stepped per setting."""
+    batch, small, _ = MEMORY[name]
+    kernels = name in KERNEL_ROWS
+    shapes = MODELS[name][2]
+    out: dict[str, list[dict]] = {}
+    if device == "cuda":
+        for prec in precisions:
+            out[prec] = []
+            for bs in (small, batch):
+                res = measure_train_memory(
+                    _build(name), shapes, bs, NUM_CLASSES, kernels=kernels, precision=prec
                 )
-            points[name].append(
-                {"batch_size": bs, "peak_memory_gb": res.peak_bytes / GiB, "method": res.method}
-            )
-    return points
+                out[prec].append(_point(bs, res))
+        return out
+    with fake_mode(kernels):
+        model = _build(name)()
+        for prec in precisions:
+            out[prec] = [
+                _point(bs, estimate_step_memory(model, shapes, bs, NUM_CLASSES, prec))
+                for bs in (small, batch)
+            ]
+        del model
+    return out
 
 
-def _affine(points: list[dict]) -> tuple[float, float]:
+def _point(bs: int, res) -> dict:
+    return {
+        "batch_size": bs,
+        "peak_memory_gb": res.peak_bytes / GiB,
+        "method": res.method,
+        "breakdown_gb": {k: v / GiB for k, v in res.breakdown.items()},
+    }
+
+
+def affine(points: list[dict]) -> tuple[float, float]:
+    """(fixed GiB, GiB per sample) of the line through the two points."""
     (b0, m0), (b1, m1) = ((p["batch_size"], p["peak_memory_gb"]) for p in points)
     slope = (m1 - m0) / (b1 - b0)
     return m0 - slope * b0, slope
 
 
-def plot(points: dict[str, list[dict]], path: Path, device_label: str) -> None:
+def ratios(points: dict[str, list[dict]]) -> dict[str, float]:
+    """Per-sample training memory at each model's headline batch: peak / batch,
+    numerator over denominator, for the pairs in RATIOS."""
+    per = {n: pts[-1]["peak_memory_gb"] / pts[-1]["batch_size"] for n, pts in points.items()}
+    return {f"{a} / {b}": per[a] / per[b] for a, b in RATIOS if a in per and b in per}
+
+
+def plot(
+    points: dict[str, list[dict]], path: Path, device_label: str, precision: str = "fp16"
+) -> None:
+    """Memory vs batch size: solid between the two computed points, dashed
+    where the line is extrapolated beyond them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=130)
-    colors = {"AST": "tab:red", "MAT": "tab:blue", "MAT (kernels)": "tab:green"}
+    colors = {
+        "AST": "tab:red",
+        "AST (SDPA)": "tab:orange",
+        "MAT": "tab:blue",
+        "MAT (kernels)": "tab:green",
+    }
     bmax = 64
     for name, pts in points.items():
-        fixed, per = _affine(pts)
-        xs = list(range(1, bmax + 1))
+        color = colors.get(name, "tab:gray")
+        fixed, per = affine(pts)
+        lo, hi = pts[0]["batch_size"], pts[-1]["batch_size"]
         method = pts[0]["method"]
         ax.plot(
-            xs,
-            [fixed + per * b for b in xs],
-            color=colors[name],
+            [lo, hi],
+            [fixed + per * lo, fixed + per * hi],
+            color=color,
             lw=2,
-            ls="--" if name in KERNEL_ROWS else "-",
-            label=f"{name} ({method}: {per:.2f} GB/sample + {fixed:.2f} GB)",
+            label=f"{name} ({method}: {per:.3f} GiB/sample + {fixed:.2f} GiB)",
         )
+        for a, b in ((1, lo), (hi, bmax)):
+            if b > a:
+                ax.plot([a, b], [fixed + per * a, fixed + per * b], color=color, lw=1.5, ls="--")
         ax.scatter(
             [p["batch_size"] for p in pts],
             [p["peak_memory_gb"] for p in pts],
-            color=colors[name],
+            color=color,
             zorder=3,
         )
-        batch, _, paper = MEMORY[name]
+        batch, _, paper = MEMORY.get(name, (None, None, None))
         if paper is None:
             continue
         ax.scatter(
@@ -167,21 +257,26 @@ def plot(points: dict[str, list[dict]], path: Path, device_label: str) -> None:
             [paper],
             marker="*",
             s=160,
-            color=colors[name],
+            color=color,
             edgecolor="k",
             zorder=4,
-            label=f"{name}, paper (batch {batch}): {paper} GB",
+            label=f"{name}, paper (batch {batch}, V100): {paper} GB",
         )
-    for cap, lab in ((32, "V100 32 GB"), (40, "A100 40 GB")):
+    ax.plot(
+        [], [], color="k", lw=1.5, ls="--", label="dashed: extrapolated beyond the computed points"
+    )
+    for cap, lab in ((32, "V100 32 GB (32 GiB)"), (40, "A100 40 GB (40 GiB)")):
         ax.axhline(cap, color="grey", ls=":", lw=1)
         ax.text(1.5, cap + 0.8, lab, color="grey", fontsize=8)
     ax.set_xlabel("batch size")
-    ax.set_ylabel("peak training memory (GiB), fp32 + AdamW")
-    ax.set_title(f"Training memory vs batch size, 128x1024 spectrogram ({device_label})")
+    ax.set_ylabel(f"peak training memory (GiB), {PRECISION_LABEL[precision]} + AdamW")
+    ax.set_title(
+        f"Training memory vs batch size, 128x1024 spectrogram ({device_label})", fontsize=10
+    )
     ax.set_xlim(0, bmax + 2)
     ax.set_ylim(0, None)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7.5, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -196,17 +291,37 @@ def _fmt(x: float | None, nd: int = 1) -> str:
     return "-" if x is None else f"{x:.{nd}f}"
 
 
+HEAD = (
+    f"{'model':<14}{'params M':>9}{'paper':>7}{'dev':>8}{'GFLOPs':>9}{'paper':>8}{'dev':>8}"
+    f"{'batch':>7}{'peak GiB':>10}{'GiB/sample':>12}  memory"
+)
+
+
+def format_row(r: dict) -> str:
+    return (
+        f"{r['model']:<14}{_fmt(r['params_m']):>9}{_fmt(r['paper_params_m']):>7}"
+        f"{_pct(r['params_m'], r['paper_params_m']):>8}{_fmt(r['gflops']):>9}"
+        f"{_fmt(r['paper_gflops']):>8}{_pct(r['gflops'], r['paper_gflops']):>8}"
+        f"{_fmt(r['batch_size'], 0) if r['batch_size'] else '-':>7}"
+        f"{_fmt(r['peak_memory_gb'], 2):>10}{_fmt(r['per_sample_gb'], 3):>12}"
+        f"  {r['memory_method'] or '-'}"
+    )
+
+
 def format_table(rows: list[dict]) -> str:
-    head = f"{'model':<13}{'params M':>9}{'paper':>7}{'dev':>8}{'GFLOPs':>9}{'paper':>8}{'dev':>8}{'batch':>7}{'peak GB':>9}  method"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(
-            f"{r['model']:<13}{_fmt(r['params_m']):>9}{_fmt(r['paper_params_m']):>7}"
-            f"{_pct(r['params_m'], r['paper_params_m']):>8}{_fmt(r['gflops']):>9}"
-            f"{_fmt(r['paper_gflops']):>8}{_pct(r['gflops'], r['paper_gflops']):>8}"
-            f"{_fmt(r['batch_size'], 0) if r['batch_size'] else '-':>7}{_fmt(r['peak_memory_gb'], 2):>9}  {r['memory_method'] or '-'}"
+    return "\n".join([HEAD, "-" * len(HEAD)] + [format_row(r) for r in rows])
+
+
+def _parse_precisions(value: str) -> list[str]:
+    if value == "all":
+        return [PAPER_PRECISION] + [p for p in PRECISIONS if p != PAPER_PRECISION]
+    out = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in out if v not in PRECISIONS]
+    if bad or not out:
+        raise argparse.ArgumentTypeError(
+            f"--precision {value!r}: expected one of {', '.join(PRECISIONS)}, a comma list, or all"
         )
-    return "\n".join(lines)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,6 +330,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="write the figures as JSON here")
     parser.add_argument("--plot", type=Path, help="write a memory-vs-batch-size PNG here")
+    parser.add_argument(
+        "--precision",
+        type=_parse_precisions,
+        default=[PAPER_PRECISION],
+        help="training precision(s) of the memory rows: fp16 (autocast, the paper's; default), "
+        "bf16 (autocast), fp32, a comma list, or all. The table shows the first; the JSON holds all",
+    )
     parser.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
@@ -232,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         data = json.loads(args.replot.read_text())
         cpu = data["device"].startswith("cpu")
         label = "estimated, no GPU" if cpu else "measured on " + data["device"]
-        plot(data["memory_points"], args.plot, label)
+        plot(data["memory_points"], args.plot, label, data.get("precision", "fp32"))
         print(f"wrote {args.plot}")
         return 0
     device = args.device
@@ -240,56 +362,69 @@ def main(argv: list[str] | None = None) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
+    if args.plot and args.no_memory:
+        parser.error("--plot needs the memory rows (drop --no-memory)")
     device_name = (
         torch.cuda.get_device_name()
         if device == "cuda"
         else f"cpu ({platform.processor() or platform.machine()})"
     )
-
-    t0 = time.time()
-    rows = flops_rows()
-    t_flops = time.time() - t0
-    points: dict[str, list[dict]] = {}
-    if not args.no_memory:
-        points = memory_points(device)
-        for r in rows:
-            if r["model"] in points:
-                head = points[r["model"]][-1]
-                r.update(
-                    batch_size=head["batch_size"],
-                    peak_memory_gb=head["peak_memory_gb"],
-                    memory_method=head["method"],
-                )
-    elapsed = time.time() - t0
+    precisions: list[str] = args.precision
+    head = precisions[0]
+    method = "measured" if device == "cuda" else "estimated"
 
     print(f"mmt-fast {mmt_fast.__version__} | torch {torch.__version__} | device: {device_name}")
-    print(
-        "FLOPs: fvcore, 1 multiply-add = 1 FLOP, batch 1, attention counted. Memory: fp32 + AdamW training step.\n"
-    )
-    print(format_table(rows))
-    ratio = ratio_k = saved = None
-    if points:
-        mem = {r["model"]: r for r in rows if r["peak_memory_gb"] is not None}
-        ast, mat = mem["AST"], mem["MAT"]
-        ratio = (ast["peak_memory_gb"] / ast["batch_size"]) / (
-            mat["peak_memory_gb"] / mat["batch_size"]
+    print("FLOPs: fvcore, 1 multiply-add = 1 FLOP, batch 1, attention counted.")
+    if not args.no_memory:
+        how = (
+            "measured with torch.cuda.max_memory_allocated"
+            if device == "cuda"
+            else "ESTIMATED, not measured: no GPU here, so one step is traced on shapes only "
+            "(FakeTensorMode) with CUDA's autocast policy"
         )
-        method = mat["memory_method"]
         print(
-            f"\nper-sample training memory, AST (batch {ast['batch_size']}) / MAT (batch {mat['batch_size']}): "
-            f"{ratio:.2f}x ({method})   paper: {PAPER_RATIO}x (20.6 GB / 8 vs 16.8 GB / 64)"
+            f"Memory: peak of one AdamW training step, {PRECISION_LABEL[head]}, fp32 weights, "
+            f"GiB = 2^30 bytes; {how}."
         )
-        if "MAT (kernels)" in mem:
-            fused = mem["MAT (kernels)"]
-            ratio_k = (ast["peak_memory_gb"] / ast["batch_size"]) / (
-                fused["peak_memory_gb"] / fused["batch_size"]
+    print()
+    print(HEAD)
+    print("-" * len(HEAD), flush=True)
+
+    t0 = time.time()
+    rows: list[dict] = []
+    cache: dict = {}
+    memory: dict[str, dict[str, list[dict]]] = {p: {} for p in precisions}
+    for name in MODELS:
+        t = time.time()
+        row = flops_row(name, cache)
+        if name in MEMORY and not args.no_memory:
+            per_prec = memory_points(name, device, precisions)
+            for prec, pts in per_prec.items():
+                memory[prec][name] = pts
+            top = per_prec[head][-1]
+            row.update(
+                precision=head,
+                batch_size=top["batch_size"],
+                peak_memory_gb=top["peak_memory_gb"],
+                per_sample_gb=top["peak_memory_gb"] / top["batch_size"],
+                memory_method=f"{top['method']}, {PRECISION_LABEL[head]}",
             )
-            saved = fused["peak_memory_gb"] / mat["peak_memory_gb"]
-            print(
-                f"with the fused kernels: AST / MAT (kernels) per sample {ratio_k:.2f}x; "
-                f"MAT (kernels) / MAT at batch {mat['batch_size']}: {saved:.2f}"
-            )
-    print(f"\n[{t_flops:.0f} s FLOPs, {elapsed:.0f} s in all]")
+        rows.append(row)
+        print(f"{format_row(row)}   [{time.time() - t:.0f} s]", flush=True)
+    elapsed = time.time() - t0
+
+    all_ratios = {p: ratios(pts) for p, pts in memory.items() if pts}
+    if head in all_ratios:
+        print(
+            f"\nper-sample training memory ({method}, {PRECISION_LABEL[head]}), "
+            f"paper {PAPER_RATIO}x (AST 20.6 GB / 8 vs MAT 16.8 GB / 64):"
+        )
+        for pair, r in all_ratios[head].items():
+            print(f"  {pair:<28} {r:5.2f}x")
+        for prec in precisions[1:]:
+            line = ", ".join(f"{k} {v:.2f}x" for k, v in all_ratios[prec].items())
+            print(f"  {PRECISION_LABEL[prec]}: {line}")
+    print(f"\n[{elapsed:.0f} s in all]")
 
     if args.json:
         payload = {
@@ -298,25 +433,22 @@ def main(argv: list[str] | None = None) -> int:
             "python": sys.version.split()[0],
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "flops_convention": "fvcore: one multiply-add = one FLOP; batch 1; attention counted",
+            "memory_unit": "GiB (2**30 bytes)",
+            "memory_method": method if not args.no_memory else None,
+            "precision": head if not args.no_memory else None,
             "rows": rows,
-            "per_sample_memory_ratio_ast_over_mat": ratio,
-            "per_sample_memory_ratio_ast_over_mat_kernels": ratio_k,
-            "memory_ratio_mat_kernels_over_mat": saved,
+            "per_sample_memory_ratios": all_ratios,
             "paper_per_sample_memory_ratio": PAPER_RATIO,
-            "memory_points": points,
-            "paper_sources": {k: v[4] for k, v in MODELS.items()},
+            "memory_points": memory.get(head, {}),
+            "memory": memory,
+            "paper_sources": {k: v[5] for k, v in MODELS.items()},
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.plot:
-        if not points:
-            parser.error("--plot needs the memory rows (drop --no-memory)")
-        plot(
-            points,
-            args.plot,
-            "measured on " + device_name if device == "cuda" else "estimated, no GPU",
-        )
+        label = "measured on " + device_name if device == "cuda" else "estimated, no GPU"
+        plot(memory[head], args.plot, label, head)
         print(f"wrote {args.plot}")
     return 0
 

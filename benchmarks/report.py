@@ -28,33 +28,81 @@ def _f(x, nd=1) -> str:
     return "–" if x is None else f"{x:.{nd}f}"
 
 
+_PREC = {"fp32": "fp32", "fp16": "fp16 autocast", "bf16": "bf16 autocast"}
+
+
 def flops_memory_table(data: dict) -> str:
+    head = data.get("precision")
+    method = data.get("memory_method") or "estimated"
     lines = [
-        f"Measured on: {data['device']}, torch {data['torch']}, {data['date'][:10]} "
-        f"(`benchmarks/results/{data['_file']}`).",
+        f"Run on: {data['device']}, torch {data['torch']}, {data['date'][:10]} "
+        f"(`benchmarks/results/{data['_file']}`). Memory: {method}, "
+        f"{_PREC.get(head, head)}, GiB.",
         "",
-        "| model | params (M) | paper | Δ | GFLOPs | paper | Δ | batch | peak train memory (GiB) | method |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| model | params (M) | paper | Δ | GFLOPs | paper | Δ | batch | peak train memory (GiB) | GiB / sample | method |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in data["rows"]:
         lines.append(
             f"| {r['model']} | {_f(r['params_m'])} | {_f(r['paper_params_m'])} | {_pct(r['params_m'], r['paper_params_m'])} "
             f"| {_f(r['gflops'])} | {_f(r['paper_gflops'])} | {_pct(r['gflops'], r['paper_gflops'])} "
-            f"| {r['batch_size'] or '–'} | {_f(r['peak_memory_gb'], 2)} | {r['memory_method'] or '–'} |"
+            f"| {r['batch_size'] or '–'} | {_f(r['peak_memory_gb'], 2)} | {_f(r.get('per_sample_gb'), 3)} "
+            f"| {r['memory_method'] or '–'} |"
         )
-    ratio = data.get("per_sample_memory_ratio_ast_over_mat")
-    if ratio is not None:
+    memory = data.get("memory") or {}
+    precs = [p for p in ("fp32", "fp16", "bf16") if memory.get(p)]
+    if precs:
         lines += [
             "",
-            f"Per-sample training memory, AST / MAT: **{ratio:.2f}x** "
-            f"(paper: {data['paper_per_sample_memory_ratio']}x).",
+            f"Peak training memory by precision ({method}, GiB at the batch shown; "
+            "fp32 weights, gradients and AdamW state in every column):",
+            "",
+            "| model | batch | " + " | ".join(_PREC[p] for p in precs) + " |",
+            "|---|---:|" + "---:|" * len(precs),
         ]
-    rk = data.get("per_sample_memory_ratio_ast_over_mat_kernels")
-    if rk is not None:
-        lines[-1] += (
-            f" With the fused kernels: **{rk:.2f}x**; MAT's training memory at batch 64 "
-            f"falls to {data['memory_ratio_mat_kernels_over_mat']:.2f} of the reference path's."
+        for name, pts in memory[precs[0]].items():
+            vals = [memory[p][name][-1]["peak_memory_gb"] for p in precs]
+            lines.append(
+                f"| {name} | {pts[-1]['batch_size']} | "
+                + " | ".join(f"{v:.2f}" for v in vals)
+                + " |"
+            )
+        ratios = data.get("per_sample_memory_ratios") or {}
+        pairs = list(ratios.get(precs[0], {}))
+        lines += [
+            "",
+            f"Per-sample training memory ratios (paper: **{data['paper_per_sample_memory_ratio']}x**, "
+            "AST 20.6 GB at batch 8 / MAT 16.8 GB at batch 64 on a V100):",
+            "",
+            "| ratio | " + " | ".join(_PREC[p] for p in precs) + " |",
+            "|---|" + "---:|" * len(precs),
+        ]
+        for pair in pairs:
+            lines.append(
+                f"| {pair} | " + " | ".join(f"{ratios[p][pair]:.2f}x" for p in precs) + " |"
+            )
+    return "\n".join(lines)
+
+
+def mmt_flops_table(data: dict) -> str:
+    lines = [
+        f"Counted on: {data['device']}, torch {data['torch']}, {data['date'][:10]} "
+        f"(`benchmarks/results/{data['_file']}`, `python -m benchmarks.mmt_flops`).",
+        "",
+        "| reading | AVBottleneck input tokens | video encoder | fusion | total GFLOPs | vs 206 |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['reading']} | {r['avbottleneck_tokens']} | {r['video_encoder']:.1f} "
+            f"| {r['fusion']:.1f} | {r['total']:.1f} | {100 * r['vs_paper']:+.1f}% |"
         )
+    r0 = data["rows"][0]
+    lines += [
+        "",
+        f"Common to every reading: MAT {r0['audio_encoder']:.1f} GFLOPs, heads, norms and "
+        f"projections {r0['rest']:.3f}.",
+    ]
     return "\n".join(lines)
 
 
@@ -139,6 +187,7 @@ SECTIONS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "flops_memory": ("flops_memory_cpu.json", flops_memory_table),
     "compile_gate": ("compile_gate.json", compile_gate_table),
     "data_loader": ("data_cpu.json", data_loader_table),
+    "mmt_flops": ("mmt_flops_readings.json", mmt_flops_table),
 }
 
 

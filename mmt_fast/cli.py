@@ -7,6 +7,7 @@ Commands::
     mmt-fast evaluate --checkpoint RUN_DIR [--config FILE] [--split test] [--views N]
     mmt-fast predict --checkpoint RUN_DIR INPUT... [--out preds.csv|.jsonl] [--top-k K]
     mmt-fast convert --from timm-mvitv2|slowfast|torchvision|ast --checkpoint IN --out OUT.safetensors
+    mmt-fast plan --model MMT --gpu-mem 40GiB [--precision bf16] [--checkpointing stage1]
     torchrun --nproc_per_node=8 -m mmt_fast.cli train --config FILE   # DDP
 
 KEY=VALUE overrides use dotted config keys and YAML values, e.g.
@@ -143,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.test=other/manifest.csv"
     )
     e.set_defaults(func=_evaluate)
+
+    pl = sub.add_parser("plan", help="largest batch that fits a GPU (estimated, no GPU needed)")
+    __import__("mmt_fast.plan", fromlist=["add_arguments"]).add_arguments(pl)
+    pl.set_defaults(func=lambda a: __import__("mmt_fast.plan", fromlist=["run"]).run(a))
 
     c = sub.add_parser(
         "convert",

@@ -116,6 +116,9 @@ class ASTConfig:
     norm_eps: float = 1e-6
     drop_path_rate: float = 0.0
     num_classes: int = 0
+    # "eager" (explicit softmax(QK^T)V, as AST's code) or "sdpa"
+    # (F.scaled_dot_product_attention: memory-efficient kernels)
+    attn_impl: str = "eager"
 
     @property
     def patch_grid(self) -> Grid:

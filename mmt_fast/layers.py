@@ -328,12 +328,23 @@ def attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention (ViT). x: (B, N, dim) -> (B, N, dim)."""
+    """Multi-head self-attention (ViT). x: (B, N, dim) -> (B, N, dim).
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+    ``impl="eager"``: explicit matmuls and softmax (the (N x N) probabilities
+    are stored for the backward pass, as published ViT/AST code does);
+    ``"sdpa"``: ``F.scaled_dot_product_attention`` (flash / memory-efficient
+    kernels where available: no N x N tensor is stored).
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool = True, impl: str = "eager"
+    ) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        if impl not in ("eager", "sdpa"):
+            raise ValueError(f"attention impl {impl!r}: expected 'eager' or 'sdpa'")
+        self.impl = impl
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
@@ -351,6 +362,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.heads(x)
+        if self.impl == "sdpa":
+            return self.merge(F.scaled_dot_product_attention(q, k, v, scale=self.scale))
         return self.merge(attention_torch(q, k, v, self.scale))
 
 
@@ -365,10 +378,11 @@ class Block(nn.Module):
         qkv_bias: bool = True,
         drop_path: float = 0.0,
         eps: float = 1e-6,
+        attn_impl: str = "eager",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_impl)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))

@@ -9,17 +9,31 @@ Training memory: on CUDA it is measured (``torch.cuda.max_memory_allocated``
 over an AdamW training step after a warm-up step). Without CUDA it is
 estimated without computing: the model, optimizer and batch are built under
 ``FakeTensorMode`` and one step (forward, backward, AdamW update, with the
-optimizer state already allocated) runs under
-``torch.distributed._tools.mem_tracker.MemTracker``.
+optimizer state already allocated) runs under a memory tracker, either
+:class:`PeakTracker` (fast: constant work per op) or torch's
+``torch.distributed._tools.mem_tracker.MemTracker`` (its per-op work grows
+with the number of live tensors; the tests check that both agree).
+
+Precision (``precision=``): ``fp32``, or ``fp16`` / ``bf16`` autocast with
+fp32 master weights, gradients and AdamW state, as ``torch.autocast`` +
+``GradScaler`` train. A CUDA estimate needs CUDA's autocast policy, which
+differs from the CPU's (CUDA runs softmax, layer_norm and the losses in fp32;
+the CPU keeps them in 16 bits), and fake CUDA tensors cannot run a backward
+pass without a GPU. So the estimate applies CUDA's cast policy itself
+(:class:`CudaAutocastPolicy`, for the ops these models use); ``torch.autocast``
+on the CPU does run under FakeTensorMode, but with the CPU's policy.
 """
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils._python_dispatch
 from torch import nn
 
 
@@ -131,8 +145,11 @@ def count_flops(
     model: nn.Module,
     inputs: dict[str, torch.Tensor] | tuple[torch.Tensor, ...],
     path: str = "reference",
+    modules: tuple[str, ...] = (),
 ) -> dict[str, float]:
-    """fvcore FLOPs of one forward pass: {"total": n, "<operator>": n, ...}.
+    """fvcore FLOPs of one forward pass: {"total": n, "<operator>": n, ...},
+    plus {"module:<name>": n} for each submodule named in ``modules``
+    (``"audio_encoder"`` of an MMT, for instance).
 
     ``inputs``: positional tensors, or keyword tensors (MMT: audio=..., video=...).
     FLOPs are a property of the model, not of the kernels that compute it, so
@@ -148,7 +165,7 @@ def count_flops(
 
     if path != "auto":
         with dispatch.use(path):
-            return count_flops(model, inputs, path="auto")
+            return count_flops(model, inputs, path="auto", modules=modules)
 
     keys: tuple[str, ...] = tuple(inputs) if isinstance(inputs, dict) else ()
     args = tuple(inputs.values()) if isinstance(inputs, dict) else tuple(inputs)
@@ -161,6 +178,7 @@ def count_flops(
             analysis.unsupported_ops_warnings(False)
             analysis.uncalled_modules_warnings(False)
             total = analysis.total()
+            by_module = analysis.by_module()
             unsupported = analysis.unsupported_ops()
     finally:
         model.train(was_training)
@@ -174,27 +192,246 @@ def count_flops(
         raise RuntimeError(f"fvcore could not count these attention ops: {missed}")
     out = {"total": float(total)}
     out.update({k: float(v) for k, v in analysis.by_operator().items()})
+    for name in modules:
+        # fvcore names submodules from the wrapper (_TupleOut.model)
+        key = f"model.{name}"
+        if key not in by_module:
+            raise KeyError(f"{type(model).__name__} has no submodule {name!r}")
+        out[f"module:{name}"] = float(by_module[key])
     return out
 
 
 # ----------------------------------------------------------------------------- memory
 
+PRECISIONS = ("fp32", "fp16", "bf16")
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 @dataclass
 class MemoryResult:
+    """peak_bytes: the step's peak. breakdown: bytes at that peak by kind
+    (``parameters``, ``gradients``, ``optimizer_state``, ``inputs``,
+    ``activations``: everything else, saved activations and temporaries), or
+    MemTracker's own categories. method: "estimated" or "measured"."""
+
     peak_bytes: int
-    method: str  # "estimated" | "measured"
+    method: str
     breakdown: dict[str, int]
 
 
-def _train_step(model: nn.Module, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor]):
+# CUDA autocast's cast lists (torch/csrc/autocast_mode.cpp, CUDA), restricted
+# to the Python-level functions these models call. Matched by function name, so
+# F.linear, Tensor.matmul, Tensor.__matmul__ and torch.matmul are all caught.
+_LOWER = frozenset(
+    {
+        "linear", "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "baddbmm", "addmm",
+        "addbmm", "einsum", "conv1d", "conv2d", "conv3d", "conv_transpose1d",
+        "conv_transpose2d", "conv_transpose3d", "scaled_dot_product_attention", "prelu",
+    }
+)  # fmt: skip
+_FP32 = frozenset(
+    {
+        "softmax", "log_softmax", "layer_norm", "group_norm", "cross_entropy", "nll_loss",
+        "normalize", "norm", "sum", "cumsum", "prod", "exp", "log", "pow", "__pow__",
+        "rsqrt", "reciprocal", "mse_loss", "softplus", "logsumexp", "cosine_similarity",
+        "binary_cross_entropy_with_logits", "kl_div",
+    }
+)  # fmt: skip
+_PROMOTE = frozenset({"cat", "stack", "addcmul", "addcdiv", "index_put", "scatter_add"})
+
+
+class CudaAutocastPolicy(torch.overrides.TorchFunctionMode):
+    """CUDA's ``torch.autocast`` cast policy, applied on any device.
+
+    Inside the mode, matmul-like functions (linear, matmul, conv, SDPA, einsum)
+    cast floating inputs to ``dtype``; reductions, norms, softmax and the losses
+    cast 16-bit inputs to fp32; cat/stack promote to the widest input dtype;
+    everything else runs as it comes. Casts of leaf tensors that require grad
+    (the fp32 weights) are cached for the life of the mode, as autocast caches
+    them. Used under FakeTensorMode to estimate CUDA memory on a machine
+    without CUDA; on CUDA the real ``torch.autocast`` is used instead.
+    """
+
+    reenter_on_recompute = True  # activation checkpointing recomputes under it
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __exit__(self, *exc):
+        self._cache.clear()  # as autocast frees its weight casts on exit
+        return super().__exit__(*exc)
+
+    def _cast(self, x, dtype: torch.dtype, only: tuple[torch.dtype, ...]):
+        if isinstance(x, torch.Tensor):
+            if not x.is_floating_point() or x.dtype == dtype or x.dtype not in only:
+                return x
+            if x.is_leaf and x.requires_grad:
+                hit = self._cache.get(id(x))
+                if hit is None or hit[0] is not x:
+                    hit = (x, x.to(dtype))
+                    self._cache[id(x)] = hit
+                return hit[1]
+            return x.to(dtype)
+        if isinstance(x, (list, tuple)):
+            return type(x)(self._cast(v, dtype, only) for v in x)
+        return x
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in _LOWER:
+            only = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+            args, kwargs = (
+                self._cast(args, self.dtype, only),
+                {k: self._cast(v, self.dtype, only) for k, v in kwargs.items()},
+            )
+        elif name in _FP32:
+            low = (torch.float16, torch.bfloat16)
+            args = self._cast(args, torch.float32, low)
+            kwargs = {k: self._cast(v, torch.float32, low) for k, v in kwargs.items()}
+        elif name in _PROMOTE:
+            seq = args[0] if args and isinstance(args[0], (list, tuple)) else args
+            dts = {t.dtype for t in seq if isinstance(t, torch.Tensor) and t.is_floating_point()}
+            if len(dts) > 1:
+                wide = torch.float64 if torch.float64 in dts else torch.float32
+                low = tuple(d for d in dts if d != wide)
+                args = self._cast(args, wide, low)
+        return func(*args, **kwargs)
+
+
+class PeakTracker(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak bytes of live tensor storage over the ops run inside it.
+
+    Every storage an op returns is counted once, from its first appearance to
+    its release (a weakref finalizer), so each op costs O(outputs). Storages
+    alive when tracking starts are registered with :meth:`register`. Works on
+    fake tensors (FakeTensorMode) as on real ones; no allocator rounding.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self.peak_at = 0
+        self.t = 0  # event clock: one tick per allocation or release
+        # per storage: [nbytes, allocated at, released at (or None), kind]
+        self.records: list[list] = []
+        self._seen: dict[int, list] = {}
+
+    def _free(self, key: int, rec: list) -> None:
+        self.t += 1
+        self.live -= rec[0]
+        rec[2] = self.t
+        self._seen.pop(key, None)
+
+    def register(self, t: torch.Tensor, kind: str = "activations") -> None:
+        st = t.untyped_storage()
+        key = id(st)
+        if key in self._seen:
+            rec = self._seen[key]
+            if kind != "activations":
+                rec[3] = kind
+            return
+        self.t += 1
+        rec = [st.nbytes(), self.t, None, kind]
+        self._seen[key] = rec
+        self.records.append(rec)
+        weakref.finalize(st, self._free, key, rec)
+        self.live += rec[0]
+        if self.live > self.peak:
+            self.peak, self.peak_at = self.live, self.t
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in _flat_tensors(out):
+            self.register(t)
+        return out
+
+    def breakdown(self) -> dict[str, int]:
+        """Bytes alive at the peak, by kind (they sum to ``peak``)."""
+        at = self.peak_at
+        out: dict[str, int] = {}
+        for nbytes, first, last, kind in self.records:
+            if first <= at and (last is None or last > at):
+                out[kind] = out.get(kind, 0) + nbytes
+        return out
+
+
+def _flat_tensors(x) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _flat_tensors(v)]
+    return []
+
+
+class _NoScalarReads(torch.overrides.TorchFunctionMode):
+    """Under FakeTensorMode there are no values: inside the loss, ``float()``
+    and ``item()`` (logging) read 0.0 and ``bool()`` reads True (the losses'
+    guards, e.g. "some positive pair exists", take their usual path)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in ("__float__", "item", "__bool__"):
+            from torch._subclasses.fake_tensor import FakeTensor
+
+            if isinstance(args[0], FakeTensor):
+                return True if name == "__bool__" else 0.0
+        return func(*args, **(kwargs or {}))
+
+
+def _forward_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     inputs = {k: v for k, v in batch.items() if k != "label"}
     out = model(inputs["x"]) if set(inputs) == {"x"} else model(**inputs)
     if isinstance(out, torch.Tensor):
-        loss = nn.functional.cross_entropy(out.float(), batch["label"])
-    else:
-        loss, _ = model.loss(out, {"label": batch["label"]})
+        return nn.functional.cross_entropy(out.float(), batch["label"])
+    from torch._subclasses.fake_tensor import DynamicOutputShapeException
+
+    try:
+        with _NoScalarReads():
+            loss, _ = model.loss(out, {"label": batch["label"]})
+    except DynamicOutputShapeException:
+        # the contrastive losses select anchors with positives by boolean
+        # masks, whose shapes fake tensors cannot know; their (B x B) tensors
+        # are negligible, so the estimate keeps the classification loss and
+        # lets the embeddings' graph be freed with it
+        loss = sum(
+            nn.functional.cross_entropy(v.float(), batch["label"] % v.shape[-1])
+            for v in out.logits.values()
+        )
+        for e in (out.audio_embed, out.video_embed):
+            if e is not None:
+                loss = loss + 0.0 * e.float().sum()
+    return loss
+
+
+def _autocast_ctx(precision: str, device: str):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if device == "cuda":
+        return torch.autocast("cuda", dtype=_DTYPES[precision])
+    return CudaAutocastPolicy(_DTYPES[precision])
+
+
+def _train_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    precision: str = "fp32",
+    device: str = "cpu",
+    on_backward_done: Callable[[], None] | None = None,
+) -> None:
+    """forward + loss under the precision's autocast, backward, AdamW step
+    (fp32 master weights; GradScaler's few scalars are not modelled)."""
+    with _autocast_ctx(precision, device):
+        loss = _forward_loss(model, batch)
     loss.backward()
+    if on_backward_done is not None:
+        on_backward_done()
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -209,6 +446,104 @@ def _make_batch(
     return batch
 
 
+def make_optimizer(model: nn.Module, lr: float = 1e-4) -> torch.optim.Optimizer:
+    """AdamW as CUDA runs it by default (``foreach``: one multi-tensor op per
+    update stage, whose temporaries span all parameters at once)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, foreach=True)
+
+
+def _init_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Allocate AdamW's state (exp_avg, exp_avg_sq, step) with one update on
+    zero gradients, without a forward or backward pass."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _kernel_mode(kernels: bool | str):
+    from kernels import dispatch
+
+    if isinstance(kernels, str):
+        return dispatch.use(kernels)
+    return dispatch.use("triton") if kernels else dispatch.use("reference")
+
+
+@contextlib.contextmanager
+def fake_mode(kernels: bool | str = False):
+    """Shape-only tracing: FakeTensorMode, with the fused ops' fake
+    implementations (``kernels=True`` or ``"triton"``), the PyTorch references
+    (``False``, ``"reference"``), or each op's own choice as on CUDA
+    (``"auto"``: Triton where its checks pass)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from kernels import dispatch
+
+    with _kernel_mode(kernels), dispatch.shape_only(), FakeTensorMode():
+        yield
+
+
+def estimate_step_memory(
+    model: nn.Module,
+    input_shapes: dict[str, tuple[int, ...]],
+    batch_size: int,
+    num_classes: int,
+    precision: str = "fp32",
+    lr: float = 1e-4,
+    tracker: str = "peak",
+) -> MemoryResult:
+    """Peak memory of one AdamW training step of a model built under
+    :func:`fake_mode` (call this inside the same ``fake_mode`` block).
+
+    ``input_shapes`` maps the model's input names ("x" for a single encoder,
+    "audio"/"video" for MMT) to per-sample shapes. The optimizer state is
+    allocated first; then one step (forward and loss under ``precision``,
+    backward, AdamW update) is tracked. ``tracker``: ``"peak"``
+    (:class:`PeakTracker`) or ``"memtracker"`` (torch's MemTracker, slower).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    model.train()
+    opt = make_optimizer(model, lr)
+    _init_optimizer_state(model, opt)
+    batch = _make_batch(input_shapes, batch_size, num_classes, "cpu", torch.float32)
+    if tracker == "memtracker":
+        from torch.distributed._tools.mem_tracker import MemTracker
+
+        mt = MemTracker()
+        mt.track_external(model, opt)
+        with mt:
+            _train_step(model, opt, batch, precision)
+        stats = next(iter(mt.get_tracker_snapshot("peak").values()))
+        breakdown = {getattr(k, "value", str(k)): int(v) for k, v in stats.items()}
+        del opt, batch
+        return MemoryResult(int(stats["Total"]), "estimated", breakdown)
+    if tracker != "peak":
+        raise ValueError(f"tracker {tracker!r}: expected 'peak' or 'memtracker'")
+    pt = PeakTracker()
+    for p in model.parameters():
+        pt.register(p, "parameters")
+    for b in model.buffers():
+        pt.register(b, "parameters")
+    for state in opt.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor):
+                pt.register(v, "optimizer_state")
+    for v in batch.values():
+        pt.register(v, "inputs")
+
+    def mark_grads() -> None:
+        for p in model.parameters():
+            if p.grad is not None:
+                pt.register(p.grad, "gradients")
+
+    with pt:
+        _train_step(model, opt, batch, precision, on_backward_done=mark_grads)
+    del opt, batch
+    return MemoryResult(pt.peak, "estimated", pt.breakdown())
+
+
 def estimate_train_memory(
     build: Callable[[], nn.Module],
     input_shapes: dict[str, tuple[int, ...]],
@@ -216,34 +551,18 @@ def estimate_train_memory(
     num_classes: int,
     lr: float = 1e-4,
     kernels: bool = False,
+    precision: str = "fp32",
+    tracker: str = "peak",
 ) -> MemoryResult:
-    """Peak memory of one AdamW training step, estimated under FakeTensorMode.
-
-    ``input_shapes`` maps the model's input names ("x" for a single encoder,
-    "audio"/"video" for MMT) to per-sample shapes. One untracked step
-    allocates the optimizer state; the next step is tracked. ``kernels``:
-    trace the fused ops' custom ops (their fake implementations allocate what
-    the Triton kernels allocate and save) instead of the PyTorch references.
-    """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    from kernels import dispatch
-
-    mode = dispatch.use("triton") if kernels else dispatch.use("reference")
-    with mode, dispatch.shape_only(), FakeTensorMode():
+    """Peak memory of one AdamW training step, estimated under FakeTensorMode
+    (see :func:`estimate_step_memory`). ``kernels``: trace the fused ops'
+    custom ops (their fake implementations allocate what the Triton kernels
+    allocate and save) instead of the PyTorch references."""
+    with fake_mode(kernels):
         model = build()
-        opt = torch.optim.AdamW(model.parameters(), lr=lr)
-        batch = _make_batch(input_shapes, batch_size, num_classes, "cpu", torch.float32)
-        _train_step(model, opt, batch)
-        tracker = MemTracker()
-        tracker.track_external(model, opt)
-        with tracker:
-            _train_step(model, opt, batch)
-        snap = tracker.get_tracker_snapshot("peak")
-    stats = next(iter(snap.values()))
-    breakdown = {getattr(k, "value", str(k)): int(v) for k, v in stats.items()}
-    return MemoryResult(int(stats["Total"]), "estimated", breakdown)
+        return estimate_step_memory(
+            model, input_shapes, batch_size, num_classes, precision, lr, tracker
+        )
 
 
 def measure_train_memory(
@@ -254,24 +573,25 @@ def measure_train_memory(
     device: str = "cuda",
     lr: float = 1e-4,
     kernels: bool = False,
+    precision: str = "fp32",
 ) -> MemoryResult:
     """Peak CUDA memory of an AdamW training step (after one warm-up step),
-    with the fused kernels (``kernels=True``) or the PyTorch references."""
-    from kernels import dispatch
+    with the fused kernels (``kernels=True``) or the PyTorch references, under
+    ``torch.autocast`` for fp16/bf16."""
+    with _kernel_mode(kernels):
+        return _measure(build, input_shapes, batch_size, num_classes, device, lr, precision)
 
-    with dispatch.use("triton" if kernels else "reference"):
-        return _measure(build, input_shapes, batch_size, num_classes, device, lr)
 
-
-def _measure(build, input_shapes, batch_size, num_classes, device, lr) -> MemoryResult:
+def _measure(build, input_shapes, batch_size, num_classes, device, lr, precision) -> MemoryResult:
     torch.cuda.empty_cache()
     model = build().to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    opt = make_optimizer(model, lr)
     batch = _make_batch(input_shapes, batch_size, num_classes, device, torch.float32)
-    _train_step(model, opt, batch)
+    _train_step(model, opt, batch, precision, device)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    _train_step(model, opt, batch)
+    _train_step(model, opt, batch, precision, device)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     del model, opt, batch

@@ -75,14 +75,18 @@ def test_memory_estimate_accounts_for_weights_and_activations():
     big = estimate_train_memory(build, shapes, 8, 10)
     assert small.method == "estimated"
     # parameters + AdamW's two moments, fp32
-    assert small.breakdown["Parameter"] == pytest.approx(4 * n, rel=0.01)
-    assert small.breakdown["Optstate"] >= 2 * 4 * n
+    assert small.breakdown["parameters"] == 4 * n
+    assert small.breakdown["optimizer_state"] >= 2 * 4 * n
     assert big.peak_bytes > small.peak_bytes
     # activations grow with the batch
-    assert big.breakdown["Activation"] > 3 * small.breakdown["Activation"]
+    assert big.breakdown["activations"] > 3 * small.breakdown["activations"]
+    # mixed precision: the same fp32 master weights, 16-bit activations
+    bf16 = estimate_train_memory(build, shapes, 8, 10, precision="bf16")
+    assert bf16.breakdown["parameters"] == 4 * n
+    assert bf16.breakdown["activations"] < 0.9 * big.breakdown["activations"]
 
 
-def test_benchmark_cli_writes_json_and_plot(tmp_path, monkeypatch):
+def test_benchmark_cli_writes_json_and_plot(tmp_path, monkeypatch, capsys):
     """The main job end to end, on tiny stand-ins of AST and MAT so that it is
     quick (the full-size figures are checked above)."""
     from benchmarks import flops_memory as fm
@@ -92,27 +96,78 @@ def test_benchmark_cli_writes_json_and_plot(tmp_path, monkeypatch):
         fm,
         "MODELS",
         {
-            "AST": ("AST-tiny", tiny, 87.0, 131.0, "t"),
-            "MAT": ("MAT-tiny", tiny, 52.0, 46.2, "t"),
-            "MAT (kernels)": ("MAT-tiny", tiny, 52.0, 46.2, "t"),
+            "AST": ("AST-tiny", {}, tiny, 87.0, 131.0, "t"),
+            "AST (SDPA)": ("AST-tiny", {"attn_impl": "sdpa"}, tiny, 87.0, 131.0, "t"),
+            "MAT": ("MAT-tiny", {}, tiny, 52.0, 46.2, "t"),
+            "MAT (kernels)": ("MAT-tiny", {}, tiny, 52.0, 46.2, "t"),
         },
     )
     monkeypatch.setattr(
-        fm, "MEMORY", {"AST": (2, 1, 20.6), "MAT": (4, 2, 16.8), "MAT (kernels)": (4, 2, None)}
-    )
+        fm,
+        "MEMORY",
+        {"AST": (8, 2, 20.6), "AST (SDPA)": (8, 2, None), "MAT": (8, 2, 16.8),
+         "MAT (kernels)": (8, 2, None)},
+    )  # fmt: skip
+    # shapes only: the fused ops' fake implementations run, not the interpreter
+    # (whose bf16 refusal would otherwise stop the forced Triton path)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     out, png = tmp_path / "r.json", tmp_path / "m.png"
-    assert fm.main(["--json", str(out), "--plot", str(png), "--device", "cpu"]) == 0
+    argv = ["--json", str(out), "--plot", str(png), "--device", "cpu", "--precision", "all"]
+    assert fm.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "ESTIMATED" in printed and "GiB" in printed and " GB " not in printed.split("paper")[0]
     data = json.loads(out.read_text())
-    assert [r["model"] for r in data["rows"]] == ["AST", "MAT", "MAT (kernels)"]
+    assert [r["model"] for r in data["rows"]] == ["AST", "AST (SDPA)", "MAT", "MAT (kernels)"]
+    assert data["precision"] == "fp16" and set(data["memory"]) == {"fp16", "fp32", "bf16"}
     rows = {r["model"]: r for r in data["rows"]}
     row = rows["MAT"]
-    assert set(row) == {
-        "model", "params_m", "gflops", "paper_params_m", "paper_gflops",
-        "batch_size", "peak_memory_gb", "memory_method",
-    }  # fmt: skip
-    assert row["memory_method"] == "estimated" and row["batch_size"] == 4
+    assert row["memory_method"] == "estimated, fp16 autocast" and row["batch_size"] == 8
+    assert row["per_sample_gb"] == pytest.approx(row["peak_memory_gb"] / 8)
     assert rows["MAT (kernels)"]["gflops"] == row["gflops"]
+    assert rows["AST (SDPA)"]["gflops"] == rows["AST"]["gflops"]
     assert rows["MAT (kernels)"]["peak_memory_gb"] < row["peak_memory_gb"]
-    assert data["per_sample_memory_ratio_ast_over_mat"] > 0
-    assert data["memory_ratio_mat_kernels_over_mat"] < 1
+    mem = data["memory"]
+    for name in rows:  # 16-bit activations take less than fp32 ones
+        assert mem["bf16"][name][-1]["peak_memory_gb"] < mem["fp32"][name][-1]["peak_memory_gb"]
+    assert set(data["per_sample_memory_ratios"]["fp16"]) == {
+        "AST / MAT", "AST / MAT (kernels)", "AST (SDPA) / MAT (kernels)"
+    }  # fmt: skip
     assert png.stat().st_size > 10_000
+    # the README table is generated from this JSON
+    from benchmarks.report import flops_memory_table
+
+    data["_file"] = "r.json"
+    table = flops_memory_table(data)
+    assert "| MAT (kernels) |" in table and "fp16 autocast" in table and "bf16 autocast" in table
+
+
+def test_flops_read_off_the_mmt_trace_equal_their_own_count():
+    """The main job counts MAT and MViTv2 once, inside MMT: the per-module total
+    plus the head must equal a trace of the encoder on its own. The FLOP
+    readings (benchmarks.mmt_flops) count the fusion on its own: for the
+    literal reading it must equal the AVBottleneck's share of the trace."""
+    import dataclasses
+
+    from benchmarks.mmt_flops import _Fusion, fusion_gflops
+    from mmt_fast.models.mvit import MAT, MViTv2
+
+    mmt = create_model("MMT-tiny")
+    a, v = (1, *mmt.cfg.audio.input_size), (3, *mmt.cfg.video.input_size)
+    f = count_flops(
+        mmt,
+        {"audio": torch.randn(1, *a), "video": torch.randn(1, *v)},
+        modules=("audio_encoder", "video_encoder", "bottleneck"),
+    )
+    nv = mmt.video_encoder.forward_features(torch.randn(1, *v)).tokens.shape[1]
+    na = mmt.audio_encoder.forward_features(torch.randn(1, *a)).tokens.shape[1]
+    bc = mmt.cfg.bottleneck
+    alone = fusion_gflops(_Fusion(bc), nv, na, bc.dim)
+    assert alone * 1e9 == pytest.approx(f["module:bottleneck"], rel=1e-9)
+    for cls, cfg, shape, sub in (
+        (MAT, mmt.cfg.audio, a, "audio_encoder"),
+        (MViTv2, mmt.cfg.video, v, "video_encoder"),
+    ):
+        enc = cls(cfg=dataclasses.replace(cfg, num_classes=7), num_classes=7)
+        own = count_flops(enc, (torch.randn(1, *shape),))["total"]
+        head = count_flops(enc.head, (torch.randn(1, enc.num_features),))["total"]
+        assert f[f"module:{sub}"] + head == own

@@ -104,8 +104,8 @@ def test_memory_estimate_sees_the_kernels():
     shapes = {"x": (1, 32, 64)}
     ref = estimate_train_memory(build, shapes, 8, 10)
     fused = estimate_train_memory(build, shapes, 8, 10, kernels=True)
-    assert fused.breakdown["Activation"] < 0.8 * ref.breakdown["Activation"]
-    assert fused.breakdown["Parameter"] == ref.breakdown["Parameter"]
+    assert fused.breakdown["activations"] < 0.8 * ref.breakdown["activations"]
+    assert fused.breakdown["parameters"] == ref.breakdown["parameters"]
 
 
 def test_dispatch_switch(monkeypatch):

@@ -12,6 +12,7 @@ from torch import nn
 
 from mmt_fast.config import ASTConfig, apply_overrides, ast_b
 from mmt_fast.layers import Block, drop_path_rates, init_weights
+from mmt_fast.models.checkpointing import blocks_to_checkpoint, run_block
 from mmt_fast.models.mvit import EncoderFeatures
 
 
@@ -31,9 +32,12 @@ class AST(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 2, d))
         dpr = drop_path_rates(cfg.drop_path_rate, cfg.depth)
         self.blocks = nn.ModuleList(
-            Block(d, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, dpr[i], cfg.norm_eps)
+            Block(
+                d, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, dpr[i], cfg.norm_eps, cfg.attn_impl
+            )
             for i in range(cfg.depth)
         )
+        self.checkpoint_blocks: frozenset[int] = frozenset()
         self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.num_features = d
         self.head = (
@@ -61,10 +65,15 @@ class AST(nn.Module):
         B = x.shape[0]
         x = torch.cat([self.cls_token.expand(B, -1, -1), self.dist_token.expand(B, -1, -1), x], 1)
         x = x + self.pos_embed
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = run_block(self, block, i, x)
         x = self.norm(x)
         return EncoderFeatures(x, grid, (x[:, 0] + x[:, 1]) / 2)
+
+    def _set_checkpointing(self, mode: str) -> None:
+        """See :mod:`mmt_fast.models.checkpointing`; one resolution, so every
+        block is in the first stage."""
+        self.checkpoint_blocks = blocks_to_checkpoint([0] * len(self.blocks), mode)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x).cls

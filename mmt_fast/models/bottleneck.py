@@ -16,6 +16,7 @@ from torch import nn
 
 from mmt_fast.config import BottleneckConfig
 from mmt_fast.layers import BottleneckBlock, init_weights
+from mmt_fast.models.checkpointing import check_mode, run_block
 
 
 class AVBottleneck(nn.Module):
@@ -33,8 +34,15 @@ class AVBottleneck(nn.Module):
 
         self.video_blocks = nn.ModuleList(block() for _ in range(cfg.num_blocks))
         self.audio_blocks = nn.ModuleList(block() for _ in range(cfg.num_blocks))
+        self.checkpoint_blocks: frozenset[int] = frozenset()
         init_weights(self)
         nn.init.trunc_normal_(self.tokens, std=0.02)
+
+    def _set_checkpointing(self, mode: str) -> None:
+        """``blocks`` checkpoints every fusion block; ``stage1`` none of them
+        (they run on the encoders' final, small token sets)."""
+        on = check_mode(mode) == "blocks"
+        self.checkpoint_blocks = frozenset(range(2 * self.cfg.num_blocks)) if on else frozenset()
 
     def forward(self, video: torch.Tensor, audio: torch.Tensor):
         for name, t in (("video", video), ("audio", audio)):
@@ -47,8 +55,8 @@ class AVBottleneck(nn.Module):
         f = self.tokens.expand(video.shape[0], -1, -1)
         total = None
         for k, (block_v, block_a) in enumerate(zip(self.video_blocks, self.audio_blocks)):
-            video, f = block_v(video, f)
-            audio, f = block_a(audio, f)
+            video, f = run_block(self, block_v, 2 * k, video, f)
+            audio, f = run_block(self, block_a, 2 * k + 1, audio, f)
             if self.cfg.update == "average":
                 total = f if total is None else total + f
                 f = total / (k + 1)

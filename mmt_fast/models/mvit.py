@@ -15,6 +15,7 @@ from torch import nn
 
 from mmt_fast.config import MultiscaleConfig, apply_overrides, mat_b, mvitv2_b_16
 from mmt_fast.layers import MultiScaleBlock, drop_path_rates, init_weights, pooled_grid
+from mmt_fast.models.checkpointing import blocks_to_checkpoint, run_block
 
 Grid = tuple[int, ...]
 
@@ -83,6 +84,7 @@ class MultiscaleEncoder(nn.Module):
                 self.grids.append(grid)
                 dim = cfg.embed_dim[s]
         self.num_features = dim
+        self.checkpoint_blocks: frozenset[int] = frozenset()
         self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps)
         self.head_drop = nn.Dropout(cfg.head_dropout)
         self.head = nn.Linear(dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
@@ -116,8 +118,8 @@ class MultiscaleEncoder(nn.Module):
         x = x.flatten(2).transpose(1, 2)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        for block in self.blocks:
-            x, grid = block(x, grid)
+        for i, block in enumerate(self.blocks):
+            x, grid = run_block(self, block, i, x, grid)
         x = self.norm(x)
         cls = x[:, 0] if self.cls_token is not None else x.mean(dim=1)
         return EncoderFeatures(x, grid, cls)
@@ -129,6 +131,10 @@ class MultiscaleEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes), or the embedding (B, C) when num_classes == 0."""
         return self.head(self.head_drop(self.embed(x)))
+
+    def _set_checkpointing(self, mode: str) -> None:
+        """See :mod:`mmt_fast.models.checkpointing` (``none``, ``blocks``, ``stage1``)."""
+        self.checkpoint_blocks = blocks_to_checkpoint(self.stage_of_block, mode)
 
     def token_grids(self) -> list[Grid]:
         """The token grid after the patch embedding and after each block."""

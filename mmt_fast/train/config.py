@@ -199,7 +199,11 @@ class TrainSection:
     non-finite loss or gradient norm does: ``stop`` the run (the weights are not
     updated; the last checkpoint stays the latest) or ``skip`` the update
     (counted in ``train_summary.json``; the run stops after ``max_nonfinite``
-    skipped updates in a row)."""
+    skipped updates in a row).
+    ``activation_checkpointing``: ``none``, ``blocks`` (recompute every
+    block's activations in the backward pass) or ``stage1`` (only the
+    multiscale encoders' first stage, where most activation memory sits); see
+    ``mmt-fast plan`` for what each saves."""
 
     out_dir: str = "runs/mmt"
     epochs: int = 50
@@ -221,8 +225,12 @@ class TrainSection:
     torch_threads: int | None = None
     nonfinite: str = "stop"
     max_nonfinite: int = 10
+    activation_checkpointing: str = "none"
 
     def __post_init__(self) -> None:
+        from mmt_fast.models.checkpointing import check_mode
+
+        check_mode(self.activation_checkpointing)
         if self.amp not in ("auto", "bf16", "none"):
             raise ConfigError(f"train.amp={self.amp!r}; expected auto, bf16 or none")
         if self.nonfinite not in ("stop", "skip"):

@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mmt_fast.data.dataset import check_split
 from mmt_fast.errors import ConfigError, DataError, TrainingError
+from mmt_fast.models.checkpointing import set_activation_checkpointing
 from mmt_fast.train import builders as B
 from mmt_fast.train import distributed as D
 from mmt_fast.train.checkpoint import (
@@ -164,6 +165,7 @@ class Trainer:
         init = cfg.model.init if ck is None else None  # a resumed run has its own weights
         model = B.build_model(self.model_cfg, init, self._print if self.dist.is_main else None)
         model = model.to(self.device)
+        set_activation_checkpointing(model, t.activation_checkpointing)
         self.core = model
         self.optimizer = torch.optim.AdamW(
             param_groups(model, cfg.optim.weight_decay),
