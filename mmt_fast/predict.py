@@ -37,6 +37,7 @@ from torch import nn
 
 from mmt_fast.data import ClipRecord, collate_clips, read_manifest
 from mmt_fast.data.manifests import VIDEO_EXTENSIONS
+from mmt_fast.errors import ConfigError
 from mmt_fast.train import builders as B
 from mmt_fast.train import metrics as M
 from mmt_fast.train.evaluate import autocast, model_inputs
@@ -92,7 +93,7 @@ def collect_inputs(
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in exts)
             if not found:
-                raise ValueError(f"{p}: no media files ({', '.join(exts)}) in this folder")
+                raise ConfigError(f"{p}: no media files ({', '.join(exts)}) in this folder")
             out += [ClipRecord(path=str(f), clip_id=f.stem) for f in found]
         elif p.is_file() and suffix in LIST_EXTENSIONS:
             n0 = len(out)
@@ -102,7 +103,7 @@ def collect_inputs(
                     f = Path(line) if Path(line).is_absolute() else p.parent / line
                     out.append(ClipRecord(path=str(f), clip_id=f.stem))
             if len(out) == n0:
-                raise ValueError(f"{p}: the list file names no files")
+                raise ConfigError(f"{p}: the list file names no files")
         elif p.is_file() and suffix in MANIFEST_EXTENSIONS:
             for r in read_manifest(p):
                 out.append(
@@ -111,7 +112,7 @@ def collect_inputs(
         else:
             out.append(ClipRecord(path=str(p), clip_id=p.stem))
     if not out:
-        raise ValueError("no inputs")
+        raise ConfigError("no inputs")
     return out
 
 
@@ -172,7 +173,7 @@ def predict_clips(
     device = torch.device(device)
     nv = views if views is not None else cfg.data.test_views
     if nv < 1:
-        raise ValueError(f"--views must be >= 1, got {nv}")
+        raise ConfigError(f"--views must be >= 1, got {nv}")
     dc = B.dataset_config(cfg.data, mc, "test", nv)
     ds = B.build_dataset(_with_placeholder_targets(records, run.classes), dc, run.classes, mc)
     bs = batch_size or cfg.data.eval_batch_size or cfg.train.batch_size

@@ -62,12 +62,20 @@ def run_config(
         return config_from_dict(saved, overrides)
     cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
     if saved is not None:
-        mine = cfg.to_dict()["model"]
-        theirs = config_from_dict(saved).to_dict()["model"]
+        # model.init (where the weights started) does not change the model being evaluated
+        mine = {k: v for k, v in cfg.to_dict()["model"].items() if k != "init"}
+        theirs = {
+            k: v for k, v in config_from_dict(saved).to_dict()["model"].items() if k != "init"
+        }
         if mine != theirs:
             where = config if not isinstance(config, TrainConfig) else "the given config"
+            diff = ", ".join(
+                f"model.{k}={mine.get(k)!r} (the run: {theirs.get(k)!r})"
+                for k in sorted(set(mine) | set(theirs))
+                if mine.get(k) != theirs.get(k)
+            )
             raise ConfigError(
-                f"{where} describes model {mine} but {ck.path} was trained as {theirs}; "
+                f"{where} describes another model than {ck.path} was trained as: {diff}; "
                 "leave out --config to evaluate with the run's own config"
             )
     return cfg
