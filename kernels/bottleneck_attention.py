@@ -529,12 +529,12 @@ def triton_reasons(
     D = q_main.shape[-1]
     if D > _MAX_HEAD_DIM:
         reasons.append(f"head dim {D} > {_MAX_HEAD_DIM}")
-    if q_main.dtype == torch.bfloat16 and dispatch.interpreting():
+    if q_main.dtype == torch.bfloat16 and not dispatch.gpu_rules():
         reasons.append("bfloat16 arithmetic is broken in the Triton interpreter")
-    if q_main.dtype == torch.float64 and not dispatch.interpreting():
+    if q_main.dtype == torch.float64 and dispatch.gpu_rules():
         # fp64 is the gradcheck dtype under the interpreter; it is not compiled for GPUs.
         reasons.append("float64 runs on Triton only under the interpreter (tests)")
-    if q_main.dtype == torch.float32 and not dispatch.interpreting():
+    if q_main.dtype == torch.float32 and dispatch.gpu_rules():
         reasons.append(dispatch.FP32_ON_CUDA)
     return reasons
 

@@ -56,6 +56,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def gpu_rules() -> bool:
+    """Whether an op's dtype rules are the GPU's: compiled kernels, or a shape-only trace
+    (:func:`shape_only`), which stands for a GPU run even under the interpreter."""
+    return not interpreting() or _shape_only > 0
+
+
 def device_reasons(tensors: Iterable[torch.Tensor | None]) -> list[str]:
     """Reasons, common to every op, why these tensors cannot go to Triton."""
     reasons: list[str] = []

@@ -733,9 +733,9 @@ def triton_reasons(
         taps = math.prod(w.shape[2:])
         if taps > _MAX_TAPS:
             reasons.append(f"pool kernel w{label} has {taps} taps > {_MAX_TAPS} (unrolled)")
-    if dtype == torch.bfloat16 and dispatch.interpreting():
+    if dtype == torch.bfloat16 and not dispatch.gpu_rules():
         reasons.append("bfloat16 arithmetic is broken in the Triton interpreter")
-    if dtype == torch.float64 and not dispatch.interpreting():
+    if dtype == torch.float64 and dispatch.gpu_rules():
         # fp64 is the gradcheck dtype under the interpreter; it is not compiled for GPUs.
         reasons.append("float64 runs on Triton only under the interpreter (tests)")
     return reasons

@@ -1190,15 +1190,15 @@ def _check_inputs(
 def kernel_reasons(q: torch.Tensor) -> list[str]:
     """Why the Triton kernel cannot run an input like ``q`` (beyond the device); [] if it can."""
     reasons = []
-    if dispatch.interpreting():
+    if not dispatch.gpu_rules():
         supported = [torch.float16, torch.float32, torch.float64]  # fp64: the tests' gradcheck
     else:
         supported = [torch.float16, torch.bfloat16]  # bf16 arithmetic is broken in the interpreter
-    if q.dtype == torch.float32 and not dispatch.interpreting():
+    if q.dtype == torch.float32 and dispatch.gpu_rules():
         reasons.append(dispatch.FP32_ON_CUDA)
     elif q.dtype not in supported:
         names = ", ".join(str(d).removeprefix("torch.") for d in supported)
-        where = "under the Triton interpreter" if dispatch.interpreting() else "on CUDA"
+        where = "on CUDA" if dispatch.gpu_rules() else "under the Triton interpreter"
         reasons.append(f"dtype {q.dtype} is not supported {where} (supported: {names})")
     if q.shape[-1] > _MAX_HEAD_DIM:
         reasons.append(f"head dim {q.shape[-1]} > {_MAX_HEAD_DIM}")

@@ -467,13 +467,16 @@ def _kernel_mode(kernels: bool | str):
 
     if isinstance(kernels, str):
         return dispatch.use(kernels)
-    return dispatch.use("triton") if kernels else dispatch.use("reference")
+    # True: the fused ops wherever a GPU runs them ("auto" under shape_only: e.g. fp32
+    # attention takes the reference on CUDA, kernels.dispatch.FP32_ON_CUDA)
+    return dispatch.use("auto") if kernels else dispatch.use("reference")
 
 
 @contextlib.contextmanager
 def fake_mode(kernels: bool | str = False):
     """Shape-only tracing: FakeTensorMode, with the fused ops' fake
-    implementations (``kernels=True`` or ``"triton"``), the PyTorch references
+    implementations where a GPU runs the kernels (``kernels=True``, i.e. ``"auto"``;
+    ``"triton"`` forces them and raises where a GPU would refuse), the PyTorch references
     (``False``, ``"reference"``), or each op's own choice as on CUDA
     (``"auto"``: Triton where its checks pass)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
