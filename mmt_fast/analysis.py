@@ -18,8 +18,9 @@ seeded) and the clusters are compared with the true classes:
 - homogeneity, ``h = 1 - H(C | K) / H(C)`` (1: every cluster holds one class).
 
 Writes ``OUT/analysis_<split>.json`` (the table, with the number of clips and
-the embedding sizes; per clip its path, class id and k-means cluster per embedding), ``OUT/tsne_<split>.png`` (a 2-D t-SNE map of each
-embedding, points coloured by class name) and prints the table.
+the embedding sizes; per clip its path, class id and k-means cluster in each
+embedding), ``OUT/tsne_<split>.png`` (a 2-D t-SNE map of each embedding,
+points coloured by class name) and prints the table.
 """
 
 from __future__ import annotations
