@@ -189,8 +189,9 @@ def plot_explanation(ex: Explanation, path: str | Path, title: str = "", frames:
     nf = frames if has_v else 0
     cols = max(nf, 2)
     rows = int(has_v) + int(has_a) + 1
-    fig = plt.figure(figsize=(2.6 * cols, 2.6 * rows + 0.4))
-    gs = fig.add_gridspec(rows, cols)
+    ratios = [1.0] * (rows - 1) + [0.55]  # the last row: the top-5 text
+    fig = plt.figure(figsize=(2.6 * cols, 2.6 * sum(ratios) + 0.4))
+    gs = fig.add_gridspec(rows, cols, height_ratios=ratios)
     r = 0
     if has_v:
         v = ex.inputs["video"]  # (3, T, H, W), normalised

@@ -132,6 +132,28 @@ def test_analyze_scores_and_pictures(analysis, capsys):
     assert img[..., :3].std() > 0.05  # not a blank picture
 
 
+def test_single_modality_models_have_one_embedding(data_dir):
+    """An audio-only model (untrained: the embeddings' existence and shapes, not their quality)."""
+    from mmt_fast.analysis import embed_split
+    from mmt_fast.train import builders as B
+    from mmt_fast.train import load_config
+    from mmt_fast.train.run_eval import LoadedRun
+
+    m = str(data_dir / "manifest.csv")
+    ov = [f"data.train={m}", f"data.test={m}", "model.preset=MMT-tiny-audio", "data.test_views=2"]
+    cfg = load_config(DEMO, ov)
+    classes = B.class_info(cfg.data, B.read_records(cfg.data, "train"))
+    mc = B.model_config(cfg, classes)
+    torch.manual_seed(0)
+    run = LoadedRun(cfg, None, classes, mc, B.build_model(mc).eval())
+    se = embed_split(run, "test", progress=False)
+    assert list(se.embeddings) == ["audio"]
+    assert se.embeddings["audio"].shape == (48, run.model.audio_encoder.num_features)
+    assert np.isfinite(se.embeddings["audio"]).all()
+    assert sorted(np.bincount(se.targets["label"]).tolist()) == [12, 12, 12, 12]
+    assert [Path(p).name for p in se.paths][:2] == ["clip_00272.mp4", "clip_00273.mp4"]
+
+
 def test_ari_reference_on_known_partitions():
     from mmt_fast.analysis import cluster_scores
 
@@ -269,6 +291,9 @@ def test_explain_command(run, data_dir, tmp_path, capsys):
     assert main([*args, "--target", "up-9000Hz"]) == 2  # a config error, in one line
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'up-9000Hz' is not a class of this run" in err[0], err
+    bad = ["explain", "--checkpoint", str(run), "--clip", str(tmp_path / "missing.mp4")]
+    assert main(bad) == 3  # a data error
+    assert "missing.mp4: no such file" in capsys.readouterr().err
 
 
 def test_explain_grad_cam_on_the_trained_model(run, data_dir):
