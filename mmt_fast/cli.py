@@ -8,6 +8,8 @@ Commands::
     mmt-fast predict --checkpoint RUN_DIR INPUT... [--out preds.csv|.jsonl] [--top-k K]
     mmt-fast convert --from timm-mvitv2|slowfast|torchvision|ast --checkpoint IN --out OUT.safetensors
     mmt-fast plan --model MMT --gpu-mem 40GiB [--precision bf16] [--checkpointing stage1]
+    mmt-fast analyze --checkpoint RUN_DIR [--split test] [--out DIR]    # Table 5 + t-SNE
+    mmt-fast explain --checkpoint RUN_DIR --clip PATH [--target CLASS] [--out FILE.png]
     torchrun --nproc_per_node=8 -m mmt_fast.cli train --config FILE   # DDP
 
 KEY=VALUE overrides use dotted config keys and YAML values, e.g.
@@ -148,6 +150,40 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="largest batch that fits a GPU (estimated, no GPU needed)")
     __import__("mmt_fast.plan", fromlist=["add_arguments"]).add_arguments(pl)
     pl.set_defaults(func=lambda a: __import__("mmt_fast.plan", fromlist=["run"]).run(a))
+
+    an = sub.add_parser(
+        "analyze",
+        help="cluster a split's audio/video/fused embeddings (k-means ARI, homogeneity; t-SNE)",
+        description="Table 5: embed a split with a trained run, k-means with k = number of "
+        "classes, adjusted Rand index and homogeneity per embedding (printed + JSON), and a "
+        "t-SNE map of each embedding (PNG).",
+    )
+    an.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or file")
+    an.add_argument("--config", default=None, help="a YAML instead of the run's saved config")
+    an.add_argument("--split", default="test", choices=("train", "val", "test"))
+    an.add_argument("--out", default=None, help="output folder (default: the run folder)")
+    an.add_argument("--views", type=int, default=None, help="views per clip (default: the run's)")
+    an.add_argument("--which", default="best", choices=("best", "latest"), help="for a run folder")
+    an.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
+    an.add_argument("--seed", type=int, default=0, help="k-means and t-SNE seed")
+    an.add_argument("--no-plot", action="store_true", help="skip the t-SNE picture")
+    an.set_defaults(func=lambda a: __import__("mmt_fast.analysis", fromlist=["main"]).main(a))
+
+    ex = sub.add_parser(
+        "explain",
+        help="Grad-CAM of one clip on both encoders' last stage, with the top-5 (PNG)",
+        description="Grad-CAM of the target class (default: the predicted one) on the video "
+        "encoder's and MAT's last-stage tokens: sampled frames and the spectrogram with their "
+        "heat maps, and the top-5 predictions, in one PNG.",
+    )
+    ex.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or file")
+    ex.add_argument("--clip", required=True, help="a media file (.mp4, or .wav for audio-only)")
+    ex.add_argument("--target", default=None, help="class name (default: the top-1 prediction)")
+    ex.add_argument("--out", default=None, help="the PNG (default: RUN_DIR/explain_<clip>.png)")
+    ex.add_argument("--config", default=None, help="a YAML instead of the run's saved config")
+    ex.add_argument("--which", default="best", choices=("best", "latest"), help="for a run folder")
+    ex.add_argument("--frames", type=int, default=4, help="sampled frames in the picture")
+    ex.set_defaults(func=lambda a: __import__("mmt_fast.explain", fromlist=["main"]).main(a))
 
     c = sub.add_parser(
         "convert",

@@ -1,0 +1,320 @@
+"""``mmt-fast analyze``: clustering of the learned embeddings (the paper's Table 5) and t-SNE maps.
+
+Every clip of a split is embedded by the trained run, averaged over the test
+views (as in ``mmt-fast predict``), in up to three ways:
+
+- ``audio``: the audio encoder's CLS embedding (MAT; the mean of the CLS and
+  distillation tokens for AST), after its final LayerNorm, (N, C_A);
+- ``video``: the video encoder's CLS embedding, after its final LayerNorm, (N, C_V);
+- ``fused``: the input of MMT's classification head, ``[LN(video CLS), LN(audio CLS)]``
+  after the AVBottleneck (N, 2C); for ``avg`` fusion ``[video CLS, audio CLS]``.
+
+An audio-only or video-only model has only its own embedding. Each embedding is
+clustered by k-means (scikit-learn, k = number of classes, 10 initialisations,
+seeded) and the clusters are compared with the true classes:
+
+- adjusted Rand index, ``ARI = (RI - E[RI]) / (max RI - E[RI])`` over pairs of
+  clips (1: the same partition, about 0: chance, may be negative);
+- homogeneity, ``h = 1 - H(C | K) / H(C)`` (1: every cluster holds one class).
+
+Writes ``OUT/analysis_<split>.json`` (the table, with the number of clips and
+the embedding sizes; per clip its path, class id and k-means cluster in each
+embedding), ``OUT/tsne_<split>.png`` (a 2-D t-SNE map of each embedding,
+points coloured by class name) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmt_fast.data import collate_clips
+from mmt_fast.errors import ConfigError, DataError
+from mmt_fast.train import builders as B
+from mmt_fast.train.evaluate import autocast, model_inputs
+from mmt_fast.train.run_eval import LoadedRun, load_run
+
+EMBEDDINGS = ("audio", "video", "fused")
+
+
+@dataclass
+class SplitEmbeddings:
+    """``embeddings``: name -> (N, D) float32 (view-averaged); ``targets``: head -> (N,)
+    int64 class ids; ``class_names``: head -> names; ``paths``: the N clips, in row order;
+    ``skipped``: bad clips per kind."""
+
+    embeddings: dict[str, np.ndarray]
+    targets: dict[str, np.ndarray]
+    class_names: dict[str, list[str]]
+    paths: list[str]
+    skipped: dict[str, int]
+
+
+class _Recorder:
+    """Records each encoder's CLS embedding and the head input during a forward pass.
+
+    The encoders' ``forward_features`` is wrapped on the instance (restored by
+    :meth:`remove`), the head's input is taken by a forward pre-hook.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.parts: dict[str, list[torch.Tensor]] = {}
+        self.model = model
+        self.wrapped: list[nn.Module] = []
+        for name in model.modalities:
+            enc = getattr(model, f"{name}_encoder")
+            orig = enc.forward_features
+
+            def wrapper(x, _orig=orig, _name=name):
+                f = _orig(x)
+                self.parts.setdefault(_name, []).append(f.cls.detach().float())
+                return f
+
+            enc.forward_features = wrapper
+            self.wrapped.append(enc)
+        heads = [
+            getattr(model, n) for n in ("head", "head_video", "head_audio") if hasattr(model, n)
+        ]
+        self.handles = []
+        if len(model.modalities) == 2:
+            self.handles = [h.register_forward_pre_hook(self._hook) for h in heads]
+
+    def _hook(self, module: nn.Module, args: tuple) -> None:
+        self.parts.setdefault("fused", []).append(args[0].detach().float())
+
+    def take(self) -> dict[str, torch.Tensor]:
+        out = {k: torch.cat(v, dim=-1) for k, v in self.parts.items()}
+        self.parts = {}
+        return out
+
+    def remove(self) -> None:
+        for enc in self.wrapped:
+            del enc.forward_features
+        for h in self.handles:
+            h.remove()
+
+
+def _class_names(run: LoadedRun) -> dict[str, list[str]]:
+    if run.classes.get("kind") == "label":
+        return {"label": list(run.classes["names"])}
+    return {h: [str(i) for i in range(n)] for h, n in run.model_cfg.heads.items()}
+
+
+@torch.no_grad()
+def embed_split(
+    run: LoadedRun,
+    split: str = "test",
+    views: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> SplitEmbeddings:
+    """Embed every clip of ``split`` with ``run``'s model (see the module docstring)."""
+    cfg, mc = run.cfg, run.model_cfg
+    records = B.read_records(cfg.data, split)
+    if records is None:
+        raise ConfigError(f"data.{split} is not set in the run's config")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    nv = (
+        views
+        if views is not None
+        else (cfg.data.test_views if split == "test" else cfg.data.val_views)
+    )
+    if nv < 1:
+        raise ConfigError(f"--views must be >= 1, got {nv}")
+    ds = B.build_dataset(records, B.dataset_config(cfg.data, mc, "test", nv), run.classes, mc)
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=cfg.data.eval_batch_size or cfg.train.batch_size,
+        shuffle=False,
+        num_workers=cfg.data.num_workers,
+        collate_fn=collate_clips,
+    )
+    model = run.model.to(device).eval()
+    rec = _Recorder(model)
+    heads = list(mc.heads)
+    embeds: dict[str, list[torch.Tensor]] = {}
+    targets: dict[str, list[torch.Tensor]] = {h: [] for h in heads}
+    skipped: dict[str, int] = {}
+    index: list[int] = []
+    for b in ds.dropped:
+        skipped[b.kind] = skipped.get(b.kind, 0) + 1
+    it = loader
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(loader, desc=f"embed {split}", unit="batch", file=sys.stderr, leave=False)
+    try:
+        for batch in it:
+            for k, n in batch["skipped"].items():
+                skipped[k] = skipped.get(k, 0) + n
+            b = batch["batch_size"]
+            if not b:
+                continue
+            inputs, v = model_inputs(batch, model.modalities, device)
+            with autocast(device, cfg.train.amp):
+                model(**inputs)
+            for name, e in rec.take().items():
+                embeds.setdefault(name, []).append(e.view(b, v, -1).mean(1).cpu())
+            for h in heads:
+                targets[h].append(batch[h].cpu())
+            index += batch["index"].tolist()
+    finally:
+        rec.remove()
+    if not embeds:
+        raise DataError(f"no clip of the {split} split could be embedded (skipped {skipped})")
+    return SplitEmbeddings(
+        embeddings={k: torch.cat(embeds[k]).numpy() for k in EMBEDDINGS if k in embeds},
+        targets={h: torch.cat(t).numpy() for h, t in targets.items()},
+        class_names=_class_names(run),
+        paths=[ds.records[i].path for i in index],
+        skipped=skipped,
+    )
+
+
+def kmeans(x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """Cluster ids (N,) of k-means on ``x`` (N, D) (k clusters, 10 seeded initialisations)."""
+    from sklearn.cluster import KMeans
+
+    if len(x) < k:
+        raise DataError(f"{len(x)} clips cannot be clustered into k={k} clusters")
+    return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x.astype(np.float64))
+
+
+def cluster_scores(labels: np.ndarray, clusters: np.ndarray) -> dict[str, float]:
+    """Adjusted Rand index and homogeneity of ``clusters`` (N,) against ``labels`` (N,)."""
+    from sklearn.metrics import adjusted_rand_score, homogeneity_score
+
+    return {
+        "ari": float(adjusted_rand_score(labels, clusters)),
+        "homogeneity": float(homogeneity_score(labels, clusters)),
+    }
+
+
+def tsne_map(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """2-D t-SNE coordinates (N, 2) of ``x`` (N, D) (perplexity min(30, (N - 1) / 3))."""
+    from sklearn.manifold import TSNE
+
+    n = len(x)
+    if n < 3:
+        return np.zeros((n, 2)) if n == 0 else np.c_[np.arange(n, dtype=float), np.zeros(n)]
+    perplexity = float(max(1.0, min(30.0, (n - 1) / 3)))
+    return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
+        x.astype(np.float64)
+    )
+
+
+def plot_tsne(
+    maps: dict[str, np.ndarray], labels: np.ndarray, names: list[str], path: str | Path, title: str
+) -> Path:
+    """One scatter panel per embedding, points coloured by class name; writes ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(maps)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.4), squeeze=False)
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    for ax, (emb, xy) in zip(axes[0], maps.items()):
+        for c, name in enumerate(names):
+            sel = labels == c
+            if sel.any():
+                ax.scatter(xy[sel, 0], xy[sel, 1], s=14, color=cmap(c % cmap.N), label=name)
+        ax.set_title(emb)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if len(names) <= 20:
+        axes[0][-1].legend(fontsize=7, loc="best", markerscale=1.2)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def format_table(res: dict) -> str:
+    """The printed table: one row per embedding (and head), ARI and homogeneity."""
+    lines = [f"{'embedding':<10} {'head':<6} {'dim':>5} {'ARI':>7} {'homog.':>7}"]
+    for emb, per_head in res["embeddings"].items():
+        for h, s in per_head["scores"].items():
+            lines.append(
+                f"{emb:<10} {h:<6} {per_head['dim']:>5} {s['ari']:>7.3f} {s['homogeneity']:>7.3f}"
+            )
+    return "\n".join(lines)
+
+
+def analyze(
+    checkpoint: str | Path,
+    config: str | Path | None = None,
+    split: str = "test",
+    out: str | Path | None = None,
+    views: int | None = None,
+    which: str = "best",
+    device: str | None = None,
+    seed: int = 0,
+    plot: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Embed ``split``, cluster and score each embedding, write JSON + t-SNE PNG into
+    ``out`` (default: the run folder); returns the JSON's content."""
+    run = load_run(checkpoint, config, None, which)
+    se = embed_split(run, split, views, device, progress)
+    res: dict = {
+        "checkpoint": str(run.checkpoint.path),
+        "split": split,
+        "num_clips": len(next(iter(se.targets.values()))),
+        "skipped": se.skipped,
+        "kmeans": {"k": {h: len(n) for h, n in se.class_names.items()}, "n_init": 10, "seed": seed},
+        "embeddings": {},
+    }
+    for name, x in se.embeddings.items():
+        clusters = {h: kmeans(x, len(se.class_names[h]), seed) for h in se.targets}
+        res["embeddings"][name] = {
+            "dim": int(x.shape[1]),
+            "scores": {h: cluster_scores(se.targets[h], c) for h, c in clusters.items()},
+            "clusters": {h: c.tolist() for h, c in clusters.items()},
+        }
+    res["clips"] = se.paths
+    res["targets"] = {h: t.tolist() for h, t in se.targets.items()}
+    res["class_names"] = se.class_names
+    dest = Path(out) if out is not None else run.run_dir
+    dest.mkdir(parents=True, exist_ok=True)
+    files = [dest / f"analysis_{split}.json"]
+    files[0].write_text(json.dumps(res, indent=1) + "\n")
+    if plot:
+        if progress:
+            print(f"[mmt-fast] t-SNE of {len(se.embeddings)} embeddings", file=sys.stderr)
+        h = next(iter(se.targets))
+        maps = {k: tsne_map(x, seed) for k, x in se.embeddings.items()}
+        title = f"t-SNE of the {split} embeddings ({res['num_clips']} clips, colour: {h})"
+        files.append(
+            plot_tsne(maps, se.targets[h], se.class_names[h], dest / f"tsne_{split}.png", title)
+        )
+    print(format_table(res))
+    print(f"[mmt-fast] wrote {', '.join(str(f) for f in files)}", file=sys.stderr)
+    return res
+
+
+def main(args: argparse.Namespace) -> int:
+    """``mmt-fast analyze`` (arguments from :func:`mmt_fast.cli.build_parser`)."""
+    analyze(
+        args.checkpoint,
+        args.config,
+        args.split,
+        args.out,
+        args.views,
+        args.which,
+        args.device,
+        args.seed,
+        plot=not args.no_plot,
+    )
+    return 0
