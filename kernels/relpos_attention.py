@@ -209,6 +209,64 @@ def _rel_window(rel_rows, row_sp, OFF: tl.constexpr, KA: tl.constexpr, W: tl.con
 
 
 @triton.jit
+def _rel_windows(
+    rel_rows, row_sp,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
+    OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr,
+    USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
+):  # fmt: skip
+    """The short-axes path's relq columns of these rows, per used axis (0 for an unused one)."""
+    r0 = 0
+    r1 = 0
+    r2 = 0
+    if USE0:
+        r0 = _rel_window(rel_rows, row_sp, OFF0, K0, W0)
+    if USE1:
+        r1 = _rel_window(rel_rows, row_sp, OFF1, K1, W1)
+    if USE2:
+        r2 = _rel_window(rel_rows, row_sp, OFF2, K2, W2)
+    return r0, r1, r2
+
+
+@triton.jit
+def _onehots(
+    js, DT: tl.constexpr,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
+    USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
+):  # fmt: skip
+    """The keys' one-hot coordinates per used axis (0 for an unused one)."""
+    oh0 = 0
+    oh1 = 0
+    oh2 = 0
+    if USE0:
+        oh0 = _onehot(js, K1 * K2, K0, W0, DT)
+    if USE1:
+        oh1 = _onehot(js, K2, K1, W1, DT)
+    if USE2:
+        oh2 = _onehot(js, 1, K2, W2, DT)
+    return oh0, oh1, oh2
+
+
+@triton.jit
+def _bias_full(
+    r0, r1, r2, oh0, oh1, oh2,
+    USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
+    ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Short-axes bias of a tile: sum_a relq_a (BLOCK_M, W_a) @ onehot_a (W_a, BLOCK_N)."""
+    bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    if USE0:
+        bias = tl.dot(r0, oh0, bias, input_precision=DOT_PREC, out_dtype=ACC)
+    if USE1:
+        bias = tl.dot(r1, oh1, bias, input_precision=DOT_PREC, out_dtype=ACC)
+    if USE2:
+        bias = tl.dot(r2, oh2, bias, input_precision=DOT_PREC, out_dtype=ACC)
+    return bias
+
+
+@triton.jit
 def _bias_aligned(
     rel_bh, n_sp, row0, rel_rows, row_sp, start,
     K1: tl.constexpr, K2: tl.constexpr, USE0: tl.constexpr, USE1: tl.constexpr,
@@ -324,12 +382,8 @@ def _fwd_kernel(
     if not ALIGNED and FULL:
         # Every axis is short (<= 64): its relq columns stay in registers for the whole loop
         # and the bias of a tile is sum_a relq_a @ onehot_a, on the tensor cores.
-        if USE0:
-            r0 = _rel_window(rel_rows, row_sp, OFF0, K0, W0)
-        if USE1:
-            r1 = _rel_window(rel_rows, row_sp, OFF1, K1, W1)
-        if USE2:
-            r2 = _rel_window(rel_rows, row_sp, OFF2, K2, W2)
+        r0, r1, r2 = _rel_windows(rel_rows, row_sp, K0, K1, K2, W0, W1, W2, OFF0, OFF1, OFF2,
+                                  USE0, USE1, USE2)  # fmt: skip
     NKS = Nk - HAS_CLS
     for start in range(0, NKS, BLOCK_N):
         js = start + offs_n
@@ -343,36 +397,14 @@ def _fwd_kernel(
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
         if ALIGNED:
             s += _LOG2E_C * _bias_aligned(
-                rel_bh,
-                NQS,
-                row0,
-                rel_rows,
-                row_sp,
-                start,
-                K1,
-                K2,
-                USE0,
-                USE1,
-                OFF0,
-                OFF1,
-                OFF2,
-                KSUM,
-                ACC,
-                BLOCK_M,
-                BLOCK_N,
-            )
+                rel_bh, NQS, row0, rel_rows, row_sp, start,
+                K1, K2, USE0, USE1, OFF0, OFF1, OFF2, KSUM, ACC, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
         elif FULL:
-            bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-            if USE0:
-                bias = tl.dot(r0, _onehot(js, K1 * K2, K0, W0, r0.dtype), bias,
-                              input_precision=DOT_PREC, out_dtype=ACC)  # fmt: skip
-            if USE1:
-                bias = tl.dot(r1, _onehot(js, K2, K1, W1, r1.dtype), bias,
-                              input_precision=DOT_PREC, out_dtype=ACC)  # fmt: skip
-            if USE2:
-                bias = tl.dot(r2, _onehot(js, 1, K2, W2, r2.dtype), bias,
-                              input_precision=DOT_PREC, out_dtype=ACC)  # fmt: skip
-            s += _LOG2E_C * bias
+            oh0, oh1, oh2 = _onehots(js, q.dtype, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2)
+            s += _LOG2E_C * _bias_full(
+                r0, r1, r2, oh0, oh1, oh2, USE0, USE1, USE2, ACC, DOT_PREC, BLOCK_M, BLOCK_N
+            )
         elif USE2:
             s += _LOG2E_C * _bias_gather(
                 rel_rows, row_sp, js, col_in, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, ACC
@@ -503,12 +535,7 @@ def _bwd_dkdv_kernel(
     kb = tl.load(K + js[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
     vb = tl.load(V + js[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
     if not ALIGNED and FULL:
-        if USE0:
-            oh0 = _onehot(js, K1 * K2, K0, W0, kb.dtype)
-        if USE1:
-            oh1 = _onehot(js, K2, K1, W1, kb.dtype)
-        if USE2:
-            oh2 = _onehot(js, 1, K2, W2, kb.dtype)
+        oh0, oh1, oh2 = _onehots(js, kb.dtype, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     for start_m in range(0, Nq, BLOCK_M):
@@ -525,36 +552,15 @@ def _bwd_dkdv_kernel(
         s = tl.dot(q, tl.trans(kb), input_precision=DOT_PREC) * qk_scale
         if ALIGNED:
             s += _LOG2E_C * _bias_aligned(
-                rel_bh,
-                NQS,
-                row0,
-                rel_rows,
-                row_sp,
-                start,
-                K1,
-                K2,
-                USE0,
-                USE1,
-                OFF0,
-                OFF1,
-                OFF2,
-                KSUM,
-                ACC,
-                BLOCK_M,
-                BLOCK_N,
-            )
+                rel_bh, NQS, row0, rel_rows, row_sp, start,
+                K1, K2, USE0, USE1, OFF0, OFF1, OFF2, KSUM, ACC, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
         elif FULL:
-            bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-            if USE0:
-                r0 = _rel_window(rel_rows, row_sp, OFF0, K0, W0)
-                bias = tl.dot(r0, oh0, bias, input_precision=DOT_PREC, out_dtype=ACC)
-            if USE1:
-                r1 = _rel_window(rel_rows, row_sp, OFF1, K1, W1)
-                bias = tl.dot(r1, oh1, bias, input_precision=DOT_PREC, out_dtype=ACC)
-            if USE2:
-                r2 = _rel_window(rel_rows, row_sp, OFF2, K2, W2)
-                bias = tl.dot(r2, oh2, bias, input_precision=DOT_PREC, out_dtype=ACC)
-            s += _LOG2E_C * bias
+            r0, r1, r2 = _rel_windows(rel_rows, row_sp, K0, K1, K2, W0, W1, W2, OFF0, OFF1, OFF2,
+                                      USE0, USE1, USE2)  # fmt: skip
+            s += _LOG2E_C * _bias_full(
+                r0, r1, r2, oh0, oh1, oh2, USE0, USE1, USE2, ACC, DOT_PREC, BLOCK_M, BLOCK_N
+            )
         elif USE2:
             s += _LOG2E_C * _bias_gather(
                 rel_rows, row_sp, js, col_in, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, ACC
@@ -689,24 +695,9 @@ def _bwd_dq_kernel(
                 vb = tl.load(V + js[:, None] * svn + offs_d[None, :] * svd, mask=d_in[None, :],
                              other=0.0)  # fmt: skip
                 bias = _LOG2E_C * _bias_aligned(
-                    rel_bh,
-                    NQS,
-                    row0,
-                    rel_rows,
-                    row_sp,
-                    start,
-                    K1,
-                    K2,
-                    USE0,
-                    USE1,
-                    OFF0,
-                    OFF1,
-                    OFF2,
-                    KSUM,
-                    ACC,
-                    BLOCK_M,
-                    BLOCK_N,
-                )
+                    rel_bh, NQS, row0, rel_rows, row_sp, start,
+                    K1, K2, USE0, USE1, OFF0, OFF1, OFF2, KSUM, ACC, BLOCK_M, BLOCK_N,
+                )  # fmt: skip
                 ds = _dq_tile(q, do, lse, delta, kb, vb, bias, row_in, js < NKS, qk_scale,
                               DOT_PREC)  # fmt: skip
                 dq += tl.dot(ds.to(kb.dtype), kb, input_precision=DOT_PREC)
@@ -717,15 +708,11 @@ def _bwd_dq_kernel(
                      mask=row_sp[:, None])  # fmt: skip
     else:
         if FULL:
-            if USE0:
-                r0 = _rel_window(rel_rows, row_sp, OFF0, K0, W0)
-                g0 = tl.zeros([BLOCK_M, W0], dtype=ACC)
-            if USE1:
-                r1 = _rel_window(rel_rows, row_sp, OFF1, K1, W1)
-                g1 = tl.zeros([BLOCK_M, W1], dtype=ACC)
-            if USE2:
-                r2 = _rel_window(rel_rows, row_sp, OFF2, K2, W2)
-                g2 = tl.zeros([BLOCK_M, W2], dtype=ACC)
+            r0, r1, r2 = _rel_windows(rel_rows, row_sp, K0, K1, K2, W0, W1, W2, OFF0, OFF1, OFF2,
+                                      USE0, USE1, USE2)  # fmt: skip
+            g0 = tl.zeros([BLOCK_M, W0], dtype=ACC)
+            g1 = tl.zeros([BLOCK_M, W1], dtype=ACC)
+            g2 = tl.zeros([BLOCK_M, W2], dtype=ACC)
         for start in range(0, NKS, BLOCK_N):
             js = start + offs_n
             col_in = js < NKS
@@ -733,17 +720,10 @@ def _bwd_dq_kernel(
             kb = tl.load(K + js[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
             vb = tl.load(V + js[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
             if FULL:
-                bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-                if USE0:
-                    oh0 = _onehot(js, K1 * K2, K0, W0, kb.dtype)
-                    bias = tl.dot(r0, oh0, bias, input_precision=DOT_PREC, out_dtype=ACC)
-                if USE1:
-                    oh1 = _onehot(js, K2, K1, W1, kb.dtype)
-                    bias = tl.dot(r1, oh1, bias, input_precision=DOT_PREC, out_dtype=ACC)
-                if USE2:
-                    oh2 = _onehot(js, 1, K2, W2, kb.dtype)
-                    bias = tl.dot(r2, oh2, bias, input_precision=DOT_PREC, out_dtype=ACC)
-                bias = bias * _LOG2E_C
+                oh0, oh1, oh2 = _onehots(js, kb.dtype, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2)
+                bias = _LOG2E_C * _bias_full(
+                    r0, r1, r2, oh0, oh1, oh2, USE0, USE1, USE2, ACC, DOT_PREC, BLOCK_M, BLOCK_N
+                )
             elif USE2:
                 bias = _LOG2E_C * _bias_gather(
                     rel_rows, row_sp, js, col_in, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, ACC
