@@ -145,15 +145,11 @@ def _to_launch(op: str, obj: Any, args: tuple, kwargs: dict) -> Launch:
         names = fn.arg_names
         bound = dict(zip(names, args))
         bound.update(kwargs)
-        pinned = tuning.pinned_config(fn.__name__, op)
-        kept = tuning.prune(obj.configs, bound, fn.__name__, op)
-        configs, selectable = [], []
-        for c in obj.configs:
-            configs.append({"kwargs": dict(c.kwargs), "num_warps": c.num_warps,
-                            "num_stages": c.num_stages})  # fmt: skip
-            selectable.append(
-                any(_same(c, x) for x in kept) or (pinned is not None and _same(c, pinned))
-            )
+        # the pinned config is the first of the list, so it is always among these
+        kept = {id(c) for c in tuning.selectable(obj.configs)}
+        configs = [{"kwargs": dict(c.kwargs), "num_warps": c.num_warps,
+                    "num_stages": c.num_stages} for c in obj.configs]  # fmt: skip
+        selectable = [id(c) in kept for c in obj.configs]
         return Launch(op, fn.__name__, bound, configs, selectable, fn)
     fn = obj
     bound = dict(zip(fn.arg_names, args))
@@ -163,10 +159,6 @@ def _to_launch(op: str, obj: Any, args: tuple, kwargs: dict) -> Launch:
     meta = {k: bound.pop(k) for k in [k for k in bound if k.startswith("BLOCK_")]}
     cfg = {"kwargs": meta, "num_warps": warps, "num_stages": stages}
     return Launch(op, fn.__name__, bound, [cfg], [True], fn)
-
-
-def _same(a, b) -> bool:
-    return (a.kwargs, a.num_warps, a.num_stages) == (b.kwargs, b.num_warps, b.num_stages)
 
 
 # ----------------------------------------------------------------------------- shapes

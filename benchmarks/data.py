@@ -226,7 +226,7 @@ def breakdown(path: Path, mode: str, pipeline: str, reps: int) -> dict[str, floa
         c0 = _clock()
         for k in range(len(starts)):
             Vd.transform_frames(
-                frames[k * 16 : (k + 1) * 16],
+                frames[k * cfg.num_frames : (k + 1) * cfg.num_frames],
                 cfg.crop_size,
                 cfg.train,
                 cfg.mean,

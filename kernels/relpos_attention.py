@@ -839,7 +839,7 @@ def _window(ka: int, stride: int, block_n: int) -> tuple[bool, int]:
     return direct, max(16, triton.next_power_of_2(span))
 
 
-def _dq_blocks(block_d: int, k2: int) -> tuple[int, int, int, int]:
+def _dq_blocks() -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dQ kernel (one config, checked by the
     compile gate; not autotuned: the slow-axis buffer is sized by BLOCK_N)."""
     if dispatch.interpreting():
@@ -957,7 +957,7 @@ def _launch_bwd(
         dk[:, :, 0] = ((ds_cls.to(q.dtype).unsqueeze(2) @ q).squeeze(2).to(acc) * scale).to(q.dtype)
 
     k3 = (1,) * (3 - len(k_grid)) + tuple(k_grid)
-    block_m, block_n, warps, stages = _dq_blocks(block_d, k3[2])
+    block_m, block_n, warps, stages = _dq_blocks()
     windows = [_window(k3[a], math.prod(k3[a + 1 :]), block_n) for a in range(3)]
     nq_sp = math.prod(q_grid)
     drel = torch.zeros((B, H, nq_sp, geo["KSUM"]), dtype=acc, device=q.device)

@@ -113,7 +113,7 @@ def early_prune(configs_: list, named_args: dict, **kwargs) -> list:
     return [min(configs_, key=lambda c: est[id(c)])]
 
 
-def prune(configs_, args: dict, kernel: str, op: str) -> list:
+def selectable(configs_: list) -> list:
     """The configs autotune may pick on an H100/H200 (227 KiB): the short list without its
     fallbacks (each fits; the compile gate checks the measured figure)."""
     return [c for c in configs_ if id(c) not in _FALLBACK]

@@ -182,4 +182,4 @@ def test_fallback_configs_run_only_when_nothing_else_fits(monkeypatch) -> None:
     monkeypatch.setattr(tuning, "_shared_limit", lambda: 166912)  # A100: the fallback
     assert tuning.early_prune([big, small], {"BLOCK_D": 128}) == [small]
     # and the compile gate does not count a fallback as selectable on an H100/H200
-    assert tuning.prune([big, small], {}, "k", "op") == [big]
+    assert tuning.selectable([big, small]) == [big]
