@@ -138,7 +138,7 @@ def _capture() -> Iterator[list[tuple[Any, tuple, dict]]]:
 def _to_launch(op: str, obj: Any, args: tuple, kwargs: dict) -> Launch:
     from triton.runtime.autotuner import Autotuner
 
-    from kernels import tuning
+    from mmt_fast.kernels import tuning
 
     if isinstance(obj, Autotuner):
         fn = obj.fn
@@ -176,9 +176,9 @@ def launches_for(case: Any, dtype) -> list[Launch]:
     """Capture every kernel launch of one case's forward and backward, on meta tensors."""
     import torch
 
-    from kernels import bottleneck_attention as bn
-    from kernels import pooled_qkv as pq
-    from kernels import relpos_attention as rp
+    from mmt_fast.kernels import bottleneck_attention as bn
+    from mmt_fast.kernels import pooled_qkv as pq
+    from mmt_fast.kernels import relpos_attention as rp
 
     meta = dict(device="meta", dtype=dtype)
     B, H, D = case.batch, case.heads, case.head_dim
@@ -332,7 +332,7 @@ def _config_str(cfg: dict) -> str:
 # (dtype, arch, every_config) per subset: "full" compiles every autotune config in bf16 for
 # sm_90 (the H100/H200 path) and the pinned configs in fp16 on sm_90 and bf16 on sm_80 (A100),
 # float32 only for pooled QKV (fp32 attention takes the reference on CUDA,
-# kernels.dispatch.FP32_ON_CUDA).
+# mmt_fast.kernels.dispatch.FP32_ON_CUDA).
 SUBSETS = {
     "ci": dict(cases=("relpos/mat_s1", "relpos/video_s1", "bottleneck/mmt_audio", "pooled/mat_s1",
                       "pooled/video_s1"), pairs=(("bfloat16", 90, False),)),
@@ -369,7 +369,7 @@ def plan(subset: str, archs: Sequence[int] | None = None) -> list[tuple[Row, tup
 
 
 def _is_pinned(launch: Launch, cfg: dict) -> bool:
-    from kernels import tuning
+    from mmt_fast.kernels import tuning
 
     pinned = tuning.pinned_config(launch.kernel, launch.op)
     if pinned is None:

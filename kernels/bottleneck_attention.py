@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import dispatch, tuning
-from kernels._common import tl_acc_dtype
+from . import dispatch, tuning
+from ._common import tl_acc_dtype
 
 OP_NAME = "bottleneck_attention"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -559,7 +559,7 @@ def bottleneck_attention(
         ``(out_main (B, H, Nm, D), out_extra (B, H, L, D))`` with
         ``out_s = softmax(q_s [k_main; k_extra]^T * scale) [v_main; v_extra]``.
 
-    Dispatches through :mod:`kernels.dispatch`: the Triton kernels (forward and
+    Dispatches through :mod:`mmt_fast.kernels.dispatch`: the Triton kernels (forward and
     backward) or :func:`bottleneck_attention_ref`.
     """
     tensors = {

@@ -53,8 +53,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import dispatch, tuning
-from kernels._common import tl_acc_dtype
+from . import dispatch, tuning
+from ._common import tl_acc_dtype
 
 OP_NAME = "pooled_qkv"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -771,7 +771,7 @@ def pooled_qkv(
         Nq = has_cls + prod(q_grid), Nk = has_cls + prod(k_grid).
 
     The projection is ``F.linear`` (cuBLAS); the pooling + LayerNorm dispatches through
-    :mod:`kernels.dispatch` to the Triton kernels or the PyTorch reference.
+    :mod:`mmt_fast.kernels.dispatch` to the Triton kernels or the PyTorch reference.
     """
     _check_inputs(x, qkv_weight, qkv_bias, grid, has_cls, num_heads, pool_weights, strides,
                   norm_weights)  # fmt: skip

@@ -76,7 +76,7 @@ launchers, :func:`relpos_attention_ref`, ``torch.library`` custom ops
 fake implementations, the autograd formula (``register_autograd``, which wraps
 the op in a ``torch.autograd.Function`` that ``torch.compile`` and FakeTensor
 tracing see through, saved tensors included), and the public entry point
-:func:`relpos_attention`, which dispatches through :mod:`kernels.dispatch`.
+:func:`relpos_attention`, which dispatches through :mod:`mmt_fast.kernels.dispatch`.
 """
 
 import math
@@ -87,8 +87,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import dispatch, tuning
-from kernels._common import acc_dtype, tl_acc_dtype
+from . import dispatch, tuning
+from ._common import acc_dtype, tl_acc_dtype
 
 OP_NAME = "relpos_attention"
 _MAX_HEAD_DIM = 256
@@ -1209,7 +1209,7 @@ def relpos_attention(
         bias[i, j] = sum_a q_i . rel_tables[a][dist_a(i_a, j_a)]   (spatial i, j)
 
     Differentiable in q, k, v and every table. The path (Triton or
-    :func:`relpos_attention_ref`) is chosen by :func:`kernels.dispatch.choose`.
+    :func:`relpos_attention_ref`) is chosen by :func:`mmt_fast.kernels.dispatch.choose`.
     """
     _check_inputs(q, k, v, rel_tables, q_grid, k_grid, has_cls)
     reasons = dispatch.device_reasons([q, k, v, *rel_tables]) + kernel_reasons(q)

@@ -22,7 +22,7 @@ import os
 
 import triton
 
-from kernels import dispatch
+from . import dispatch
 
 ENV_VAR = "MMT_FAST_KERNEL_CONFIGS"
 _MODES = ("autotune", "pinned")

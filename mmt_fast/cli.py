@@ -80,7 +80,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from mmt_fast.predict import main as predict_main
+    from mmt_fast.commands.predict import main as predict_main
 
     return predict_main(args)
 
@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_evaluate)
 
     pl = sub.add_parser("plan", help="largest batch that fits a GPU (estimated, no GPU needed)")
-    __import__("mmt_fast.plan", fromlist=["add_arguments"]).add_arguments(pl)
-    pl.set_defaults(func=lambda a: __import__("mmt_fast.plan", fromlist=["run"]).run(a))
+    __import__("mmt_fast.commands.plan", fromlist=["add_arguments"]).add_arguments(pl)
+    pl.set_defaults(func=lambda a: __import__("mmt_fast.commands.plan", fromlist=["run"]).run(a))
 
     an = sub.add_parser(
         "analyze",
@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
     an.add_argument("--seed", type=int, default=0, help="k-means and t-SNE seed")
     an.add_argument("--no-plot", action="store_true", help="skip the t-SNE picture")
-    an.set_defaults(func=lambda a: __import__("mmt_fast.analysis", fromlist=["main"]).main(a))
+    an.set_defaults(func=lambda a: __import__("mmt_fast.commands.analysis", fromlist=["main"]).main(a))
 
     ex = sub.add_parser(
         "explain",
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--config", default=None, help="a YAML instead of the run's saved config")
     ex.add_argument("--which", default="best", choices=("best", "latest"), help="for a run folder")
     ex.add_argument("--frames", type=int, default=4, help="sampled frames in the picture")
-    ex.set_defaults(func=lambda a: __import__("mmt_fast.explain", fromlist=["main"]).main(a))
+    ex.set_defaults(func=lambda a: __import__("mmt_fast.commands.explain", fromlist=["main"]).main(a))
 
     c = sub.add_parser(
         "convert",

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.bottleneck_attention import bottleneck_attention
-from kernels.pooled_qkv import pooled_qkv
-from kernels.relpos_attention import relpos_attention
+from mmt_fast.kernels.bottleneck_attention import bottleneck_attention
+from mmt_fast.kernels.pooled_qkv import pooled_qkv
+from mmt_fast.kernels.relpos_attention import relpos_attention
 
 Grid = tuple[int, ...]
 

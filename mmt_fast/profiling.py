@@ -161,7 +161,7 @@ def count_flops(
     """
     from fvcore.nn import FlopCountAnalysis
 
-    from kernels import dispatch
+    from mmt_fast.kernels import dispatch
 
     if path != "auto":
         with dispatch.use(path):
@@ -463,12 +463,12 @@ def _init_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> None:
 
 
 def _kernel_mode(kernels: bool | str):
-    from kernels import dispatch
+    from mmt_fast.kernels import dispatch
 
     if isinstance(kernels, str):
         return dispatch.use(kernels)
     # True: the fused ops wherever a GPU runs them ("auto" under shape_only: e.g. fp32
-    # attention takes the reference on CUDA, kernels.dispatch.FP32_ON_CUDA)
+    # attention takes the reference on CUDA, mmt_fast.kernels.dispatch.FP32_ON_CUDA)
     return dispatch.use("auto") if kernels else dispatch.use("reference")
 
 
@@ -481,7 +481,7 @@ def fake_mode(kernels: bool | str = False):
     (``"auto"``: Triton where its checks pass)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from kernels import dispatch
+    from mmt_fast.kernels import dispatch
 
     with _kernel_mode(kernels), dispatch.shape_only(), FakeTensorMode():
         yield

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import dispatch
+from mmt_fast.kernels import dispatch
 
 # Kernel tests run on CUDA when there is one, else on the CPU through the interpreter.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -7,8 +7,8 @@ import torch
 from kernel_helpers import ATOL, DEVICE, needs_interpreter
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from kernels import dispatch
-from kernels.bottleneck_attention import (
+from mmt_fast.kernels import dispatch
+from mmt_fast.kernels.bottleneck_attention import (
     _bwd_op,
     _fwd_op,
     bottleneck_attention,

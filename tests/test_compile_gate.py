@@ -100,8 +100,8 @@ def test_refuses_to_run_under_the_interpreter() -> None:
 def test_pinned_mode_leaves_one_config_per_kernel() -> None:
     code = """
 from triton.runtime.autotuner import Autotuner
-import kernels.relpos_attention as rp, kernels.bottleneck_attention as bn, kernels.pooled_qkv as pq
-from kernels import tuning
+import mmt_fast.kernels.relpos_attention as rp, mmt_fast.kernels.bottleneck_attention as bn, mmt_fast.kernels.pooled_qkv as pq
+from mmt_fast.kernels import tuning
 tuners = [v for m in (rp, bn, pq) for v in vars(m).values() if isinstance(v, Autotuner)]
 # fallbacks (configs for a smaller shared memory, used only when nothing else fits) aside
 print(len(tuners), sorted({len([c for c in t.configs if id(c) not in tuning._FALLBACK])
@@ -125,7 +125,7 @@ for t in tuners:
 def test_early_prune_drops_configs_over_the_shared_memory_limit(monkeypatch) -> None:
     import triton
 
-    from kernels import tuning
+    from mmt_fast.kernels import tuning
 
     configs = [
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
@@ -146,9 +146,9 @@ def test_committed_full_gate_is_clean_and_current() -> None:
     code = """
 import json
 from pathlib import Path
-import kernels.relpos_attention, kernels.bottleneck_attention, kernels.pooled_qkv
+import mmt_fast.kernels.relpos_attention, mmt_fast.kernels.bottleneck_attention, mmt_fast.kernels.pooled_qkv
 from benchmarks import compile_gate as g
-from kernels import tuning
+from mmt_fast.kernels import tuning
 data = json.loads(Path("benchmarks/results/compile_gate.json").read_text())
 assert data["subset"] == "full", data["subset"]
 bad = [r for r in data["rows"] if g.Row(**r).failures()]
@@ -172,7 +172,7 @@ print(len(data["rows"]))
 def test_fallback_configs_run_only_when_nothing_else_fits(monkeypatch) -> None:
     import triton
 
-    from kernels import tuning
+    from mmt_fast.kernels import tuning
 
     big = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2)
     small = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from mmt_fast.plan import parse_size, plan
+from mmt_fast.commands.plan import parse_size, plan
 from mmt_fast.profiling import estimate_train_memory
 
 MiB = 2**20

@@ -11,8 +11,8 @@ from kernel_helpers import ATOL, DEVICE, needs_interpreter
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from kernels import dispatch
-from kernels.pooled_qkv import _bwd_op, _fwd_op, pooled_grid, pooled_qkv, pooled_qkv_ref
+from mmt_fast.kernels import dispatch
+from mmt_fast.kernels.pooled_qkv import _bwd_op, _fwd_op, pooled_grid, pooled_qkv, pooled_qkv_ref
 
 LEAF_NAMES = ["x", "qkv_weight", "qkv_bias", "wq", "wk", "wv", "gq", "bq", "gk", "bk", "gv", "bv"]
 

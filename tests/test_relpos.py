@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from kernels.relpos_attention import relpos_attention
+from mmt_fast.kernels.relpos_attention import relpos_attention
 from mmt_fast.layers import resize_rel_table
 
 

@@ -11,8 +11,8 @@ import torch
 from kernel_helpers import DEVICE
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from kernels import dispatch
-from kernels.relpos_attention import (
+from mmt_fast.kernels import dispatch
+from mmt_fast.kernels.relpos_attention import (
     OP_NAME,
     rel_pos_index,
     relpos_attention,

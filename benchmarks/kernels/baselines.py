@@ -39,7 +39,7 @@ COMPILED_PATHS = ("flex", "compiled")
 
 def kernel_mode(mode: str):
     """Set ``MMT_FAST_KERNELS`` (``triton`` / ``reference``) for the duration."""
-    from kernels import dispatch
+    from mmt_fast.kernels import dispatch
 
     return dispatch.use(mode)
 
@@ -51,7 +51,7 @@ def relq_axes(
 
     The decomposition the fused kernel reads (``bias[i, j] = sum_a relq_a[i, j_a]``).
     """
-    from kernels.relpos_attention import rel_pos_index
+    from mmt_fast.kernels.relpos_attention import rel_pos_index
 
     B, H, _, D = q_sp.shape
     axes = "xyz"[: len(q_grid)]
@@ -182,7 +182,7 @@ def build_path(path: str, inp: Inputs, compile_flex: bool) -> Callable[[], tuple
     if forward_only(path, inp):
         t = {k: v.detach() for k, v in t.items()}
     if c.op == "relpos":
-        from kernels.relpos_attention import relpos_attention, relpos_attention_ref
+        from mmt_fast.kernels.relpos_attention import relpos_attention, relpos_attention_ref
 
         q, k, v = t["q"], t["k"], t["v"]
         tables = [t[f"rel{a}"] for a in range(len(c.q_grid))]
@@ -224,7 +224,7 @@ def build_path(path: str, inp: Inputs, compile_flex: bool) -> Callable[[], tuple
         return run
 
     if c.op == "bottleneck":
-        from kernels.bottleneck_attention import bottleneck_attention, bottleneck_attention_ref
+        from mmt_fast.kernels.bottleneck_attention import bottleneck_attention, bottleneck_attention_ref
 
         segs = [t[n] for n in ("q_main", "k_main", "v_main", "q_extra", "k_extra", "v_extra")]
         scale = c.head_dim**-0.5
@@ -258,7 +258,7 @@ def build_path(path: str, inp: Inputs, compile_flex: bool) -> Callable[[], tuple
             return concat_then(lambda q, k, v: _xformers_attention(q, k, v, None, scale))
         raise ValueError(path)
 
-    from kernels.pooled_qkv import pooled_qkv, pooled_qkv_ref
+    from mmt_fast.kernels.pooled_qkv import pooled_qkv, pooled_qkv_ref
 
     args = (
         t["x"],

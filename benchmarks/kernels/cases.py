@@ -169,7 +169,7 @@ def small_cases(
     two, so the kernels' masks are exercised. ``pooled_dims``: (D, C_in) of the
     pooled cases.
     """
-    from kernels.pooled_qkv import pooled_grid
+    from mmt_fast.kernels.pooled_qkv import pooled_grid
 
     out = {}
     for name, c in real_cases().items():

@@ -137,7 +137,7 @@ class Explanation:
 
 
 def _load_clip(run: LoadedRun, path: str) -> dict[str, torch.Tensor]:
-    from mmt_fast.predict import _with_placeholder_targets
+    from mmt_fast.commands.predict import _with_placeholder_targets
 
     cfg, mc = run.cfg, run.model_cfg
     dc = B.dataset_config(cfg.data, mc, "test", 1)
