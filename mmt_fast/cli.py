@@ -20,9 +20,12 @@ by each command after its arguments are parsed, so ``--help`` answers at once.
 
 Errors end the command with one line on stderr (--debug anywhere on the line,
 or MMT_FAST_DEBUG=1, prints the traceback too) and an exit code that says who
-must act: 2 config (a value, override, path or the run folder), 3 data (an
-empty or unusable split, a bad manifest), 4 runtime (non-finite loss, no valid
-batch, damaged checkpoints, any other failure), 130 interrupted.
+must act: 2 config (a value, override, argument, path or the run folder), 3
+data (an empty or unusable split, a bad manifest, a bad clip under
+data.on_error: raise), 4 runtime (non-finite loss, no valid batch, damaged
+checkpoints, any other failure), 130 interrupted. The classes are those of
+mmt_fast.errors; every command raises them and only main() turns them into
+the message and the exit code.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from mmt_fast.pretrained import convert_main
+    from mmt_fast.commands.convert import main as convert_main
 
     return convert_main(args)
 
@@ -167,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
     an.add_argument("--seed", type=int, default=0, help="k-means and t-SNE seed")
     an.add_argument("--no-plot", action="store_true", help="skip the t-SNE picture")
-    an.set_defaults(func=lambda a: __import__("mmt_fast.commands.analysis", fromlist=["main"]).main(a))
+    an.set_defaults(
+        func=lambda a: __import__("mmt_fast.commands.analysis", fromlist=["main"]).main(a)
+    )
 
     ex = sub.add_parser(
         "explain",
@@ -183,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--config", default=None, help="a YAML instead of the run's saved config")
     ex.add_argument("--which", default="best", choices=("best", "latest"), help="for a run folder")
     ex.add_argument("--frames", type=int, default=4, help="sampled frames in the picture")
-    ex.set_defaults(func=lambda a: __import__("mmt_fast.commands.explain", fromlist=["main"]).main(a))
+    ex.set_defaults(
+        func=lambda a: __import__("mmt_fast.commands.explain", fromlist=["main"]).main(a)
+    )
 
     c = sub.add_parser(
         "convert",
@@ -276,10 +283,8 @@ def error_exit_code(e: BaseException) -> tuple[int, str]:
 
     if isinstance(e, KeyboardInterrupt):
         return 130, "interrupted"
-    if isinstance(e, MMTError):
+    if isinstance(e, MMTError):  # BadClipError (data.on_error: raise) is a DataError
         return e.exit_code, e.kind
-    if type(e).__name__ == "BadClipError":  # data.on_error: raise
-        return 3, "data"
     return 4, "runtime"
 
 
@@ -304,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mmt_fast.errors import MMTError
 
         msg = str(e).strip() or type(e).__name__
-        if not isinstance(e, MMTError | KeyboardInterrupt) and code != 3:
+        if not isinstance(e, MMTError | KeyboardInterrupt):
             msg = f"{type(e).__name__}: {msg}"  # an unexpected error: say what it was
         hint = "" if debug else " (--debug for the traceback)"
         print(f"mmt-fast: {kind} error: {msg}{hint}", file=sys.stderr, flush=True)

@@ -1,29 +1,40 @@
-"""Errors a user can act on, grouped by who must fix them; the CLI maps each group to an exit code.
+"""The project's one error hierarchy: errors a user can act on, grouped by who must fix them.
+
+Every command's failures reach :func:`mmt_fast.cli.main`, which maps them by
+class (never by name) to one line on stderr and an exit code:
 
 | class | exit code | meaning |
 |---|---|---|
-| :class:`ConfigError` | 2 | a config value, an override, a path in the config, or the run folder |
+| :class:`ConfigError` | 2 | a config value, an override, a command-line argument, a path, the run folder |
 | :class:`DataError` | 3 | the data: an empty or unusable split, a manifest that cannot be read |
-| :class:`TrainingError` | 4 | the run itself: non-finite loss or gradients, no valid batch, damaged checkpoints |
+| :class:`~mmt_fast.data.errors.BadClipError` | 3 | one clip (a ``DataError``; raised under ``data.on_error: raise``) |
+| :class:`TrainingError` | 4 | the run itself: non-finite loss or gradients, no valid batch |
+| :class:`CheckpointError` | 4 | a checkpoint that cannot be read or does not fit the model |
 
-Any other exception reaching the CLI is a runtime failure (exit code 4, or 1
-for an internal error: see :mod:`mmt_fast.cli`). ``ConfigError`` and
-``DataError`` are ``ValueError`` s and ``TrainingError`` a ``RuntimeError``, so
-code that catches the builtin types keeps working.
+Any other exception reaching the CLI is a runtime failure (exit code 4, the
+message prefixed with the exception's type); an interrupt exits with 130.
+``ConfigError`` and ``DataError`` are ``ValueError`` s, ``TrainingError`` a
+``RuntimeError`` and ``CheckpointError`` both (the converters in
+:mod:`mmt_fast.pretrained` raised a ``ValueError`` before), so code that
+catches the builtin types keeps working.
+
+A command that reads a checkpoint the user named (``mmt-fast convert
+--checkpoint``) reports an unusable file as the argument's problem: it raises
+a ``ConfigError`` from the ``CheckpointError``.
 """
 
 from __future__ import annotations
 
 
 class MMTError(Exception):
-    """Base of the errors that end a command with a one-line message."""
+    """Base of the errors that end a command with a one-line message (exit code ``exit_code``)."""
 
     exit_code = 1
     kind = "error"
 
 
 class ConfigError(MMTError, ValueError):
-    """A config value, override, configured path or run folder is unusable."""
+    """A config value, override, argument, configured path or run folder is unusable."""
 
     exit_code = 2
     kind = "config"
@@ -43,5 +54,9 @@ class TrainingError(MMTError, RuntimeError):
     kind = "runtime"
 
 
-class CheckpointError(TrainingError):
-    """A checkpoint folder is incomplete or damaged (the message names the file)."""
+class CheckpointError(TrainingError, ValueError):
+    """A checkpoint cannot be read, is incomplete or damaged, or does not fit the model
+    (the message names the file)."""
+
+
+__all__ = ["CheckpointError", "ConfigError", "DataError", "MMTError", "TrainingError"]

@@ -53,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmt_fast.errors import CheckpointError, ConfigError
+
 SOURCES = ("timm-mvitv2", "slowfast", "torchvision", "ast")
 FORMATS = ("mmt-fast", *SOURCES)
 StateDict = dict[str, torch.Tensor]
@@ -64,10 +66,6 @@ DEFAULT_TARGET = {
     "torchvision": "MViTv2-S-16",
     "ast": "AST",
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model."""
 
 
 @dataclass
@@ -461,7 +459,7 @@ def convert_state_dict(
     if source == "auto":
         source = detect_format(sd)
     if source not in FORMATS:
-        raise ValueError(f"unknown checkpoint source {source!r}; expected one of {FORMATS}")
+        raise ConfigError(f"unknown checkpoint source {source!r}; expected one of {FORMATS}")
     if source == "ast" and not isinstance(model, AST):
         raise CheckpointError(f"an AST/DeiT checkpoint loads into AST, not {type(model).__name__}")
     if source in ("timm-mvitv2", "slowfast", "torchvision") and not isinstance(
@@ -523,7 +521,7 @@ def init_mmt(
             continue
         encoder = getattr(model, f"{name}_encoder", None)
         if encoder is None:
-            raise ValueError(f"model.init.{name} is set but the model has no {name} encoder")
+            raise ConfigError(f"model.init.{name} is set but the model has no {name} encoder")
         sd = read_checkpoint(path)
         prefix = f"{name}_encoder."
         if source in ("auto", "mmt-fast") and any(k.startswith(prefix) for k in sd):
@@ -533,58 +531,6 @@ def init_mmt(
         encoder.load_state_dict(state, strict=True)
         reports[name] = report
     return reports
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def convert_main(args) -> int:
-    """``mmt-fast convert``: one checkpoint -> a safetensors file of an mmt-fast model.
-    A checkpoint that is missing, unsafe or does not fit is reported in one message (exit 2)."""
-    import sys
-
-    try:
-        return _convert(args)
-    except (FileNotFoundError, CheckpointError) as e:
-        print(f"mmt-fast convert: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _convert(args) -> int:
-    import json
-
-    from safetensors.torch import save_file
-
-    from mmt_fast.config import ASTConfig, MultiscaleConfig, apply_overrides, get_config
-    from mmt_fast.registry import build
-
-    model_name = args.model or DEFAULT_TARGET[args.source]
-    cfg = get_config(model_name)
-    if not isinstance(cfg, MultiscaleConfig | ASTConfig):
-        raise SystemExit(
-            f"--model {model_name}: name an encoder preset (MAT, AST, MViTv2-B-16, ...), not MMT"
-        )
-    cfg = apply_overrides(cfg, {"num_classes": args.num_classes})
-    print(f"[1/3] reading {args.checkpoint}", flush=True)
-    sd = read_checkpoint(args.checkpoint)
-    print(f"[2/3] converting {len(sd)} tensors ({args.source}) into {model_name}", flush=True)
-    model = build(cfg)
-    grid = tuple(args.source_grid) if args.source_grid else None
-    state, report = convert_state_dict(
-        sd, model, args.source, not args.non_strict, grid, str(args.checkpoint)
-    )
-    print(report.summary(), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[3/3] writing {out}", flush=True)
-    meta = {
-        "format": "mmt-fast",
-        "model": model_name,
-        "num_classes": str(args.num_classes),
-        "report": json.dumps(report.to_dict()),
-    }
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata=meta)
-    return 0
 
 
 __all__ = [

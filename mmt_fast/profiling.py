@@ -1,4 +1,4 @@
-"""Parameter, FLOP and training-memory accounting for the benchmarks.
+"""Parameter, FLOP and memory accounting for the benchmarks and ``mmt-fast plan``.
 
 FLOPs follow fvcore's convention (one multiply-add = one FLOP). fvcore counts
 matmul/einsum/linear/conv/norm ops by itself; attention ops it does not know
@@ -22,6 +22,17 @@ the CPU keeps them in 16 bits), and fake CUDA tensors cannot run a backward
 pass without a GPU. So the estimate applies CUDA's cast policy itself
 (:class:`CudaAutocastPolicy`, for the ops these models use); ``torch.autocast``
 on the CPU does run under FakeTensorMode, but with the CPU's policy.
+
+Inference memory (:func:`estimate_inference_memory`): one forward pass under
+``torch.no_grad()``, tracked the same way. Both estimates run inside
+:func:`fake_mode`, which selects the fused kernels' fake implementations
+(:mod:`mmt_fast.kernels.dispatch`) where a GPU would run them.
+
+Public, for ``mmt-fast plan`` and the benchmarks: :func:`count_params`,
+:func:`count_flops`, :func:`fake_mode`, :func:`estimate_step_memory`,
+:func:`estimate_inference_memory`, :func:`estimate_train_memory`,
+:func:`measure_train_memory`, :func:`autocast_context`, :func:`make_batch`,
+:func:`make_optimizer`, :class:`PeakTracker`, :class:`MemoryResult`.
 """
 
 from __future__ import annotations
@@ -407,7 +418,11 @@ def _forward_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     return loss
 
 
-def _autocast_ctx(precision: str, device: str):
+def autocast_context(precision: str, device: str = "cpu"):
+    """The autocast a step in ``precision`` (fp32, fp16, bf16) runs under on ``device``:
+    nothing for fp32, ``torch.autocast`` on CUDA, and elsewhere (the CPU, fake tensors)
+    :class:`CudaAutocastPolicy`, which applies CUDA's cast lists so that an estimate
+    made without a GPU sees the dtypes a GPU run would."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
     if precision == "fp32":
@@ -427,7 +442,7 @@ def _train_step(
 ) -> None:
     """forward + loss under the precision's autocast, backward, AdamW step
     (fp32 master weights; GradScaler's few scalars are not modelled)."""
-    with _autocast_ctx(precision, device):
+    with autocast_context(precision, device):
         loss = _forward_loss(model, batch)
     loss.backward()
     if on_backward_done is not None:
@@ -436,9 +451,12 @@ def _train_step(
     opt.zero_grad(set_to_none=True)
 
 
-def _make_batch(
+def make_batch(
     input_shapes: dict[str, tuple[int, ...]], batch_size: int, num_classes: int, device, dtype
 ) -> dict[str, torch.Tensor]:
+    """A random batch: per input name (``input_shapes``: name -> per-sample shape) a
+    (batch_size, *shape) normal tensor of ``dtype``, and ``label`` (batch_size,) class ids
+    in [0, num_classes)."""
     batch = {
         k: torch.randn(batch_size, *s, device=device, dtype=dtype) for k, s in input_shapes.items()
     }
@@ -510,7 +528,7 @@ def estimate_step_memory(
     model.train()
     opt = make_optimizer(model, lr)
     _init_optimizer_state(model, opt)
-    batch = _make_batch(input_shapes, batch_size, num_classes, "cpu", torch.float32)
+    batch = make_batch(input_shapes, batch_size, num_classes, "cpu", torch.float32)
     if tracker == "memtracker":
         from torch.distributed._tools.mem_tracker import MemTracker
 
@@ -544,6 +562,32 @@ def estimate_step_memory(
     with pt:
         _train_step(model, opt, batch, precision, on_backward_done=mark_grads)
     del opt, batch
+    return MemoryResult(pt.peak, "estimated", pt.breakdown())
+
+
+def estimate_inference_memory(
+    model: nn.Module,
+    input_shapes: dict[str, tuple[int, ...]],
+    batch_size: int,
+    precision: str = "fp32",
+) -> MemoryResult:
+    """Peak memory of one forward pass under ``torch.no_grad()`` (eval mode, ``precision``'s
+    autocast) of a model built under :func:`fake_mode` (call this inside the same block);
+    ``input_shapes`` as for :func:`estimate_step_memory`. The model is left in train mode."""
+    model.eval()
+    batch = make_batch(input_shapes, batch_size, 2, "cpu", torch.float32)
+    batch.pop("label")
+    pt = PeakTracker()
+    for p in model.parameters():
+        pt.register(p, "parameters")
+    for b in model.buffers():
+        pt.register(b, "parameters")
+    for v in batch.values():
+        pt.register(v, "inputs")
+    with pt, torch.no_grad(), autocast_context(precision, "cpu"):
+        out = model(batch["x"]) if set(batch) == {"x"} else model(**batch)
+        del out
+    model.train()
     return MemoryResult(pt.peak, "estimated", pt.breakdown())
 
 
@@ -590,7 +634,7 @@ def _measure(build, input_shapes, batch_size, num_classes, device, lr, precision
     model = build().to(device)
     model.train()
     opt = make_optimizer(model, lr)
-    batch = _make_batch(input_shapes, batch_size, num_classes, device, torch.float32)
+    batch = make_batch(input_shapes, batch_size, num_classes, device, torch.float32)
     _train_step(model, opt, batch, precision, device)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

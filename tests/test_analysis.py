@@ -27,43 +27,24 @@ import torch
 from torch import nn
 
 from mmt_fast.cli import main
-from mmt_fast.data.synthetic import MOTION_VECTORS, MOTIONS, make_synthetic, render_clip
 from mmt_fast.commands.explain import CamLayer, grad_cam, upsample
+from mmt_fast.data.synthetic import MOTION_VECTORS, MOTIONS, render_clip
 
 ROOT = Path(__file__).parents[1]
 DEMO = ROOT / "configs" / "demo_synthetic.yaml"
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("syn")
-    make_synthetic(d, num_clips=320, seed=0, size=32, duration=2.0)
-    return d
+def data_dir(synthetic_320):
+    """The session's 320-clip set (tests/conftest.py), shared with test_train_learning.py."""
+    return synthetic_320
 
 
 @pytest.fixture(scope="module")
-def run(data_dir, tmp_path_factory):
-    """A tiny MMT trained as in the demo (8 epochs, 224 train clips)."""
-    from mmt_fast.train import load_config, train
-
-    out = tmp_path_factory.mktemp("run") / "mmt"
-    m = str(data_dir / "manifest.csv")
-    cfg = load_config(
-        DEMO,
-        [
-            f"data.train={m}",
-            f"data.test={m}",
-            "data.val=null",
-            f"train.out_dir={out}",
-            "train.eval_every=0",
-            "train.ckpt_every=null",
-            "train.progress=false",
-            "train.tensorboard=false",
-            "data.test_views=1",
-        ],
-    )
-    train(cfg)
-    return out
+def run(trained_synthetic):
+    """A tiny MMT trained as in the demo (8 epochs, 224 train clips; the session's run,
+    shared with test_train_learning.py)."""
+    return trained_synthetic("MMT-tiny").out_dir
 
 
 @pytest.fixture(scope="module")
@@ -135,9 +116,9 @@ def test_analyze_scores_and_pictures(analysis, capsys):
 def test_single_modality_models_have_one_embedding(data_dir):
     """An audio-only model (untrained: the embeddings' existence and shapes, not their quality)."""
     from mmt_fast.commands.analysis import embed_split
+    from mmt_fast.inference import LoadedRun
     from mmt_fast.train import builders as B
     from mmt_fast.train import load_config
-    from mmt_fast.train.run_eval import LoadedRun
 
     m = str(data_dir / "manifest.csv")
     ov = [f"data.train={m}", f"data.test={m}", "model.preset=MMT-tiny-audio", "data.test_views=2"]
@@ -299,7 +280,7 @@ def test_explain_command(run, data_dir, tmp_path, capsys):
 def test_explain_grad_cam_on_the_trained_model(run, data_dir):
     """The maps of the real encoders: finite, in [0, 1], of the input's size."""
     from mmt_fast.commands.explain import explain_clip
-    from mmt_fast.train.run_eval import load_run
+    from mmt_fast.inference import load_run
 
     clip = sorted(data_dir.glob("clip_*.mp4"))[-1]
     ex = explain_clip(load_run(run), str(clip))

@@ -33,13 +33,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from mmt_fast.data import collate_clips
-from mmt_fast.errors import ConfigError, DataError
-from mmt_fast.train import builders as B
-from mmt_fast.train.evaluate import autocast, model_inputs
-from mmt_fast.train.run_eval import LoadedRun, load_run
+from mmt_fast.errors import DataError
+from mmt_fast.inference import (
+    LoadedRun,
+    clip_dataset,
+    clip_loader,
+    load_run,
+    resolve_device,
+    resolve_views,
+    run_model,
+    split_records,
+)
 
 EMBEDDINGS = ("audio", "video", "fused")
 
@@ -57,57 +62,6 @@ class SplitEmbeddings:
     skipped: dict[str, int]
 
 
-class _Recorder:
-    """Records each encoder's CLS embedding and the head input during a forward pass.
-
-    The encoders' ``forward_features`` is wrapped on the instance (restored by
-    :meth:`remove`), the head's input is taken by a forward pre-hook.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.parts: dict[str, list[torch.Tensor]] = {}
-        self.model = model
-        self.wrapped: list[nn.Module] = []
-        for name in model.modalities:
-            enc = getattr(model, f"{name}_encoder")
-            orig = enc.forward_features
-
-            def wrapper(x, _orig=orig, _name=name):
-                f = _orig(x)
-                self.parts.setdefault(_name, []).append(f.cls.detach().float())
-                return f
-
-            enc.forward_features = wrapper
-            self.wrapped.append(enc)
-        heads = [
-            getattr(model, n) for n in ("head", "head_video", "head_audio") if hasattr(model, n)
-        ]
-        self.handles = []
-        if len(model.modalities) == 2:
-            self.handles = [h.register_forward_pre_hook(self._hook) for h in heads]
-
-    def _hook(self, module: nn.Module, args: tuple) -> None:
-        self.parts.setdefault("fused", []).append(args[0].detach().float())
-
-    def take(self) -> dict[str, torch.Tensor]:
-        out = {k: torch.cat(v, dim=-1) for k, v in self.parts.items()}
-        self.parts = {}
-        return out
-
-    def remove(self) -> None:
-        for enc in self.wrapped:
-            del enc.forward_features
-        for h in self.handles:
-            h.remove()
-
-
-def _class_names(run: LoadedRun) -> dict[str, list[str]]:
-    if run.classes.get("kind") == "label":
-        return {"label": list(run.classes["names"])}
-    return {h: [str(i) for i in range(n)] for h, n in run.model_cfg.heads.items()}
-
-
-@torch.no_grad()
 def embed_split(
     run: LoadedRun,
     split: str = "test",
@@ -115,65 +69,36 @@ def embed_split(
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> SplitEmbeddings:
-    """Embed every clip of ``split`` with ``run``'s model (see the module docstring)."""
-    cfg, mc = run.cfg, run.model_cfg
-    records = B.read_records(cfg.data, split)
-    if records is None:
-        raise ConfigError(f"data.{split} is not set in the run's config")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    nv = (
-        views
-        if views is not None
-        else (cfg.data.test_views if split == "test" else cfg.data.val_views)
-    )
-    if nv < 1:
-        raise ConfigError(f"--views must be >= 1, got {nv}")
-    ds = B.build_dataset(records, B.dataset_config(cfg.data, mc, "test", nv), run.classes, mc)
-    loader = torch.utils.data.DataLoader(
-        ds,
-        batch_size=cfg.data.eval_batch_size or cfg.train.batch_size,
-        shuffle=False,
-        num_workers=cfg.data.num_workers,
-        collate_fn=collate_clips,
-    )
-    model = run.model.to(device).eval()
-    rec = _Recorder(model)
-    heads = list(mc.heads)
-    embeds: dict[str, list[torch.Tensor]] = {}
-    targets: dict[str, list[torch.Tensor]] = {h: [] for h in heads}
-    skipped: dict[str, int] = {}
-    index: list[int] = []
-    for b in ds.dropped:
-        skipped[b.kind] = skipped.get(b.kind, 0) + 1
-    it = loader
+    """Embed every clip of ``split`` with ``run``'s model (see the module docstring; the
+    loop is :func:`mmt_fast.inference.run_model`, the embeddings its ``audio``, ``video``
+    and, for two encoders, ``head`` recordings)."""
+    cfg = run.cfg
+    records = split_records(cfg, split)
+    device = resolve_device(device)
+    nv = resolve_views(cfg, split, views)
+    ds = clip_dataset(run, records, nv)
+    batches = clip_loader(run, ds)
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(loader, desc=f"embed {split}", unit="batch", file=sys.stderr, leave=False)
-    try:
-        for batch in it:
-            for k, n in batch["skipped"].items():
-                skipped[k] = skipped.get(k, 0) + n
-            b = batch["batch_size"]
-            if not b:
-                continue
-            inputs, v = model_inputs(batch, model.modalities, device)
-            with autocast(device, cfg.train.amp):
-                model(**inputs)
-            for name, e in rec.take().items():
-                embeds.setdefault(name, []).append(e.view(b, v, -1).mean(1).cpu())
-            for h in heads:
-                targets[h].append(batch[h].cpu())
-            index += batch["index"].tolist()
-    finally:
-        rec.remove()
-    if not embeds:
+        batches = tqdm(batches, desc=f"embed {split}", unit="batch", file=sys.stderr, leave=False)
+    model = run.model.to(device)
+    out = run_model(model, batches, device, cfg.train.amp, ("audio", "video", "head"))
+    skipped: dict[str, int] = {}
+    for b in ds.dropped:
+        skipped[b.kind] = skipped.get(b.kind, 0) + 1
+    for k, n in out.skipped.items():
+        skipped[k] = skipped.get(k, 0) + n
+    if not len(out.index):
         raise DataError(f"no clip of the {split} split could be embedded (skipped {skipped})")
+    embeds = {m: out.embeddings[m] for m in model.modalities}
+    if len(model.modalities) == 2:
+        embeds["fused"] = out.embeddings["head"]
     return SplitEmbeddings(
-        embeddings={k: torch.cat(embeds[k]).numpy() for k in EMBEDDINGS if k in embeds},
-        targets={h: torch.cat(t).numpy() for h, t in targets.items()},
-        class_names=_class_names(run),
-        paths=[ds.records[i].path for i in index],
+        embeddings={k: embeds[k].numpy() for k in EMBEDDINGS if k in embeds},
+        targets={h: t.numpy() for h, t in out.targets.items()},
+        class_names=run.class_names,
+        paths=[ds.records[i].path for i in out.index.tolist()],
         skipped=skipped,
     )
 

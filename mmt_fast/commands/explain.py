@@ -35,9 +35,7 @@ from torch import nn
 
 from mmt_fast.data import ClipRecord, collate_clips
 from mmt_fast.errors import ConfigError, DataError
-from mmt_fast.train import builders as B
-from mmt_fast.train.evaluate import model_inputs
-from mmt_fast.train.run_eval import LoadedRun, load_run
+from mmt_fast.inference import LoadedRun, clip_dataset, load_run, model_inputs
 
 
 @dataclass
@@ -137,14 +135,8 @@ class Explanation:
 
 
 def _load_clip(run: LoadedRun, path: str) -> dict[str, torch.Tensor]:
-    from mmt_fast.commands.predict import _with_placeholder_targets
-
-    cfg, mc = run.cfg, run.model_cfg
-    dc = B.dataset_config(cfg.data, mc, "test", 1)
-    recs = _with_placeholder_targets(
-        [ClipRecord(path=str(path), clip_id=Path(path).stem)], run.classes
-    )
-    ds = B.build_dataset(recs, dc, run.classes, mc)
+    rec = ClipRecord(path=str(path), clip_id=Path(path).stem)
+    ds = clip_dataset(run, [rec], 1, labelled=False)
     if ds.dropped:
         b = ds.dropped[0]
         raise DataError(f"{path}: {b.kind}: {b.reason}")

@@ -4,8 +4,9 @@
                   [--checkpointing none|blocks|stage1] [--reserve 1GiB]
 
 Every figure is an *estimate* from shapes alone (FakeTensorMode, see
-:mod:`mmt_fast.profiling`), so it runs on a machine without a GPU in seconds
-per model size. Training: one AdamW step (fp32 weights, gradients and AdamW
+:mod:`mmt_fast.profiling`: :func:`~mmt_fast.profiling.estimate_step_memory` and
+:func:`~mmt_fast.profiling.estimate_inference_memory`), so it runs on a machine
+without a GPU in seconds per model size. Training: one AdamW step (fp32 weights, gradients and AdamW
 state; activations in the chosen precision with CUDA's autocast policy).
 Inference: a forward pass under ``torch.no_grad()``. Peak memory is affine in
 the batch size to a good approximation: the planner fits the line through two
@@ -55,31 +56,6 @@ def input_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
             out["video"] = (cfg.video.in_chans, *cfg.video.input_size)
         return out
     return {"x": (getattr(cfg, "in_chans", 1), *cfg.input_size)}
-
-
-def estimate_inference_memory(
-    model: nn.Module, shapes: dict[str, tuple[int, ...]], batch_size: int, precision: str
-) -> MemoryResult:
-    """Peak of a forward pass under ``torch.no_grad()`` (call inside ``fake_mode``)."""
-    import torch
-
-    from mmt_fast.profiling import MemoryResult, PeakTracker, _autocast_ctx, _make_batch
-
-    model.eval()
-    batch = _make_batch(shapes, batch_size, 2, "cpu", torch.float32)
-    batch.pop("label")
-    pt = PeakTracker()
-    for p in model.parameters():
-        pt.register(p, "parameters")
-    for b in model.buffers():
-        pt.register(b, "parameters")
-    for v in batch.values():
-        pt.register(v, "inputs")
-    with pt, torch.no_grad(), _autocast_ctx(precision, "cpu"):
-        out = model(batch["x"]) if set(batch) == {"x"} else model(**batch)
-        del out
-    model.train()
-    return MemoryResult(pt.peak, "estimated", pt.breakdown())
 
 
 @dataclass
@@ -165,7 +141,7 @@ def plan(
     """Largest training and inference batch of ``preset`` per process."""
     from mmt_fast import create_model
     from mmt_fast.models.checkpointing import set_activation_checkpointing
-    from mmt_fast.profiling import estimate_step_memory, fake_mode
+    from mmt_fast.profiling import estimate_inference_memory, estimate_step_memory, fake_mode
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")

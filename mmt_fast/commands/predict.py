@@ -28,20 +28,25 @@ import csv
 import io
 import json
 import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from mmt_fast.data import ClipRecord, collate_clips, read_manifest
+from mmt_fast.data import ClipRecord, read_manifest
 from mmt_fast.data.manifests import VIDEO_EXTENSIONS
 from mmt_fast.errors import ConfigError
-from mmt_fast.train import builders as B
-from mmt_fast.train import metrics as M
-from mmt_fast.train.evaluate import autocast, model_inputs
-from mmt_fast.train.run_eval import LoadedRun, load_run
+from mmt_fast.inference import (
+    LoadedRun,
+    clip_dataset,
+    clip_loader,
+    load_run,
+    resolve_device,
+    resolve_views,
+    run_model,
+)
 
 AUDIO_EXTENSIONS = (".wav",)
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
@@ -116,46 +121,22 @@ def collect_inputs(
     return out
 
 
-def _with_placeholder_targets(records: list[ClipRecord], classes: dict) -> list[ClipRecord]:
-    # The dataset attaches a target to every item; prediction ignores it.
-    if classes.get("kind") == "label":
-        name = classes["names"][0]
-        return [ClipRecord(**{**r.to_dict(), "label": name}) for r in records]
-    return [ClipRecord(**{**r.to_dict(), "verb": 0, "noun": 0}) for r in records]
-
-
 def class_names(run: LoadedRun) -> dict[str, list[str]]:
     """head -> class names (the saved class index; class ids as strings for verb/noun)."""
-    if run.classes.get("kind") == "label":
-        return {"label": list(run.classes["names"])}
-    return {h: [str(i) for i in range(n)] for h, n in run.model_cfg.heads.items()}
-
-
-class _HeadInputs:
-    """Records the input of the classification head(s) during a forward pass."""
-
-    def __init__(self, model: nn.Module) -> None:
-        mods = [
-            getattr(model, n) for n in ("head", "head_video", "head_audio") if hasattr(model, n)
-        ]
-        self.parts: list[torch.Tensor] = []
-        self.handles = [m.register_forward_pre_hook(self._hook) for m in mods]
-
-    def _hook(self, module: nn.Module, args: tuple) -> None:
-        self.parts.append(args[0].detach().float())
-
-    def take(self) -> torch.Tensor:
-        x = torch.cat(self.parts, dim=-1)
-        self.parts = []
-        return x
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
+    return run.class_names
 
 
 # ------------------------------------------------------------------ prediction
-@torch.no_grad()
+def _with_bar(batches: Iterable[dict], total: int) -> Iterator[dict]:
+    """``batches``, with a progress bar on stderr counting clips (good and bad)."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="clip", desc="predict", file=sys.stderr, dynamic_ncols=True) as bar:
+        for batch in batches:
+            yield batch
+            bar.update(batch["batch_size"] + len(batch["bad"]))
+
+
 def predict_clips(
     run: LoadedRun,
     records: list[ClipRecord],
@@ -166,61 +147,26 @@ def predict_clips(
     progress: bool = True,
     num_workers: int | None = None,
 ) -> Predictions:
-    """Multi-view predictions of ``run``'s model for ``records`` (see the module docstring)."""
-    cfg, mc = run.cfg, run.model_cfg
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    nv = views if views is not None else cfg.data.test_views
-    if nv < 1:
-        raise ConfigError(f"--views must be >= 1, got {nv}")
-    dc = B.dataset_config(cfg.data, mc, "test", nv)
-    ds = B.build_dataset(_with_placeholder_targets(records, run.classes), dc, run.classes, mc)
-    bs = batch_size or cfg.data.eval_batch_size or cfg.train.batch_size
-    nw = cfg.data.num_workers if num_workers is None else num_workers
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=bs, shuffle=False, num_workers=nw, collate_fn=collate_clips
-    )
-    model = run.model.to(device).eval()
-    hook = _HeadInputs(model) if embeddings else None
-    heads = list(mc.heads)
-    probs: dict[str, list[torch.Tensor]] = {h: [] for h in heads}
-    embeds: list[torch.Tensor] = []
-    index: list[torch.Tensor] = []
-    bad: list[tuple[int, str, str, str]] = []
-    bar = None
+    """Multi-view predictions of ``run``'s model for ``records`` (see the module docstring;
+    the loop is :func:`mmt_fast.inference.run_model`)."""
+    device = resolve_device(device)
+    nv = resolve_views(run.cfg, "test", views)
+    ds = clip_dataset(run, records, nv, labelled=False)
+    batches = clip_loader(run, ds, batch_size, num_workers)
     if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(ds), unit="clip", desc="predict", file=sys.stderr, dynamic_ncols=True)
-    try:
-        for batch in loader:
-            bad += [(b.index, b.path, b.kind, b.reason) for b in batch["bad"]]
-            b = batch["batch_size"]
-            if b:
-                inputs, v = model_inputs(batch, model.modalities, device)
-                with autocast(device, cfg.train.amp):
-                    out = model(**inputs)
-                for h in heads:
-                    probs[h].append(M.average_views(out.logits[h].float().view(b, v, -1)).cpu())
-                if hook is not None:
-                    e = hook.take()
-                    embeds.append(e.view(b, v, -1).mean(1).cpu())
-                index.append(batch["index"])
-            if bar is not None:
-                bar.update(b + len(batch["bad"]))
-    finally:
-        if bar is not None:
-            bar.close()
-        if hook is not None:
-            hook.remove()
-    idx = torch.cat(index).tolist() if index else []
+        batches = _with_bar(batches, len(ds))
+    out = run_model(
+        run.model.to(device), batches, device, run.cfg.train.amp, ("head",) if embeddings else ()
+    )
+    emb = None
+    if embeddings:
+        emb = out.embeddings.get("head", torch.empty(0, 0))
     return Predictions(
-        records=[ds.records[i] for i in idx],
-        probs={h: torch.cat(v) if v else torch.empty(0, mc.heads[h]) for h, v in probs.items()},
-        class_names=class_names(run),
-        embeddings=(torch.cat(embeds) if embeds else torch.empty(0, 0)) if embeddings else None,
-        bad=[(p, k, r) for _, p, k, r in sorted(bad)],
+        records=[ds.records[i] for i in out.index.tolist()],
+        probs=out.probs,
+        class_names=run.class_names,
+        embeddings=emb,
+        bad=[(b.path, b.kind, b.reason) for b in sorted(out.bad)],
     )
 
 
@@ -264,7 +210,7 @@ def write_predictions(pred: Predictions, out: str | Path | None, top_k: int = 1)
         w.writerows(rows)
         text = buf.getvalue()
     else:
-        raise ValueError(f"--out {out}: use a .csv or .jsonl file")
+        raise ConfigError(f"--out {out}: use a .csv or .jsonl file")
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text)
@@ -274,11 +220,11 @@ def write_predictions(pred: Predictions, out: str | Path | None, top_k: int = 1)
 def main(args: argparse.Namespace) -> int:
     """``mmt-fast predict`` (arguments from :func:`mmt_fast.cli.build_parser`)."""
     if args.top_k < 1:
-        raise SystemExit("mmt-fast predict: --top-k must be >= 1")
+        raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
     if args.out is not None and Path(args.out).suffix.lower() not in (".csv", ".jsonl"):
-        raise SystemExit(f"mmt-fast predict: --out {args.out}: use a .csv or .jsonl file")
+        raise ConfigError(f"--out {args.out}: use a .csv or .jsonl file")
     if args.embeddings is not None and not str(args.embeddings).endswith(".npy"):
-        raise SystemExit(f"mmt-fast predict: --embeddings {args.embeddings}: use a .npy file")
+        raise ConfigError(f"--embeddings {args.embeddings}: use a .npy file")
     run = load_run(args.checkpoint, which=args.which)
     records = collect_inputs(args.inputs, run.model.modalities)
     pred = predict_clips(

@@ -1,7 +1,8 @@
 """Bad-data errors shared by the manifest readers, the decoders and the dataset.
 
-Every problem with one clip raises :class:`BadClipError`, which names the file
-and a short machine-readable ``kind`` (the key of the skip counters):
+Every problem with one clip raises :class:`BadClipError`, a
+:class:`mmt_fast.errors.DataError`, which names the file and a short
+machine-readable ``kind`` (the key of the skip counters):
 
 | kind | cause |
 |---|---|
@@ -18,6 +19,8 @@ and a short machine-readable ``kind`` (the key of the skip counters):
 
 from __future__ import annotations
 
+from mmt_fast.errors import DataError
+
 BAD_KINDS = (
     "missing_file",
     "corrupt_file",
@@ -31,8 +34,8 @@ BAD_KINDS = (
 )
 
 
-class BadClipError(Exception):
-    """One clip cannot be used.
+class BadClipError(DataError):
+    """One clip cannot be used (a :class:`~mmt_fast.errors.DataError`: exit code 3 at the CLI).
 
     Attributes:
         path: the clip's file (as given in the record).

@@ -57,10 +57,10 @@ class InitSection:
 
     def __post_init__(self) -> None:
         if self.audio is not None and self.ast is not None:
-            raise ValueError("model.init.audio and model.init.ast both set: give one")
+            raise ConfigError("model.init.audio and model.init.ast both set: give one")
         for name in ("audio_from", "video_from"):
             if getattr(self, name) not in INIT_FORMATS:
-                raise ValueError(
+                raise ConfigError(
                     f"model.init.{name}={getattr(self, name)!r}; expected one of {INIT_FORMATS}"
                 )
 
@@ -334,7 +334,7 @@ def _convert(tp, value, where: str):
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_convert(args[0], v, where) for v in value)
         if len(args) != len(value):
-            raise ValueError(f"{where}: expected {len(args)} values, got {value!r}")
+            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
         return tuple(_convert(a, v, where) for a, v in zip(args, value))
     if origin is dict:
         if not isinstance(value, dict):
@@ -391,7 +391,7 @@ def parse_overrides(items: list[str] | None) -> list[tuple[str, Any]]:
     for item in items or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"override {item!r} is not KEY=VALUE (e.g. train.epochs=3)")
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.epochs=3)")
         out.append((key.strip(), yaml.safe_load(raw)))
     return out
 
@@ -415,7 +415,7 @@ def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
     file) is read first and this file's keys are merged over it (recursively)."""
     path = Path(path).resolve()
     if path in _seen:
-        raise ValueError(f"config base cycle: {' -> '.join(str(p) for p in (*_seen, path))}")
+        raise ConfigError(f"config base cycle: {' -> '.join(str(p) for p in (*_seen, path))}")
     with open(path) as f:
         d = yaml.safe_load(f) or {}
     if not isinstance(d, dict):

@@ -1,93 +1,49 @@
-"""Evaluation: multi-view prediction, accuracy reports, ``mmt-fast evaluate``.
+"""Evaluation: multi-view prediction across ranks, accuracy reports, ``mmt-fast evaluate``.
 
 Each clip's prediction is the mean over its test views of the softmax of the
 multimodal logits (``output.logits``, p_AV). Single-label data: top-1/top-5,
 per-class and mean-class accuracy, the confusion matrix (JSON and a plot).
 Epic-Kitchens (verb + noun heads): verb, noun and action top-1/top-5, where the
 action prediction is joint over the two heads (see :mod:`metrics`). Under
-``torchrun`` every rank predicts its share and rank 0 assembles the results.
+``torchrun`` every rank predicts its share (the loop is
+:func:`mmt_fast.inference.run_model`) and rank 0 assembles the results.
+``autocast`` and ``model_inputs`` are :mod:`mmt_fast.inference`'s, re-exported
+for the trainer.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from mmt_fast.inference import autocast, model_inputs, run_model
 from mmt_fast.train import distributed as D
 from mmt_fast.train import metrics as M
 
-
-def autocast(device: torch.device, amp: str):
-    """bf16 autocast on CUDA for ``amp`` in (auto, bf16); nothing on the CPU (unless bf16)."""
-    use = amp == "bf16" or (amp == "auto" and device.type == "cuda")
-    if not use:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def model_inputs(batch: dict, modalities, device: torch.device) -> tuple[dict, int]:
-    """Inputs for ``model(**inputs)`` with views folded into the batch.
-
-    audio (B, 1, F, T) or (B, V, 1, F, T); video (B, 3, T, H, W) or (B, V, 3, T, H, W).
-    Returns the inputs ((B * V, ...) tensors) and V.
-    """
-    inputs, views = {}, 1
-    for m in modalities:
-        x = batch[m]
-        base = 4 if m == "audio" else 5
-        if x.ndim == base + 1:
-            views = x.shape[1]
-            x = x.flatten(0, 1)
-        inputs[m] = x.to(device, non_blocking=True)
-    return inputs, views
+__all__ = ["autocast", "model_inputs", "predict", "report", "summary", "write_report"]
 
 
 @torch.no_grad()
 def predict(
     model: nn.Module, loader, device: torch.device, amp: str = "auto", progress: bool = False
 ) -> dict:
-    """Run ``model`` over ``loader``; returns (on every rank, gathered from all ranks)
+    """Run ``model`` over ``loader`` (:func:`mmt_fast.inference.run_model`: views averaged);
+    returns (on every rank, gathered from all ranks)
     ``{"probs": {head: (N, C)}, "targets": {head: (N,)}, "index": (N,), "skipped": {kind: n}}``
     sorted by dataset index, duplicates (sampler padding) removed."""
     core = model.module if hasattr(model, "module") else model
-    was_training = core.training
-    model.eval()
-    probs = collections.defaultdict(list)
-    targets = collections.defaultdict(list)
-    index, skipped = [], collections.Counter()
     it = loader
     if progress:
         from tqdm import tqdm
 
         it = tqdm(loader, desc="eval", leave=False, dynamic_ncols=True)
+    o = run_model(model, it, device, amp)
     heads = list(core.cfg.heads)
-    for batch in it:
-        skipped.update(batch["skipped"])
-        if batch["batch_size"] == 0:
-            continue
-        inputs, views = model_inputs(batch, core.modalities, device)
-        with autocast(device, amp):
-            out = model(**inputs)
-        b = batch["batch_size"]
-        for h in heads:
-            logits = out.logits[h].float().view(b, views, -1)
-            probs[h].append(M.average_views(logits).cpu())
-            targets[h].append(batch[h].cpu())
-        index.append(batch["index"].cpu())
-    model.train(was_training)
-    local = {
-        "probs": {h: torch.cat(v) if v else torch.empty(0, 0) for h, v in probs.items()},
-        "targets": {
-            h: torch.cat(v) if v else torch.empty(0, dtype=torch.long) for h, v in targets.items()
-        },
-        "index": torch.cat(index) if index else torch.empty(0, dtype=torch.long),
-        "skipped": dict(skipped),
-    }
+    local = {"probs": o.probs, "targets": o.targets, "index": o.index, "skipped": o.skipped}
     parts = D.all_gather_object(local)
     idx = torch.cat([p["index"] for p in parts])
     order = torch.argsort(idx, stable=True)

@@ -1,119 +1,25 @@
 """``mmt-fast evaluate``: a checkpoint on a split, with multi-view testing.
 
 By default a run is evaluated with what it was trained with: the config and the
-class index saved in its checkpoint folder (``config.yaml``, ``classes.json``).
+class index saved in its checkpoint folder (``config.yaml``, ``classes.json``),
+loaded by :func:`mmt_fast.inference.load_run`; the clips are decoded as every
+inference command decodes them (:func:`mmt_fast.inference.clip_dataset`), on
+each rank's share of the split.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-from torch import nn
-
-from mmt_fast.config import MMTConfig
+from mmt_fast import inference
 from mmt_fast.data.dataset import check_split
-from mmt_fast.errors import ConfigError, DataError
+from mmt_fast.errors import DataError
 from mmt_fast.train import builders as B
 from mmt_fast.train import distributed as D
-from mmt_fast.train.checkpoint import Checkpoint, load_checkpoint
-from mmt_fast.train.config import TrainConfig, config_from_dict, load_config
+from mmt_fast.train.config import TrainConfig
 from mmt_fast.train.evaluate import predict, report, summary, write_report
 from mmt_fast.train.sampling import ResumableSampler
-
-
-@dataclass
-class LoadedRun:
-    """A trained model ready for inference, with the config and class index it was trained with."""
-
-    cfg: TrainConfig
-    checkpoint: Checkpoint
-    classes: dict
-    model_cfg: MMTConfig
-    model: nn.Module
-
-    @property
-    def run_dir(self) -> Path:
-        """The run folder (``train.out_dir``) when the checkpoint sits in ``RUN/checkpoints/``,
-        else the checkpoint folder."""
-        p = self.checkpoint.path
-        return p.parent.parent if p.parent.name == "checkpoints" else p
-
-
-def run_config(
-    config: TrainConfig | str | Path | None,
-    ck: Checkpoint,
-    overrides: list[str] | None = None,
-) -> TrainConfig:
-    """The config to evaluate ``ck`` with.
-
-    ``config=None``: the config saved with the checkpoint, plus ``overrides``.
-    A YAML path or a :class:`TrainConfig`: that config, whose model section must
-    equal the saved one (ValueError in one sentence otherwise).
-    """
-    saved = yaml.safe_load(ck.config) if ck.config else None
-    if config is None:
-        if saved is None:
-            raise ConfigError(
-                f"{ck.path} has no config.yaml (not written by mmt-fast train?): pass --config"
-            )
-        return config_from_dict(saved, overrides)
-    cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
-    if saved is not None:
-        # model.init (where the weights started) does not change the model being evaluated
-        mine = {k: v for k, v in cfg.to_dict()["model"].items() if k != "init"}
-        theirs = {
-            k: v for k, v in config_from_dict(saved).to_dict()["model"].items() if k != "init"
-        }
-        if mine != theirs:
-            where = config if not isinstance(config, TrainConfig) else "the given config"
-            diff = ", ".join(
-                f"model.{k}={mine.get(k)!r} (the run: {theirs.get(k)!r})"
-                for k in sorted(set(mine) | set(theirs))
-                if mine.get(k) != theirs.get(k)
-            )
-            raise ConfigError(
-                f"{where} describes another model than {ck.path} was trained as: {diff}; "
-                "leave out --config to evaluate with the run's own config"
-            )
-    return cfg
-
-
-def load_run(
-    checkpoint: str | Path,
-    config: TrainConfig | str | Path | None = None,
-    overrides: list[str] | None = None,
-    which: str = "best",
-) -> LoadedRun:
-    """Load a checkpoint (run folder, checkpoint folder or ``model.safetensors``), its
-    config (see :func:`run_config`) and class index, and build the model with its weights
-    (on the CPU, in eval mode)."""
-    ck = load_checkpoint(checkpoint, which=which, weights_only_model=True)
-    cfg = run_config(config, ck, overrides)
-    classes = ck.classes
-    if classes is None:
-        classes = B.class_info(cfg.data, B.read_records(cfg.data, "train"))
-    mc = B.model_config(cfg, classes)
-    model = B.build_model(mc)
-    missing, unexpected = _state_dict_mismatch(model, ck.model)
-    if missing or unexpected:
-        raise ConfigError(
-            f"the weights in {ck.path} do not fit model.preset={cfg.model.preset!r} "
-            f"({len(missing)} missing and {len(unexpected)} unexpected or differently shaped "
-            f"tensors, e.g. {(missing + unexpected)[0]!r}): evaluate with the run's own config"
-        )
-    model.load_state_dict(ck.model)
-    model.eval()
-    return LoadedRun(cfg, ck, classes, mc, model)
-
-
-def _state_dict_mismatch(model: nn.Module, state: dict) -> tuple[list[str], list[str]]:
-    own = model.state_dict()
-    missing = sorted(k for k in own if k not in state)
-    bad = sorted(k for k in state if k not in own or tuple(own[k].shape) != tuple(state[k].shape))
-    return missing, bad
 
 
 def evaluate_checkpoint(
@@ -134,21 +40,14 @@ def evaluate_checkpoint(
     ``RUN_DIR/eval_<split>.json``, beside ``metrics.csv``) and the confusion-matrix
     plots beside it; returns the report (see :func:`report`).
     """
-    run = load_run(checkpoint, config, overrides, which)
-    cfg, ck, classes, mc = run.cfg, run.checkpoint, run.classes, run.model_cfg
+    run = inference.load_run(checkpoint, config, overrides, which)
+    cfg, ck, classes = run.cfg, run.checkpoint, run.classes
     info = D.setup(cfg.train.device)
     try:
-        records = B.read_records(cfg.data, split)
-        if records is None:
-            raise ConfigError(f"data.{split} is not set in the config")
+        records = inference.split_records(cfg, split)
         model = run.model.to(info.device)
-        nv = (
-            views
-            if views is not None
-            else (cfg.data.test_views if split == "test" else cfg.data.val_views)
-        )
-        dc = B.dataset_config(cfg.data, mc, "test", nv)
-        ds = B.build_dataset(records, dc, classes, mc)
+        nv = inference.resolve_views(cfg, split, views)
+        ds = inference.clip_dataset(run, records, nv)
         check_split(split, ds, cfg.data.max_bad_fraction)
         sampler = ResumableSampler(len(ds), info.world_size, info.rank, shuffle=False, pad=False)
         loader = B.make_loader(
