@@ -26,6 +26,8 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from mmt_fast.errors import ConfigError
+
 if TYPE_CHECKING:  # torch is imported when a plan runs, not when the CLI parses
     from torch import nn
 
@@ -41,7 +43,9 @@ def parse_size(text: str) -> int:
     """'40GiB', '40 GB', '32768MiB', '40' (GiB) -> bytes."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot read a memory size from {text!r}: use e.g. 40GiB, 40GB, 32768MiB")
+        raise ConfigError(
+            f"cannot read a memory size from {text!r}: use e.g. 40GiB, 40GB, 32768MiB"
+        )
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
@@ -144,12 +148,12 @@ def plan(
     from mmt_fast.profiling import estimate_inference_memory, estimate_step_memory, fake_mode
 
     if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+        raise ConfigError(f"precision {precision!r} is not one of {PRECISIONS}")
     if kernels not in ("auto", "reference", "triton"):
-        raise ValueError(f"kernels {kernels!r}: expected auto, reference or triton")
+        raise ConfigError(f"kernels {kernels!r}: expected auto, reference or triton")
     budget = gpu_mem - reserve
     if budget <= 0:
-        raise ValueError(f"--gpu-mem {gpu_mem / GiB:.2f} GiB leaves nothing after the reserve")
+        raise ConfigError(f"--gpu-mem {gpu_mem / GiB:.2f} GiB leaves nothing after the reserve")
     overrides = {} if num_classes is None else {"num_classes": num_classes}
     out: dict[str, Plan] = {}
     with fake_mode(kernels):
@@ -230,11 +234,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        gpu_mem, reserve = parse_size(args.gpu_mem), parse_size(args.reserve)
-    except ValueError as e:
-        print(f"mmt-fast plan: {e}", file=sys.stderr)
-        return 2
+    """``mmt-fast plan`` (arguments from :func:`add_arguments`); a bad size or budget is a
+    :class:`~mmt_fast.errors.ConfigError`, reported by the CLI in one line (exit code 2)."""
+    gpu_mem, reserve = parse_size(args.gpu_mem), parse_size(args.reserve)
     print(f"estimating {args.model} (each line is one traced step)...", flush=True)
     plans = plan(
         args.model,
@@ -263,5 +265,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # errors as the CLI reports them
+    from mmt_fast.cli import main as cli_main
+
+    raise SystemExit(cli_main(["plan", *sys.argv[1:]]))
