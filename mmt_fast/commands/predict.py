@@ -121,11 +121,6 @@ def collect_inputs(
     return out
 
 
-def class_names(run: LoadedRun) -> dict[str, list[str]]:
-    """head -> class names (the saved class index; class ids as strings for verb/noun)."""
-    return run.class_names
-
-
 # ------------------------------------------------------------------ prediction
 def _with_bar(batches: Iterable[dict], total: int) -> Iterator[dict]:
     """``batches``, with a progress bar on stderr counting clips (good and bad)."""
