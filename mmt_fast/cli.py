@@ -284,7 +284,8 @@ def error_exit_code(e: BaseException) -> tuple[int, str]:
     if isinstance(e, KeyboardInterrupt):
         return 130, "interrupted"
     if isinstance(e, MMTError):  # BadClipError (data.on_error: raise) is a DataError
-        return e.exit_code, e.kind
+        # class attributes: a BadClipError instance's own ``kind`` is the bad-clip kind
+        return type(e).exit_code, type(e).kind
     return 4, "runtime"
 
 

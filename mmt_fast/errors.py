@@ -27,7 +27,12 @@ from __future__ import annotations
 
 
 class MMTError(Exception):
-    """Base of the errors that end a command with a one-line message (exit code ``exit_code``)."""
+    """Base of the errors that end a command with a one-line message.
+
+    ``exit_code`` and ``kind`` (the word in ``mmt-fast: <kind> error: ...``) are class
+    attributes, read from the class by the CLI (an instance may use the name ``kind``
+    for its own purpose, as :class:`~mmt_fast.data.errors.BadClipError` does).
+    """
 
     exit_code = 1
     kind = "error"
