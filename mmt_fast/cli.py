@@ -22,7 +22,9 @@ Errors end the command with one line on stderr (--debug anywhere on the line,
 or MMT_FAST_DEBUG=1, prints the traceback too) and an exit code that says who
 must act: 2 config (a value, override, path or the run folder), 3 data (an
 empty or unusable split, a bad manifest), 4 runtime (non-finite loss, no valid
-batch, damaged checkpoints, any other failure), 130 interrupted.
+batch, damaged checkpoints, any other failure), 130 interrupted. ``train``
+exits with 75 when a preemption signal (``train.preempt_signals``: SIGTERM,
+SIGUSR1) stopped it after writing a checkpoint: requeue the job and resume.
 """
 
 from __future__ import annotations
@@ -53,7 +55,11 @@ def _train(args: argparse.Namespace) -> int:
     from mmt_fast.train import train
 
     cfg = _load_config(args)
-    train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume)
+    if result.get("preempted"):  # a checkpoint is written; the job may be requeued
+        from mmt_fast.train.preemption import PREEMPTED_EXIT_CODE
+
+        return PREEMPTED_EXIT_CODE
     return 0
 
 
