@@ -120,6 +120,17 @@ class Trainer:
             self._print(f"{how}: no checkpoint in {self.ckpt.dir}, so this run starts from step 0")
         resume_from = ck.path if ck is not None else None
 
+        if (
+            self.dist.is_main
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        ):
+            log.warning(
+                "torchrun --max-restarts with the rendezvous store shared with the workers: a "
+                "restarted group can fail to connect (pytorch/pytorch#135712); run torchrun with "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"
+            )
+
         # --- data
         self.train_records = B.read_records(cfg.data, "train")
         if self.train_records is None:
