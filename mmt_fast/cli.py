@@ -7,6 +7,7 @@ Commands::
     mmt-fast evaluate --checkpoint RUN_DIR [--config FILE] [--split test] [--views N]
     mmt-fast predict --checkpoint RUN_DIR INPUT... [--out preds.csv|.jsonl] [--top-k K]
     mmt-fast convert --from timm-mvitv2|slowfast|torchvision|ast --checkpoint IN --out OUT.safetensors
+    mmt-fast check-data --config FILE [--split train ...] [--workers N] [--out report.json|.csv]
     mmt-fast plan --model MMT --gpu-mem 40GiB [--precision bf16] [--checkpointing stage1]
     mmt-fast analyze --checkpoint RUN_DIR [--split test] [--out DIR]    # Table 5 + t-SNE
     mmt-fast explain --checkpoint RUN_DIR --clip PATH [--target CLASS] [--out FILE.png]
@@ -152,6 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.test=other/manifest.csv"
     )
     e.set_defaults(func=_evaluate)
+
+    cd = sub.add_parser(
+        "check-data",
+        help="test-decode every clip of a config's manifests; report the unusable ones",
+        description="Open and test-decode every clip (header, first and last windows of video "
+        "and audio) in parallel; counts per bad-clip kind, a JSON/CSV report, exit code 3 when "
+        "unusable clips exceed --max-bad-fraction.",
+    )
+    __import__("mmt_fast.commands.check_data", fromlist=["add_arguments"]).add_arguments(cd)
+    cd.set_defaults(
+        func=lambda a: __import__("mmt_fast.commands.check_data", fromlist=["main"]).main(a)
+    )
 
     pl = sub.add_parser("plan", help="largest batch that fits a GPU (estimated, no GPU needed)")
     __import__("mmt_fast.commands.plan", fromlist=["add_arguments"]).add_arguments(pl)

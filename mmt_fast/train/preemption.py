@@ -138,22 +138,26 @@ class StopWatch:
         """Restart the time-based interval (a checkpoint was just written)."""
         self._last_save = time.monotonic()
 
-    def poll(self, device: torch.device) -> tuple[bool, bool]:
-        """(stop, save_due), the same on every rank."""
+    def poll(
+        self, device: torch.device, counts: list[float] = ()
+    ) -> tuple[bool, bool, list[float]]:
+        """(stop, save_due, counts summed over ranks), the same on every rank. ``counts``
+        ride along in the same all-reduce (the trainer's bad clips per kind)."""
         stop = float(bool(self.received))
         due = 0.0
         if self.interval_s is not None and D.rank() == 0:
             due = float(time.monotonic() - self._last_save >= self.interval_s)
+        counts = [float(c) for c in counts]
         if D.is_dist():
-            t = D.all_reduce_sum(torch.tensor([stop, due], dtype=torch.float64, device=device))
-            stop, due = (float(v) for v in t.cpu().tolist())
+            t = torch.tensor([stop, due, *counts], dtype=torch.float64, device=device)
+            stop, due, *counts = (float(v) for v in D.all_reduce_sum(t).cpu().tolist())
         if stop and self.stop_reason is None:
             mine = self.received[0] if self.received else None
             who = D.all_gather_object(mine)
             self.stop_reason = next(
                 f"{s} (received by rank {r})" for r, s in enumerate(who) if s is not None
             )
-        return stop > 0, due > 0
+        return stop > 0, due > 0, counts
 
 
 def write_marker(out_dir: Path, info: dict) -> Path:

@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mmt_fast.data.dataset import check_split
+from mmt_fast.data.errors import BAD_KINDS
 from mmt_fast.errors import ConfigError, DataError, TrainingError
 from mmt_fast.models.checkpointing import set_activation_checkpointing
 from mmt_fast.train import builders as B
@@ -56,6 +57,8 @@ from mmt_fast.train.sampling import CachedDataset, ResumableSampler, SeededDatas
 from mmt_fast.train.schedule import WarmupCosine
 
 log = logging.getLogger("mmt_fast.train")
+
+KINDS = (*BAD_KINDS, "unknown")  # bad-clip kinds counted per step (collate's "unknown": None)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -215,6 +218,10 @@ class Trainer:
         self._epoch_good = 0
         self._bad_loss: float | None = None
         self._val_pending = False  # a preempted epoch end whose validation is still to run
+        self._step_bad: collections.Counter = collections.Counter()  # this rank, this step
+        self._epoch_bad = 0  # clips that failed to load this epoch, all ranks
+        self.bad_seen: collections.Counter = collections.Counter()  # ... since start, per kind
+        self._postfix: dict[str, str] = {}
         self._watch: StopWatch | None = None
         seed_everything(derive_seed(t.seed, r, 1))
         if ck is not None:
@@ -357,6 +364,7 @@ class Trainer:
     def _micro_step(self, batch: dict, scale: float, sync: bool) -> tuple[dict, int]:
         """Forward + backward of one micro-batch; returns (loss parts, good clips)."""
         self.skipped.update(batch["skipped"])
+        self._step_bad.update(batch["skipped"])
         self.warnings.update(batch.get("warnings", {}))
         for b in batch.get("bad", []):
             self.bad_clips[b.path] = [b.kind, b.reason]
@@ -500,6 +508,7 @@ class Trainer:
                 it = iter(loader)
                 self.model.train()
                 self._epoch_good = 0
+                self._epoch_bad = 0
                 epoch_start_batch = self.batch_in_epoch
                 while self.batch_in_epoch < self.batches_per_epoch and self.step < self.total_steps:
                     t0 = time.perf_counter()
@@ -527,15 +536,22 @@ class Trainer:
                             vals["train/grad_norm"] = gn
                         self.logger.log(self.step, self.epoch + 1, vals)
                         if bar is not None:
-                            bar.set_postfix(
+                            self._postfix.update(
                                 loss=f"{vals.get('train/total', float('nan')):.3f}",
                                 clips_s=f"{cps:.1f}",
                                 lr=f"{vals['train/lr']:.2e}",
                             )
+                            bar.set_postfix(self._postfix)
                         window_clips, window_t0, window_n = 0, time.perf_counter(), 0
                         window_parts.clear()
                     # one collective per step: a signal (any rank) or a due time-based save
-                    stop, due = watch.poll(self.device)
+                    # ... which also sums the clips that failed to load, per kind
+                    stop, due, bad = watch.poll(
+                        self.device, [self._step_bad.get(k, 0) for k in KINDS]
+                    )
+                    self._step_bad.clear()
+                    if any(bad):
+                        self._count_bad(bad)
                     preempted = stop and self.step < self.total_steps
                     if self.batch_in_epoch >= self.batches_per_epoch:
                         break  # end of epoch: handled below (its checkpoint covers `due`)
@@ -583,6 +599,34 @@ class Trainer:
             interrupted, elapsed, step_times, watch.stop_reason if preempted else None
         )
         return result
+
+    def _count_bad(self, bad: list[float]) -> None:
+        """Show this step's unusable clips (all ranks) at once and stop as soon as the
+        epoch is sure to exceed ``data.max_bad_fraction`` (every rank holds the same sums)."""
+        new_kinds = [k for k, n in zip(KINDS, bad) if n and k not in self.bad_seen]
+        for k, n in zip(KINDS, bad):
+            if n:
+                self.bad_seen[k] += int(n)
+        self._epoch_bad += int(sum(bad))
+        text = ", ".join(f"{k} {n}" for k, n in sorted(self.bad_seen.items()))
+        if self._bar is not None:
+            self._postfix["bad"] = text
+            self._bar.set_postfix(self._postfix)
+        elif new_kinds and self.dist.is_main:
+            self._print(f"step {self.step}: clips that fail to load so far: {text}")
+        d, t = self.cfg.data, self.cfg.train
+        epoch_clips = self.batches_per_epoch * t.batch_size * self.dist.world_size
+        if self._epoch_bad > d.max_bad_fraction * epoch_clips:
+            self._check_progress(f"epoch {self.epoch}")  # none usable at all: says so
+            bad_clips = self._gather_bad()  # collective: every rank is here at this step
+            first = "; ".join(f"{p}: {r}" for p, (_, r) in list(bad_clips.items())[:3])
+            raise DataError(
+                f"epoch {self.epoch + 1}, step {self.step}: {self._epoch_bad} of the "
+                f"{epoch_clips} clips the epoch draws failed to load ({text} since the start), "
+                f"more than data.max_bad_fraction={d.max_bad_fraction}; first: {first}. The last "
+                f"checkpoint is {self.ckpt.latest() or 'none yet'}; `mmt-fast check-data` "
+                "lists every unusable clip"
+            )
 
     def _end_epoch(self, validate: bool = True) -> None:
         """Save the epoch's checkpoint, then validate: a failing evaluation never loses
