@@ -101,12 +101,13 @@ class StopWatch:
         return self
 
     def __exit__(self, *exc) -> None:
-        if not self.received:
+        if not self.received and self.stop_reason is None:
             self.restore()
             return
         # the process is about to exit with PREEMPTED_EXIT_CODE: from now on the signals
-        # are ignored, so that more of them on the way out (the cluster repeating itself)
-        # cannot turn a clean stop into a kill. (Python resets its own handlers to the
+        # are ignored, so that more of them on the way out (the cluster repeating itself,
+        # torchrun terminating the ranks still writing their summary after another rank
+        # has exited) cannot turn a clean stop into a kill. (Python resets its own handlers to the
         # default action when the interpreter shuts down, but not SIG_IGN.) restore()
         # undoes this.
         for sig in self._previous:
