@@ -27,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         choices=SPLITS,
         default=None,
-        help="splits to check (default: every split the config names)",
+        help="splits to check (default: every split the config names; KEY=VALUE overrides go "
+        "before this option)",
     )
     p.add_argument("--workers", type=int, default=4, help="decoding processes (0: in this process)")
     p.add_argument("--out", default=None, help="report of the unusable clips: .json or .csv")

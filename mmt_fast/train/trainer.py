@@ -571,7 +571,8 @@ class Trainer:
                 if interrupted:
                     break
                 if self.batch_in_epoch >= self.batches_per_epoch:
-                    self._end_epoch(validate=not preempted)
+                    if self._end_epoch(validate=not preempted):
+                        preempted = True  # a signal came before the validation
                     if preempted:
                         interrupted = True
                         break
@@ -628,11 +629,12 @@ class Trainer:
                 "lists every unusable clip"
             )
 
-    def _end_epoch(self, validate: bool = True) -> None:
+    def _end_epoch(self, validate: bool = True) -> bool:
         """Save the epoch's checkpoint, then validate: a failing evaluation never loses
         the epoch's work. The val result is added to the checkpoint's meta.json and
-        best.json afterwards. ``validate=False`` (preempted): the checkpoint records
-        that the validation is pending and the resumed run does it first."""
+        best.json afterwards. ``validate=False`` (preempted), or a preemption signal
+        on any rank before the validation starts (True is returned): the checkpoint
+        records that the validation is pending and the resumed run does it first."""
         t = self.cfg.train
         finished = self.epoch + 1  # 1-based, as printed and logged
         self.epoch += 1
@@ -644,10 +646,14 @@ class Trainer:
             and t.eval_every
             and (self.epoch % t.eval_every == 0 or self.step >= self.total_steps)
         )
-        self._val_pending = bool(due and not validate)
+        stop = False
+        if due and validate and self._watch is not None:  # validation can take minutes
+            stop = self._watch.poll(self.device)[0]
+        self._val_pending = bool(due and (stop or not validate))
         self.save({"finished_epoch": finished})
-        if due and validate:
+        if due and validate and not stop:
             self._validate_epoch(finished)
+        return stop
 
     def _validate_epoch(self, finished: int) -> None:
         """Validate after epoch ``finished`` (1-based) and record the result."""
