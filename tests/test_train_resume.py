@@ -1,6 +1,8 @@
 """Kill-and-resume: an interrupted run, resumed, ends with the same weights as an
 uninterrupted one (deterministic CPU settings), including a mid-epoch stop with
-gradient accumulation, drop-path RNG, augmentation and multi-process loading."""
+gradient accumulation, drop-path RNG, augmentation and multi-process loading; a run
+killed with SIGKILL; a run preempted with SIGTERM (checkpoint, exit code 75); and
+time-based checkpoints."""
 
 import contextlib
 import csv
@@ -197,9 +199,11 @@ def test_time_based_checkpoints(manifest, tmp_path):
     out = tmp_path / "timed"
     ov = {"train.ckpt_every": None, "train.ckpt_every_minutes": 1e-6, "train.epochs": 1}
     ov.update({"train.keep_last": 10, "train.eval_every": 0, "model.overrides": {}})
+    before = signal.getsignal(signal.SIGTERM)
     res = train(load_config(DEMO, _overrides(manifest, out, **ov)))
     assert res["step"] == 4 and res["preempted"] is None
     assert CheckpointManager(out / "checkpoints").steps() == [1, 2, 3, 4]
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers put back after the run
     with pytest.raises(ValueError, match=r"train\.ckpt_every_minutes"):
         load_config(DEMO, _overrides(manifest, out, **{"train.ckpt_every_minutes": 0}))
     with pytest.raises(ValueError, match="SIGKILL cannot be caught"):

@@ -49,6 +49,12 @@ class _Probe:
         return None if isinstance(item, dict) else (item.kind, item.reason)
 
 
+def _can_fork() -> bool:
+    import multiprocessing as mp
+
+    return "fork" in mp.get_all_start_methods()
+
+
 def _first(batch):
     return batch[0]
 
@@ -104,7 +110,7 @@ def check_clips(
             batch_size=1,
             num_workers=workers,
             collate_fn=_first,
-            multiprocessing_context="fork" if workers else None,
+            multiprocessing_context="fork" if workers and _can_fork() else None,
         )
         bar = tqdm(
             loader,
