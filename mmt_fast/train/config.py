@@ -106,7 +106,9 @@ class DataSection:
     ``max_bad_fraction``: before training, a split whose clips are missing or have
     labels outside the class list in a larger fraction than this (or that has no
     usable clip at all) stops the run with a message naming the split, the counts
-    per kind and the first files. ``cache``:
+    per kind and the first files; during training, an epoch stops the run as soon
+    as its clips that failed to load (counted per kind over all ranks after every
+    step) exceed this fraction of the clips it draws. ``cache``:
     decode each training clip once, with the deterministic test-time transform
     (centre window and crop, no SpecAugment), and keep it in memory: no
     augmentation; for small data sets and demos on the CPU (needs ``num_workers: 0``).
