@@ -15,15 +15,20 @@ worker on a SIGTERM from anyone but its parent, which the main process then
 reports as "DataLoader worker is killed by signal". SLURM signals every process
 of a job step, so the trainer's loaders start their workers with
 :func:`worker_ignores` (the handled signals ignored there; the main process
-still stops its workers as usual). The handler does nothing but set a flag, and the signals are blocked while a
+still stops its workers as usual).
+
+The handler does nothing but set a flag, and the signals are blocked while a
 checkpoint is written (they stay pending until the files are complete), so a
 second signal (or a third) arriving during the save changes nothing: the
-checkpoint is finished and the process exits as after the first.
+checkpoint is finished and the process exits as after the first. Once a run
+has stopped for a signal, the signals are ignored until the process exits.
 
-Under DDP each rank checks the flag after every step with one all-reduce of
-two numbers (the stop flag and the "checkpoint is due" flag of
-``train.ckpt_every_minutes``, decided by rank 0's clock): one rank receiving
-the signal is enough, and all ranks stop after the same step.
+Under DDP each rank checks the flag after every step with one all-reduce of a
+few numbers (the stop flag, the "checkpoint is due" flag of
+``train.ckpt_every_minutes`` decided by rank 0's clock, and the trainer's
+unusable clips per kind): one rank receiving the signal is enough, and all
+ranks stop after the same step. Measured: about 1 ms per step with gloo on a
+loaded 2-core CPU machine.
 """
 
 from __future__ import annotations
@@ -75,9 +80,10 @@ class StopWatch:
     """Signal flags and the time-based checkpoint clock of one training run.
 
     Use as a context manager around the loop: the handlers are installed on
-    entry and the previous ones restored on exit. :meth:`poll` (called by
-    every rank after every step, a collective under DDP) returns
-    ``(stop, save_due)`` agreed by all ranks.
+    entry and the previous ones restored on exit (unless the run stopped for a
+    signal: see the module docstring). :meth:`poll` (called by every rank after
+    every step, a collective under DDP) returns ``(stop, save_due, counts)``
+    agreed by all ranks.
     """
 
     def __init__(self, signals=(), ckpt_every_minutes: float | None = None) -> None:
