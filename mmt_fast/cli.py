@@ -7,6 +7,7 @@ Commands::
     mmt-fast evaluate --checkpoint RUN_DIR [--config FILE] [--split test] [--views N]
     mmt-fast predict --checkpoint RUN_DIR INPUT... [--out preds.csv|.jsonl] [--top-k K]
     mmt-fast convert --from timm-mvitv2|slowfast|torchvision|ast --checkpoint IN --out OUT.safetensors
+    mmt-fast check-data --config FILE [--split train ...] [--workers N] [--out report.json|.csv]
     mmt-fast plan --model MMT --gpu-mem 40GiB [--precision bf16] [--checkpointing stage1]
     mmt-fast analyze --checkpoint RUN_DIR [--split test] [--out DIR]    # Table 5 + t-SNE
     mmt-fast explain --checkpoint RUN_DIR --clip PATH [--target CLASS] [--out FILE.png]
@@ -25,7 +26,9 @@ data (an empty or unusable split, a bad manifest, a bad clip under
 data.on_error: raise), 4 runtime (non-finite loss, no valid batch, damaged
 checkpoints, any other failure), 130 interrupted. The classes are those of
 mmt_fast.errors; every command raises them and only main() turns them into
-the message and the exit code.
+the message and the exit code. ``train`` exits with 75 when a preemption
+signal (``train.preempt_signals``: SIGTERM, SIGUSR1) stopped it after writing a
+checkpoint: requeue the job and resume.
 """
 
 from __future__ import annotations
@@ -38,25 +41,20 @@ from collections.abc import Sequence
 
 def _load_config(args: argparse.Namespace):
     """The config, every failure to read or validate it being a ConfigError (exit code 2)."""
-    from mmt_fast.errors import ConfigError
-    from mmt_fast.train import load_config
+    from mmt_fast.inference import read_config
 
-    try:
-        return load_config(args.config, args.overrides)
-    except ConfigError:
-        raise
-    except FileNotFoundError as e:
-        raise ConfigError(f"config file {e.filename} does not exist") from e
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        raise ConfigError(f"{args.config}: {msg}") from e
+    return read_config(args.config, args.overrides)
 
 
 def _train(args: argparse.Namespace) -> int:
     from mmt_fast.train import train
 
     cfg = _load_config(args)
-    train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume)
+    if result.get("preempted"):  # a checkpoint is written; the job may be requeued
+        from mmt_fast.train.preemption import PREEMPTED_EXIT_CODE
+
+        return PREEMPTED_EXIT_CODE
     return 0
 
 
@@ -149,6 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.test=other/manifest.csv"
     )
     e.set_defaults(func=_evaluate)
+
+    cd = sub.add_parser(
+        "check-data",
+        help="test-decode every clip of a config's manifests; report the unusable ones",
+        description="Open and test-decode every clip (header, first and last windows of video "
+        "and audio) in parallel; counts per bad-clip kind, a JSON/CSV report, exit code 3 when "
+        "unusable clips exceed --max-bad-fraction.",
+    )
+    __import__("mmt_fast.commands.check_data", fromlist=["add_arguments"]).add_arguments(cd)
+    cd.set_defaults(
+        func=lambda a: __import__("mmt_fast.commands.check_data", fromlist=["main"]).main(a)
+    )
 
     pl = sub.add_parser("plan", help="largest batch that fits a GPU (estimated, no GPU needed)")
     __import__("mmt_fast.commands.plan", fromlist=["add_arguments"]).add_arguments(pl)

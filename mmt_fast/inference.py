@@ -38,11 +38,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mmt_fast.config import MMTConfig
-from mmt_fast.data import AVClipDataset, BadItem, ClipRecord, collate_clips
+from mmt_fast.data import AVClipDataset, BadItem, ClipRecord, DataConfig, collate_clips
 from mmt_fast.errors import ConfigError
 from mmt_fast.train import builders as B
 from mmt_fast.train.checkpoint import Checkpoint, load_checkpoint
-from mmt_fast.train.config import TrainConfig, config_from_dict, load_config
+from mmt_fast.train.config import TrainConfig, check_paths, config_from_dict, load_config
 from mmt_fast.train.metrics import average_views
 
 #: what :class:`Recorder` can record (see there)
@@ -121,6 +121,59 @@ def run_config(
                 "leave out --config to evaluate with the run's own config"
             )
     return cfg
+
+
+def read_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """A training config file plus ``KEY=VALUE`` overrides; every failure to read or
+    validate it is a :class:`ConfigError` (exit code 2) naming the file."""
+    try:
+        return load_config(path, overrides)
+    except ConfigError:
+        raise
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file {e.filename} does not exist") from e
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise ConfigError(f"{path}: {msg}") from e
+
+
+@dataclass
+class DataSetup:
+    """What a config says about its data, for commands that decode clips without a
+    trained run (``check-data``, ``prepare``): the records per split, the class index
+    (:func:`mmt_fast.train.builders.class_info`), the model config the clips are shaped
+    for, and the test-mode dataset config with ``views`` views."""
+
+    records: dict[str, list[ClipRecord]]
+    classes: dict
+    model_cfg: MMTConfig
+    dataset_cfg: DataConfig
+
+    def dataset_kwargs(self) -> dict:
+        """The class arguments of :class:`~mmt_fast.data.AVClipDataset` for these classes."""
+        from mmt_fast.data.manifests import ClassIndex
+
+        if self.classes["kind"] == "label":
+            return {"class_index": ClassIndex(self.classes["names"])}
+        return {
+            "num_verbs": self.model_cfg.heads["verb"],
+            "num_nouns": self.model_cfg.heads["noun"],
+        }
+
+
+def data_setup(cfg: TrainConfig, splits: Iterable[str], views: int = 1) -> DataSetup:
+    """The :class:`DataSetup` of ``splits`` (each must be configured, and the files the
+    config names must exist: ConfigError)."""
+    check_paths(cfg, tuple(splits), out_dir=False)
+    records = {s: split_records(cfg, s) for s in splits}
+    train = records.get("train") or B.read_records(cfg.data, "train")
+    classes = B.class_info(cfg.data, train or next(iter(records.values()), None))
+    mc = B.model_config(cfg, classes)
+    try:
+        dc = B.dataset_config(cfg.data, mc, "test", views)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    return DataSetup(records, classes, mc, dc)
 
 
 def load_run(

@@ -1,12 +1,26 @@
-"""DDP under ``torchrun --nproc_per_node=2`` (gloo on the CPU): a few steps of
-MMT-tiny with a distributed sampler; the parameters are identical on both ranks
-afterwards and equal to the checkpoint rank 0 wrote; the resumed run matches too."""
+"""DDP under ``torchrun --nproc_per_node=2`` (gloo on the CPU), every run compared with
+one uninterrupted run of the same config:
+
+- a few steps of MMT-tiny with a distributed sampler: the parameters are identical on
+  both ranks and equal to the checkpoint rank 0 wrote; stopped and resumed, the run
+  ends with the uninterrupted run's weights;
+- preemption: SIGUSR1 sent to rank 1 alone stops both ranks after the same step with
+  a checkpoint and exit code 75; ``train.auto_resume`` continues it exactly;
+- elastic restart: with ``torchrun --max-restarts 1`` a worker killed by SIGKILL
+  mid-epoch is restarted with its group, which resumes from the newest checkpoint
+  (``train.auto_resume``, no flag typed) and ends with the same weights.
+
+Real processes and signals throughout; worker processes are found from torchrun's
+process tree (``/proc``) by their ``RANK``.
+"""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -14,8 +28,10 @@ import torch
 
 from mmt_fast.data.synthetic import make_synthetic
 from mmt_fast.train import load_checkpoint, load_config
+from mmt_fast.train.checkpoint import CheckpointManager
 
 DEMO = Path(__file__).parents[1] / "configs" / "demo_synthetic.yaml"
+STEPS = 6  # 16 train clips / 2 ranks / batch 2 = 4 micro-batches = 2 steps per epoch, 3 epochs
 
 RANK_SCRIPT = textwrap.dedent("""
     import hashlib, json, os, sys
@@ -42,31 +58,38 @@ RANK_SCRIPT = textwrap.dedent("""
     D.cleanup()
 """)
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-def _torchrun(tmp_path, cfg_path, mode, *overrides):
-    script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
+
+def _torchrun_cmd(*args, restarts=0):
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node=2",
-        str(script),
-        str(cfg_path),
-        mode,
-        *overrides,
+        f"--max-restarts={restarts}",
+        "--monitor-interval=0.2",
+        *args,
     ]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+def _cli(cfg_path, *overrides, restarts=0):
+    return _torchrun_cmd(
+        "-m", "mmt_fast.cli", "train", "--config", str(cfg_path), *overrides, restarts=restarts
+    )
+
+
+def _run(cmd, expect=0):
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert p.returncode == expect, p.stdout[-3000:] + p.stderr[-3000:]
     return p
 
 
-@pytest.mark.distributed
-def test_ddp_two_processes_gloo(tmp_path):
-    manifest = make_synthetic(tmp_path / "syn", num_clips=24, size=32, duration=1.0)
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    manifest = make_synthetic(tmp / "syn", num_clips=24, size=32, duration=1.0)
     m = str(manifest)
     cfg = load_config(
         DEMO,
@@ -76,21 +99,81 @@ def test_ddp_two_processes_gloo(tmp_path):
             f"data.test={m}",
             "data.num_workers=1",
             "data.cache=false",
-            f"train.out_dir={out}",
+            f"train.out_dir={tmp / 'unused'}",
             "train.batch_size=2",
             "train.grad_accum=2",
-            "train.epochs=2",
+            "train.epochs=3",
             "train.ckpt_every=1",
+            "train.keep_last=10",
             "train.torch_threads=1",
             "train.progress=false",
             "train.tensorboard=false",
             "train.deterministic=true",
         ],
     )
-    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path = tmp / "cfg.yaml"
     cfg_path.write_text(cfg.to_yaml())
-    # 16 train clips / 2 ranks / batch 2 = 4 micro-batches = 2 steps per epoch
-    _torchrun(tmp_path, cfg_path, "first", "train.stop_at_step=3")
+    ref = tmp / "reference"
+    _run(_cli(cfg_path, f"train.out_dir={ref}"))  # uninterrupted
+    ref_weights = load_checkpoint(ref, which="latest")
+    assert ref_weights.step == STEPS
+    return cfg_path, ref_weights.model
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # bitwise
+
+
+def _children(pid):
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _worker_pid(agent_pid, rank, timeout=120):
+    """The pid of torchrun's worker of rank ``rank`` (from its environment in /proc)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        todo = _children(agent_pid)
+        while todo:
+            pid = todo.pop()
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env and b"TORCHELASTIC_RUN_ID" in b" ".join(env):
+                return pid
+            todo += _children(pid)
+        time.sleep(0.05)
+    raise AssertionError(f"no worker of rank {rank} under pid {agent_pid}")
+
+
+def _start(cmd, tmp_path, name, **env):
+    log = open(tmp_path / f"{name}.log", "w")
+    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**ENV, **env})
+    return p, log
+
+
+def _wait_for_checkpoint(p, mgr, timeout=180):
+    deadline = time.time() + timeout
+    while not mgr.steps() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+
+
+@pytest.mark.distributed
+def test_ddp_two_processes_gloo(setup, tmp_path):
+    cfg_path, ref = setup
+    out = tmp_path / "run"
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    base = [str(script), str(cfg_path)]
+    _run(_torchrun_cmd(*base, "first", f"train.out_dir={out}", "train.stop_at_step=3"))
     r = [json.loads((out / f"rank{i}_first.json").read_text()) for i in range(2)]
     assert [x["world"] for x in r] == [2, 2] and r[0]["backend"] == "gloo"
     assert r[0]["step"] == r[1]["step"] == 3
@@ -104,8 +187,67 @@ def test_ddp_two_processes_gloo(tmp_path):
     local = torch.load(out / "rank1_first.pt", weights_only=True)
     for k, v in ck.model.items():
         assert torch.equal(v, local[k]), k
-    # resume on two processes from step 3 to the end
-    _torchrun(tmp_path, cfg_path, "resume")
+    # resume on two processes from step 3 to the end: the uninterrupted run's weights
+    _run(_torchrun_cmd(*base, "resume", f"train.out_dir={out}"))
     r2 = [json.loads((out / f"rank{i}_resume.json").read_text()) for i in range(2)]
-    assert r2[0]["step"] == r2[1]["step"] == 4 and r2[0]["hash"] == r2[1]["hash"]
-    assert load_checkpoint(out, which="latest").step == 4
+    assert r2[0]["step"] == r2[1]["step"] == STEPS and r2[0]["hash"] == r2[1]["hash"]
+    final = load_checkpoint(out, which="latest")
+    assert final.step == STEPS
+    _assert_same(ref, final.model)
+
+
+@pytest.mark.distributed
+def test_ddp_signal_to_one_rank_stops_both(setup, tmp_path):
+    cfg_path, ref = setup
+    out = tmp_path / "sig"
+    mgr = CheckpointManager(out / "checkpoints")
+    p, log = _start(_cli(cfg_path, f"train.out_dir={out}"), tmp_path, "sig")
+    try:
+        rank1 = _worker_pid(p.pid, 1)
+        _wait_for_checkpoint(p, mgr)  # step 1
+        os.kill(rank1, signal.SIGUSR1)  # rank 1 alone: rank 0 writes the checkpoint
+        p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        log.close()
+    text = (tmp_path / "sig.log").read_text()
+    marker = json.loads((out / "preempted.json").read_text())
+    stop = marker["step"]
+    assert "preempted by SIGUSR1 (received by rank 1)" in text, text[-3000:]
+    assert 1 <= stop < STEPS and mgr.steps()[-1] == stop
+    # both workers exit with 75 (torchrun, whose workers did not succeed, exits with 1)
+    assert p.returncode == 1 and text.count("exitcode  : 75") == 2, text[-3000:]
+    # continue without --resume: train.auto_resume
+    res = _run(_cli(cfg_path, f"train.out_dir={out}", "train.auto_resume=true"))
+    assert f"resumed from {mgr.path_of(stop)}" in res.stderr + res.stdout
+    assert not (out / "preempted.json").exists()
+    _assert_same(ref, load_checkpoint(out, which="latest").model)
+
+
+@pytest.mark.distributed
+def test_elastic_restart_after_sigkill_resumes_automatically(setup, tmp_path):
+    cfg_path, ref = setup
+    out = tmp_path / "elastic"
+    mgr = CheckpointManager(out / "checkpoints")
+    cmd = _cli(cfg_path, f"train.out_dir={out}", "train.auto_resume=true", restarts=1)
+    # a fresh store per restart (pytorch/pytorch#135712: with the rendezvous store shared,
+    # the restarted group can read the dead group's addresses and fail to connect)
+    p, log = _start(cmd, tmp_path, "elastic", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    try:
+        rank1 = _worker_pid(p.pid, 1)
+        _wait_for_checkpoint(p, mgr)  # step 1, mid-epoch
+        os.kill(rank1, signal.SIGKILL)
+        killed_after = mgr.steps()[-1]
+        p.wait(timeout=240)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        log.close()
+    text = (tmp_path / "elastic.log").read_text()
+    assert p.returncode == 0, text[-3000:]
+    assert killed_after < STEPS
+    assert "resumed from" in text and "elastic restart 1" in text, text[-3000:]
+    _assert_same(ref, load_checkpoint(out, which="latest").model)

@@ -6,7 +6,6 @@ so far is kept."""
 import csv
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -78,13 +77,13 @@ def test_unusable_val_split_stops_before_training(manifest, tmp_path, capsys):
         if r["split"] == "val":
             r["label"] = r["label"] + "x"  # a spelling difference: no val label is known
     m = _write(manifest.parent / f"{tmp_path.name}_m.csv", rows)
-    t0 = time.perf_counter()
     rc, err = _run(m, tmp_path / "run", "data.cache=false", capsys=capsys)
     line = _error_line(err)
     assert rc == 3 and "data error" in line and "val split" in line
     assert "unknown_label" in line and "clip_" in line  # counts per kind and first files
+    # stopped before training: no checkpoint, no metric, no model built
     assert not (tmp_path / "run" / "checkpoints").exists()
-    assert time.perf_counter() - t0 < 30
+    assert not (tmp_path / "run" / "metrics.csv").exists() and "model MMT" not in err
 
 
 def test_wrong_root_is_a_data_error(manifest, tmp_path, capsys):
@@ -151,19 +150,17 @@ def test_nonfinite_skip_counts_and_gives_up(manifest, tmp_path, capsys, caplog):
     ],
 )
 def test_config_errors_are_found_up_front(manifest, tmp_path, capsys, override, words):
-    t0 = time.perf_counter()
     rc, err = _run(manifest, tmp_path / "run", override, capsys=capsys)
     line = _error_line(err)
     assert rc == 2 and "config error" in line and words in line, line
-    assert time.perf_counter() - t0 < 5
+    assert not (tmp_path / "run").exists()  # found before anything was built or written
 
 
 def test_unwritable_out_dir_is_found_up_front(manifest, tmp_path, capsys):
     (tmp_path / "file").write_text("")
-    t0 = time.perf_counter()
     rc, err = _run(manifest, tmp_path / "file" / "run", capsys=capsys)
     assert rc == 2 and "train.out_dir: cannot write" in _error_line(err)
-    assert time.perf_counter() - t0 < 5
+    assert "model MMT" not in err  # before the data is read or the model built
 
 
 def test_debug_prints_the_traceback(manifest, tmp_path, capsys):

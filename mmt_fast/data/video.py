@@ -20,6 +20,12 @@ them anyway (:func:`decode_size`): the test short side is the crop size; for
 training the short side is ``train_short_side`` (320 px for a 224 crop, the
 upper end of SlowFast's scale jitter).
 
+Rotation: phone videos are often stored sideways with a display matrix saying
+how to turn them (MP4/MOV ``tkhd``). decord 0.6.0 applies it, so frames come
+out upright, and :func:`probe_video` reports the displayed size
+(:func:`display_rotation`), so that the reduced decoding size keeps the
+picture's proportions; the crops below are taken from upright frames.
+
 Spatial: training takes one random resized crop (area scale and aspect ratio
 ranges as torchvision's ``RandomResizedCrop``; the MViTv2 recipe in SlowFast uses
 (0.08, 1.0) and (3/4, 4/3)) shared by all frames, resizes it to ``S x S`` and
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -43,11 +50,78 @@ from .errors import BadClipError
 
 
 class VideoInfo(NamedTuple):
-    """What the container's header says about the first video stream."""
+    """What the container's header says about the first video stream.
+
+    ``height``/``width`` are the frame size as displayed, i.e. after the
+    container's rotation (what decord returns): a phone video stored 1920x1080
+    with a 90 degree display matrix is 1080 wide and 1920 high. ``rotation``:
+    the display rotation in degrees counter-clockwise (0, 90, 180 or 270).
+    """
 
     height: int
     width: int
     format: str
+    rotation: int = 0
+
+
+def _boxes(f, start: int, end: int):
+    """(type, payload start, payload end) of the ISO-BMFF boxes in ``[start, end)``."""
+    pos = start
+    while pos + 8 <= end:
+        f.seek(pos)
+        head = f.read(8)
+        if len(head) < 8:
+            return
+        size, kind = struct.unpack(">I4s", head)
+        body = pos + 8
+        if size == 1:
+            size = struct.unpack(">Q", f.read(8))[0]
+            body += 8
+        elif size == 0:
+            size = end - pos
+        if size < body - pos:
+            return
+        yield kind, body, min(pos + size, end)
+        pos += size
+
+
+def display_rotation(path: str) -> int:
+    """Display rotation (degrees counter-clockwise: 0, 90, 180, 270) of the first video
+    track of an MP4/MOV file, from its track header's matrix (ISO/IEC 14496-12 ``tkhd``;
+    where phones, and FFmpeg's display-matrix side data, put it); 0 for other files.
+
+    Read from the header boxes alone (a few small reads), since PyAV reports the
+    display matrix only on decoded frames. decord applies this rotation to the frames
+    it returns, so the sizes it is asked for must be the displayed ones.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            for kind, b, e in _boxes(f, 0, size):
+                if kind != b"moov":
+                    continue
+                for tk, tb, te in _boxes(f, b, e):
+                    if tk != b"trak":
+                        continue
+                    matrix, video = None, False
+                    for ck, cb, ce in _boxes(f, tb, te):
+                        if ck == b"tkhd":
+                            f.seek(cb)
+                            version = f.read(1)[0]
+                            f.seek(cb + 4 + (32 if version == 1 else 20) + 16)
+                            matrix = struct.unpack(">9i", f.read(36))
+                        elif ck == b"mdia":
+                            for mk, mb, _ in _boxes(f, cb, ce):
+                                if mk == b"hdlr":
+                                    f.seek(mb + 8)
+                                    video = f.read(4) == b"vide"
+                    if video and matrix is not None:
+                        a, b_ = matrix[0] / 65536, matrix[1] / 65536
+                        return round(math.degrees(math.atan2(-b_, a)) / 90) % 4 * 90
+                return 0
+    except (OSError, struct.error, IndexError):
+        return 0
+    return 0
 
 
 def probe_video(path: str) -> VideoInfo:
@@ -89,7 +163,10 @@ def probe_video(path: str) -> VideoInfo:
             "`ffmpeg -i in.ts -c copy out.mp4`",
             "unsupported_format",
         )
-    return VideoInfo(h, w, fmt)
+    rot = display_rotation(path) if fmt.startswith("mov") else 0
+    if rot in (90, 270):  # decord returns the frames as displayed: upright
+        h, w = w, h
+    return VideoInfo(h, w, fmt, rot)
 
 
 UNSUPPORTED_FORMATS = {"mpegts": "MPEG-TS", "mpeg": "MPEG-PS"}

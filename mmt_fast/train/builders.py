@@ -179,12 +179,14 @@ def make_loader(
     epoch: int,
     drop_last: bool,
     pin_memory: bool = False,
+    worker_init_fn=None,
 ) -> DataLoader:
     """A DataLoader for one epoch (or what is left of it).
 
     Its own ``generator`` keeps the main process's torch RNG untouched (a plain
     DataLoader draws the worker base seed from it); augmentation randomness
-    comes from :class:`SeededDataset` per clip.
+    comes from :class:`SeededDataset` per clip. ``worker_init_fn``: run in each
+    worker (the trainer's ignores the preemption signals there).
     """
     if isinstance(dataset, SeededDataset):
         dataset.epoch = epoch
@@ -199,6 +201,7 @@ def make_loader(
         generator=g,
         pin_memory=pin_memory,
         persistent_workers=False,
+        worker_init_fn=worker_init_fn,
         multiprocessing_context="fork" if num_workers > 0 and _fork_ok() else None,
     )
 

@@ -106,7 +106,9 @@ class DataSection:
     ``max_bad_fraction``: before training, a split whose clips are missing or have
     labels outside the class list in a larger fraction than this (or that has no
     usable clip at all) stops the run with a message naming the split, the counts
-    per kind and the first files. ``cache``:
+    per kind and the first files; during training, an epoch stops the run as soon
+    as its clips that failed to load (counted per kind over all ranks after every
+    step) exceed this fraction of the clips it draws. ``cache``:
     decode each training clip once, with the deterministic test-time transform
     (centre window and crop, no SpecAugment), and keep it in memory: no
     augmentation; for small data sets and demos on the CPU (needs ``num_workers: 0``).
@@ -203,7 +205,15 @@ class TrainSection:
     ``activation_checkpointing``: ``none``, ``blocks`` (recompute every
     block's activations in the backward pass) or ``stage1`` (only the
     multiscale encoders' first stage, where most activation memory sits); see
-    ``mmt-fast plan`` for what each saves."""
+    ``mmt-fast plan`` for what each saves.
+
+    Clusters (see README "Running on a cluster"): ``ckpt_every_minutes`` writes
+    a checkpoint when that much time has passed since the last one (beside
+    ``ckpt_every`` steps; rank 0's clock decides). ``preempt_signals``: signals
+    on which the run finishes the step in flight, saves a checkpoint and exits
+    with code 75 (empty: none handled). ``auto_resume``: continue from the
+    newest loadable checkpoint in ``out_dir`` when there is one, without
+    ``--resume`` (for requeued jobs and ``torchrun --max-restarts``)."""
 
     out_dir: str = "runs/mmt"
     epochs: int = 50
@@ -226,9 +236,18 @@ class TrainSection:
     nonfinite: str = "stop"
     max_nonfinite: int = 10
     activation_checkpointing: str = "none"
+    ckpt_every_minutes: float | None = None
+    preempt_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
+    auto_resume: bool = False
 
     def __post_init__(self) -> None:
         from mmt_fast.models.checkpointing import check_mode
+        from mmt_fast.train.preemption import check_signals
+
+        check_signals(self.preempt_signals)
+        if self.ckpt_every_minutes is not None:
+            v = self.ckpt_every_minutes
+            _check("train.ckpt_every_minutes", v, math.isfinite(v) and v > 0, "> 0 or null")
 
         check_mode(self.activation_checkpointing)
         if self.amp not in ("auto", "bf16", "none"):

@@ -68,6 +68,11 @@ def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def rank() -> int:
+    """This process's rank in the group (0 without one)."""
+    return dist.get_rank() if is_dist() else 0
+
+
 def barrier() -> None:
     if is_dist():
         dist.barrier()

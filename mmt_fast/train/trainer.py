@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mmt_fast.data.dataset import check_split
+from mmt_fast.data.errors import BAD_KINDS
 from mmt_fast.errors import ConfigError, DataError, TrainingError
 from mmt_fast.models.checkpointing import set_activation_checkpointing
 from mmt_fast.train import builders as B
@@ -51,10 +52,13 @@ from mmt_fast.train.checkpoint import (
 from mmt_fast.train.config import TrainConfig, check_paths
 from mmt_fast.train.evaluate import autocast, model_inputs, predict, report, summary
 from mmt_fast.train.logger import MetricLogger
+from mmt_fast.train.preemption import StopWatch, clear_marker, worker_ignores, write_marker
 from mmt_fast.train.sampling import CachedDataset, ResumableSampler, SeededDataset, derive_seed
 from mmt_fast.train.schedule import WarmupCosine
 
 log = logging.getLogger("mmt_fast.train")
+
+KINDS = (*BAD_KINDS, "unknown")  # bad-clip kinds counted per step (collate's "unknown": None)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -101,23 +105,34 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         self.out_dir = Path(t.out_dir)
         self.ckpt = CheckpointManager(self.out_dir / "checkpoints", t.keep_last)
+        how = "--resume" if resume else "train.auto_resume"
+        resume = resume or t.auto_resume
         if not resume and self.ckpt.latest() is not None:
             raise ConfigError(
-                f"{self.ckpt.dir} already holds checkpoints: pass --resume to continue that run, "
-                "or choose another train.out_dir"
+                f"{self.ckpt.dir} already holds checkpoints: pass --resume (or set "
+                "train.auto_resume: true) to continue that run, or choose another train.out_dir"
             )
         ck, skipped_ckpts = load_latest_loadable(self.ckpt) if resume else (None, [])
         for why in skipped_ckpts:
             log.warning("resume: skipping a checkpoint that does not load: %s", why)
         if resume and ck is None and skipped_ckpts:
             raise TrainingError(
-                f"--resume: no checkpoint in {self.ckpt.dir} loads: " + "; ".join(skipped_ckpts)
+                f"{how}: no checkpoint in {self.ckpt.dir} loads: " + "; ".join(skipped_ckpts)
             )
         if resume and ck is None and self.dist.is_main:
-            self._print(
-                f"--resume: no checkpoint in {self.ckpt.dir}, so this run starts from step 0"
-            )
+            self._print(f"{how}: no checkpoint in {self.ckpt.dir}, so this run starts from step 0")
         resume_from = ck.path if ck is not None else None
+
+        if (
+            self.dist.is_main
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        ):
+            log.warning(
+                "torchrun --max-restarts with the rendezvous store shared with the workers: a "
+                "restarted group can fail to connect (pytorch/pytorch#135712); run torchrun with "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"
+            )
 
         # --- data
         self.train_records = B.read_records(cfg.data, "train")
@@ -202,12 +217,19 @@ class Trainer:
         self.good_clips = 0  # clips that reached a loss in this process since it started
         self._epoch_good = 0
         self._bad_loss: float | None = None
+        self._val_pending = False  # a preempted epoch end whose validation is still to run
+        self._step_bad: collections.Counter = collections.Counter()  # this rank, this step
+        self._epoch_bad = 0  # clips that failed to load this epoch, all ranks
+        self.bad_seen: collections.Counter = collections.Counter()  # ... since start, per kind
+        self._postfix: dict[str, str] = {}
+        self._watch: StopWatch | None = None
         seed_everything(derive_seed(t.seed, r, 1))
         if ck is not None:
             self._load_state(ck)
         self.logger = MetricLogger(self.out_dir, self.dist.is_main, t.tensorboard)
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            clear_marker(self.out_dir)  # a preempted run continues (or a new one starts)
             (self.out_dir / "config.yaml").write_text(cfg.to_yaml())
             n_par = sum(p.numel() for p in model.parameters())
             self._print(
@@ -217,6 +239,11 @@ class Trainer:
                 + f"; {w} process(es) on {self.device}; {self.steps_per_epoch} steps/epoch, "
                 f"{self.total_steps} steps ({self.planned_epochs} epochs) planned"
                 + (f"; resumed from {resume_from} (step {self.step})" if ck is not None else "")
+                + (
+                    f"; elastic restart {os.environ['TORCHELASTIC_RESTART_COUNT']}"
+                    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0")
+                    else ""
+                )
             )
 
     @property
@@ -241,6 +268,7 @@ class Trainer:
             "warnings": dict(self._gather_counter(self.warnings)),
             "bad_clips": self._gather_bad(),
             "nonfinite_steps": self.nonfinite_steps,
+            "val_pending": self._val_pending,
         }
 
     def _load_state(self, ck) -> None:
@@ -265,6 +293,7 @@ class Trainer:
         # best.json is written after validation, which follows the epoch's checkpoint
         self.best = self.ckpt.best_info() or s.get("best")
         self.nonfinite_steps = int(s.get("nonfinite_steps", 0))
+        self._val_pending = bool(s.get("val_pending", False))
         # counters were summed over ranks when saved: rank 0 carries the totals
         if self.dist.is_main:
             self.skipped = collections.Counter(s.get("skipped", {}))
@@ -298,6 +327,10 @@ class Trainer:
                 f"not saving. The last good checkpoint is {self.ckpt.latest() or 'none yet'}; "
                 "lower optim.lr"
             )
+        with self._watch.deferred() if self._watch is not None else contextlib.nullcontext():
+            return self._save(meta)
+
+    def _save(self, meta: dict | None) -> Path | None:
         state = self._state()  # collective: every rank takes part
         path = None
         if self.dist.is_main:
@@ -310,6 +343,8 @@ class Trainer:
                 meta={"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, **(meta or {})},
             )
         D.barrier()
+        if self._watch is not None:
+            self._watch.saved()
         return path
 
     # ------------------------------------------------------------------ steps
@@ -329,6 +364,7 @@ class Trainer:
     def _micro_step(self, batch: dict, scale: float, sync: bool) -> tuple[dict, int]:
         """Forward + backward of one micro-batch; returns (loss parts, good clips)."""
         self.skipped.update(batch["skipped"])
+        self._step_bad.update(batch["skipped"])
         self.warnings.update(batch.get("warnings", {}))
         for b in batch.get("bad", []):
             self.bad_clips[b.path] = [b.kind, b.reason]
@@ -397,6 +433,7 @@ class Trainer:
             self.cfg.train.seed,
             self.epoch,
             drop_last=False,
+            worker_init_fn=worker_ignores(self.cfg.train.preempt_signals),
         )
         pred = predict(self.model, loader, self.device, self.cfg.train.amp)
         if len(pred["index"]) == 0:
@@ -443,12 +480,18 @@ class Trainer:
             )
             self._bar = bar
         interrupted = False
+        preempted = False
+        watch = StopWatch(t.preempt_signals, t.ckpt_every_minutes)
+        self._watch = watch
         window_clips, window_t0 = 0, time.perf_counter()
         window_parts: collections.defaultdict = collections.defaultdict(float)
         window_n = 0
         started = time.perf_counter()
         step_times: list[float] = []
         try:
+            watch.__enter__()
+            if self._val_pending and self.val_set is not None:  # preempted before validating
+                self._validate_epoch(self.epoch)
             while self.step < self.total_steps and not interrupted:
                 self.sampler.set_epoch(self.epoch, skip=self.batch_in_epoch * t.batch_size)
                 loader = B.make_loader(
@@ -460,10 +503,12 @@ class Trainer:
                     self.epoch,
                     drop_last=True,
                     pin_memory=self.device.type == "cuda",
+                    worker_init_fn=worker_ignores(t.preempt_signals),
                 )
                 it = iter(loader)
                 self.model.train()
                 self._epoch_good = 0
+                self._epoch_bad = 0
                 epoch_start_batch = self.batch_in_epoch
                 while self.batch_in_epoch < self.batches_per_epoch and self.step < self.total_steps:
                     t0 = time.perf_counter()
@@ -491,17 +536,30 @@ class Trainer:
                             vals["train/grad_norm"] = gn
                         self.logger.log(self.step, self.epoch + 1, vals)
                         if bar is not None:
-                            bar.set_postfix(
+                            self._postfix.update(
                                 loss=f"{vals.get('train/total', float('nan')):.3f}",
                                 clips_s=f"{cps:.1f}",
                                 lr=f"{vals['train/lr']:.2e}",
                             )
+                            bar.set_postfix(self._postfix)
                         window_clips, window_t0, window_n = 0, time.perf_counter(), 0
                         window_parts.clear()
+                    # one collective per step: a signal (any rank) or a due time-based save
+                    # ... which also sums the clips that failed to load, per kind
+                    stop, due, bad = watch.poll(
+                        self.device, [self._step_bad.get(k, 0) for k in KINDS]
+                    )
+                    self._step_bad.clear()
+                    if any(bad):
+                        self._count_bad(bad)
+                    preempted = stop and self.step < self.total_steps
                     if self.batch_in_epoch >= self.batches_per_epoch:
-                        break  # end of epoch: handled below
-                    if t.ckpt_every and self.step % t.ckpt_every == 0:
+                        break  # end of epoch: handled below (its checkpoint covers `due`)
+                    if (t.ckpt_every and self.step % t.ckpt_every == 0) or due or preempted:
                         self.save()
+                    if preempted:
+                        interrupted = True
+                        break
                     if self.step == self.total_steps:
                         break
                     if t.stop_at_step is not None and self.step >= t.stop_at_step:
@@ -513,7 +571,11 @@ class Trainer:
                 if interrupted:
                     break
                 if self.batch_in_epoch >= self.batches_per_epoch:
-                    self._end_epoch()
+                    if self._end_epoch(validate=not preempted):
+                        preempted = True  # a signal came before the validation
+                    if preempted:
+                        interrupted = True
+                        break
                     if bar is not None and self.step < self.total_steps:
                         bar.set_description(f"epoch {self.epoch + 1}/{self.planned_epochs}")
                     if t.stop_at_step is not None and self.step >= t.stop_at_step:
@@ -521,6 +583,8 @@ class Trainer:
                 elif self.step >= self.total_steps:
                     self.save()  # max_steps reached mid-epoch
         finally:
+            watch.__exit__()
+            self._watch = None
             if bar is not None:
                 bar.close()
             self._bar = None
@@ -532,26 +596,68 @@ class Trainer:
             if n.item() == 0:
                 self._epoch_good = 0
                 self._check_progress("training")
-        result = self._finish(interrupted, elapsed, step_times)
+        result = self._finish(
+            interrupted, elapsed, step_times, watch.stop_reason if preempted else None
+        )
         return result
 
-    def _end_epoch(self) -> None:
+    def _count_bad(self, bad: list[float]) -> None:
+        """Show this step's unusable clips (all ranks) at once and stop as soon as the
+        epoch is sure to exceed ``data.max_bad_fraction`` (every rank holds the same sums)."""
+        new_kinds = [k for k, n in zip(KINDS, bad) if n and k not in self.bad_seen]
+        for k, n in zip(KINDS, bad):
+            if n:
+                self.bad_seen[k] += int(n)
+        self._epoch_bad += int(sum(bad))
+        text = ", ".join(f"{k} {n}" for k, n in sorted(self.bad_seen.items()))
+        if self._bar is not None:
+            self._postfix["bad"] = text
+            self._bar.set_postfix(self._postfix)
+        elif new_kinds and self.dist.is_main:
+            self._print(f"step {self.step}: clips that fail to load so far: {text}")
+        d, t = self.cfg.data, self.cfg.train
+        epoch_clips = self.batches_per_epoch * t.batch_size * self.dist.world_size
+        if self._epoch_bad > d.max_bad_fraction * epoch_clips:
+            self._check_progress(f"epoch {self.epoch}")  # none usable at all: says so
+            bad_clips = self._gather_bad()  # collective: every rank is here at this step
+            first = "; ".join(f"{p}: {r}" for p, (_, r) in list(bad_clips.items())[:3])
+            raise DataError(
+                f"epoch {self.epoch + 1}, step {self.step}: {self._epoch_bad} of the "
+                f"{epoch_clips} clips the epoch draws failed to load ({text} since the start), "
+                f"more than data.max_bad_fraction={d.max_bad_fraction}; first: {first}. The last "
+                f"checkpoint is {self.ckpt.latest() or 'none yet'}; `mmt-fast check-data` "
+                "lists every unusable clip"
+            )
+
+    def _end_epoch(self, validate: bool = True) -> bool:
         """Save the epoch's checkpoint, then validate: a failing evaluation never loses
         the epoch's work. The val result is added to the checkpoint's meta.json and
-        best.json afterwards."""
+        best.json afterwards. ``validate=False`` (preempted), or a preemption signal
+        on any rank before the validation starts (True is returned): the checkpoint
+        records that the validation is pending and the resumed run does it first."""
         t = self.cfg.train
         finished = self.epoch + 1  # 1-based, as printed and logged
         self.epoch += 1
         self.batch_in_epoch = 0
         skips = self._gather_counter(self.skipped)
         self.logger.log(self.step, finished, {"data/skip_events": sum(skips.values())})
-        self.save({"finished_epoch": finished})
-        if not (
+        due = (
             self.val_set is not None
             and t.eval_every
             and (self.epoch % t.eval_every == 0 or self.step >= self.total_steps)
-        ):
-            return
+        )
+        stop = False
+        if due and validate and self._watch is not None:  # validation can take minutes
+            stop = self._watch.poll(self.device)[0]
+        self._val_pending = bool(due and (stop or not validate))
+        self.save({"finished_epoch": finished})
+        if due and validate and not stop:
+            self._validate_epoch(finished)
+        return stop
+
+    def _validate_epoch(self, finished: int) -> None:
+        """Validate after epoch ``finished`` (1-based) and record the result."""
+        self._val_pending = False
         res = self.validate()
         val = {k: res[k] for k in ("top1", "top5", "num_clips")}
         self.logger.log(self.step, finished, {"val/top1": res["top1"], "val/top5": res["top5"]})
@@ -565,7 +671,9 @@ class Trainer:
                 self.ckpt.update_best(self.step, "val/top1", v)
         D.barrier()
 
-    def _finish(self, interrupted: bool, elapsed: float, step_times: list[float]) -> dict:
+    def _finish(
+        self, interrupted: bool, elapsed: float, step_times: list[float], preempted: str | None
+    ) -> dict:
         skipped = self._gather_counter(self.skipped)
         warnings = self._gather_counter(self.warnings)
         bad = self._gather_bad()
@@ -579,6 +687,7 @@ class Trainer:
             "epoch": self.epoch,
             "total_steps": self.total_steps,
             "interrupted": interrupted,
+            "preempted": preempted,
             "best": self.best,
             "last_val": None
             if self.last_val is None
@@ -608,6 +717,16 @@ class Trainer:
                 )
                 + (f"; warnings {dict(warnings)}" if warnings else "")
             )
+            if preempted:
+                ck = self.ckpt.latest()
+                write_marker(
+                    self.out_dir,
+                    {"signal": preempted, "step": self.step, "checkpoint": str(ck)},
+                )
+                self._print(
+                    f"preempted by {preempted}: stopped after step {self.step}, checkpoint {ck}; "
+                    "continue with --resume (or train.auto_resume: true); exit code 75"
+                )
         self.logger.close()
         return result
 

@@ -1,0 +1,93 @@
+"""``mmt-fast check-data``: find unusable clips of a training config's manifests.
+
+    mmt-fast check-data --config FILE [--split train val test] [--workers N]
+                        [--out report.json|report.csv] [--max-bad-fraction F] [KEY=VALUE ...]
+
+Every clip of each split is opened and test-decoded in parallel (the header,
+the first and last sampling windows of the video, the audio under them: see
+:func:`mmt_fast.data.check.check_clips`), with a progress bar. A line per
+split gives the counts per bad-clip kind; ``--out`` writes the unusable clips
+(JSON with a per-split summary, or CSV). Exit code 0 when no split has more
+unusable clips than ``--max-bad-fraction`` (default 0: none), else 3 (a data
+error, as ``train`` uses), 2 for a config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+SPLITS = ("train", "val", "test")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="a training YAML (its data section is used)")
+    p.add_argument(
+        "--split",
+        nargs="+",
+        choices=SPLITS,
+        default=None,
+        help="splits to check (default: every split the config names; KEY=VALUE overrides go "
+        "before this option)",
+    )
+    p.add_argument("--workers", type=int, default=4, help="decoding processes (0: in this process)")
+    p.add_argument("--out", default=None, help="report of the unusable clips: .json or .csv")
+    p.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of unusable clips per split tolerated before the exit code is 3",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.root=/data")
+
+
+def main(args: argparse.Namespace) -> int:
+    from mmt_fast.data.check import check_clips, summarize, write_report
+    from mmt_fast.errors import ConfigError, DataError
+    from mmt_fast.inference import data_setup, read_config
+
+    if args.workers < 0:
+        raise ConfigError(f"--workers={args.workers}; expected >= 0")
+    if not 0.0 <= args.max_bad_fraction <= 1.0:
+        raise ConfigError(f"--max-bad-fraction={args.max_bad_fraction}; expected in [0, 1]")
+    if args.out and not args.out.lower().endswith((".json", ".csv")):
+        raise ConfigError(f"--out {args.out}: expected a .json or .csv file")
+    cfg = read_config(args.config, args.overrides)
+    d = cfg.data
+    splits = args.split or [s for s in SPLITS if getattr(d, s)]
+    missing = [s for s in splits if not getattr(d, s)]
+    if missing or not splits:
+        raise ConfigError(f"the config names no manifest for {missing or list(SPLITS)} (data.*)")
+    setup = data_setup(cfg, splits, views=2)
+    records, dc, kw = setup.records, setup.dataset_cfg, setup.dataset_kwargs()
+    results = {}
+    failed = []
+    for s in splits:
+        recs = records[s]
+        probs = check_clips(
+            recs, dc, workers=args.workers, progress=not args.no_progress, desc=s, **kw
+        )
+        results[s] = (len(recs), probs)
+        info = summarize(probs, len(recs))
+        kinds = ", ".join(f"{k} {n}" for k, n in info["per_kind"].items())
+        print(
+            f"{s}: {len(recs)} clips, {len(probs)} unusable" + (f" ({kinds})" if kinds else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+        if len(probs) > args.max_bad_fraction * len(recs):
+            failed.append(f"{s} {len(probs)}/{len(recs)} {info['per_kind']}")
+    if args.out:
+        path = write_report(args.out, results)
+        print(f"report: {path}", file=sys.stderr)
+    if failed:
+        first = next(p for _, ps in results.values() for p in ps)
+        raise DataError(
+            "unusable clips: "
+            + "; ".join(failed)
+            + f" (more than --max-bad-fraction={args.max_bad_fraction}); first: "
+            + f"{first.path}: {first.reason}"
+            + (f"; list in {args.out}" if args.out else "; --out FILE lists them")
+        )
+    return 0
