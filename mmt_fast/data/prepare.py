@@ -1,7 +1,7 @@
 """Prepared copies of a dataset (``mmt-fast prepare``): clips re-encoded once for fast loading.
 
 Each clip (a whole file, or a segment of a long video cut with ``margin_s`` seconds
-on both sides for temporal jitter) becomes, in ``out_dir``:
+on both sides for temporal jitter and windows longer than the segment) becomes, in ``out_dir``:
 
 - ``clips/<name>.mp4``: H.264 (libx264 through PyAV; no ffmpeg binary needed)
   with the short side scaled to ``short_side`` (never upscaled; even sizes for
@@ -111,10 +111,14 @@ class PrepareSettings:
 
 def settings_for(data_config, train: bool, **overrides) -> PrepareSettings:
     """Settings from the training recipe: short side ``decode_short_side`` for a set that
-    is trained on, ``crop_size`` for a test-only set; keyframe every quarter window."""
+    is trained on, ``crop_size`` for a test-only set; keyframe every quarter window; a
+    segment margin of one sampling window at 24 fps (2.6 s for 61 frames), so that a
+    window that starts anywhere in the segment has its frames in the cut (a segment
+    shorter than the window reads frames past its end, see ``video.window_centre``)."""
     short = data_config.decode_short_side if train else data_config.crop_size
     gop = max(1, -(-data_config.window_frames // 4))
-    kw = {"short_side": short, "gop": gop}
+    margin = math.ceil(data_config.window_frames / 24 * 10) / 10
+    kw = {"short_side": short, "gop": gop, "margin_s": margin}
     kw.update({k: v for k, v in overrides.items() if v is not None})
     return PrepareSettings(**kw)
 
@@ -222,11 +226,18 @@ def _encode_video(job: Job, tmp: Path, settings: PrepareSettings) -> dict:
             g = str(settings.gop)
             vs.options = {
                 "preset": settings.preset, "crf": str(settings.crf), "g": g, "keyint_min": g,
-                "sc_threshold": "0", "bframes": "0", "tune": "fastdecode", "threads": "1",
+                "sc_threshold": "0", "bf": "0", "tune": "fastdecode", "threads": "1",
             }  # fmt: skip
             if c0_cut:  # to the keyframe before the cut
                 src.seek(origin + int(c0_cut / tb), stream=st, backward=True)
             first = prev = None
+            durations: dict[int, int] = {}
+
+            def mux(p) -> None:
+                if p.pts in durations:
+                    p.duration = durations.pop(p.pts)
+                dst.mux(p)
+
             for fr in src.decode(st):
                 if fr.pts is None:
                     raise BadClipError(job.src, "a video frame has no timestamp", "corrupt_file")
@@ -241,14 +252,18 @@ def _encode_video(job: Job, tmp: Path, settings: PrepareSettings) -> dict:
                     )
                 prev = fr.pts
                 first = fr.pts if first is None else first
+                pts = fr.pts - first
+                # (reformat returns the frame itself when nothing changes: set pts after reading)
                 out = fr.reformat(width=ow, height=oh, format="yuv420p", interpolation="AREA")
-                out.pts, out.time_base = fr.pts - first, tb
+                if fr.duration:  # the last frame's duration ends the clip's time axis
+                    durations[pts] = fr.duration
+                out.pts, out.time_base = pts, tb
                 out.pict_type = av.video.frame.PictureType.NONE
-                pts_out.append(fr.pts - first)
+                pts_out.append(pts)
                 for p in vs.encode(out):
-                    dst.mux(p)
+                    mux(p)
             for p in vs.encode():
-                dst.mux(p)
+                mux(p)
     except BadClipError:
         raise
     except Exception as e:
@@ -416,13 +431,17 @@ def prepare_dataset(
     """Prepare every record into ``out_dir`` (see the module docstring); returns the report.
 
     ``records[i].split`` goes to the manifest's split column. Unusable inputs are
-    reported, never raised; ``workers`` processes share the clips.
+    reported, never raised; ``workers`` processes share the clips. One run at a time
+    per ``out_dir`` (temporary files of an interrupted run are removed at the start).
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     jobs, which = plan_jobs(records, settings.margin_s)
+    for stale in (out_dir / "clips").glob("*.tmp-*"):  # left by an interrupted run
+        with contextlib.suppress(OSError):
+            stale.unlink()
     results: dict[int, dict] = {}
     tasks = [(i, j, out_dir, settings) for i, j in enumerate(jobs)]
     bar = None
