@@ -39,8 +39,10 @@ more stops early, as WebDataset's nominal epochs do; so an epoch can repeat or
 miss a few clips when the shards do not split evenly (write at least ``S``
 shards of similar size). The DataLoader takes batch ``j`` from worker
 ``j mod N``, so after ``k`` batches worker ``w`` has delivered
-``ceil((k - w) / N)`` of them; a resumed run makes each worker skip that many
-batches (reading, not decoding, them). Augmentation is seeded by ``(seed,
+``ceil((k - w) / N)`` of them; a resumed run's DataLoader, whose round robin
+starts again at worker 0, gives worker ``w`` the part of the epoch's worker
+``(w + k) mod N``, which skips the batches it had delivered (reading, not
+decoding, them). Augmentation is seeded by ``(seed,
 epoch, clip)`` as in the map-style path. Guarantee: resuming mid-epoch with the
 same number of processes and of DataLoader workers replays the interrupted
 epoch's remaining batches exactly (checked, like the process count, when the
@@ -52,13 +54,20 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmt_fast.errors import DataError
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from mmt_fast.errors import DataError
+from mmt_fast.train.sampling import derive_seed, run_seeded
+
+from .dataset import AVClipDataset, BadItem, DataConfig, Media
+from .errors import BadClipError
 from .manifests import ClipRecord, read_manifest
 
 INDEX_NAME = "index.json"
@@ -154,7 +163,9 @@ def write_shards(
             p = Path(rec.path)
             if not p.is_file():
                 why = "is a folder, not a media file" if p.is_dir() else "file does not exist"
-                missing.append({"path": rec.path, "clip_id": rec.clip_id, "reason": why})
+                missing.append(
+                    {"path": rec.path, "clip_id": rec.clip_id, "split": rec.split, "reason": why}
+                )
                 continue
             parts = {(p.suffix[1:].lower() or "bin"): p.read_bytes()}
             video_ext = next(iter(parts))
@@ -299,3 +310,244 @@ def iter_tar(fileobj) -> Iterator[tuple[str, dict[str, bytes]]]:
             parts[ext] = f.read() if f is not None else b""
     if key is not None:
         yield key, parts
+
+
+# ------------------------------------------------------------------ datasets
+def _media(meta: dict, parts: dict[str, bytes]) -> Media:
+    video = meta.get("video")
+    if video not in parts:
+        raise BadClipError(meta["path"], f"shard sample has no {video!r} member", "corrupt_file")
+    side = meta.get("audio")
+    return Media(parts[video], (side, parts[side]) if side and side in parts else None)
+
+
+class ShardClips(Dataset):
+    """Map-style clips of one split of a shard index (evaluation, validation, tests):
+    ``clips[i]`` reads sample ``i``'s members by offset and decodes them from memory.
+
+    Items, bad-clip handling and attributes (``records``, ``dropped``,
+    ``skip_counts``, ``config``, ...) are those of the wrapped
+    :class:`AVClipDataset` (``self.base``); rows that were missing when the shards
+    were written are in ``dropped`` and ``skip_counts`` as ``missing_file``.
+    ``sample_of[i]`` is the index position of item ``i``.
+    """
+
+    def __init__(
+        self,
+        index: ShardIndex | str | os.PathLike,
+        split: str | None,
+        config: DataConfig,
+        **dataset_kw,
+    ) -> None:
+        self.index = index if isinstance(index, ShardIndex) else ShardIndex.load(index)
+        positions = self.index.select(split)
+        records = [self.index.record(p) for p in positions]
+        self.base = AVClipDataset(records, config, **dataset_kw)
+        self.base.in_memory = True  # paths only name the clips: no file checks
+        pos_of = {id(r): p for r, p in zip(records, positions, strict=True)}
+        self.sample_of = [pos_of[id(r)] for r in self.base.records]
+        has_split = any(s["meta"].get("split") for s in self.index.samples)
+        for m in self.index.missing:
+            if split is None or not has_split or m.get("split") == split:
+                self.base.dropped.append(BadItem(-1, m["path"], "missing_file", m["reason"]))
+                self.base.skip_counts["missing_file"] += 1
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict | BadItem:
+        p = self.sample_of[i]
+        try:
+            parts = self.index.read_sample(p)
+        except OSError as e:
+            return self.load_parts(i, None, e)
+        return self.load_parts(i, parts)
+
+    def load_parts(
+        self, i: int, parts: dict[str, bytes] | None, error: OSError | None = None
+    ) -> dict | BadItem:
+        """Item ``i`` from its members' bytes (``parts``), with the base's bad-clip handling."""
+        meta = self.index.samples[self.sample_of[i]]["meta"]
+        try:
+            if parts is None:
+                raise BadClipError(meta["path"], f"cannot read its shard: {error}", "corrupt_file")
+            media = _media(meta, parts)
+        except BadClipError as e:
+            if self.base.config.on_error == "raise":
+                raise
+            self.base.skip_counts[e.kind] += 1
+            return BadItem(i, e.path, e.kind, e.reason)
+        return self.base.load(i, media)
+
+    def __getattr__(self, name: str):
+        if name in ("base", "index"):
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+
+def _buffered(items: Iterator, rng: random.Random, size: int) -> Iterator:
+    """A shuffle buffer: fill to ``size``, then emit a random element per new one; drain randomly."""
+    buf: list = []
+    for x in items:
+        buf.append(x)
+        if len(buf) >= size:
+            j = rng.randrange(len(buf))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            yield buf.pop()
+    while buf:
+        j = rng.randrange(len(buf))
+        buf[j], buf[-1] = buf[-1], buf[j]
+        yield buf.pop()
+
+
+class ShardStream(IterableDataset):
+    """Training clips streamed from the shards (see the module docstring for the order,
+    the epoch length and the resume guarantee).
+
+    It plays the sampler's part for the trainer: :meth:`set_epoch` (epoch, samples
+    this rank has consumed), :meth:`epoch_indices` (this rank's items of the epoch
+    in delivery order, from the index alone) and :meth:`state_dict`.
+
+    Args:
+        clips: the split's :class:`ShardClips` (train mode).
+        seed: base seed of the shard permutation, the buffers and augmentation.
+        batch_size: per-process batch size (each worker yields whole batches).
+        num_workers: the DataLoader's worker count (0: the main process).
+        world_size, rank: the process group.
+        shuffle_buffer: samples held (as bytes) per worker for shuffling; 1 keeps shard order.
+        shuffle: permute the shards per epoch.
+    """
+
+    def __init__(
+        self,
+        clips: ShardClips,
+        seed: int,
+        batch_size: int,
+        num_workers: int,
+        world_size: int = 1,
+        rank: int = 0,
+        shuffle_buffer: int = 256,
+        shuffle: bool = True,
+    ) -> None:
+        if shuffle_buffer < 1 or batch_size < 1:
+            raise ValueError("shuffle_buffer and batch_size must be >= 1")
+        self.clips, self.seed, self.batch_size = clips, seed, batch_size
+        self.workers = max(num_workers, 1)
+        self.world_size, self.rank = world_size, rank
+        self.shuffle_buffer, self.shuffle = shuffle_buffer, shuffle
+        self.epoch, self.skip = 0, 0
+        # usable items per shard, in shard order: (item index, sample key)
+        item_of = {p: i for i, p in enumerate(clips.sample_of)}
+        self.shard_items: list[list[tuple[int, str]]] = [[] for _ in clips.index.shards]
+        for p, s in enumerate(clips.index.samples):
+            if p in item_of:
+                self.shard_items[s["shard"]].append((item_of[p], s["key"]))
+        self.slots = world_size * self.workers
+        n_shards = len(clips.index.shards)
+        if n_shards < self.slots:
+            raise DataError(
+                f"{n_shards} shards cannot feed {world_size} process(es) x {self.workers} "
+                "DataLoader worker(s): each needs a shard of its own. Write smaller shards "
+                "(max_shard_bytes) or use fewer workers"
+            )
+        self.per_slot = len(clips) // self.slots // batch_size * batch_size
+        if self.per_slot == 0:
+            raise DataError(
+                f"{len(clips)} training clips over {self.slots} stream(s) ({world_size} "
+                f"process(es) x {self.workers} worker(s)) do not fill one batch of {batch_size}"
+            )
+
+    # -------------------------------------------------------------- sampler side
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch and drop this rank's first ``skip`` items (whole batches)."""
+        if skip % self.batch_size:
+            raise ValueError(f"skip={skip} is not a multiple of the batch size {self.batch_size}")
+        self.epoch, self.skip = epoch, skip
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "skip": self.skip, "seed": self.seed, "workers": self.workers}
+
+    @property
+    def samples_per_rank(self) -> int:
+        return self.per_slot * self.workers
+
+    def _slot_shards(self, slot: int) -> list[int]:
+        n = len(self.shard_items)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        return order[slot :: self.slots]
+
+    def _slot_plan(self, slot: int, read: bool) -> Iterator[tuple[int, int, dict | None]]:
+        """(item, pass, members or None) of one slot's epoch; ``read``: stream the tar bytes."""
+        shards = self._slot_shards(slot)
+        count, pas = 0, 0
+        while count < self.per_slot:
+            rng = random.Random(derive_seed(self.seed, self.epoch, slot, pas, 3))
+            src = self._read(shards) if read else self._keys(shards)
+            emitted = 0
+            for item, parts in _buffered(src, rng, self.shuffle_buffer):
+                yield item, pas, parts
+                emitted += 1
+                count += 1
+                if count == self.per_slot:
+                    return
+            if emitted == 0:
+                raise DataError(f"shards {shards} hold no usable clip")
+            pas += 1
+
+    def _keys(self, shards: list[int]) -> Iterator[tuple[int, None]]:
+        for sh in shards:
+            for item, _ in self.shard_items[sh]:
+                yield item, None
+
+    def _read(self, shards: list[int]) -> Iterator[tuple[int, dict]]:
+        for sh in shards:
+            wanted = dict((k, i) for i, k in self.shard_items[sh])
+            with open(self.clips.index.shard_path(sh), "rb") as f:
+                for key, parts in iter_tar(f):
+                    if key in wanted:
+                        yield wanted.pop(key), parts
+            for item in wanted.values():  # in the index but not in the tar: a damaged shard
+                yield item, {}
+
+    def _worker_skip(self, worker: int) -> int:
+        """Items worker ``worker`` had delivered when this rank had consumed ``self.skip``."""
+        k = self.skip // self.batch_size
+        return max(-(-(k - worker) // self.workers), 0) * self.batch_size
+
+    def epoch_indices(self) -> list[int]:
+        """This rank's items of the epoch in delivery order (before ``skip``); batch ``j``
+        comes from worker ``j mod N``."""
+        per_worker = [
+            [item for item, _, _ in self._slot_plan(self.rank * self.workers + w, read=False)]
+            for w in range(self.workers)
+        ]
+        bs, out = self.batch_size, []
+        for j in range(self.samples_per_rank // bs):
+            w, b = j % self.workers, j // self.workers
+            out += per_worker[w][b * bs : (b + 1) * bs]
+        return out
+
+    # -------------------------------------------------------------- iteration
+    def __iter__(self) -> Iterator[dict | BadItem]:
+        info = get_worker_info()
+        worker, n = (0, 1) if info is None else (info.id, info.num_workers)
+        if n != self.workers:
+            raise RuntimeError(
+                f"ShardStream planned for {self.workers} DataLoader worker(s), runs in {n}"
+            )
+        # a fresh DataLoader starts its round robin at worker 0: after k batches, worker
+        # w plays the part of the epoch's worker (w + k) mod N, whose turn comes next
+        role = (worker + self.skip // self.batch_size) % n
+        slot = self.rank * self.workers + role
+        skip = self._worker_skip(role)
+        for k, (item, pas, parts) in enumerate(self._slot_plan(slot, read=True)):
+            if k < skip:
+                continue
+            s = derive_seed(self.seed, self.epoch, item)
+            if pas:  # a clip seen again in the same epoch gets new augmentation
+                s = derive_seed(self.seed, self.epoch, item, pas)
+            yield run_seeded(s, self.clips.load_parts, item, parts if parts else {})
