@@ -167,9 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
     an.add_argument("--seed", type=int, default=0, help="k-means and t-SNE seed")
     an.add_argument("--no-plot", action="store_true", help="skip the t-SNE picture")
-    an.set_defaults(
-        func=lambda a: __import__("mmt_fast.commands.analysis", fromlist=["main"]).main(a)
-    )
+    an.set_defaults(func=lambda a: __import__("mmt_fast.commands.analysis", fromlist=["main"]).main(a))
 
     ex = sub.add_parser(
         "explain",
@@ -185,9 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--config", default=None, help="a YAML instead of the run's saved config")
     ex.add_argument("--which", default="best", choices=("best", "latest"), help="for a run folder")
     ex.add_argument("--frames", type=int, default=4, help="sampled frames in the picture")
-    ex.set_defaults(
-        func=lambda a: __import__("mmt_fast.commands.explain", fromlist=["main"]).main(a)
-    )
+    ex.set_defaults(func=lambda a: __import__("mmt_fast.commands.explain", fromlist=["main"]).main(a))
 
     c = sub.add_parser(
         "convert",
