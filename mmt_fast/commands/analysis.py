@@ -128,7 +128,8 @@ def embed_split(
     )
     if nv < 1:
         raise ConfigError(f"--views must be >= 1, got {nv}")
-    ds = B.build_dataset(records, B.dataset_config(cfg.data, mc, "test", nv), run.classes, mc)
+    dc = B.dataset_config(cfg.data, mc, "test", nv)
+    ds = B.build_split_dataset(cfg.data, split, records, dc, run.classes, mc)
     loader = torch.utils.data.DataLoader(
         ds,
         batch_size=cfg.data.eval_batch_size or cfg.train.batch_size,

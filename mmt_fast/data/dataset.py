@@ -148,6 +148,14 @@ class BadItem(NamedTuple):
     reason: str
 
 
+class Media(NamedTuple):
+    """A clip's file in memory (e.g. read from a shard): its bytes and, when it has
+    one, its audio sidecar as (extension, bytes). The record's path names it in messages."""
+
+    data: bytes
+    sidecar: tuple[str, bytes] | None = None
+
+
 class AVClipDataset(Dataset):
     """Audio-video clips from :class:`ClipRecord` s (see the module docstring for items).
 
@@ -174,6 +182,7 @@ class AVClipDataset(Dataset):
         self.skip_counts: collections.Counter = collections.Counter()
         self.warning_counts: collections.Counter = collections.Counter()
         self.dropped: list[BadItem] = []
+        self.in_memory = False  # True when the media come as bytes (shards): no file checks
         records = list(records)
         kinds = {"label" if r.label is not None else "verb_noun" for r in records}
         if len(kinds) > 1:
@@ -234,9 +243,13 @@ class AVClipDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict | BadItem:
+        return self.load(index)
+
+    def load(self, index: int, media: Media | None = None) -> dict | BadItem:
+        """``self[index]``, decoding from ``media`` (bytes in memory) when given."""
         rec = self.records[index]
         try:
-            return self._load(index, rec)
+            return self._load(index, rec, media)
         except Exception as e:  # anything unexpected is still one bad clip
             _release_frames(e)
             err = e
@@ -251,19 +264,20 @@ class AVClipDataset(Dataset):
             log.warning("skipping bad clip: %s", err)
         return BadItem(index, err.path, err.kind, err.reason)
 
-    def _load(self, index: int, rec: ClipRecord) -> dict:
+    def _load(self, index: int, rec: ClipRecord, media: Media | None = None) -> dict:
         cfg = self.config
+        data = media.data if media is not None else None
         item: dict = {}
         warnings: list[str] = []
         centres = None
         if cfg.modalities in ("av", "video"):
-            info = Vd.probe_video(rec.path)
+            info = Vd.probe_video(rec.path, data)
             size = None
             if cfg.decoder_resize:
                 size = Vd.decode_size(
                     info.height, info.width, cfg.crop_size, cfg.train, cfg.decode_short_side
                 )
-            vr = Vd.open_video(rec.path, cfg.decode_threads, size)
+            vr = Vd.open_video(rec.path, cfg.decode_threads, size, data)
             times = Vd.frame_times(vr)
             f0, f1 = Vd.segment_frames(times, rec.start_s, rec.end_s, rec.path)
             n, L = f1 - f0, cfg.window_frames
@@ -277,7 +291,7 @@ class AVClipDataset(Dataset):
             # one ascending pass over the frames of every view (test views overlap and
             # share keyframes: decoding them view by view would seek back each time)
             idx = [Vd.frame_indices(f0, f1, s, cfg.num_frames, cfg.stride) for s in starts]
-            decoded = Vd.decode_frames(vr, np.concatenate(idx), rec.path)
+            decoded = Vd.decode_frames(vr, np.concatenate(idx), rec.path, data)
             views = []
             for k in range(len(starts)):
                 frames = decoded[k * cfg.num_frames : (k + 1) * cfg.num_frames]
@@ -297,14 +311,17 @@ class AVClipDataset(Dataset):
             centres = [Vd.window_centre(times, f0 + s, L) for s in starts]
         if cfg.modalities in ("av", "audio"):
             if cfg.modalities == "audio" and not str(rec.path).lower().endswith(".wav"):
-                if os.path.isdir(rec.path):
+                if data is None and os.path.isdir(rec.path):
                     raise BadClipError(rec.path, "is a folder, not a media file", "missing_file")
             for name, v in (("start", rec.start_s), ("end", rec.end_s)):
                 if v is not None and not (math.isfinite(v) and v >= 0):
                     raise BadClipError(
                         rec.path, f"{name} {v} s is not a finite time >= 0", "bad_segment"
                     )
-            src = A.open_audio(rec.path, cfg.sample_rate)
+            if media is None:
+                src = A.open_audio(rec.path, cfg.sample_rate)
+            else:
+                src = A.open_audio(rec.path, cfg.sample_rate, media.data, media.sidecar)
             a0 = rec.start_s or 0.0
             a1 = min(rec.end_s if rec.end_s is not None else float("inf"), src.duration)
             if a1 <= a0:
@@ -356,6 +373,8 @@ def unusable_clips(dataset: AVClipDataset) -> list[BadItem]:
     outside the class list) and files that are missing or are folders (one stat per
     unique path)."""
     bad = list(dataset.dropped)
+    if dataset.in_memory:
+        return bad
     status: dict[str, str | None] = {}
     for i, r in enumerate(dataset.records):
         if r.path not in status:

@@ -148,7 +148,7 @@ def evaluate_checkpoint(
             else (cfg.data.test_views if split == "test" else cfg.data.val_views)
         )
         dc = B.dataset_config(cfg.data, mc, "test", nv)
-        ds = B.build_dataset(records, dc, classes, mc)
+        ds = B.build_split_dataset(cfg.data, split, records, dc, classes, mc)
         check_split(split, ds, cfg.data.max_bad_fraction)
         sampler = ResumableSampler(len(ds), info.world_size, info.rank, shuffle=False, pad=False)
         loader = B.make_loader(
