@@ -73,6 +73,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workers", type=int, default=None, help="processes (default: the CPU count, at most 8)"
     )
+    p.add_argument(
+        "--shards",
+        action="store_true",
+        help="also pack the prepared clips into WebDataset tar shards, one set per split "
+        "(OUT/shards/<split>/index.json, for data.format: webdataset)",
+    )
+    p.add_argument(
+        "--shard-size", type=int, default=256, metavar="MiB", help="largest shard (default 256 MiB)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="--config overrides, e.g. data.root=/data"
@@ -163,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
         ("--margin", args.margin, args.margin is None or args.margin >= 0),
         ("--crf", args.crf, 0 <= args.crf <= 51),
         ("--workers", args.workers, args.workers is None or args.workers >= 1),
+        ("--shard-size", args.shard_size, args.shard_size >= 1),
     ):
         if not ok:
             raise ConfigError(f"{name} {v} is out of range")
@@ -194,12 +204,30 @@ def run(args: argparse.Namespace) -> int:
             f"no clip could be prepared ({report['unusable_counts']}); see {out / 'prepare_report.json'}"
         )
     splits = sorted({r.split for r in records if r.split})
-    keys = " ".join(
-        f"data.{s}={out / 'manifest.csv'}" for s in SPLITS if any(s == x for x in splits)
-    )
+    keys = " ".join(f"data.{s}={out / 'manifest.csv'}" for s in SPLITS if s in splits)
     print(
         f"train from it: data.format=manifest data.root=null {keys}".rstrip(),
         file=sys.stderr,
         flush=True,
     )
+    if args.shards:
+        from mmt_fast.data.shards import write_shards
+
+        indexes = {}
+        for s in splits or [None]:
+            dest = out / "shards" / (s or "all")
+            print(f"prepare: shards of split {s or '(all rows)'} -> {dest}", file=sys.stderr)
+            indexes[s] = write_shards(
+                out / "manifest.csv",
+                dest,
+                split=s,
+                max_shard_bytes=args.shard_size << 20,
+                progress=not args.no_progress,
+            )
+        keys = " ".join(f"data.{s}={indexes[s]}" for s in SPLITS if s in indexes)
+        print(
+            f"train from the shards: data.format=webdataset {keys}".rstrip(),
+            file=sys.stderr,
+            flush=True,
+        )
     return 0
