@@ -275,3 +275,23 @@ def test_prepare_shards_load_like_the_folder(timed, tmp_path):
         a, b = shards[i], folder[i]
         assert torch.equal(a["video"], b["video"]) and torch.equal(a["audio"], b["audio"])
     assert open_audio(folder.records[0].path).start > 0.8  # the delayed track's start survives
+
+
+def test_flac_sidecar_and_changed_settings(timed, tmp_path):
+    """FLAC sidecars keep the clock (and the late start); preparing again with other settings
+    redoes the clip and leaves one sidecar."""
+    src, _, _, _ = timed
+    rec = ClipRecord(str(src["delayed"]), "d", label="a")
+    flac = PrepareSettings(short_side=320, gop=4, audio_subtype="FLAC")
+    prepare_dataset([rec], tmp_path, flac, progress=False)
+    (new,) = read_manifest(tmp_path / "manifest.csv")
+    assert Path(new.path).with_suffix(".flac").is_file()
+    assert not Path(new.path).with_suffix(".wav").exists()
+    assert open_audio(new.path).start > 0.8
+    assert np.abs(clicks(new.path) - clicks(src["delayed"])).max() < 1e-3
+    report = prepare_dataset(
+        [rec], tmp_path, PrepareSettings(short_side=320, gop=4), progress=False
+    )
+    assert report["prepared"] == 1 and report["done_before"] == 0  # settings changed: redone
+    assert Path(new.path).with_suffix(".wav").is_file()
+    assert not Path(new.path).with_suffix(".flac").exists()

@@ -67,8 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--audio-format",
         default="PCM_16",
-        choices=("PCM_16", "PCM_24", "FLOAT"),
-        help="sample format of the 16 kHz wav (default PCM_16)",
+        choices=("PCM_16", "PCM_24", "FLOAT", "FLAC"),
+        help="the 16 kHz audio sidecar: a wav of 16/24-bit or float samples, or a 16-bit "
+        "FLAC (about half the size; default PCM_16)",
     )
     p.add_argument(
         "--workers", type=int, default=None, help="processes (default: the CPU count, at most 8)"

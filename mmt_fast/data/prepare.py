@@ -11,7 +11,8 @@ on both sides for temporal jitter and windows longer than the segment) becomes, 
   the first kept frame is at 0 and written in the source stream's time base:
   frame times are exact and variable frame rates survive.
 - ``clips/<name>.wav``: the clip's audio as the loader reads it (mono = mean of
-  the channels, 16 kHz; 16-bit PCM by default), placed on the same clock: sample
+  the channels, 16 kHz; 16-bit PCM by default; ``.flac`` with ``audio_subtype="FLAC"``),
+  placed on the same clock: sample
   ``k`` plays at ``k / 16000`` s after the first kept frame. A track that starts
   after the video is not padded with silence: the wav starts where the track
   starts and its comment ``mmt-fast audio_start_s=<s>`` says where (the loader
@@ -82,8 +83,9 @@ class PrepareSettings:
     ``short_side``: pixels of the output's short side (files already smaller keep
     their size); ``gop``: frames between keyframes; ``margin_s``: seconds kept
     before and after a segment; ``crf``/``preset``: libx264 quality and speed;
-    ``audio_subtype``: the wav's sample format (soundfile subtype: ``PCM_16`` or
-    ``FLOAT``).
+    ``audio_subtype``: the sidecar's sample format (soundfile subtype: ``PCM_16``,
+    ``PCM_24`` or ``FLOAT``), or ``FLAC`` for a lossless 16-bit ``<stem>.flac`` (about
+    half the size of the 16-bit wav, a little CPU to decode).
     """
 
     short_side: int = 320
@@ -103,9 +105,9 @@ class PrepareSettings:
             raise ValueError(f"margin_s={self.margin_s} must be a finite number >= 0")
         if not 0 <= self.crf <= 51:
             raise ValueError(f"crf={self.crf} must lie in [0, 51]")
-        if self.audio_subtype not in ("PCM_16", "PCM_24", "FLOAT"):
+        if self.audio_subtype not in ("PCM_16", "PCM_24", "FLOAT", "FLAC"):
             raise ValueError(
-                f"audio_subtype={self.audio_subtype!r}; expected PCM_16, PCM_24 or FLOAT"
+                f"audio_subtype={self.audio_subtype!r}; expected PCM_16, PCM_24, FLOAT or FLAC"
             )
 
 
@@ -300,7 +302,12 @@ def _write_audio(job: Job, tmp: Path, settings: PrepareSettings, offset_s: float
     start_s = (lo - k0) / sr
     chunk = 60 * sr
     with soundfile.SoundFile(
-        str(tmp), "w", samplerate=sr, channels=1, subtype=settings.audio_subtype, format="WAV"
+        str(tmp),
+        "w",
+        samplerate=sr,
+        channels=1,
+        subtype="PCM_16" if settings.audio_subtype == "FLAC" else settings.audio_subtype,
+        format="FLAC" if settings.audio_subtype == "FLAC" else "WAV",
     ) as f:
         if lo > k0:
             f.comment = f"{A.WAV_START_TAG}{start_s:.6f}"
@@ -349,7 +356,8 @@ def prepare_clip(job: Job, out_dir: Path, settings: PrepareSettings) -> dict:
     t0 = time.perf_counter()
     key = _source_key(job, settings)
     mp4 = out_dir / f"{job.name}.mp4"
-    wav, meta_path = mp4.with_suffix(".wav"), mp4.with_suffix(".json")
+    ext = ".flac" if settings.audio_subtype == "FLAC" else ".wav"
+    wav, meta_path = mp4.with_suffix(ext), mp4.with_suffix(".json")
     mp4.parent.mkdir(parents=True, exist_ok=True)
     tag = f".tmp-{os.getpid()}"
     tmp_mp4, tmp_wav = mp4.with_name(mp4.name + tag), wav.with_name(wav.name + tag)
@@ -358,11 +366,12 @@ def prepare_clip(job: Job, out_dir: Path, settings: PrepareSettings) -> dict:
         audio = _write_audio(job, tmp_wav, settings, video["offset_s"])
         _verify(job, tmp_mp4, tmp_wav if audio else None, video, audio)
         os.replace(tmp_mp4, mp4)
+        for stale in (mp4.with_suffix(".wav"), mp4.with_suffix(".flac")):
+            if stale != wav or audio is None:  # a stale sidecar would be read as this audio
+                with contextlib.suppress(FileNotFoundError):
+                    stale.unlink()
         if audio is not None:
             os.replace(tmp_wav, wav)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                wav.unlink()  # a stale sidecar would be read as this clip's audio
     finally:
         for t in (tmp_mp4, tmp_wav):
             with contextlib.suppress(FileNotFoundError):
@@ -531,7 +540,9 @@ def prepare_dataset(
         "bytes": {
             "prepared": out_bytes,
             "video": sum(s for r in good for f, s in r["files"].items() if f.endswith(".mp4")),
-            "audio": sum(s for r in good for f, s in r["files"].items() if f.endswith(".wav")),
+            "audio": sum(
+                s for r in good for f, s in r["files"].items() if f.endswith((".wav", ".flac"))
+            ),
             "sources": src_bytes,
         },
         "seconds": time.perf_counter() - t0,
