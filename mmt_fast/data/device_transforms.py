@@ -114,21 +114,24 @@ class DeviceTransform:
         x = frames if views else frames.unsqueeze(1)  # (B, V, T, H, W, 3)
         B, V, T = x.shape[:3]
         x = x.to(device, non_blocking=True)
-        y = torch.empty(B, V * T, 3, S, S, device=device)
+        mean, std = self._mean.to(device), self._std.to(device)
+        out = torch.empty(B, V, 3, T, S, S, device=device)
         groups: dict = collections.defaultdict(list)  # clips sharing one resize call
         for b in range(B):
             h, w = sizes[b].tolist()
             if cfg.train:
                 top, left, ch, cw = params[b]["box"]
-                groups[(b,)].append((b, top, left, ch, cw, (S, S)))
+                groups[(b,)].append((b, top, left, ch, cw, (S, S), params[b].get("flip", False)))
             else:
                 s = S / min(h, w)
                 nh, nw = max(S, round(h * s)), max(S, round(w * s))
-                groups[(h, w)].append((b, 0, 0, h, w, (nh, nw)))
+                groups[(h, w)].append((b, 0, 0, h, w, (nh, nw), False))
         for members in groups.values():
             bs = [m[0] for m in members]
-            _, top, left, ch, cw, size = members[0]
-            crop = x[bs, :, :, top : top + ch, left : left + cw]  # (G, V, T, ch, cw, 3)
+            _, top, left, ch, cw, size, flip = members[0]
+            # a run of consecutive clips is a view; others are gathered (a copy)
+            sel = slice(bs[0], bs[-1] + 1) if bs == list(range(bs[0], bs[-1] + 1)) else bs
+            crop = x[sel, :, :, top : top + ch, left : left + cw]  # (G, V, T, ch, cw, 3)
             crop = crop.flatten(0, 2).permute(0, 3, 1, 2)  # (G*V*T, 3, ch, cw)
             if crop.device.type != "cpu":
                 crop = crop.float()  # CUDA: resize in float32 (no uint8 antialiasing kernel)
@@ -136,14 +139,16 @@ class DeviceTransform:
             if not cfg.train:
                 t0, l0 = (size[0] - S) // 2, (size[1] - S) // 2
                 r = r[:, :, t0 : t0 + S, l0 : l0 + S]
-            r = r.float() if r.dtype == torch.uint8 else r.round().clamp(0, 255)
-            y[bs] = r.div_(255.0).reshape(len(bs), V * T, 3, S, S)
-        if cfg.train and cfg.flip_prob > 0:
-            flip = torch.tensor([p["flip"] for p in params], device=device)
-            y = torch.where(flip.view(B, 1, 1, 1, 1), y.flip(-1), y)
-        y = (y - self._mean.to(device).unsqueeze(0)) / self._std.to(device).unsqueeze(0)
-        y = y.view(B, V, T, 3, S, S).permute(0, 1, 3, 2, 4, 5).contiguous()
-        return y if views else y[:, 0]
+            if r.dtype == torch.uint8:
+                r = r.float()
+            else:
+                r = r.round().clamp_(0, 255)
+            r.div_(255.0)
+            if flip:
+                r = r.flip(-1)
+            r.sub_(mean).div_(std)  # the CPU path's (x - mean) / std, in place
+            out[sel] = r.view(len(bs), V, T, 3, S, S).permute(0, 1, 3, 2, 4, 5)
+        return out if views else out[:, 0]
 
     # ------------------------------------------------------------------ audio
     def audio(self, spec: torch.Tensor, params: list[dict], device: torch.device) -> torch.Tensor:
