@@ -129,9 +129,16 @@ def _resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
     return torchaudio.functional.resample(torch.from_numpy(x), rate, target).numpy()
 
 
+WAV_START_TAG = "mmt-fast audio_start_s="  # the comment `mmt-fast prepare` writes
+
+
 class _WavSource(AudioSource):
     """A wav file read with soundfile by seeking (PCM 8/16/24/32-bit, float 32/64,
-    WAVE_FORMAT_EXTENSIBLE, any number of channels, averaged); it starts at time 0.
+    WAVE_FORMAT_EXTENSIBLE, any number of channels, averaged); it starts at time 0,
+    or at ``s`` seconds when its comment (LIST/INFO ICMT chunk) is
+    ``mmt-fast audio_start_s=s`` (a sidecar written by ``mmt-fast prepare`` from a
+    track that starts after the video: the samples before it are "no audio", as
+    for the container's own track, not silence).
     With ``data`` (the file's bytes) it reads from memory; FLAC reads the same way."""
 
     def __init__(self, path: str, sample_rate: int, data: bytes | None = None) -> None:
@@ -139,19 +146,37 @@ class _WavSource(AudioSource):
 
         self.path, self.sample_rate, self._data = path, sample_rate, data
         try:
-            info = soundfile.info(self._src())
+            with soundfile.SoundFile(self._src()) as f:
+                rate, frames, comment = int(f.samplerate), int(f.frames), f.comment or ""
         except Exception as e:  # soundfile.LibsndfileError / RuntimeError
             msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise BadClipError(path, f"cannot read wav file: {msg}", "corrupt_file") from e
-        self._rate, self._frames = int(info.samplerate), int(info.frames)
+        self._rate, self._frames = rate, frames
         if self._frames <= 0:
             raise BadClipError(path, "wav file holds no samples", "no_audio")
-        self.num_samples = int(self._frames * sample_rate // self._rate)
+        start = 0.0
+        if comment.startswith(WAV_START_TAG):
+            try:
+                start = float(comment[len(WAV_START_TAG) :].split()[0])
+            except (ValueError, IndexError):
+                raise BadClipError(path, f"bad start tag {comment!r}", "corrupt_file") from None
+        self.start_sample = max(round(start * sample_rate), 0)
+        self.num_samples = self.start_sample + int(self._frames * sample_rate // self._rate)
 
     def _src(self):
         return self.path if self._data is None else io.BytesIO(self._data)
 
     def read(self, a: int, b: int) -> np.ndarray:
+        if self.start_sample:  # clip axis -> file axis; zeros before the file's first sample
+            out = np.zeros(max(b - a, 0), np.float32)
+            s = self.start_sample
+            if b > s:
+                x = self._read(max(a, s) - s, b - s)
+                out[max(a, s) - a : max(a, s) - a + len(x)] = x
+            return out
+        return self._read(a, b)
+
+    def _read(self, a: int, b: int) -> np.ndarray:
         import soundfile
 
         # read a little more on both sides so the resampling filter sees real neighbours

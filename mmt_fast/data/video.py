@@ -233,6 +233,8 @@ def decode_frames(
         if "must exactly match" not in str(e) or not path:
             raise BadClipError(path, f"frame decoding failed: {e}", "corrupt_file") from e
         frames = _decode_padded_width(path, uniq, data)
+    if len(uniq) == len(indices) and (np.diff(indices) > 0).all():
+        return frames  # ascending, no repeats (a training window): no 8 MB gather copy
     return frames[torch.from_numpy(inverse)]
 
 
@@ -312,7 +314,6 @@ def transform_frames(
     if train:
         top, left, h, w = random_resized_crop_box(height, width, scale, ratio)
         x = _resize(frames[:, top : top + h, left : left + w].permute(0, 3, 1, 2), (crop_size,) * 2)
-        x = x.float().div_(255.0)
         if flip_prob > 0 and float(torch.rand(())) < flip_prob:
             x = x.flip(-1)
     else:
@@ -320,8 +321,10 @@ def transform_frames(
         new_h, new_w = max(crop_size, round(height * s)), max(crop_size, round(width * s))
         x = _resize(frames.permute(0, 3, 1, 2), (new_h, new_w))
         top, left = (new_h - crop_size) // 2, (new_w - crop_size) // 2
-        x = x[:, :, top : top + crop_size, left : left + crop_size].float().div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    sd = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    x = (x - m) / sd
-    return x.permute(1, 0, 2, 3).contiguous()
+        x = x[:, :, top : top + crop_size, left : left + crop_size]
+    # normalise in the output's contiguous (3, T, S, S) layout: the same operations in the
+    # same order as (x / 255 - mean) / std on x's channels-last layout, 10x faster
+    out = torch.empty((3, x.shape[0], crop_size, crop_size), dtype=torch.float32)
+    out.copy_(x.permute(1, 0, 2, 3)).div_(255.0)
+    out.sub_(torch.tensor(mean, dtype=torch.float32).view(3, 1, 1, 1))
+    return out.div_(torch.tensor(std, dtype=torch.float32).view(3, 1, 1, 1))
