@@ -237,3 +237,31 @@ def test_shard_training_resumes_exactly(packed, tmp_path):
     assert res2["step"] == 8 and res2["skipped_clips"] == ref["skipped_clips"]
     _assert_same(load_checkpoint(tmp_path / "ref", which="latest").model,
                  load_checkpoint(out, which="latest").model)  # fmt: skip
+
+
+@pytest.mark.distributed
+def test_shard_training_ddp_resumes_exactly(packed, tmp_path):
+    """``torchrun --nproc_per_node=2`` (gloo): the ranks stream disjoint shards; a run
+    stopped mid-epoch and resumed ends with the uninterrupted run's weights on both ranks."""
+    from test_train_ddp import _torchrun
+
+    _, index = packed
+    runs = {}
+    for name, stop in (("ref", None), ("run", 3)):
+        out = tmp_path / name
+        extra = {"data.num_workers": 1, "train.ckpt_every": 1, "train.eval_every": 0}
+        cfg = load_config(DEMO, _train_overrides(index, out, **extra))
+        cfg_path = tmp_path / f"{name}.yaml"
+        cfg_path.write_text(cfg.to_yaml())
+        stop_arg = [f"train.stop_at_step={stop}"] if stop else []
+        _torchrun(tmp_path, cfg_path, "first", *stop_arg)
+        runs[name] = [json.loads((out / f"rank{i}_first.json").read_text()) for i in range(2)]
+        if stop:
+            assert [r["step"] for r in runs[name]] == [3, 3]
+            _torchrun(tmp_path, cfg_path, "resume")
+            runs[name] = [json.loads((out / f"rank{i}_resume.json").read_text()) for i in range(2)]
+    ref, res = runs["ref"], runs["run"]
+    # 17 clips / 2 ranks -> 8 per rank = 4 micro-batches of 2 = 2 steps per epoch, 2 epochs
+    assert [r["step"] for r in ref + res] == [4, 4, 4, 4]
+    assert not set(ref[0]["sampler"]) & set(ref[1]["sampler"])  # disjoint shards per rank
+    assert ref[0]["hash"] == ref[1]["hash"] == res[0]["hash"] == res[1]["hash"]

@@ -92,6 +92,7 @@ class DataConfig:
     decoder_resize: bool = True  # decode frames at a reduced size (see video.decode_size)
     audio_span: bool = True  # decode only the audio the windows cover (False: the whole track)
     train_short_side: int | None = None  # None: round(crop_size * 320 / 224)
+    device_transforms: bool = False  # items: uint8 frames + raw fbank (see device_transforms.py)
 
     def __post_init__(self) -> None:
         checks = {
@@ -295,6 +296,9 @@ class AVClipDataset(Dataset):
             views = []
             for k in range(len(starts)):
                 frames = decoded[k * cfg.num_frames : (k + 1) * cfg.num_frames]
+                if cfg.device_transforms:  # crop, flip, normalisation: on the device
+                    views.append(frames)
+                    continue
                 views.append(
                     Vd.transform_frames(
                         frames,
@@ -308,6 +312,8 @@ class AVClipDataset(Dataset):
                     )
                 )
             item["video"] = views[0] if len(views) == 1 else torch.stack(views)
+            if cfg.device_transforms:
+                item["video_size"] = torch.tensor(decoded.shape[1:3], dtype=torch.int64)
             centres = [Vd.window_centre(times, f0 + s, L) for s in starts]
         if cfg.modalities in ("av", "audio"):
             if cfg.modalities == "audio" and not str(rec.path).lower().endswith(".wav"):
@@ -345,6 +351,9 @@ class AVClipDataset(Dataset):
             for ws in wss:
                 fb = A.window_fbank(src, ws, a0, a1, cfg.target_length, cfg.num_mel_bins)
                 spec = fb.t().unsqueeze(0)  # (1, F, T)
+                if cfg.device_transforms:  # SpecAugment, normalisation: on the device
+                    specs.append(spec.contiguous())
+                    continue
                 if cfg.train:
                     spec = A.spec_augment(spec, cfg.freqm, cfg.timem)
                 specs.append(A.normalize_fbank(spec, cfg.audio_mean, cfg.audio_std).contiguous())
@@ -442,7 +451,9 @@ def collate_clips(items: Sequence[dict | BadItem | None]) -> dict:
     ``audio`` (B, ...), ``label``/``verb``/``noun`` (B,), ``index`` (B,)) plus
     ``batch_size`` (int, good items), ``skipped`` ({kind: count}),
     ``bad`` (list of BadItem), ``warnings`` ({warning: count}). When every item
-    is bad only the last four keys are present (``batch_size`` 0).
+    is bad only the last four keys are present (``batch_size`` 0). uint8 ``video``
+    frames of different sizes (``device_transforms``) are zero-padded at the bottom
+    and right to the largest; ``video_size`` keeps each clip's own size.
     """
     good = [x for x in items if isinstance(x, dict)]
     bad = [x for x in items if not isinstance(x, dict)]
@@ -456,6 +467,20 @@ def collate_clips(items: Sequence[dict | BadItem | None]) -> dict:
     }
     if good:
         for k in good[0]:
-            if k != "warnings":
+            if k == "video" and good[0][k].dtype == torch.uint8:
+                out[k] = _stack_padded([x[k] for x in good])
+            elif k != "warnings":
                 out[k] = torch.stack([x[k] for x in good])
+    return out
+
+
+def _stack_padded(frames: list[torch.Tensor]) -> torch.Tensor:
+    """Stack (..., h, w, 3) tensors, zero-padding h and w to the largest."""
+    h = max(f.shape[-3] for f in frames)
+    w = max(f.shape[-2] for f in frames)
+    if all(f.shape[-3:-1] == (h, w) for f in frames):
+        return torch.stack(frames)
+    out = frames[0].new_zeros((len(frames), *frames[0].shape[:-3], h, w, 3))
+    for i, f in enumerate(frames):
+        out[i, ..., : f.shape[-3], : f.shape[-2], :] = f
     return out

@@ -146,8 +146,11 @@ def modalities_of(mc: MMTConfig) -> str:
 
 
 # ------------------------------------------------------------------ data
-def dataset_config(data: DataSection, mc: MMTConfig, mode: str, views: int = 1) -> DataConfig:
-    """A DataConfig whose sizes match the model's input sizes (mismatch -> ValueError)."""
+def dataset_config(
+    data: DataSection, mc: MMTConfig, mode: str, views: int = 1, device_transforms: bool = False
+) -> DataConfig:
+    """A DataConfig whose sizes match the model's input sizes (mismatch -> ValueError);
+    ``device_transforms``: items for :class:`~mmt_fast.data.device_transforms.DeviceTransform`."""
     ov = _tuples(dict(data.overrides))
     derived: dict = {"modalities": modalities_of(mc)}
     if mc.audio is not None:
@@ -162,7 +165,7 @@ def dataset_config(data: DataSection, mc: MMTConfig, mode: str, views: int = 1) 
             raise ValueError(f"data.overrides.{k}={ov[k]} but the model expects {v}")
         ov[k] = v
     ov.setdefault("on_error", data.on_error)
-    ov.update(mode=mode, num_views=max(views, 1))
+    ov.update(mode=mode, num_views=max(views, 1), device_transforms=device_transforms)
     return data_config(data.preset, **ov)
 
 

@@ -114,7 +114,10 @@ class DataSection:
     its folder) written by :func:`mmt_fast.data.shards.write_shards`; training
     streams the shards (DDP-rank and worker splitting, a shuffle buffer of
     ``shuffle_buffer`` clips per worker; see :mod:`mmt_fast.data.shards`),
-    evaluation reads clips by offset.
+    evaluation reads clips by offset. ``device_transforms``: the loader hands uint8
+    frames and raw fbanks to the trainer, which crops, flips, normalises and applies
+    SpecAugment batched on its device (see :mod:`mmt_fast.data.device_transforms`);
+    for training, validation and ``mmt-fast evaluate``.
     """
 
     format: str = "manifest"
@@ -136,6 +139,7 @@ class DataSection:
     max_bad_fraction: float = 0.5
     cache: bool = False
     shuffle_buffer: int = 256
+    device_transforms: bool = False
 
     def __post_init__(self) -> None:
         formats = ("manifest", "vggsound", "kinetics_sounds", "epic_kitchens", "webdataset")

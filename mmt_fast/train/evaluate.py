@@ -49,11 +49,17 @@ def model_inputs(batch: dict, modalities, device: torch.device) -> tuple[dict, i
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, loader, device: torch.device, amp: str = "auto", progress: bool = False
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    amp: str = "auto",
+    progress: bool = False,
+    transform=None,
 ) -> dict:
     """Run ``model`` over ``loader``; returns (on every rank, gathered from all ranks)
     ``{"probs": {head: (N, C)}, "targets": {head: (N,)}, "index": (N,), "skipped": {kind: n}}``
-    sorted by dataset index, duplicates (sampler padding) removed."""
+    sorted by dataset index, duplicates (sampler padding) removed. ``transform(batch, device)``,
+    when given, prepares each batch on the device (:class:`~mmt_fast.data.device_transforms.DeviceTransform`)."""
     core = model.module if hasattr(model, "module") else model
     was_training = core.training
     model.eval()
@@ -70,6 +76,8 @@ def predict(
         skipped.update(batch["skipped"])
         if batch["batch_size"] == 0:
             continue
+        if transform is not None:
+            batch = transform(batch, device)
         inputs, views = model_inputs(batch, core.modalities, device)
         with autocast(device, amp):
             out = model(**inputs)

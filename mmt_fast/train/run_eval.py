@@ -147,7 +147,7 @@ def evaluate_checkpoint(
             if views is not None
             else (cfg.data.test_views if split == "test" else cfg.data.val_views)
         )
-        dc = B.dataset_config(cfg.data, mc, "test", nv)
+        dc = B.dataset_config(cfg.data, mc, "test", nv, cfg.data.device_transforms)
         ds = B.build_split_dataset(cfg.data, split, records, dc, classes, mc)
         check_split(split, ds, cfg.data.max_bad_fraction)
         sampler = ResumableSampler(len(ds), info.world_size, info.rank, shuffle=False, pad=False)
@@ -160,7 +160,14 @@ def evaluate_checkpoint(
             0,
             drop_last=False,
         )
-        pred = predict(model, loader, info.device, cfg.train.amp, progress=info.is_main)
+        tf = None
+        if cfg.data.device_transforms:
+            from mmt_fast.data.device_transforms import DeviceTransform
+
+            tf = DeviceTransform(dc)
+        pred = predict(
+            model, loader, info.device, cfg.train.amp, progress=info.is_main, transform=tf
+        )
         if info.is_main:  # records dropped when the dataset was built (not seen by the loader)
             for b in ds.dropped:
                 pred["skipped"][b.kind] = pred["skipped"].get(b.kind, 0) + 1

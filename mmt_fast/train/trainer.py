@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mmt_fast.data.dataset import check_split
+from mmt_fast.data.device_transforms import DeviceTransform
 from mmt_fast.errors import ConfigError, DataError, TrainingError
 from mmt_fast.models.checkpointing import set_activation_checkpointing
 from mmt_fast.train import builders as B
@@ -131,9 +132,12 @@ class Trainer:
                 "resume with the same data (or set data.classes to its classes.json)"
             )
         self.model_cfg = B.model_config(cfg, self.classes)
+        dev_tf = cfg.data.device_transforms
         dc_train = B.dataset_config(
-            cfg.data, self.model_cfg, "test" if cfg.data.cache else "train", 1
+            cfg.data, self.model_cfg, "test" if cfg.data.cache else "train", 1, dev_tf
         )
+        self.train_tf = DeviceTransform(dc_train, t.seed) if dev_tf else None
+        self.val_tf = None
         w, r = self.dist.world_size, self.dist.rank
         base_train = B.build_split_dataset(
             cfg.data, "train", self.train_records, dc_train, self.classes, self.model_cfg
@@ -151,7 +155,8 @@ class Trainer:
             self.train_set = SeededDataset(src, t.seed)
         self.val_set = None
         if self.val_records is not None:
-            dc_val = B.dataset_config(cfg.data, self.model_cfg, "test", cfg.data.val_views)
+            dc_val = B.dataset_config(cfg.data, self.model_cfg, "test", cfg.data.val_views, dev_tf)
+            self.val_tf = DeviceTransform(dc_val) if dev_tf else None
             self.val_set = B.build_split_dataset(
                 cfg.data, "val", self.val_records, dc_val, self.classes, self.model_cfg
             )
@@ -360,6 +365,8 @@ class Trainer:
         n = batch["batch_size"]
         if n == 0:
             batch, scale = self._dummy_batch(), 0.0
+        elif self.train_tf is not None:
+            batch = self.train_tf(batch, self.device, self.epoch)
         inputs, _ = model_inputs(batch, self.core.modalities, self.device)
         targets = {h: batch[h].to(self.device) for h in self.model_cfg.heads}
         ctx = self.model.no_sync() if self.dist.enabled and not sync else contextlib.nullcontext()
@@ -423,7 +430,7 @@ class Trainer:
             self.epoch,
             drop_last=False,
         )
-        pred = predict(self.model, loader, self.device, self.cfg.train.amp)
+        pred = predict(self.model, loader, self.device, self.cfg.train.amp, transform=self.val_tf)
         if len(pred["index"]) == 0:
             raise DataError(
                 f"validation after epoch {self.epoch - 1}: no clip of the val split could be "
