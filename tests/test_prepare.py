@@ -295,3 +295,35 @@ def test_flac_sidecar_and_changed_settings(timed, tmp_path):
     assert report["prepared"] == 1 and report["done_before"] == 0  # settings changed: redone
     assert Path(new.path).with_suffix(".wav").is_file()
     assert not Path(new.path).with_suffix(".flac").exists()
+
+
+def test_prepare_from_a_config(tmp_path, capsys):
+    """--config: the configured splits, the split column, sizes from the data settings."""
+    from mmt_fast.data.synthetic import main as synthetic_main
+
+    data = tmp_path / "syn"
+    synthetic_main(["--out", str(data), "--num-clips", "20", "--size", "64", "--duration", "1"])
+    cfg = Path(__file__).parents[1] / "configs" / "demo_synthetic.yaml"
+    man = data / "manifest.csv"
+    over = [f"data.train={man}", f"data.val={man}", f"data.test={man}"]
+    out = tmp_path / "out"
+    assert cli_main(["prepare", "--config", str(cfg), "--out", str(out), "--workers", "1",
+                     "--no-progress", *over]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    # the tiny preset: 32 px crops -> decode short side round(32 * 320 / 224) = 46 px
+    assert "short side 46 px, keyframe every 4 frames" in err and "data.format=manifest" in err
+    src = {r.clip_id: r for r in read_manifest(man)}
+    new = read_manifest(out / "manifest.csv")
+    assert sorted(r.clip_id for r in new) == sorted(src)
+    for r in new:
+        assert r.split == src[r.clip_id].split and r.label == src[r.clip_id].label
+        assert Vd.open_video(r.path)[0].shape == (46, 46, 3)
+    # only the test split: the crop size
+    out2 = tmp_path / "out2"
+    assert cli_main(["prepare", "--config", str(cfg), "--out", str(out2), "--split", "test",
+                     "--workers", "1", "--no-progress", *over]) == 0  # fmt: skip
+    new = read_manifest(out2 / "manifest.csv")
+    assert {r.split for r in new} == {"test"} and len(new) == sum(
+        r.split == "test" for r in src.values()
+    )
+    assert Vd.open_video(new[0].path)[0].shape == (32, 32, 3)

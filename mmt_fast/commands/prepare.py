@@ -97,6 +97,11 @@ def _records_from_config(args):
 
     cfg = _load_config(args)
     data = cfg.data
+    if data.format == "webdataset":
+        raise ConfigError(
+            f"{args.config} trains from shards (data.format: webdataset); prepare reads the "
+            "clips of a manifest: give the config of the original data"
+        )
     wanted = args.split or [s for s in SPLITS if getattr(data, s)]
     for s in wanted:
         if s not in SPLITS:
@@ -110,7 +115,6 @@ def _records_from_config(args):
     records, seen = [], set()
     for s in wanted:
         name = getattr(data, f"{s}_split") or s
-        path = getattr(data, s)
         for r in B.read_records(data, s):
             key = (r.path, r.start_s, r.end_s, r.clip_id, name)
             if key in seen:  # one file serving several splits (filtered by its split column)
@@ -118,7 +122,6 @@ def _records_from_config(args):
             seen.add(key)
             r.split = name
             records.append(r)
-        del path
     return records, dc, "train" in wanted
 
 
