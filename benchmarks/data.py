@@ -163,6 +163,8 @@ def _config(mode: str, pipeline: str):
     kw = {"mode": mode, "num_views": 5}
     if pipeline == "before":
         kw.update(decoder_resize=False, audio_span=False)
+    if pipeline == "device":  # crop, flip, normalisation, SpecAugment left to the device
+        kw.update(device_transforms=True)
     return DataConfig(**kw)
 
 
@@ -547,20 +549,24 @@ def main(argv: list[str] | None = None) -> int:
             key = f"{kind}/{mode}/prepared"
             items[key] = time_items(paths, mode, "after", n_items[mode])
             stages[key] = breakdown(paths[0], mode, "after", reps)
+            items[key + "+device"] = time_items(paths, mode, "device", n_items[mode])
             print(
                 f"  {key:28s} {items[key]['clips_per_s']:7.2f} clips/s per worker "
-                f"({items[key]['median_cpu_s'] * 1000:.0f} ms CPU/clip); "
+                f"({items[key]['median_cpu_s'] * 1000:.0f} ms CPU/clip; "
+                f"{items[key + '+device']['clips_per_s']:.2f} with device transforms); "
                 + " ".join(f"{k} {v * 1000:.0f}" for k, v in stages[key].items()),
                 file=sys.stderr,
             )
     rows = []
     for kind in src:
         for mode in ("train", "test"):
-            for pipe, prep in (("before", False), ("after", False), ("prepared", True)):
+            for pipe, prep in (("before", False), ("after", False), ("prepared", True),
+                               ("prepared+device", True)):  # fmt: skip
                 r = items[f"{kind}/{mode}/{pipe}"]
                 rows.append({
                     "source": kind, "mode": mode, "prepared": prep,
                     "code": "before" if pipe == "before" else "after",
+                    "device_transforms": pipe.endswith("+device"),
                     "short_side": PREPARED[mode] if prep else None,
                     "clips_per_s": r["clips_per_s"], "median_cpu_s": r["median_cpu_s"],
                     "median_wall_s": r["median_wall_s"], "items": r["items"],
@@ -572,16 +578,24 @@ def main(argv: list[str] | None = None) -> int:
         demand = measure_gpu(list(DEMAND_PRESETS))
     else:
         demand = demand_estimates(_gmacs_from_results())
-    rate = {(r["source"], r["mode"], r["prepared"], r["code"]): r["clips_per_s"] for r in rows}
+    rate = {
+        (r["source"], r["mode"], r["prepared"], r["code"], r["device_transforms"]): r["clips_per_s"]
+        for r in rows
+    }
     for d in demand:
         d["workers_per_gpu"] = {
-            "360p-10s": d["clips_per_s"] / rate[("360p-10s", "train", False, "after")],
-            "360p-10s prepared": d["clips_per_s"] / rate[("360p-10s", "train", True, "after")],
+            "360p-10s": d["clips_per_s"] / rate[("360p-10s", "train", False, "after", False)],
+            "360p-10s prepared": d["clips_per_s"]
+            / rate[("360p-10s", "train", True, "after", False)],
+            "360p-10s prepared, device transforms": d["clips_per_s"]
+            / rate[("360p-10s", "train", True, "after", True)],
         }
         print(
             f"  {d['preset']:22s} {d['gpu']:5s} {d['clips_per_s']:7.1f} clips/s ({d['method']}); "
             f"workers per GPU: {d['workers_per_gpu']['360p-10s']:.0f} unprepared, "
-            f"{d['workers_per_gpu']['360p-10s prepared']:.0f} prepared",
+            f"{d['workers_per_gpu']['360p-10s prepared']:.0f} prepared, "
+            f"{d['workers_per_gpu']['360p-10s prepared, device transforms']:.0f} with device "
+            "transforms",
             file=sys.stderr,
         )
     summary = {}
@@ -590,24 +604,27 @@ def main(argv: list[str] | None = None) -> int:
             b = items[f"{kind}/{mode}/before"]["clips_per_s"]
             f = items[f"{kind}/{mode}/after"]["clips_per_s"]
             pr = items[f"{kind}/{mode}/prepared"]["clips_per_s"]
+            prd = items[f"{kind}/{mode}/prepared+device"]["clips_per_s"]
             row = {
                 "before": b,
                 "after": f,
                 "speedup": f / b,
                 "prepared": pr,
                 "prepared_speedup": pr / f,
+                "prepared_device_transforms": prd,
                 "workers_per_gpu": workers_per_gpu(f, a.gpu_clips_per_s),
             }
             summary[f"{kind}/{mode}"] = row
     print(f"\nclips/s per worker; before = {before_is}", file=sys.stderr)
     print(
-        "| source / mode | before | after | speed-up | prepared | vs after |",
+        "| source / mode | before | after | speed-up | prepared | vs after | + device transforms |",
         file=sys.stderr,
     )
     for k, r in summary.items():
         print(
             f"| {k} | {r['before']:.2f} | {r['after']:.2f} | {r['speedup']:.1f}x | "
-            f"{r['prepared']:.2f} | {r['prepared_speedup']:.1f}x |",
+            f"{r['prepared']:.2f} | {r['prepared_speedup']:.1f}x | "
+            f"{r['prepared_device_transforms']:.2f} |",
             file=sys.stderr,
         )
     print(f"load average (1, 5, 15 min): {load0} at the start, {os.getloadavg()} at the end",

@@ -179,21 +179,29 @@ def data_loader_table(data: dict) -> str:
                 f"| {r['workers_per_gpu']:.0f} |"
             )
     else:
-        rate = {(r["source"], r["mode"], r["prepared"], r["code"]): r for r in data["rows"]}
+        rate = {
+            (r["source"], r["mode"], r["prepared"], r["code"], r.get("device_transforms", False)): r
+            for r in data["rows"]
+        }
         lines += [
             "| source | mode | before (clips/s per worker) | after | prepared (`mmt-fast "
-            "prepare`) | prepared vs after |",
-            "|---|---|---:|---:|---:|---:|",
+            "prepare`) | prepared vs after | prepared, device transforms |",
+            "|---|---|---:|---:|---:|---:|---:|",
         ]
-        for src, mode, _, code in rate:
+        for src, mode, _, code, _ in rate:
             if code != "before":
                 continue
-            b, a = rate[(src, mode, False, "before")], rate[(src, mode, False, "after")]
-            p = rate[(src, mode, True, "after")]
+            b, a = (
+                rate[(src, mode, False, "before", False)],
+                rate[(src, mode, False, "after", False)],
+            )
+            p = rate[(src, mode, True, "after", False)]
+            d = rate.get((src, mode, True, "after", True))
             lines.append(
                 f"| {src} | {mode} | {b['clips_per_s']:.2f} | {a['clips_per_s']:.2f} "
                 f"| {p['clips_per_s']:.2f} ({p['short_side']} px) "
-                f"| {p['clips_per_s'] / a['clips_per_s']:.1f}x |"
+                f"| {p['clips_per_s'] / a['clips_per_s']:.1f}x "
+                f"| {_f(d['clips_per_s'], 2) if d else '–'} |"
             )
     names = list(next(iter(data["stages_s"].values())))
     lines += [
@@ -208,14 +216,15 @@ def data_loader_table(data: dict) -> str:
         lines += [
             "",
             "| model preset | GPU | training clips/s the GPU consumes | how | workers per GPU: "
-            "360p-10s | prepared |",
-            "|---|---|---:|---|---:|---:|",
+            "360p-10s | prepared | prepared, device transforms |",
+            "|---|---|---:|---|---:|---:|---:|",
         ]
         for d in demand:
             w = d["workers_per_gpu"]
+            dev = w.get("360p-10s prepared, device transforms")
             lines.append(
                 f"| {d['preset']} | {d['gpu']} | {d['clips_per_s']:.0f} | {d['method']} "
-                f"| {w['360p-10s']:.0f} | {w['360p-10s prepared']:.0f} |"
+                f"| {w['360p-10s']:.0f} | {w['360p-10s prepared']:.0f} | {_f(dev, 0)} |"
             )
     return "\n".join(lines)
 
