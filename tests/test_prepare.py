@@ -327,3 +327,36 @@ def test_prepare_from_a_config(tmp_path, capsys):
         r.split == "test" for r in src.values()
     )
     assert Vd.open_video(new[0].path)[0].shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize("rotation", [90, 270])
+def test_rotated_source_stays_upright(tmp_path, rotation):
+    """A phone video stored sideways with a display matrix: the prepared copy keeps the
+    matrix, so the loader's decoder returns the same upright picture from both."""
+    import fractions
+
+    import av
+
+    upright = np.zeros((48, 80, 3), np.uint8)
+    upright[:16, :40] = (255, 0, 0)  # a red block at the top left of the upright picture
+    stored = np.ascontiguousarray(np.rot90(upright, k=-(rotation // 90)))
+    src = tmp_path / "phone.mp4"
+    with av.open(str(src), "w") as c:
+        vs = c.add_stream("libx264", rate=10)
+        vs.width, vs.height, vs.pix_fmt = stored.shape[1], stored.shape[0], "yuv420p"
+        vs.options = {"preset": "ultrafast", "crf": "8", "threads": "1"}
+        vs.codec_context.time_base = fractions.Fraction(1, 10)
+        vs.set_display_rotation(rotation)
+        for _ in range(6):
+            for p in vs.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")):
+                c.mux(p)
+        for p in vs.encode():
+            c.mux(p)
+    a = Vd.open_video(str(src))[0].asnumpy()
+    assert a.shape == (48, 80, 3) and a[:16, :40, 0].mean() > 200  # decord turns it upright
+    report = prepare_dataset([ClipRecord(str(src), "p", label="a")], tmp_path / "out",
+                             PrepareSettings(short_side=320, gop=4), progress=False)  # fmt: skip
+    assert report["unusable_counts"] == {}
+    (new,) = read_manifest(tmp_path / "out" / "manifest.csv")
+    b = Vd.open_video(new.path)[0].asnumpy()
+    assert b.shape == a.shape and np.abs(b.astype(int) - a).mean() < 3

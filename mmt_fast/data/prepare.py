@@ -5,7 +5,8 @@ on both sides for temporal jitter and windows longer than the segment) becomes, 
 
 - ``clips/<name>.mp4``: H.264 (libx264 through PyAV; no ffmpeg binary needed)
   with the short side scaled to ``short_side`` (never upscaled; even sizes for
-  yuv420p; area interpolation), a keyframe every ``gop`` frames (no B-frames,
+  yuv420p; area interpolation; a display rotation (phone videos) is kept as the
+  output's display matrix), a keyframe every ``gop`` frames (no B-frames,
   ``tune=fastdecode``: no CABAC or deblocking, so frames decode cheaply) and no
   audio. Every source frame is kept with its own timestamp, shifted so that
   the first kept frame is at 0 and written in the source stream's time base:
@@ -209,8 +210,8 @@ def _encode_video(job: Job, tmp: Path, settings: PrepareSettings) -> dict:
     """Decode the cut with PyAV, scale, re-encode to ``tmp``; the kept frames' times."""
     import av
 
-    info = Vd.probe_video(job.src)  # missing, folder, no video, MPEG-TS: BadClipError
-    oh, ow = output_size(info.height, info.width, settings.short_side)
+    Vd.probe_video(job.src)  # missing, folder, no video, MPEG-TS: BadClipError
+    oh = ow = rotation = None
     c0_cut, c1_cut = job.cut if job.cut is not None else (None, None)
     eps = 1e-6
     pts_out: list[int] = []
@@ -223,7 +224,7 @@ def _encode_video(job: Job, tmp: Path, settings: PrepareSettings) -> dict:
             origin = st.start_time or 0
             rate = st.average_rate or st.guessed_rate or 25
             vs = dst.add_stream("libx264", rate=rate)
-            vs.width, vs.height, vs.pix_fmt = ow, oh, "yuv420p"
+            vs.pix_fmt = "yuv420p"
             vs.codec_context.time_base = tb
             g = str(settings.gop)
             vs.options = {
@@ -253,7 +254,13 @@ def _encode_video(job: Job, tmp: Path, settings: PrepareSettings) -> dict:
                         job.src, f"video timestamps do not increase at {t:.3f} s", "corrupt_file"
                     )
                 prev = fr.pts
-                first = fr.pts if first is None else first
+                if first is None:  # sizes from the stored frame; its display rotation kept
+                    first = fr.pts
+                    oh, ow = output_size(fr.height, fr.width, settings.short_side)
+                    vs.width, vs.height = ow, oh
+                    rotation = round(fr.rotation or 0) % 360
+                    if rotation:
+                        vs.set_display_rotation(rotation)
                 pts = fr.pts - first
                 # (reformat returns the frame itself when nothing changes: set pts after reading)
                 out = fr.reformat(width=ow, height=oh, format="yuv420p", interpolation="AREA")
@@ -274,11 +281,13 @@ def _encode_video(job: Job, tmp: Path, settings: PrepareSettings) -> dict:
         ) from e
     if not pts_out:
         raise BadClipError(job.src, f"no video frame in the cut {job.cut} s", "bad_segment")
+    upright = (ow, oh) if rotation in (90, 270) else (oh, ow)  # what decord returns
     return {
         "offset_s": float((first - origin) * tb),
         "times": np.asarray(pts_out, np.float64) * float(tb),
-        "height": oh,
-        "width": ow,
+        "height": upright[0],
+        "width": upright[1],
+        "rotation": rotation,
     }
 
 
@@ -386,6 +395,7 @@ def prepare_clip(job: Job, out_dir: Path, settings: PrepareSettings) -> dict:
         "frames": len(times),
         "height": video["height"],
         "width": video["width"],
+        "rotation": video["rotation"],
         "offset_s": video["offset_s"],
         "duration_s": float(times[-1] + (np.median(np.diff(times)) if len(times) > 1 else 0.0)),
         "audio": audio,
