@@ -360,3 +360,34 @@ def test_rotated_source_stays_upright(tmp_path, rotation):
     (new,) = read_manifest(tmp_path / "out" / "manifest.csv")
     b = Vd.open_video(new.path)[0].asnumpy()
     assert b.shape == a.shape and np.abs(b.astype(int) - a).mean() < 3
+
+
+def test_epic_kitchens_segments_are_cut(tmp_path):
+    """Epic-Kitchens narrations: each segment cut from the long video with the margin, its
+    times shifted to the cut, verb and noun kept; the frames are the same as the source's."""
+    _textured(tmp_path / "P01_01.mp4", 48, seconds=8.0, fps=25)
+    rows = [
+        "participant_id,video_id,narration_id,start_timestamp,stop_timestamp,verb_class,noun_class",
+        "P01,P01_01,P01_01_0,00:00:01.00,00:00:02.50,3,7",
+        "P01,P01_01,P01_01_1,00:00:05.20,00:00:06.00,1,12",
+    ]
+    (tmp_path / "EPIC_100_train.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    args = ["prepare", "--manifest", str(tmp_path / "EPIC_100_train.csv"), "--format",
+            "epic_kitchens", "--out", str(out), "--split", "train", "--margin", "0.8",
+            "--short-side", "48", "--no-progress"]  # fmt: skip
+    assert cli_main(args) == 0
+    new = {r.clip_id: r for r in read_manifest(out / "manifest.csv")}
+    assert (new["P01_01_0"].verb, new["P01_01_0"].noun, new["P01_01_1"].verb) == (3, 7, 1)
+    for cid, (s, e) in {"P01_01_0": (1.0, 2.5), "P01_01_1": (5.2, 6.0)}.items():
+        r = new[cid]
+        vr = Vd.open_video(r.path)
+        assert len(vr) == sum(s - 0.8 <= k / 25 < e + 0.8 for k in range(200))  # the cut
+        off = s - 0.8
+        assert r.start_s == pytest.approx(s - off) and r.end_s == pytest.approx(e - off)
+        cfg = DataConfig(mode="test", num_views=2, num_frames=4, stride=2, crop_size=32,
+                         target_length=128)  # fmt: skip
+        src = ClipRecord(str(tmp_path / "P01_01.mp4"), cid, verb=0, noun=0, start_s=s, end_s=e)
+        a, b = AVClipDataset([src], cfg)[0], AVClipDataset([r], cfg)[0]
+        assert (a["video"] - b["video"]).abs().mean() < 0.1  # the same frames, re-encoded
+        assert torch.allclose(a["audio"], b["audio"], atol=0.05)
