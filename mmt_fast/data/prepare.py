@@ -487,7 +487,10 @@ def prepare_dataset(
             for t in tasks:
                 done(*_run_job(t))
         else:
-            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            # not fork: a decord reader inherited from this process and freed in a child
+            # hangs it (see dataset._release_frames); the fork server starts clean
+            methods = mp.get_all_start_methods()
+            method = "forkserver" if "forkserver" in methods else "spawn"
             with mp.get_context(method).Pool(min(workers, len(jobs)), _init_worker) as pool:
                 for i, r in pool.imap_unordered(_run_job, tasks, chunksize=1):
                     done(i, r)
