@@ -264,7 +264,7 @@ def test_prepare_shards_load_like_the_folder(timed, tmp_path):
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "out"
     args = ["prepare", "--manifest", str(tmp_path / "m.csv"), "--out", str(out), "--split",
-            "test", "--gop", "4", "--shards", "--no-progress"]  # fmt: skip
+            "test", "--gop", "4", "--shards", "--workers", "1", "--no-progress"]  # fmt: skip
     assert cli_main(args) == 0
     cfg = DataConfig(mode="test", num_views=2, num_frames=4, stride=2, crop_size=32,
                      target_length=256)  # fmt: skip
@@ -375,7 +375,7 @@ def test_epic_kitchens_segments_are_cut(tmp_path):
     out = tmp_path / "out"
     args = ["prepare", "--manifest", str(tmp_path / "EPIC_100_train.csv"), "--format",
             "epic_kitchens", "--out", str(out), "--split", "train", "--margin", "0.8",
-            "--short-side", "48", "--no-progress"]  # fmt: skip
+            "--short-side", "48", "--workers", "1", "--no-progress"]  # fmt: skip
     assert cli_main(args) == 0
     new = {r.clip_id: r for r in read_manifest(out / "manifest.csv")}
     assert (new["P01_01_0"].verb, new["P01_01_0"].noun, new["P01_01_1"].verb) == (3, 7, 1)
