@@ -35,8 +35,11 @@ Prepared sources (``mmt-fast prepare``, :mod:`mmt_fast.data.prepare`): each
 source is also prepared once into ``--cache`` with the settings the paper's
 recipe gives (training: short side 320, a keyframe every 16 frames; test-only:
 short side 224) and timed the same way: training items from the 320 px copies,
-5-view test items from the 224 px copies. ``rows`` in the JSON has one entry
-per (source, mode, prepared, pipeline) with ``clips_per_s`` (per worker).
+5-view test items from the 224 px copies, with the CPU transforms and with
+``data.device_transforms`` (the loader stops after decoding and the fbank; the
+crop, normalisation and SpecAugment that then run on the training device are
+not counted). ``rows`` in the JSON has one entry per (source, mode, prepared,
+code, device_transforms) with ``clips_per_s`` (per worker).
 
 The demand side (``demand`` in the JSON): the clips/s a GPU consumes when
 training each model preset. With CUDA, measured (forward + backward in bf16
