@@ -69,6 +69,19 @@ def test_layout_and_index(packed):
         assert json.loads(seq["json"])["label"] == recs[i].label
 
 
+def test_rows_sharing_a_file_are_refused(packed, tmp_path):
+    manifest, _ = packed
+    rows = list(csv.DictReader(open(manifest)))[:2]
+    rows[1]["path"] = rows[0]["path"]  # two segments of one file
+    with open(tmp_path / "m.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with pytest.raises(DataError, match="1 files serve several rows"):
+        write_shards(tmp_path / "m.csv", tmp_path / "out", root=manifest.parent, progress=False)
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
 def test_bad_index_is_refused(tmp_path):
     (tmp_path / "index.json").write_text('{"format": "other"}')
     with pytest.raises(DataError, match="not an mmt-fast-shards index"):
