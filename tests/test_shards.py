@@ -69,6 +69,19 @@ def test_layout_and_index(packed):
         assert json.loads(seq["json"])["label"] == recs[i].label
 
 
+def test_rows_sharing_a_file_are_refused(packed, tmp_path):
+    manifest, _ = packed
+    rows = list(csv.DictReader(open(manifest)))[:2]
+    rows[1]["path"] = rows[0]["path"]  # two segments of one file
+    with open(tmp_path / "m.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with pytest.raises(DataError, match="1 files serve several rows"):
+        write_shards(tmp_path / "m.csv", tmp_path / "out", root=manifest.parent, progress=False)
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
 def test_bad_index_is_refused(tmp_path):
     (tmp_path / "index.json").write_text('{"format": "other"}')
     with pytest.raises(DataError, match="not an mmt-fast-shards index"):
@@ -181,7 +194,7 @@ def test_too_few_shards_is_refused(packed):
         _stream(packed, 4, world=4)
 
 
-def _train_overrides(index, out, **extra):
+def _overrides(index, out, **extra):
     o = {
         "data.format": "webdataset",
         "data.train": str(index),
@@ -212,7 +225,12 @@ def _train_overrides(index, out, **extra):
 
 
 def test_shard_training_resumes_exactly(packed, tmp_path):
+    """One process, transforms on the device (the DDP test below uses the CPU ones)."""
     _, index = packed
+
+    def _train_overrides(index, out, **extra):
+        return _overrides(index, out, **{"data.device_transforms": True, **extra})
+
     ref = train(load_config(DEMO, _train_overrides(index, tmp_path / "ref")))
     # the bad-clip report: the missing row always, the corrupt clip when an epoch drew it
     st = _stream(packed, 0)
@@ -250,7 +268,7 @@ def test_shard_training_ddp_resumes_exactly(packed, tmp_path):
     for name, stop in (("ref", None), ("run", 3)):
         out = tmp_path / name
         extra = {"data.num_workers": 1, "train.ckpt_every": 1, "train.eval_every": 0}
-        cfg = load_config(DEMO, _train_overrides(index, out, **extra))
+        cfg = load_config(DEMO, _overrides(index, out, **extra))
         cfg_path = tmp_path / f"{name}.yaml"
         cfg_path.write_text(cfg.to_yaml())
         stop_arg = [f"train.stop_at_step={stop}"] if stop else []

@@ -51,6 +51,7 @@ run resumes); at an epoch boundary either may change.
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import os
@@ -134,6 +135,13 @@ def write_shards(
     records = read_manifest(manifest, root, split=split)
     if not records:
         raise DataError(f"{manifest} has no clips" + (f" in split {split!r}" if split else ""))
+    shared = [p for p, n in collections.Counter(r.path for r in records).items() if n > 1]
+    if shared:  # a shard sample holds its whole file: segments of one video would copy it
+        raise DataError(
+            f"{manifest}: {len(shared)} files serve several rows (e.g. {shared[0]}); each row "
+            "would store the whole file again. Cut the segments into clips of their own first "
+            "(`mmt-fast prepare`) and pack its manifest"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("shard-*.tar"):
         old.unlink()
