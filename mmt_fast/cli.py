@@ -3,6 +3,7 @@
 Commands::
 
     mmt-fast make-synthetic --out DIR [--num-clips N] ...
+    mmt-fast prepare --config FILE | --manifest FILE --out DIR [--split S] [--short-side N] [--workers N]
     mmt-fast train --config FILE [--resume] [KEY=VALUE ...]
     mmt-fast evaluate --checkpoint RUN_DIR [--config FILE] [--split test] [--views N]
     mmt-fast predict --checkpoint RUN_DIR INPUT... [--out preds.csv|.jsonl] [--top-k K]
@@ -113,6 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("args", nargs=argparse.REMAINDER)
     s.set_defaults(func=_make_synthetic)
+
+    pp = sub.add_parser(
+        "prepare",
+        help="a prepared copy of a dataset: clips re-encoded at the training size, 16 kHz wavs",
+        description="Re-encode the clips of a config's splits or a manifest once, for fast "
+        "loading: video at the training short side with short keyframe intervals and the "
+        "source's timestamps, audio as a 16 kHz mono wav beside it, Epic-Kitchens segments cut "
+        "with a margin; a new manifest and a report of the unusable inputs. Resumable.",
+    )
+    __import__("mmt_fast.commands.prepare", fromlist=["add_arguments"]).add_arguments(pp)
+    pp.set_defaults(func=lambda a: __import__("mmt_fast.commands.prepare", fromlist=["run"]).run(a))
 
     t = sub.add_parser("train", help="train a model from a YAML config")
     t.add_argument("--config", required=True, help="YAML file (see configs/)")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,7 +161,9 @@ class DataSetup:
         }
 
 
-def data_setup(cfg: TrainConfig, splits: Iterable[str], views: int = 1) -> DataSetup:
+def data_setup(
+    cfg: TrainConfig, splits: Iterable[str], views: int = 1, mode: str = "test"
+) -> DataSetup:
     """The :class:`DataSetup` of ``splits`` (each must be configured, and the files the
     config names must exist: ConfigError)."""
     check_paths(cfg, tuple(splits), out_dir=False)
@@ -170,7 +172,7 @@ def data_setup(cfg: TrainConfig, splits: Iterable[str], views: int = 1) -> DataS
     classes = B.class_info(cfg.data, train or next(iter(records.values()), None))
     mc = B.model_config(cfg, classes)
     try:
-        dc = B.dataset_config(cfg.data, mc, "test", views)
+        dc = B.dataset_config(cfg.data, mc, mode, views)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     return DataSetup(records, classes, mc, dc)
@@ -247,15 +249,37 @@ def with_placeholder_targets(records: list[ClipRecord], classes: dict) -> list[C
 
 
 def clip_dataset(
-    run: LoadedRun, records: list[ClipRecord], views: int, labelled: bool = True
+    run: LoadedRun,
+    records: list[ClipRecord],
+    views: int,
+    labelled: bool = True,
+    split: str | None = None,
 ) -> AVClipDataset:
     """The clips decoded as in evaluation: the run's data settings in test mode, ``views``
     views per clip; ``labelled=False``: placeholder targets (see
-    :func:`with_placeholder_targets`)."""
+    :func:`with_placeholder_targets`). ``split``: the records are that configured split,
+    read from its shards when the run trains from them (``data.format: webdataset``).
+    With ``data.device_transforms`` the items are uint8 frames and raw fbank, finished by
+    :func:`batch_transform` on the device."""
     if not labelled:
         records = with_placeholder_targets(records, run.classes)
-    dc = B.dataset_config(run.cfg.data, run.model_cfg, "test", views)
+    data = run.cfg.data
+    dc = B.dataset_config(data, run.model_cfg, "test", views, data.device_transforms)
+    if split is not None:
+        return B.build_split_dataset(data, split, records, dc, run.classes, run.model_cfg)
     return B.build_dataset(records, dc, run.classes, run.model_cfg)
+
+
+def batch_transform(dataset) -> Callable[[dict, torch.device], dict] | None:
+    """What finishes ``dataset``'s batches on the device before the model: a
+    :class:`~mmt_fast.data.device_transforms.DeviceTransform` when its items are left
+    raw (``data.device_transforms``), else None."""
+    cfg = dataset.config
+    if not cfg.device_transforms:
+        return None
+    from mmt_fast.data.device_transforms import DeviceTransform
+
+    return DeviceTransform(cfg)
 
 
 def clip_loader(
@@ -396,10 +420,12 @@ def run_model(
     device: torch.device,
     amp: str = "auto",
     record: Iterable[str] = (),
+    transform: Callable[[dict, torch.device], dict] | None = None,
 ) -> Outputs:
     """The evaluation loop: ``model`` (on ``device``; a DDP wrapper is fine) in eval mode
     over ``batches`` (from :func:`mmt_fast.data.collate_clips`), views averaged, the
-    ``record`` embeddings kept (see :class:`Recorder`); the model's mode is restored."""
+    ``record`` embeddings kept (see :class:`Recorder`); the model's mode is restored.
+    ``transform(batch, device)`` finishes each batch first (see :func:`batch_transform`)."""
     core = model.module if hasattr(model, "module") else model
     heads = dict(core.cfg.heads)
     was_training = core.training
@@ -420,6 +446,8 @@ def run_model(
                 b = batch["batch_size"]
                 if not b:
                     continue
+                if transform is not None:
+                    batch = transform(batch, device)
                 inputs, v = model_inputs(batch, core.modalities, device)
                 with autocast(device, amp):
                     out = model(**inputs)
@@ -445,15 +473,19 @@ def run_model(
 
 __all__ = [
     "RECORDABLE",
+    "DataSetup",
     "LoadedRun",
     "Outputs",
     "Recorder",
     "autocast",
+    "batch_transform",
     "class_names",
     "clip_dataset",
     "clip_loader",
+    "data_setup",
     "load_run",
     "model_inputs",
+    "read_config",
     "resolve_device",
     "resolve_views",
     "run_config",

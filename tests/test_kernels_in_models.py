@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmt_fast.kernels import dispatch
-from mmt_fast.kernels.relpos_attention import relpos_attention
 from mmt_fast import MAT, create_model
 from mmt_fast.config import BottleneckConfig, mat_tiny, mvit_tiny
+from mmt_fast.kernels import dispatch
+from mmt_fast.kernels.relpos_attention import relpos_attention
 from mmt_fast.profiling import count_flops, estimate_train_memory
 
 # small enough for Triton's interpreter: 4x8 audio tokens, 1x4x4 video tokens

@@ -37,6 +37,7 @@ import torch
 from mmt_fast.errors import DataError
 from mmt_fast.inference import (
     LoadedRun,
+    batch_transform,
     clip_dataset,
     clip_loader,
     load_run,
@@ -76,14 +77,21 @@ def embed_split(
     records = split_records(cfg, split)
     device = resolve_device(device)
     nv = resolve_views(cfg, split, views)
-    ds = clip_dataset(run, records, nv)
+    ds = clip_dataset(run, records, nv, split=split)
     batches = clip_loader(run, ds)
     if progress:
         from tqdm import tqdm
 
         batches = tqdm(batches, desc=f"embed {split}", unit="batch", file=sys.stderr, leave=False)
     model = run.model.to(device)
-    out = run_model(model, batches, device, cfg.train.amp, ("audio", "video", "head"))
+    out = run_model(
+        model,
+        batches,
+        device,
+        cfg.train.amp,
+        ("audio", "video", "head"),
+        transform=batch_transform(ds),
+    )
     skipped: dict[str, int] = {}
     for b in ds.dropped:
         skipped[b.kind] = skipped.get(b.kind, 0) + 1

@@ -35,7 +35,7 @@ from torch import nn
 
 from mmt_fast.data import ClipRecord, collate_clips
 from mmt_fast.errors import ConfigError, DataError
-from mmt_fast.inference import LoadedRun, clip_dataset, load_run, model_inputs
+from mmt_fast.inference import LoadedRun, batch_transform, clip_dataset, load_run, model_inputs
 
 
 @dataclass
@@ -144,6 +144,9 @@ def _load_clip(run: LoadedRun, path: str) -> dict[str, torch.Tensor]:
     if batch["bad"]:
         b = batch["bad"][0]
         raise DataError(f"{path}: {b.kind}: {b.reason}")
+    transform = batch_transform(ds)
+    if transform is not None:
+        batch = transform(batch, torch.device("cpu"))
     inputs, _ = model_inputs(batch, run.model.modalities, torch.device("cpu"))
     return inputs
 

@@ -40,6 +40,7 @@ from mmt_fast.data.manifests import VIDEO_EXTENSIONS
 from mmt_fast.errors import ConfigError
 from mmt_fast.inference import (
     LoadedRun,
+    batch_transform,
     clip_dataset,
     clip_loader,
     load_run,
@@ -151,7 +152,12 @@ def predict_clips(
     if progress:
         batches = _with_bar(batches, len(ds))
     out = run_model(
-        run.model.to(device), batches, device, run.cfg.train.amp, ("head",) if embeddings else ()
+        run.model.to(device),
+        batches,
+        device,
+        run.cfg.train.amp,
+        ("head",) if embeddings else (),
+        transform=batch_transform(ds),
     )
     emb = None
     if embeddings:

@@ -1,7 +1,7 @@
 """Audio loading, AST-style log-mel filterbanks, SpecAugment, and window alignment.
 
-Source of the audio: ``<stem>.wav`` beside the video when it exists and can be
-read (soundfile: PCM 8/16/24/32-bit, float, WAVE_FORMAT_EXTENSIBLE, any channel
+Source of the audio: ``<stem>.wav`` (or ``<stem>.flac``) beside the video when it
+exists and can be read (soundfile: PCM 8/16/24/32-bit, float, WAVE_FORMAT_EXTENSIBLE, any channel
 count; read by seeking to the window, so long Epic-Kitchens videos are cheap
 when their audio has been extracted; it is taken to start with the video),
 otherwise the file's own audio track, decoded with PyAV over the window only
@@ -39,6 +39,7 @@ are zeros (AST pads the fbank with zeros, not the waveform).
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 from pathlib import Path
@@ -128,25 +129,54 @@ def _resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
     return torchaudio.functional.resample(torch.from_numpy(x), rate, target).numpy()
 
 
+WAV_START_TAG = "mmt-fast audio_start_s="  # the comment `mmt-fast prepare` writes
+
+
 class _WavSource(AudioSource):
     """A wav file read with soundfile by seeking (PCM 8/16/24/32-bit, float 32/64,
-    WAVE_FORMAT_EXTENSIBLE, any number of channels, averaged); it starts at time 0."""
+    WAVE_FORMAT_EXTENSIBLE, any number of channels, averaged); it starts at time 0,
+    or at ``s`` seconds when its comment (LIST/INFO ICMT chunk) is
+    ``mmt-fast audio_start_s=s`` (a sidecar written by ``mmt-fast prepare`` from a
+    track that starts after the video: the samples before it are "no audio", as
+    for the container's own track, not silence).
+    With ``data`` (the file's bytes) it reads from memory; FLAC reads the same way."""
 
-    def __init__(self, path: str, sample_rate: int) -> None:
+    def __init__(self, path: str, sample_rate: int, data: bytes | None = None) -> None:
         import soundfile
 
-        self.path, self.sample_rate = path, sample_rate
+        self.path, self.sample_rate, self._data = path, sample_rate, data
         try:
-            info = soundfile.info(path)
+            with soundfile.SoundFile(self._src()) as f:
+                rate, frames, comment = int(f.samplerate), int(f.frames), f.comment or ""
         except Exception as e:  # soundfile.LibsndfileError / RuntimeError
             msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise BadClipError(path, f"cannot read wav file: {msg}", "corrupt_file") from e
-        self._rate, self._frames = int(info.samplerate), int(info.frames)
+        self._rate, self._frames = rate, frames
         if self._frames <= 0:
             raise BadClipError(path, "wav file holds no samples", "no_audio")
-        self.num_samples = int(self._frames * sample_rate // self._rate)
+        start = 0.0
+        if comment.startswith(WAV_START_TAG):
+            try:
+                start = float(comment[len(WAV_START_TAG) :].split()[0])
+            except (ValueError, IndexError):
+                raise BadClipError(path, f"bad start tag {comment!r}", "corrupt_file") from None
+        self.start_sample = max(round(start * sample_rate), 0)
+        self.num_samples = self.start_sample + int(self._frames * sample_rate // self._rate)
+
+    def _src(self):
+        return self.path if self._data is None else io.BytesIO(self._data)
 
     def read(self, a: int, b: int) -> np.ndarray:
+        if self.start_sample:  # clip axis -> file axis; zeros before the file's first sample
+            out = np.zeros(max(b - a, 0), np.float32)
+            s = self.start_sample
+            if b > s:
+                x = self._read(max(a, s) - s, b - s)
+                out[max(a, s) - a : max(a, s) - a + len(x)] = x
+            return out
+        return self._read(a, b)
+
+    def _read(self, a: int, b: int) -> np.ndarray:
         import soundfile
 
         # read a little more on both sides so the resampling filter sees real neighbours
@@ -157,7 +187,7 @@ class _WavSource(AudioSource):
             return np.zeros(0, np.float32)
         try:
             x, _ = soundfile.read(
-                self.path, frames=rb - ra, start=ra, dtype="float32", always_2d=True
+                self._src(), frames=rb - ra, start=ra, dtype="float32", always_2d=True
             )
         except Exception as e:
             raise BadClipError(self.path, f"cannot read wav file: {e}", "corrupt_file") from e
@@ -180,8 +210,10 @@ class ContainerAudio(AudioSource):
     # Opus and Vorbis frames overlap their predecessor); 0.3 s covers 2048-sample frames
     SEEK_MARGIN = 0.3
 
-    def __init__(self, path: str, sample_rate: int = SAMPLE_RATE) -> None:
-        self.path, self.sample_rate = path, sample_rate
+    def __init__(
+        self, path: str, sample_rate: int = SAMPLE_RATE, data: bytes | None = None
+    ) -> None:
+        self.path, self.sample_rate, self._data = path, sample_rate, data
         self._open()
         st = self._c.streams.audio[0]
         self._st = st
@@ -204,7 +236,7 @@ class ContainerAudio(AudioSource):
         path = self.path
         self._fresh = True  # nothing decoded yet: the first frame decodes exactly
         try:
-            self._c = av.open(path)
+            self._c = av.open(path if self._data is None else io.BytesIO(self._data))
         except Exception as e:
             msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise BadClipError(
@@ -321,14 +353,27 @@ def _stream_duration(container, st) -> float | None:
 
 
 def sidecar_wav(path: str) -> str | None:
-    """``<stem>.wav`` beside ``path`` if it exists."""
-    p = Path(path).with_suffix(".wav")
-    return str(p) if p.is_file() and p != Path(path) else None
+    """``<stem>.wav`` (else ``<stem>.flac``) beside ``path`` if it exists."""
+    for ext in (".wav", ".flac"):
+        p = Path(path).with_suffix(ext)
+        if p.is_file() and p != Path(path):
+            return str(p)
+    return None
 
 
-def open_audio(path: str, sample_rate: int = SAMPLE_RATE) -> AudioSource:
+def open_audio(
+    path: str,
+    sample_rate: int = SAMPLE_RATE,
+    data: bytes | None = None,
+    sidecar: tuple[str, bytes] | None = None,
+) -> AudioSource:
     """Open the audio of a clip: the sidecar ``<stem>.wav`` when it exists and reads,
-    else the file's own audio track (a failing sidecar never hides a good track)."""
+    else the file's own audio track (a failing sidecar never hides a good track).
+
+    From memory (shards): ``data`` holds the file's bytes and ``sidecar`` the
+    sidecar's (extension, bytes) or None; ``path`` only names them in messages."""
+    if data is not None:
+        return _open_audio_bytes(path, sample_rate, data, sidecar)
     wav = sidecar_wav(path)
     sidecar_error = None
     if wav is not None:
@@ -348,6 +393,32 @@ def open_audio(path: str, sample_rate: int = SAMPLE_RATE) -> AudioSource:
         if sidecar_error is not None:
             raise BadClipError(
                 path, f"{sidecar_error.reason} ({wav}), and {e.reason}", sidecar_error.kind
+            ) from e
+        raise
+    if sidecar_error is not None:
+        log.warning("%s: using the file's own audio track", sidecar_error)
+    return src
+
+
+def _open_audio_bytes(
+    path: str, sample_rate: int, data: bytes, sidecar: tuple[str, bytes] | None
+) -> AudioSource:
+    """:func:`open_audio` over bytes in memory (same fallbacks)."""
+    sidecar_error = None
+    if sidecar is not None:
+        name = str(Path(path).with_suffix("." + sidecar[0]))
+        try:
+            return _WavSource(name, sample_rate, sidecar[1])
+        except BadClipError as e:
+            sidecar_error = e
+    if path.lower().endswith((".wav", ".flac")):
+        return _WavSource(path, sample_rate, data)
+    try:
+        src = ContainerAudio(path, sample_rate, data)
+    except BadClipError as e:
+        if sidecar_error is not None:
+            raise BadClipError(
+                path, f"{sidecar_error.reason}, and {e.reason}", sidecar_error.kind
             ) from e
         raise
     if sidecar_error is not None:

@@ -92,6 +92,7 @@ class DataConfig:
     decoder_resize: bool = True  # decode frames at a reduced size (see video.decode_size)
     audio_span: bool = True  # decode only the audio the windows cover (False: the whole track)
     train_short_side: int | None = None  # None: round(crop_size * 320 / 224)
+    device_transforms: bool = False  # items: uint8 frames + raw fbank (see device_transforms.py)
 
     def __post_init__(self) -> None:
         checks = {
@@ -148,6 +149,14 @@ class BadItem(NamedTuple):
     reason: str
 
 
+class Media(NamedTuple):
+    """A clip's file in memory (e.g. read from a shard): its bytes and, when it has
+    one, its audio sidecar as (extension, bytes). The record's path names it in messages."""
+
+    data: bytes
+    sidecar: tuple[str, bytes] | None = None
+
+
 class AVClipDataset(Dataset):
     """Audio-video clips from :class:`ClipRecord` s (see the module docstring for items).
 
@@ -174,6 +183,7 @@ class AVClipDataset(Dataset):
         self.skip_counts: collections.Counter = collections.Counter()
         self.warning_counts: collections.Counter = collections.Counter()
         self.dropped: list[BadItem] = []
+        self.in_memory = False  # True when the media come as bytes (shards): no file checks
         records = list(records)
         kinds = {"label" if r.label is not None else "verb_noun" for r in records}
         if len(kinds) > 1:
@@ -234,9 +244,13 @@ class AVClipDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict | BadItem:
+        return self.load(index)
+
+    def load(self, index: int, media: Media | None = None) -> dict | BadItem:
+        """``self[index]``, decoding from ``media`` (bytes in memory) when given."""
         rec = self.records[index]
         try:
-            return self._load(index, rec)
+            return self._load(index, rec, media)
         except Exception as e:  # anything unexpected is still one bad clip
             _release_frames(e)
             err = e
@@ -251,19 +265,20 @@ class AVClipDataset(Dataset):
             log.warning("skipping bad clip: %s", err)
         return BadItem(index, err.path, err.kind, err.reason)
 
-    def _load(self, index: int, rec: ClipRecord) -> dict:
+    def _load(self, index: int, rec: ClipRecord, media: Media | None = None) -> dict:
         cfg = self.config
+        data = media.data if media is not None else None
         item: dict = {}
         warnings: list[str] = []
         centres = None
         if cfg.modalities in ("av", "video"):
-            info = Vd.probe_video(rec.path)
+            info = Vd.probe_video(rec.path, data)
             size = None
             if cfg.decoder_resize:
                 size = Vd.decode_size(
                     info.height, info.width, cfg.crop_size, cfg.train, cfg.decode_short_side
                 )
-            vr = Vd.open_video(rec.path, cfg.decode_threads, size)
+            vr = Vd.open_video(rec.path, cfg.decode_threads, size, data)
             times = Vd.frame_times(vr)
             f0, f1 = Vd.segment_frames(times, rec.start_s, rec.end_s, rec.path)
             n, L = f1 - f0, cfg.window_frames
@@ -277,10 +292,13 @@ class AVClipDataset(Dataset):
             # one ascending pass over the frames of every view (test views overlap and
             # share keyframes: decoding them view by view would seek back each time)
             idx = [Vd.frame_indices(f0, f1, s, cfg.num_frames, cfg.stride) for s in starts]
-            decoded = Vd.decode_frames(vr, np.concatenate(idx), rec.path)
+            decoded = Vd.decode_frames(vr, np.concatenate(idx), rec.path, data)
             views = []
             for k in range(len(starts)):
                 frames = decoded[k * cfg.num_frames : (k + 1) * cfg.num_frames]
+                if cfg.device_transforms:  # crop, flip, normalisation: on the device
+                    views.append(frames)
+                    continue
                 views.append(
                     Vd.transform_frames(
                         frames,
@@ -294,17 +312,22 @@ class AVClipDataset(Dataset):
                     )
                 )
             item["video"] = views[0] if len(views) == 1 else torch.stack(views)
+            if cfg.device_transforms:
+                item["video_size"] = torch.tensor(decoded.shape[1:3], dtype=torch.int64)
             centres = [Vd.window_centre(times, f0 + s, L) for s in starts]
         if cfg.modalities in ("av", "audio"):
             if cfg.modalities == "audio" and not str(rec.path).lower().endswith(".wav"):
-                if os.path.isdir(rec.path):
+                if data is None and os.path.isdir(rec.path):
                     raise BadClipError(rec.path, "is a folder, not a media file", "missing_file")
             for name, v in (("start", rec.start_s), ("end", rec.end_s)):
                 if v is not None and not (math.isfinite(v) and v >= 0):
                     raise BadClipError(
                         rec.path, f"{name} {v} s is not a finite time >= 0", "bad_segment"
                     )
-            src = A.open_audio(rec.path, cfg.sample_rate)
+            if media is None:
+                src = A.open_audio(rec.path, cfg.sample_rate)
+            else:
+                src = A.open_audio(rec.path, cfg.sample_rate, media.data, media.sidecar)
             a0 = rec.start_s or 0.0
             a1 = min(rec.end_s if rec.end_s is not None else float("inf"), src.duration)
             if a1 <= a0:
@@ -325,9 +348,16 @@ class AVClipDataset(Dataset):
                 lo, hi = src.start_sample, src.num_samples
             src = A.preload(src, lo, hi)
             specs = []
+            fbanks: dict[float, torch.Tensor] = {}  # views whose windows were clamped alike
             for ws in wss:
-                fb = A.window_fbank(src, ws, a0, a1, cfg.target_length, cfg.num_mel_bins)
-                spec = fb.t().unsqueeze(0)  # (1, F, T)
+                if ws not in fbanks:
+                    fbanks[ws] = A.window_fbank(
+                        src, ws, a0, a1, cfg.target_length, cfg.num_mel_bins
+                    )
+                spec = fbanks[ws].t().unsqueeze(0)  # (1, F, T); never modified in place
+                if cfg.device_transforms:  # SpecAugment, normalisation: on the device
+                    specs.append(spec.contiguous())
+                    continue
                 if cfg.train:
                     spec = A.spec_augment(spec, cfg.freqm, cfg.timem)
                 specs.append(A.normalize_fbank(spec, cfg.audio_mean, cfg.audio_std).contiguous())
@@ -356,6 +386,8 @@ def unusable_clips(dataset: AVClipDataset) -> list[BadItem]:
     outside the class list) and files that are missing or are folders (one stat per
     unique path)."""
     bad = list(dataset.dropped)
+    if dataset.in_memory:
+        return bad
     status: dict[str, str | None] = {}
     for i, r in enumerate(dataset.records):
         if r.path not in status:
@@ -423,7 +455,9 @@ def collate_clips(items: Sequence[dict | BadItem | None]) -> dict:
     ``audio`` (B, ...), ``label``/``verb``/``noun`` (B,), ``index`` (B,)) plus
     ``batch_size`` (int, good items), ``skipped`` ({kind: count}),
     ``bad`` (list of BadItem), ``warnings`` ({warning: count}). When every item
-    is bad only the last four keys are present (``batch_size`` 0).
+    is bad only the last four keys are present (``batch_size`` 0). uint8 ``video``
+    frames of different sizes (``device_transforms``) are zero-padded at the bottom
+    and right to the largest; ``video_size`` keeps each clip's own size.
     """
     good = [x for x in items if isinstance(x, dict)]
     bad = [x for x in items if not isinstance(x, dict)]
@@ -437,6 +471,20 @@ def collate_clips(items: Sequence[dict | BadItem | None]) -> dict:
     }
     if good:
         for k in good[0]:
-            if k != "warnings":
+            if k == "video" and good[0][k].dtype == torch.uint8:
+                out[k] = _stack_padded([x[k] for x in good])
+            elif k != "warnings":
                 out[k] = torch.stack([x[k] for x in good])
+    return out
+
+
+def _stack_padded(frames: list[torch.Tensor]) -> torch.Tensor:
+    """Stack (..., h, w, 3) tensors, zero-padding h and w to the largest."""
+    h = max(f.shape[-3] for f in frames)
+    w = max(f.shape[-2] for f in frames)
+    if all(f.shape[-3:-1] == (h, w) for f in frames):
+        return torch.stack(frames)
+    out = frames[0].new_zeros((len(frames), *frames[0].shape[:-3], h, w, 3))
+    for i, f in enumerate(frames):
+        out[i, ..., : f.shape[-3], : f.shape[-2], :] = f
     return out

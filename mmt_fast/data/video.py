@@ -36,6 +36,7 @@ normalised per channel with ``(x - mean) / std``.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import struct
@@ -124,19 +125,18 @@ def display_rotation(path: str) -> int:
     return 0
 
 
-def probe_video(path: str) -> VideoInfo:
-    """Read the header with PyAV: BadClipError for a missing path, a folder, a file
+def probe_video(path: str, data: bytes | None = None) -> VideoInfo:
+    """Read the header with PyAV (from ``data``, the file's bytes, when given; ``path``
+    then only names it in messages): BadClipError for a missing path, a folder, a file
     without a video stream (``no_video``), or a container whose frames decord
     cannot index correctly (``unsupported_format``: MPEG-TS, whose decoded frame
     ``k`` can be frame ``k + 12`` with B-frames, silently shifting video against audio)."""
     import av
 
-    if not os.path.isfile(path):
-        if os.path.isdir(path):
-            raise BadClipError(path, "is a folder, not a media file", "missing_file")
-        raise BadClipError(path, "file does not exist", "missing_file")
+    if data is None:
+        _check_file(path)
     try:
-        with av.open(path) as c:
+        with av.open(path if data is None else io.BytesIO(data)) as c:
             fmt = c.format.name
             if not c.streams.video:
                 kinds = sorted({s.type for s in c.streams})
@@ -172,18 +172,30 @@ def probe_video(path: str) -> VideoInfo:
 UNSUPPORTED_FORMATS = {"mpegts": "MPEG-TS", "mpeg": "MPEG-PS"}
 
 
-def open_video(path: str, num_threads: int = 1, size: tuple[int, int] | None = None):
-    """Open ``path`` with decord (decoding at ``size`` = (height, width) when given);
-    BadClipError for a missing or unreadable file."""
-    import decord
-
+def _check_file(path: str) -> None:
     if not os.path.isfile(path):
         if os.path.isdir(path):
             raise BadClipError(path, "is a folder, not a media file", "missing_file")
         raise BadClipError(path, "file does not exist", "missing_file")
+
+
+def open_video(
+    path: str,
+    num_threads: int = 1,
+    size: tuple[int, int] | None = None,
+    data: bytes | None = None,
+):
+    """Open ``path`` with decord (decoding at ``size`` = (height, width) when given; from
+    ``data``, the file's bytes in memory, when given); BadClipError for a missing or
+    unreadable file."""
+    import decord
+
+    if data is None:
+        _check_file(path)
     kw = {} if size is None else {"height": size[0], "width": size[1]}
+    src = path if data is None else io.BytesIO(data)
     try:
-        vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=num_threads, **kw)
+        vr = decord.VideoReader(src, ctx=decord.cpu(0), num_threads=num_threads, **kw)
     except Exception as e:  # decord raises DECORDError / RuntimeError
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise BadClipError(
@@ -286,27 +298,35 @@ def frame_indices(f0: int, f1: int, start: int, num_frames: int, stride: int) ->
     return np.minimum(idx, f1 - 1)
 
 
-def decode_frames(vr, indices: np.ndarray, path: str = "") -> torch.Tensor:
-    """Decode frames -> uint8 tensor (T, H, W, 3)."""
+def decode_frames(
+    vr, indices: np.ndarray, path: str = "", data: bytes | None = None
+) -> torch.Tensor:
+    """Decode frames -> uint8 tensor (T, H, W, 3) (``data``: the file's bytes, when
+    ``vr`` was opened from memory)."""
     uniq, inverse = np.unique(indices, return_inverse=True)
     try:
         frames = torch.from_numpy(vr.get_batch(uniq.tolist()).asnumpy())
     except Exception as e:
         if "must exactly match" not in str(e) or not path:
             raise BadClipError(path, f"frame decoding failed: {e}", "corrupt_file") from e
-        frames = _decode_padded_width(path, uniq)
+        frames = _decode_padded_width(path, uniq, data)
+    if len(uniq) == len(indices) and (np.diff(indices) > 0).all():
+        return frames  # ascending, no repeats (a training window): no 8 MB gather copy
     return frames[torch.from_numpy(inverse)]
 
 
-def _decode_padded_width(path: str, indices: np.ndarray) -> torch.Tensor:
+def _decode_padded_width(path: str, indices: np.ndarray, data: bytes | None = None) -> torch.Tensor:
     """Work around decord 0.6.0 failing on some widths (e.g. 48 px: "The size must exactly
     match"): decode scaled to a width that is a multiple of 64, then resize back."""
     import decord
 
-    height, width = decord.VideoReader(path, num_threads=1)[0].shape[:2]
+    def src():
+        return path if data is None else io.BytesIO(data)
+
+    height, width = decord.VideoReader(src(), num_threads=1)[0].shape[:2]
     wide = -(-width // 64) * 64
     try:
-        vr = decord.VideoReader(path, num_threads=1, width=wide, height=height)
+        vr = decord.VideoReader(src(), num_threads=1, width=wide, height=height)
         x = torch.from_numpy(vr.get_batch(indices.tolist()).asnumpy())
     except Exception as e:
         raise BadClipError(path, f"frame decoding failed: {e}", "corrupt_file") from e
@@ -371,7 +391,6 @@ def transform_frames(
     if train:
         top, left, h, w = random_resized_crop_box(height, width, scale, ratio)
         x = _resize(frames[:, top : top + h, left : left + w].permute(0, 3, 1, 2), (crop_size,) * 2)
-        x = x.float().div_(255.0)
         if flip_prob > 0 and float(torch.rand(())) < flip_prob:
             x = x.flip(-1)
     else:
@@ -379,8 +398,10 @@ def transform_frames(
         new_h, new_w = max(crop_size, round(height * s)), max(crop_size, round(width * s))
         x = _resize(frames.permute(0, 3, 1, 2), (new_h, new_w))
         top, left = (new_h - crop_size) // 2, (new_w - crop_size) // 2
-        x = x[:, :, top : top + crop_size, left : left + crop_size].float().div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    sd = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    x = (x - m) / sd
-    return x.permute(1, 0, 2, 3).contiguous()
+        x = x[:, :, top : top + crop_size, left : left + crop_size]
+    # normalise in the output's contiguous (3, T, S, S) layout: the same operations in the
+    # same order as (x / 255 - mean) / std on x's channels-last layout, 10x faster
+    out = torch.empty((3, x.shape[0], crop_size, crop_size), dtype=torch.float32)
+    out.copy_(x.permute(1, 0, 2, 3)).div_(255.0)
+    out.sub_(torch.tensor(mean, dtype=torch.float32).view(3, 1, 1, 1))
+    return out.div_(torch.tensor(std, dtype=torch.float32).view(3, 1, 1, 1))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from mmt_fast.config import MMTConfig, apply_overrides, get_config
 from mmt_fast.data import (
@@ -72,6 +72,11 @@ def read_records(data: DataSection, split: str) -> list[ClipRecord] | None:
                 f"data.{split}={path!r} has no split column but also serves "
                 f"{', '.join('data.' + s for s in shared)}: give one list per split"
             )
+    elif data.format == "webdataset":
+        from mmt_fast.data.shards import ShardIndex
+
+        index = ShardIndex.load(path)
+        recs = [index.record(i) for i in index.select(name)]
     else:
         recs = read_epic_kitchens(path, root or Path(path).parent)
     if not recs:
@@ -141,8 +146,11 @@ def modalities_of(mc: MMTConfig) -> str:
 
 
 # ------------------------------------------------------------------ data
-def dataset_config(data: DataSection, mc: MMTConfig, mode: str, views: int = 1) -> DataConfig:
-    """A DataConfig whose sizes match the model's input sizes (mismatch -> ValueError)."""
+def dataset_config(
+    data: DataSection, mc: MMTConfig, mode: str, views: int = 1, device_transforms: bool = False
+) -> DataConfig:
+    """A DataConfig whose sizes match the model's input sizes (mismatch -> ValueError);
+    ``device_transforms``: items for :class:`~mmt_fast.data.device_transforms.DeviceTransform`."""
     ov = _tuples(dict(data.overrides))
     derived: dict = {"modalities": modalities_of(mc)}
     if mc.audio is not None:
@@ -157,7 +165,7 @@ def dataset_config(data: DataSection, mc: MMTConfig, mode: str, views: int = 1) 
             raise ValueError(f"data.overrides.{k}={ov[k]} but the model expects {v}")
         ov[k] = v
     ov.setdefault("on_error", data.on_error)
-    ov.update(mode=mode, num_views=max(views, 1))
+    ov.update(mode=mode, num_views=max(views, 1), device_transforms=device_transforms)
     return data_config(data.preset, **ov)
 
 
@@ -168,6 +176,29 @@ def build_dataset(
         return AVClipDataset(records, dc, class_index=ClassIndex(classes["names"]))
     heads = mc.heads
     return AVClipDataset(records, dc, num_verbs=heads["verb"], num_nouns=heads["noun"])
+
+
+def build_split_dataset(
+    data: DataSection,
+    split: str,
+    records: list[ClipRecord],
+    dc: DataConfig,
+    classes: dict,
+    mc: MMTConfig,
+):
+    """The map-style dataset of ``split``: :class:`AVClipDataset` over ``records``, or for
+    ``data.format: webdataset`` :class:`~mmt_fast.data.shards.ShardClips` over the index."""
+    if data.format != "webdataset":
+        return build_dataset(records, dc, classes, mc)
+    from mmt_fast.data.shards import ShardClips
+
+    name = getattr(data, f"{split}_split")
+    if classes["kind"] == "label":
+        return ShardClips(getattr(data, split), name, dc, class_index=ClassIndex(classes["names"]))
+    heads = mc.heads
+    return ShardClips(
+        getattr(data, split), name, dc, num_verbs=heads["verb"], num_nouns=heads["noun"]
+    )
 
 
 def make_loader(
@@ -186,7 +217,8 @@ def make_loader(
     Its own ``generator`` keeps the main process's torch RNG untouched (a plain
     DataLoader draws the worker base seed from it); augmentation randomness
     comes from :class:`SeededDataset` per clip. ``worker_init_fn``: run in each
-    worker (the trainer's ignores the preemption signals there).
+    worker (the trainer's ignores the preemption signals there). A streamed dataset
+    (:class:`~mmt_fast.data.shards.ShardStream`) is its own sampler: none is passed.
     """
     if isinstance(dataset, SeededDataset):
         dataset.epoch = epoch
@@ -194,7 +226,7 @@ def make_loader(
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=sampler,
+        sampler=None if isinstance(dataset, IterableDataset) else sampler,
         num_workers=num_workers,
         collate_fn=collate_clips,
         drop_last=drop_last,

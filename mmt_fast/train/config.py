@@ -112,6 +112,14 @@ class DataSection:
     decode each training clip once, with the deterministic test-time transform
     (centre window and crop, no SpecAugment), and keep it in memory: no
     augmentation; for small data sets and demos on the CPU (needs ``num_workers: 0``).
+    ``webdataset``: ``train``/``val``/``test`` are shard indexes (``index.json`` or
+    its folder) written by :func:`mmt_fast.data.shards.write_shards`; training
+    streams the shards (DDP-rank and worker splitting, a shuffle buffer of
+    ``shuffle_buffer`` clips per worker; see :mod:`mmt_fast.data.shards`),
+    evaluation reads clips by offset. ``device_transforms``: the loader hands uint8
+    frames and raw fbanks to the trainer, which crops, flips, normalises and applies
+    SpecAugment batched on its device (see :mod:`mmt_fast.data.device_transforms`);
+    for training, validation and ``mmt-fast evaluate``.
     """
 
     format: str = "manifest"
@@ -132,13 +140,18 @@ class DataSection:
     on_error: str = "skip"
     max_bad_fraction: float = 0.5
     cache: bool = False
+    shuffle_buffer: int = 256
+    device_transforms: bool = False
 
     def __post_init__(self) -> None:
-        formats = ("manifest", "vggsound", "kinetics_sounds", "epic_kitchens")
+        formats = ("manifest", "vggsound", "kinetics_sounds", "epic_kitchens", "webdataset")
         if self.format not in formats:
             raise ConfigError(f"data.format={self.format!r}; expected one of {formats}")
         if self.cache and self.num_workers:
             raise ConfigError("data.cache keeps clips in the main process: set data.num_workers: 0")
+        if self.cache and self.format == "webdataset":
+            raise ConfigError("data.cache is for folders of clips; set it false with webdataset")
+        _check("data.shuffle_buffer", self.shuffle_buffer, self.shuffle_buffer >= 1, ">= 1")
         if self.on_error not in ("raise", "skip"):
             raise ConfigError(f"data.on_error={self.on_error!r}; expected raise or skip")
         _check("data.num_workers", self.num_workers, self.num_workers >= 0, ">= 0")
@@ -303,7 +316,12 @@ def check_paths(cfg: TrainConfig, splits: tuple[str, ...] = ("train", "val"), ou
     d = cfg.data
     for split in splits:
         p = getattr(d, split)
-        if p and not Path(p).is_file():
+        if p and d.format == "webdataset":
+            if not (Path(p).is_file() or (Path(p) / "index.json").is_file()):
+                raise ConfigError(
+                    f"data.{split}: shard index {p} (or {p}/index.json) does not exist"
+                )
+        elif p and not Path(p).is_file():
             raise ConfigError(f"data.{split}: manifest {p} does not exist")
     if d.classes and not Path(d.classes).is_file():
         raise ConfigError(f"data.classes: {d.classes} does not exist")

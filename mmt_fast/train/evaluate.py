@@ -29,19 +29,26 @@ __all__ = ["autocast", "model_inputs", "predict", "report", "summary", "write_re
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, loader, device: torch.device, amp: str = "auto", progress: bool = False
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    amp: str = "auto",
+    progress: bool = False,
+    transform=None,
 ) -> dict:
     """Run ``model`` over ``loader`` (:func:`mmt_fast.inference.run_model`: views averaged);
     returns (on every rank, gathered from all ranks)
     ``{"probs": {head: (N, C)}, "targets": {head: (N,)}, "index": (N,), "skipped": {kind: n}}``
-    sorted by dataset index, duplicates (sampler padding) removed."""
+    sorted by dataset index, duplicates (sampler padding) removed. ``transform(batch, device)``,
+    when given, finishes each batch on the device
+    (:class:`~mmt_fast.data.device_transforms.DeviceTransform`)."""
     core = model.module if hasattr(model, "module") else model
     it = loader
     if progress:
         from tqdm import tqdm
 
         it = tqdm(loader, desc="eval", leave=False, dynamic_ncols=True)
-    o = run_model(model, it, device, amp)
+    o = run_model(model, it, device, amp, transform=transform)
     heads = list(core.cfg.heads)
     local = {"probs": o.probs, "targets": o.targets, "index": o.index, "skipped": o.skipped}
     parts = D.all_gather_object(local)

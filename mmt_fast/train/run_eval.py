@@ -47,7 +47,7 @@ def evaluate_checkpoint(
         records = inference.split_records(cfg, split)
         model = run.model.to(info.device)
         nv = inference.resolve_views(cfg, split, views)
-        ds = inference.clip_dataset(run, records, nv)
+        ds = inference.clip_dataset(run, records, nv, split=split)
         check_split(split, ds, cfg.data.max_bad_fraction)
         sampler = ResumableSampler(len(ds), info.world_size, info.rank, shuffle=False, pad=False)
         loader = B.make_loader(
@@ -59,7 +59,14 @@ def evaluate_checkpoint(
             0,
             drop_last=False,
         )
-        pred = predict(model, loader, info.device, cfg.train.amp, progress=info.is_main)
+        pred = predict(
+            model,
+            loader,
+            info.device,
+            cfg.train.amp,
+            progress=info.is_main,
+            transform=inference.batch_transform(ds),
+        )
         if info.is_main:  # records dropped when the dataset was built (not seen by the loader)
             for b in ds.dropped:
                 pred["skipped"][b.kind] = pred["skipped"].get(b.kind, 0) + 1

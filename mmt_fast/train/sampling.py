@@ -29,6 +29,21 @@ def derive_seed(*parts: int) -> int:
     return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
 
 
+def run_seeded(seed: int, fn, *args):
+    """``fn(*args)`` under torch, numpy and python RNGs seeded with ``seed``; the
+    caller's RNG states are restored afterwards."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % (1 << 32))
+        try:
+            return fn(*args)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
 class ResumableSampler(Sampler[int]):
     """Indices of one rank for one epoch (see module docstring).
 
@@ -114,17 +129,9 @@ class SeededDataset(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int):
-        s = derive_seed(self.seed, self.epoch, index)
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
-            random.seed(s)
-            np.random.seed(s % (1 << 32))
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
+        return run_seeded(
+            derive_seed(self.seed, self.epoch, index), self.dataset.__getitem__, index
+        )
 
     def __getattr__(self, name: str):
         # dataset attributes (records, class_index, skip_counts...) pass through

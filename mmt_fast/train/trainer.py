@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mmt_fast.data.dataset import check_split
+from mmt_fast.data.device_transforms import DeviceTransform
 from mmt_fast.data.errors import BAD_KINDS
 from mmt_fast.errors import ConfigError, DataError, TrainingError
 from mmt_fast.models.checkpointing import set_activation_checkpointing
@@ -146,29 +147,50 @@ class Trainer:
                 "resume with the same data (or set data.classes to its classes.json)"
             )
         self.model_cfg = B.model_config(cfg, self.classes)
+        dev_tf = cfg.data.device_transforms
         dc_train = B.dataset_config(
-            cfg.data, self.model_cfg, "test" if cfg.data.cache else "train", 1
+            cfg.data, self.model_cfg, "test" if cfg.data.cache else "train", 1, dev_tf
         )
-        base_train = B.build_dataset(self.train_records, dc_train, self.classes, self.model_cfg)
-        src = CachedDataset(base_train) if cfg.data.cache else base_train
-        self.train_set = SeededDataset(src, t.seed)
+        self.train_tf = DeviceTransform(dc_train, t.seed) if dev_tf else None
+        self.val_tf = None
+        w, r = self.dist.world_size, self.dist.rank
+        base_train = B.build_split_dataset(
+            cfg.data, "train", self.train_records, dc_train, self.classes, self.model_cfg
+        )
+        stream = cfg.data.format == "webdataset"
+        if stream:  # shards stream sequentially; the stream is its own sampler
+            from mmt_fast.data.shards import ShardStream
+
+            self.train_set = ShardStream(
+                base_train, t.seed, t.batch_size, cfg.data.num_workers, w, r,
+                shuffle_buffer=cfg.data.shuffle_buffer,
+            )  # fmt: skip
+        else:
+            src = CachedDataset(base_train) if cfg.data.cache else base_train
+            self.train_set = SeededDataset(src, t.seed)
         self.val_set = None
         if self.val_records is not None:
-            dc_val = B.dataset_config(cfg.data, self.model_cfg, "test", cfg.data.val_views)
-            self.val_set = B.build_dataset(self.val_records, dc_val, self.classes, self.model_cfg)
+            dc_val = B.dataset_config(cfg.data, self.model_cfg, "test", cfg.data.val_views, dev_tf)
+            self.val_tf = DeviceTransform(dc_val) if dev_tf else None
+            self.val_set = B.build_split_dataset(
+                cfg.data, "val", self.val_records, dc_val, self.classes, self.model_cfg
+            )
         # empty or mostly unusable splits stop here, before any decoding or training
         check_split("train", base_train, cfg.data.max_bad_fraction)
         if self.val_set is not None:
             check_split("val", self.val_set, cfg.data.max_bad_fraction)
             if cfg.data.cache:
                 self.val_set = CachedDataset(self.val_set)
-        w, r = self.dist.world_size, self.dist.rank
-        self.sampler = ResumableSampler(len(self.train_set), w, r, shuffle=True, seed=t.seed)
-        per_rank = len(self.sampler.epoch_indices())
+        if stream:
+            self.sampler = self.train_set
+            per_rank = self.train_set.samples_per_rank
+        else:
+            self.sampler = ResumableSampler(len(self.train_set), w, r, shuffle=True, seed=t.seed)
+            per_rank = len(self.sampler.epoch_indices())
         self.batches_per_epoch = per_rank // t.batch_size
         if self.batches_per_epoch == 0:
             raise DataError(
-                f"{len(self.train_set)} training clips on {w} process(es) do not fill one batch of {t.batch_size}"
+                f"{len(base_train)} training clips on {w} process(es) do not fill one batch of {t.batch_size}"
             )
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / t.grad_accum)
         self.total_steps = t.epochs * self.steps_per_epoch
@@ -234,7 +256,7 @@ class Trainer:
             n_par = sum(p.numel() for p in model.parameters())
             self._print(
                 f"model {cfg.model.preset} ({n_par / 1e6:.2f} M params, heads {self.model_cfg.heads}, "
-                f"inputs {model.modalities}); {len(self.train_set)} train clips"
+                f"inputs {model.modalities}); {len(base_train)} train clips"
                 + (f", {len(self.val_set)} val clips" if self.val_set is not None else "")
                 + f"; {w} process(es) on {self.device}; {self.steps_per_epoch} steps/epoch, "
                 f"{self.total_steps} steps ({self.planned_epochs} epochs) planned"
@@ -277,6 +299,14 @@ class Trainer:
             raise ValueError(
                 f"{ck.path} was written mid-epoch by {s.get('world_size')} processes; resume "
                 f"with the same number (now {self.dist.world_size}) or from an end-of-epoch checkpoint"
+            )
+        saved_workers = s.get("sampler", {}).get("workers")
+        now_workers = self.sampler.state_dict().get("workers")
+        if saved_workers != now_workers and s.get("batch_in_epoch", 0):
+            raise ValueError(
+                f"{ck.path} was written mid-epoch while streaming shards with {saved_workers} "
+                f"DataLoader worker(s) per process; resume with data.num_workers giving the "
+                f"same count (now {now_workers}) or from an end-of-epoch checkpoint"
             )
         self.core.load_state_dict(ck.model)
         self.optimizer.load_state_dict(s["optimizer"])
@@ -371,6 +401,8 @@ class Trainer:
         n = batch["batch_size"]
         if n == 0:
             batch, scale = self._dummy_batch(), 0.0
+        elif self.train_tf is not None:
+            batch = self.train_tf(batch, self.device, self.epoch)
         inputs, _ = model_inputs(batch, self.core.modalities, self.device)
         targets = {h: batch[h].to(self.device) for h in self.model_cfg.heads}
         ctx = self.model.no_sync() if self.dist.enabled and not sync else contextlib.nullcontext()
@@ -435,7 +467,7 @@ class Trainer:
             drop_last=False,
             worker_init_fn=worker_ignores(self.cfg.train.preempt_signals),
         )
-        pred = predict(self.model, loader, self.device, self.cfg.train.amp)
+        pred = predict(self.model, loader, self.device, self.cfg.train.amp, transform=self.val_tf)
         if len(pred["index"]) == 0:
             raise DataError(
                 f"validation after epoch {self.epoch - 1}: no clip of the val split could be "

@@ -1,0 +1,285 @@
+"""WebDataset-style shards: packing, decoding from memory, streaming order, resume.
+
+Real encoded clips (synthetic mp4s, a FLAC sidecar, a corrupt file, a missing
+row); the folder path (:class:`AVClipDataset`, :class:`SeededDataset`) is the
+reference for what a sample decodes to.
+"""
+
+import csv
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+import yaml
+from test_train_resume import DEMO, _assert_same
+from torch.utils.data import DataLoader
+
+from mmt_fast.data import AVClipDataset, collate_clips, data_config, read_manifest
+from mmt_fast.data.shards import ShardClips, ShardIndex, ShardStream, iter_tar, write_shards
+from mmt_fast.data.synthetic import make_synthetic
+from mmt_fast.errors import DataError
+from mmt_fast.train import load_checkpoint, load_config, train
+from mmt_fast.train.checkpoint import CheckpointManager
+from mmt_fast.train.sampling import SeededDataset
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    """16 train clips (one with a FLAC sidecar), a corrupt file and a missing row, in 9 shards."""
+    root = tmp_path_factory.mktemp("shards")
+    m = make_synthetic(root / "syn", num_clips=16, size=32, duration=1.0, val_frac=0, test_frac=0)
+    rows = list(csv.DictReader(open(m)))
+    # a 16 kHz mono FLAC sidecar replaces clip 1's own audio track (a 440 Hz tone)
+    tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)
+    soundfile.write(root / "syn" / "clip_00001.flac", tone.astype(np.float32), 16000)
+    (root / "syn" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x01" * 500)
+    rows.append({**rows[0], "path": "broken.mp4"})
+    rows.append({**rows[0], "path": "gone.mp4"})
+    with open(root / "syn" / "all.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    index = write_shards(root / "syn" / "all.csv", root / "out", max_shard_bytes=40_000)
+    return root / "syn" / "all.csv", index
+
+
+def test_layout_and_index(packed):
+    manifest, index_path = packed
+    ix = ShardIndex.load(index_path.parent)  # the folder works as well as the file
+    assert len(ix.samples) == 17 and len(ix.shards) >= 8
+    assert [m["path"].endswith("gone.mp4") for m in ix.missing] == [True]
+    assert ix.missing[0]["reason"] == "file does not exist"
+    assert sum(s["num_samples"] for s in ix.shards) == 17
+    # plain tar members named <key>.<ext>, one sample's members consecutive
+    sh = ix.shard_path(ix.samples[1]["shard"])
+    with tarfile.open(sh) as tar:
+        names = tar.getnames()
+    assert f"{ix.samples[1]['key']}.flac" in names and f"{ix.samples[1]['key']}.mp4" in names
+    # the sequential reader and the by-offset reader return the same bytes
+    recs = read_manifest(manifest)
+    for i in range(3):
+        s = ix.samples[i]
+        with open(ix.shard_path(s["shard"]), "rb") as f:
+            seq = dict(iter_tar(f))[s["key"]]
+        assert seq == ix.read_sample(i)
+        assert seq["mp4"] == open(recs[i].path, "rb").read()
+        assert json.loads(seq["json"])["label"] == recs[i].label
+
+
+def test_rows_sharing_a_file_are_refused(packed, tmp_path):
+    manifest, _ = packed
+    rows = list(csv.DictReader(open(manifest)))[:2]
+    rows[1]["path"] = rows[0]["path"]  # two segments of one file
+    with open(tmp_path / "m.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with pytest.raises(DataError, match="1 files serve several rows"):
+        write_shards(tmp_path / "m.csv", tmp_path / "out", root=manifest.parent, progress=False)
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_bad_index_is_refused(tmp_path):
+    (tmp_path / "index.json").write_text('{"format": "other"}')
+    with pytest.raises(DataError, match="not an mmt-fast-shards index"):
+        ShardIndex.load(tmp_path)
+    with pytest.raises(DataError, match="does not exist"):
+        ShardIndex.load(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("modalities", ["av", "audio"])
+def test_test_mode_items_equal_the_folder(packed, modalities):
+    """Decoding from memory gives exactly the folder's inputs (views, sidecar included)."""
+    manifest, index_path = packed
+    dc = data_config("tiny", mode="test", num_views=2, modalities=modalities, on_error="skip")
+    folder = AVClipDataset(read_manifest(manifest), dc)
+    shards = ShardClips(index_path, None, dc, class_index=folder.class_index)
+    assert len(shards) == len(folder) - 1  # the missing row is not in the shards ...
+    assert shards.skip_counts["missing_file"] == 1  # ... but counted, as the folder counts it
+    assert shards.dropped[0].kind == "missing_file"
+    n_bad = 0
+    for i in range(len(shards)):
+        a, b = folder[i], shards[i]
+        if not isinstance(a, dict):  # the corrupt file: the same kind of bad clip
+            assert (a.kind, b.kind) == ("corrupt_file", "corrupt_file")
+            n_bad += 1
+            continue
+        for k in ("audio", "video", "label", "index"):
+            if k in a:
+                assert torch.equal(a[k], b[k]), (i, k)
+    assert n_bad == 1
+    if modalities == "audio":  # clip 1's audio is its FLAC sidecar, read from memory
+        r = read_manifest(manifest)[1]
+        flac = r.__class__(r.path.replace(".mp4", ".flac"), r.clip_id, label=r.label)
+        ref = AVClipDataset([flac], dc, class_index=folder.class_index)[0]["audio"]
+        assert torch.equal(ref, shards[1]["audio"])
+        assert not torch.equal(ref, shards[0]["audio"])
+
+
+def _stream(packed, workers, world=1, rank=0, buffer=3, bs=2, **dc_kw):
+    _, index_path = packed
+    dc = data_config("tiny", mode="train", on_error="skip", **dc_kw)
+    clips = ShardClips(index_path, None, dc)
+    return ShardStream(clips, 11, bs, workers, world, rank, shuffle_buffer=buffer)
+
+
+def _delivered(stream, workers):
+    loader = DataLoader(stream, batch_size=stream.batch_size, num_workers=workers,
+                        collate_fn=lambda b: b)  # fmt: skip
+    out = []
+    for batch in loader:
+        out += [int(x["index"]) if isinstance(x, dict) else x.index for x in batch]
+    return out
+
+
+def test_train_items_equal_seeded_folder_items(packed):
+    """A streamed training clip is the map-style path's clip with the same (seed, epoch)."""
+    manifest, _ = packed
+    st = _stream(packed, 0)
+    st.set_epoch(3)
+    folder = SeededDataset(AVClipDataset(read_manifest(manifest), st.clips.config), 11)
+    folder.epoch = 3
+    items = [x for x in st if isinstance(x, dict)]
+    assert len(items) >= 10
+    for x in items:
+        y = folder[int(x["index"])]
+        assert torch.equal(x["video"], y["video"]) and torch.equal(x["audio"], y["audio"])
+
+
+def test_stream_splits_ranks_and_workers(packed):
+    """Ranks x workers read disjoint shards; every rank gets the same number of whole
+    batches; the delivered order is the planned one; epochs differ, replays do not."""
+    plans = []
+    for rank in range(2):
+        st = _stream(packed, 2, world=2, rank=rank, modalities="audio")
+        st.set_epoch(1)
+        plan = st.epoch_indices()
+        assert len(plan) == st.samples_per_rank == 8  # 16 usable / 4 slots = 4 per worker
+        assert _delivered(st, 2) == plan  # real worker processes, real shard reads
+        shards = [set(st._slot_shards(rank * 2 + w)) for w in range(2)]
+        assert not shards[0] & shards[1]
+        plans.append((plan, shards))
+    assert not (plans[0][1][0] | plans[0][1][1]) & (plans[1][1][0] | plans[1][1][1])
+    st.set_epoch(2)
+    assert st.epoch_indices() != plans[1][0] or st._slot_shards(2) != sorted(plans[1][1][0])
+    st.set_epoch(1)
+    assert st.epoch_indices() == plans[1][0]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_skip_replays_the_rest(packed, workers):
+    """After k batches, a restarted loader delivers exactly the epoch's remaining items."""
+    st = _stream(packed, workers, modalities="audio")
+    st.set_epoch(4)
+    plan = st.epoch_indices()
+    assert len(plan) == 16 // max(workers, 1) // 2 * 2 * max(workers, 1)
+    for k in (1, 3):
+        st.set_epoch(4, skip=k * 2)
+        assert _delivered(st, workers) == plan[k * 2 :]
+
+
+def test_bad_clips_are_counted_per_kind(packed):
+    st = _stream(packed, 0, bs=1, modalities="audio")
+    batch = collate_clips(list(st))
+    # 17 records in the shards (16 clips + the corrupt file); the missing row is not
+    assert batch["skipped"] == {"corrupt_file": 1} and batch["batch_size"] == 16
+    assert batch["bad"][0].path.endswith("broken.mp4")
+
+
+def test_too_few_shards_is_refused(packed):
+    with pytest.raises(DataError, match="shards cannot feed"):
+        _stream(packed, 4, world=4)
+
+
+def _overrides(index, out, **extra):
+    o = {
+        "data.format": "webdataset",
+        "data.train": str(index),
+        "data.val": str(index),
+        "data.val_split": "train",
+        "data.test": str(index),
+        "data.num_workers": 0,
+        "data.cache": False,
+        "data.shuffle_buffer": 4,
+        "data.on_error": "skip",
+        "train.out_dir": str(out),
+        "train.batch_size": 2,
+        "train.grad_accum": 2,  # 8 micro-batches = 4 steps per epoch
+        "train.epochs": 2,
+        "train.ckpt_every": 3,
+        "train.eval_every": 2,
+        "train.deterministic": True,
+        "train.torch_threads": 1,
+        "train.progress": False,
+        "train.tensorboard": False,
+        "schedule.warmup_steps": 2,
+    }
+    o.update(extra)
+    return [
+        f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+        for k, v in o.items()
+    ]
+
+
+def test_shard_training_resumes_exactly(packed, tmp_path):
+    """One process, transforms on the device (the DDP test below uses the CPU ones)."""
+    _, index = packed
+
+    def _train_overrides(index, out, **extra):
+        return _overrides(index, out, **{"data.device_transforms": True, **extra})
+
+    ref = train(load_config(DEMO, _train_overrides(index, tmp_path / "ref")))
+    # the bad-clip report: the missing row always, the corrupt clip when an epoch drew it
+    st = _stream(packed, 0)
+    st.seed = 0  # the run's train.seed
+    drawn = set()
+    for epoch in (0, 1):
+        st.set_epoch(epoch)
+        drawn |= set(st.epoch_indices())
+    broken = [i for i, r in enumerate(st.clips.records) if r.path.endswith("broken.mp4")]
+    expected = {"missing_file": 1} | ({"corrupt_file": 1} if broken[0] in drawn else {})
+    assert ref["step"] == 8 and ref["skipped_clips"] == expected
+    out = tmp_path / "run"
+    res = train(load_config(DEMO, _train_overrides(index, out, **{"train.stop_at_step": 7})))
+    assert res["interrupted"] and CheckpointManager(out / "checkpoints").steps()[-1] == 6
+    # mid-epoch, the worker count is part of the stream's order: a different one is refused
+    with pytest.raises(ValueError, match="same count"):
+        train(load_config(DEMO, _train_overrides(index, out, **{"data.num_workers": 2})), True)
+    # num_workers 0 and 1 are the same single stream: resume in a worker process
+    res2 = train(
+        load_config(DEMO, _train_overrides(index, out, **{"data.num_workers": 1})), resume=True
+    )
+    assert res2["step"] == 8 and res2["skipped_clips"] == ref["skipped_clips"]
+    _assert_same(load_checkpoint(tmp_path / "ref", which="latest").model,
+                 load_checkpoint(out, which="latest").model)  # fmt: skip
+
+
+@pytest.mark.distributed
+def test_shard_training_ddp_resumes_exactly(packed, tmp_path):
+    """``torchrun --nproc_per_node=2`` (gloo): the ranks stream disjoint shards; a run
+    stopped mid-epoch and resumed ends with the uninterrupted run's weights on both ranks."""
+    from test_train_ddp import _torchrun
+
+    _, index = packed
+    runs = {}
+    for name, stop in (("ref", None), ("run", 3)):
+        out = tmp_path / name
+        extra = {"data.num_workers": 1, "train.ckpt_every": 1, "train.eval_every": 0}
+        cfg = load_config(DEMO, _overrides(index, out, **extra))
+        cfg_path = tmp_path / f"{name}.yaml"
+        cfg_path.write_text(cfg.to_yaml())
+        stop_arg = [f"train.stop_at_step={stop}"] if stop else []
+        _torchrun(tmp_path, cfg_path, "first", *stop_arg)
+        runs[name] = [json.loads((out / f"rank{i}_first.json").read_text()) for i in range(2)]
+        if stop:
+            assert [r["step"] for r in runs[name]] == [3, 3]
+            _torchrun(tmp_path, cfg_path, "resume")
+            runs[name] = [json.loads((out / f"rank{i}_resume.json").read_text()) for i in range(2)]
+    ref, res = runs["ref"], runs["run"]
+    # 17 clips / 2 ranks -> 8 per rank = 4 micro-batches of 2 = 2 steps per epoch, 2 epochs
+    assert [r["step"] for r in ref + res] == [4, 4, 4, 4]
+    assert not set(ref[0]["sampler"]) & set(ref[1]["sampler"])  # disjoint shards per rank
+    assert ref[0]["hash"] == ref[1]["hash"] == res[0]["hash"] == res[1]["hash"]
