@@ -30,11 +30,31 @@ one: ``before`` with the old loader's structure (each view seeks and decodes on
 its own at the file's size, frames resized as floats, the whole audio track),
 ``after`` with the current one. Results go to ``benchmarks/results/data_cpu.json`` (``--json`` to change);
 ``python -m benchmarks.report`` puts them in the README.
+
+Prepared sources (``mmt-fast prepare``, :mod:`mmt_fast.data.prepare`): each
+source is also prepared once into ``--cache`` with the settings the paper's
+recipe gives (training: short side 320, a keyframe every 16 frames; test-only:
+short side 224) and timed the same way: training items from the 320 px copies,
+5-view test items from the 224 px copies, with the CPU transforms and with
+``data.device_transforms`` (the loader stops after decoding and the fbank; the
+crop, normalisation and SpecAugment that then run on the training device are
+not counted). ``rows`` in the JSON has one entry per (source, mode, prepared,
+code, device_transforms) with ``clips_per_s`` (per worker).
+
+The demand side (``demand`` in the JSON): the clips/s a GPU consumes when
+training each model preset. With CUDA, measured (forward + backward in bf16
+autocast, batch 8, after warm-up); without, computed from the forward
+multiply-adds per clip (``benchmarks/results/flops_memory_cpu.json``, fvcore's
+count) as ``3 x 2 x MACs`` FLOPs per training clip (forward + backward at 2
+FLOPs per multiply-add) at a stated MFU: H200 790 TFLOP/s bf16 dense at 30%,
+A100 312 at 35% (labelled estimates). Workers per GPU = that rate / one
+worker's training clips/s.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import fractions
 import json
@@ -146,6 +166,8 @@ def _config(mode: str, pipeline: str):
     kw = {"mode": mode, "num_views": 5}
     if pipeline == "before":
         kw.update(decoder_resize=False, audio_span=False)
+    if pipeline == "device":  # crop, flip, normalisation, SpecAugment left to the device
+        kw.update(device_transforms=True)
     return DataConfig(**kw)
 
 
@@ -337,6 +359,130 @@ def _env() -> dict:
     }
 
 
+# ---------------------------------------------------------------- prepared sources
+PREPARED = {"train": 320, "test": 224}  # short side per mode (DataConfig paper: 320 / crop 224)
+
+
+def prepared_sources(cache: Path, src: dict[str, list[Path]], mode: str) -> tuple[dict, dict]:
+    """The sources prepared for ``mode`` (resumable: reused between runs) and the seconds
+    (wall) the preparing took per kind (0 when reused)."""
+    from mmt_fast.data import ClipRecord, data_config, read_manifest
+    from mmt_fast.data.prepare import prepare_dataset, settings_for
+
+    settings = settings_for(data_config("paper"), train=mode == "train")
+    assert settings.short_side == PREPARED[mode]
+    out, secs = {}, {}
+    for kind, paths in src.items():
+        dest = cache / f"prepared-{settings.short_side}" / f"{kind}-{paths[0].stem.split('-')[2]}"
+        recs = [ClipRecord(str(p), p.stem, label="x") for p in paths]
+        t0 = time.perf_counter()
+        rep = prepare_dataset(recs, dest, settings, workers=1, progress=False, log=lambda s: None)
+        secs[kind] = time.perf_counter() - t0 if rep["prepared"] else 0.0
+        out[kind] = [Path(r.path) for r in read_manifest(dest / "manifest.csv")]
+        bad = rep["unusable_counts"]
+        assert not bad, f"prepare failed for {kind}: {rep['unusable']}"
+    return out, secs
+
+
+# ---------------------------------------------------------------- demand side
+GPUS = {"H200": (790.0, 0.30), "A100": (312.0, 0.35)}  # bf16 dense TFLOP/s, MFU assumed
+DEMAND_PRESETS = {  # preset -> the row of flops_memory_cpu.json with its forward GMACs
+    "MMT": "MMT",
+    "ablation/video-only": "MViTv2-B-16",
+    "ablation/audio-only": "MAT",
+    "AST": "AST",
+}
+
+
+def demand_estimates(gmacs: dict[str, float]) -> list[dict]:
+    """Clips/s a GPU consumes training each preset, from its forward GMACs per clip."""
+    rows = []
+    for preset, macs in gmacs.items():
+        tflop = 3 * 2 * macs / 1000  # forward + backward ~ 3x forward, 2 FLOPs per MAC
+        for gpu, (peak, mfu) in GPUS.items():
+            rows.append({
+                "preset": preset, "gpu": gpu, "gmacs_fwd": macs, "tflop_per_clip": tflop,
+                "peak_tflops": peak, "mfu": mfu, "clips_per_s": peak * mfu / tflop,
+                "method": f"estimate ({mfu:.0%} MFU of {peak:.0f} TFLOP/s bf16)",
+            })  # fmt: skip
+    return rows
+
+
+def _gmacs_from_results() -> dict[str, float]:
+    res = json.loads((Path(__file__).parent / "results" / "flops_memory_cpu.json").read_text())
+    by_model = {r["model"]: r["gflops"] for r in res["rows"]}
+    return {p: by_model[m] for p, m in DEMAND_PRESETS.items() if m in by_model}
+
+
+def measure_gpu(
+    presets: list[str], batch: int = 8, steps: int = 10, device: str = "cuda"
+) -> list[dict]:
+    """Training clips/s on this machine's GPU (forward + backward, bf16 autocast, random
+    inputs of the preset's sizes); a preset that fails is reported with its error."""
+    import torch
+
+    from mmt_fast.config import get_config
+    from mmt_fast.registry import build
+
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    rows = []
+    for preset in presets:
+        try:
+            cfg = get_config(preset)
+            model = build(cfg).to(dev).train()
+            inputs = {}
+            if getattr(cfg, "audio", None) is not None:
+                f, t = cfg.audio.input_size
+                inputs["audio"] = torch.randn(batch, 1, f, t, device=dev)
+            if getattr(cfg, "video", None) is not None:
+                t, h, w = cfg.video.input_size
+                inputs["video"] = torch.randn(batch, 3, t, h, w, device=dev)
+            if not inputs:  # an encoder preset (AST): one spectrogram input
+                f, t = cfg.input_size
+                inputs = {"x": torch.randn(batch, 1, f, t, device=dev)}
+            for _ in range(2):
+                _train_step(model, inputs, dev.type)
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                _train_step(model, inputs, dev.type)
+            sync()
+            rate = batch * steps / (time.perf_counter() - t0)
+            rows.append({"preset": preset, "gpu": name, "clips_per_s": rate,
+                         "method": f"measured (bf16 autocast, batch {batch})"})  # fmt: skip
+            del model
+        except Exception as e:  # report, keep measuring the others
+            rows.append({"preset": preset, "gpu": name, "clips_per_s": float("nan"),
+                         "method": f"failed: {type(e).__name__}: {e}"[:200]})  # fmt: skip
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _train_step(model, inputs: dict, device_type: str) -> None:
+    import torch
+
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        out = model(**inputs) if "x" not in inputs else model(inputs["x"])
+    sum(v.float().mean() for v in _tensors(out)).backward()
+
+
+def _tensors(out):
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _tensors(v)]
+    if dataclasses.is_dataclass(out):
+        return [t for f in dataclasses.fields(out) for t in _tensors(getattr(out, f.name))]
+    if isinstance(out, list | tuple):
+        return [t for v in out for t in _tensors(v)]
+    return []
+
+
 def workers_per_gpu(clips_per_s_per_worker: float, gpu_clips_per_s: float = 40.0) -> float:
     """Workers one GPU needs to be fed ``gpu_clips_per_s`` (tens of clips/s for MMT)."""
     return gpu_clips_per_s / clips_per_s_per_worker
@@ -365,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(a._items_only).write_text(json.dumps(res))
         return 0
     t_start = time.perf_counter()
+    load0 = os.getloadavg()
     print("[data bench] sources", file=sys.stderr)
     sources(cache, a.quick, 2)
     print("[data bench] clips/s per worker (one process, one thread)", file=sys.stderr)
@@ -384,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     src = sources(cache, a.quick, 2)
     stages: dict = {}
     reps = 1 if a.quick else 3
+    n_items = {"train": 3 if a.quick else 12, "test": 1 if a.quick else 5}
     for kind, paths in src.items():
         for mode in ("train", "test"):
             for pipe in ("before", "after"):
@@ -394,30 +542,96 @@ def main(argv: list[str] | None = None) -> int:
                     + " ".join(f"{k} {v * 1000:.0f}" for k, v in b.items()),
                     file=sys.stderr,
                 )
+    print("[data bench] prepared sources (mmt-fast prepare)", file=sys.stderr)
+    prepared, prepare_s = {}, {}
+    for mode in ("train", "test"):
+        prepared[mode], prepare_s[mode] = prepared_sources(cache, src, mode)
+    for kind in src:
+        for mode in ("train", "test"):
+            paths = prepared[mode][kind]
+            key = f"{kind}/{mode}/prepared"
+            items[key] = time_items(paths, mode, "after", n_items[mode])
+            stages[key] = breakdown(paths[0], mode, "after", reps)
+            items[key + "+device"] = time_items(paths, mode, "device", n_items[mode])
+            print(
+                f"  {key:28s} {items[key]['clips_per_s']:7.2f} clips/s per worker "
+                f"({items[key]['median_cpu_s'] * 1000:.0f} ms CPU/clip; "
+                f"{items[key + '+device']['clips_per_s']:.2f} with device transforms); "
+                + " ".join(f"{k} {v * 1000:.0f}" for k, v in stages[key].items()),
+                file=sys.stderr,
+            )
+    rows = []
+    for kind in src:
+        for mode in ("train", "test"):
+            for pipe, prep in (("before", False), ("after", False), ("prepared", True),
+                               ("prepared+device", True)):  # fmt: skip
+                r = items[f"{kind}/{mode}/{pipe}"]
+                rows.append({
+                    "source": kind, "mode": mode, "prepared": prep,
+                    "code": "before" if pipe == "before" else "after",
+                    "device_transforms": pipe.endswith("+device"),
+                    "short_side": PREPARED[mode] if prep else None,
+                    "clips_per_s": r["clips_per_s"], "median_cpu_s": r["median_cpu_s"],
+                    "median_wall_s": r["median_wall_s"], "items": r["items"],
+                })  # fmt: skip
+    print("[data bench] GPU demand", file=sys.stderr)
+    import torch
+
+    if torch.cuda.is_available():
+        demand = measure_gpu(list(DEMAND_PRESETS))
+    else:
+        demand = demand_estimates(_gmacs_from_results())
+    rate = {
+        (r["source"], r["mode"], r["prepared"], r["code"], r["device_transforms"]): r["clips_per_s"]
+        for r in rows
+    }
+    for d in demand:
+        d["workers_per_gpu"] = {
+            "360p-10s": d["clips_per_s"] / rate[("360p-10s", "train", False, "after", False)],
+            "360p-10s prepared": d["clips_per_s"]
+            / rate[("360p-10s", "train", True, "after", False)],
+            "360p-10s prepared, device transforms": d["clips_per_s"]
+            / rate[("360p-10s", "train", True, "after", True)],
+        }
+        print(
+            f"  {d['preset']:22s} {d['gpu']:5s} {d['clips_per_s']:7.1f} clips/s ({d['method']}); "
+            f"workers per GPU: {d['workers_per_gpu']['360p-10s']:.0f} unprepared, "
+            f"{d['workers_per_gpu']['360p-10s prepared']:.0f} prepared, "
+            f"{d['workers_per_gpu']['360p-10s prepared, device transforms']:.0f} with device "
+            "transforms",
+            file=sys.stderr,
+        )
     summary = {}
     for kind in src:
         for mode in ("train", "test"):
             b = items[f"{kind}/{mode}/before"]["clips_per_s"]
             f = items[f"{kind}/{mode}/after"]["clips_per_s"]
+            pr = items[f"{kind}/{mode}/prepared"]["clips_per_s"]
+            prd = items[f"{kind}/{mode}/prepared+device"]["clips_per_s"]
             row = {
                 "before": b,
                 "after": f,
                 "speedup": f / b,
+                "prepared": pr,
+                "prepared_speedup": pr / f,
+                "prepared_device_transforms": prd,
                 "workers_per_gpu": workers_per_gpu(f, a.gpu_clips_per_s),
             }
             summary[f"{kind}/{mode}"] = row
     print(f"\nclips/s per worker; before = {before_is}", file=sys.stderr)
     print(
-        f"| source / mode | before | after | speed-up | workers per GPU at "
-        f"{a.gpu_clips_per_s:.0f} clips/s |",
+        "| source / mode | before | after | speed-up | prepared | vs after | + device transforms |",
         file=sys.stderr,
     )
     for k, r in summary.items():
         print(
             f"| {k} | {r['before']:.2f} | {r['after']:.2f} | {r['speedup']:.1f}x | "
-            f"{r['workers_per_gpu']:.0f} |",
+            f"{r['prepared']:.2f} | {r['prepared_speedup']:.1f}x | "
+            f"{r['prepared_device_transforms']:.2f} |",
             file=sys.stderr,
         )
+    print(f"load average (1, 5, 15 min): {load0} at the start, {os.getloadavg()} at the end",
+          file=sys.stderr)  # fmt: skip
     out = {
         "env": _env(),
         "settings": {
@@ -442,6 +656,14 @@ def main(argv: list[str] | None = None) -> int:
             }
             for k, v in KINDS.items()
         },
+        "rows": rows,
+        "demand": demand,
+        "prepared_settings": {
+            "short_side": PREPARED,
+            "gop": 16,
+            "prepare_seconds": prepare_s,
+        },
+        "load_average": {"start": load0, "end": os.getloadavg()},
         "clips_per_s_per_worker": items,
         "stages_s": stages,
         "before_is": before_is,

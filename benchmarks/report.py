@@ -156,22 +156,53 @@ def compile_gate_table(data: dict) -> str:
 
 def data_loader_table(data: dict) -> str:
     env = data["env"]
-    gpu = data["settings"]["gpu_clips_per_s"]
+    load = data.get("load_average")
+    load_txt = f", load average {load['start'][0]:.1f} at the start" if load else ""
     lines = [
-        f"Measured on: {env['cpu']} ({env['cores']} cores, shared), one process, one thread, "
-        f"torch {env['torch']}, decord {env['decord']}, PyAV {env['av']}, {env['date'][:10]} "
+        f"Measured on: {env['cpu']} ({env['cores']} cores, shared{load_txt}), one process, "
+        f"one thread, torch {env['torch']}, decord {env['decord']}, PyAV {env['av']}, "
+        f"{env['date'][:10]}{' (--quick)' if data['settings'].get('quick') else ''} "
         f"(`benchmarks/results/{data['_file']}`; before = {data['before_is']}).",
         "",
-        f"| source | mode | before (clips/s per worker) | after | speed-up | workers per GPU "
-        f"at {gpu:.0f} clips/s |",
-        "|---|---|---:|---:|---:|---:|",
     ]
-    for key, r in data["summary"].items():
-        kind, mode = key.split("/")
-        lines.append(
-            f"| {kind} | {mode} | {r['before']:.2f} | {r['after']:.2f} | {r['speedup']:.1f}x "
-            f"| {r['workers_per_gpu']:.0f} |"
-        )
+    if "rows" not in data:  # a result file from before `mmt-fast prepare`
+        gpu = data["settings"]["gpu_clips_per_s"]
+        lines += [
+            f"| source | mode | before (clips/s per worker) | after | speed-up | workers per GPU "
+            f"at {gpu:.0f} clips/s |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for key, r in data["summary"].items():
+            kind, mode = key.split("/")
+            lines.append(
+                f"| {kind} | {mode} | {r['before']:.2f} | {r['after']:.2f} | {r['speedup']:.1f}x "
+                f"| {r['workers_per_gpu']:.0f} |"
+            )
+    else:
+        rate = {
+            (r["source"], r["mode"], r["prepared"], r["code"], r.get("device_transforms", False)): r
+            for r in data["rows"]
+        }
+        lines += [
+            "| source | mode | before (clips/s per worker) | after | prepared (`mmt-fast "
+            "prepare`) | prepared vs after | prepared, device transforms |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for src, mode, _, code, _ in rate:
+            if code != "before":
+                continue
+            b, a = (
+                rate[(src, mode, False, "before", False)],
+                rate[(src, mode, False, "after", False)],
+            )
+            p = rate[(src, mode, True, "after", False)]
+            d = rate.get((src, mode, True, "after", True))
+            lines.append(
+                f"| {src} | {mode} | {b['clips_per_s']:.2f} | {a['clips_per_s']:.2f} "
+                f"| {p['clips_per_s']:.2f} ({p['short_side']} px) "
+                f"| {p['clips_per_s'] / a['clips_per_s']:.1f}x "
+                f"| {_f(d['clips_per_s'], 2) if d else '–'} |"
+            )
     names = list(next(iter(data["stages_s"].values())))
     lines += [
         "",
@@ -180,6 +211,21 @@ def data_loader_table(data: dict) -> str:
     ]
     for key, st in data["stages_s"].items():
         lines.append(f"| {key} | " + " | ".join(f"{1000 * st[n]:.0f}" for n in names) + " |")
+    demand = data.get("demand")
+    if demand:
+        lines += [
+            "",
+            "| model preset | GPU | training clips/s the GPU consumes | how | workers per GPU: "
+            "360p-10s | prepared | prepared, device transforms |",
+            "|---|---|---:|---|---:|---:|---:|",
+        ]
+        for d in demand:
+            w = d["workers_per_gpu"]
+            dev = w.get("360p-10s prepared, device transforms")
+            lines.append(
+                f"| {d['preset']} | {d['gpu']} | {d['clips_per_s']:.0f} | {d['method']} "
+                f"| {w['360p-10s']:.0f} | {w['360p-10s prepared']:.0f} | {_f(dev, 0)} |"
+            )
     return "\n".join(lines)
 
 

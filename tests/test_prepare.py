@@ -264,7 +264,7 @@ def test_prepare_shards_load_like_the_folder(timed, tmp_path):
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "out"
     args = ["prepare", "--manifest", str(tmp_path / "m.csv"), "--out", str(out), "--split",
-            "test", "--gop", "4", "--shards", "--no-progress"]  # fmt: skip
+            "test", "--gop", "4", "--shards", "--workers", "1", "--no-progress"]  # fmt: skip
     assert cli_main(args) == 0
     cfg = DataConfig(mode="test", num_views=2, num_frames=4, stride=2, crop_size=32,
                      target_length=256)  # fmt: skip
@@ -275,3 +275,119 @@ def test_prepare_shards_load_like_the_folder(timed, tmp_path):
         a, b = shards[i], folder[i]
         assert torch.equal(a["video"], b["video"]) and torch.equal(a["audio"], b["audio"])
     assert open_audio(folder.records[0].path).start > 0.8  # the delayed track's start survives
+
+
+def test_flac_sidecar_and_changed_settings(timed, tmp_path):
+    """FLAC sidecars keep the clock (and the late start); preparing again with other settings
+    redoes the clip and leaves one sidecar."""
+    src, _, _, _ = timed
+    rec = ClipRecord(str(src["delayed"]), "d", label="a")
+    flac = PrepareSettings(short_side=320, gop=4, audio_subtype="FLAC")
+    prepare_dataset([rec], tmp_path, flac, progress=False)
+    (new,) = read_manifest(tmp_path / "manifest.csv")
+    assert Path(new.path).with_suffix(".flac").is_file()
+    assert not Path(new.path).with_suffix(".wav").exists()
+    assert open_audio(new.path).start > 0.8
+    assert np.abs(clicks(new.path) - clicks(src["delayed"])).max() < 1e-3
+    report = prepare_dataset(
+        [rec], tmp_path, PrepareSettings(short_side=320, gop=4), progress=False
+    )
+    assert report["prepared"] == 1 and report["done_before"] == 0  # settings changed: redone
+    assert Path(new.path).with_suffix(".wav").is_file()
+    assert not Path(new.path).with_suffix(".flac").exists()
+
+
+def test_prepare_from_a_config(tmp_path, capsys):
+    """--config: the configured splits, the split column, sizes from the data settings."""
+    from mmt_fast.data.synthetic import main as synthetic_main
+
+    data = tmp_path / "syn"
+    synthetic_main(["--out", str(data), "--num-clips", "20", "--size", "64", "--duration", "1"])
+    cfg = Path(__file__).parents[1] / "configs" / "demo_synthetic.yaml"
+    man = data / "manifest.csv"
+    over = [f"data.train={man}", f"data.val={man}", f"data.test={man}"]
+    out = tmp_path / "out"
+    assert cli_main(["prepare", "--config", str(cfg), "--out", str(out), "--workers", "1",
+                     "--no-progress", *over]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    # the tiny preset: 32 px crops -> decode short side round(32 * 320 / 224) = 46 px
+    assert "short side 46 px, keyframe every 4 frames" in err and "data.format=manifest" in err
+    src = {r.clip_id: r for r in read_manifest(man)}
+    new = read_manifest(out / "manifest.csv")
+    assert sorted(r.clip_id for r in new) == sorted(src)
+    for r in new:
+        assert r.split == src[r.clip_id].split and r.label == src[r.clip_id].label
+        assert Vd.open_video(r.path)[0].shape == (46, 46, 3)
+    # only the test split: the crop size
+    out2 = tmp_path / "out2"
+    assert cli_main(["prepare", "--config", str(cfg), "--out", str(out2), "--split", "test",
+                     "--workers", "1", "--no-progress", *over]) == 0  # fmt: skip
+    new = read_manifest(out2 / "manifest.csv")
+    assert {r.split for r in new} == {"test"} and len(new) == sum(
+        r.split == "test" for r in src.values()
+    )
+    assert Vd.open_video(new[0].path)[0].shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize("rotation", [90, 270])
+def test_rotated_source_stays_upright(tmp_path, rotation):
+    """A phone video stored sideways with a display matrix: the prepared copy keeps the
+    matrix, so the loader's decoder returns the same upright picture from both."""
+    import fractions
+
+    import av
+
+    upright = np.zeros((48, 80, 3), np.uint8)
+    upright[:16, :40] = (255, 0, 0)  # a red block at the top left of the upright picture
+    stored = np.ascontiguousarray(np.rot90(upright, k=-(rotation // 90)))
+    src = tmp_path / "phone.mp4"
+    with av.open(str(src), "w") as c:
+        vs = c.add_stream("libx264", rate=10)
+        vs.width, vs.height, vs.pix_fmt = stored.shape[1], stored.shape[0], "yuv420p"
+        vs.options = {"preset": "ultrafast", "crf": "8", "threads": "1"}
+        vs.codec_context.time_base = fractions.Fraction(1, 10)
+        vs.set_display_rotation(rotation)
+        for _ in range(6):
+            for p in vs.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")):
+                c.mux(p)
+        for p in vs.encode():
+            c.mux(p)
+    a = Vd.open_video(str(src))[0].asnumpy()
+    assert a.shape == (48, 80, 3) and a[:16, :40, 0].mean() > 200  # decord turns it upright
+    report = prepare_dataset([ClipRecord(str(src), "p", label="a")], tmp_path / "out",
+                             PrepareSettings(short_side=320, gop=4), progress=False)  # fmt: skip
+    assert report["unusable_counts"] == {}
+    (new,) = read_manifest(tmp_path / "out" / "manifest.csv")
+    b = Vd.open_video(new.path)[0].asnumpy()
+    assert b.shape == a.shape and np.abs(b.astype(int) - a).mean() < 3
+
+
+def test_epic_kitchens_segments_are_cut(tmp_path):
+    """Epic-Kitchens narrations: each segment cut from the long video with the margin, its
+    times shifted to the cut, verb and noun kept; the frames are the same as the source's."""
+    _textured(tmp_path / "P01_01.mp4", 48, seconds=8.0, fps=25)
+    rows = [
+        "participant_id,video_id,narration_id,start_timestamp,stop_timestamp,verb_class,noun_class",
+        "P01,P01_01,P01_01_0,00:00:01.00,00:00:02.50,3,7",
+        "P01,P01_01,P01_01_1,00:00:05.20,00:00:06.00,1,12",
+    ]
+    (tmp_path / "EPIC_100_train.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    args = ["prepare", "--manifest", str(tmp_path / "EPIC_100_train.csv"), "--format",
+            "epic_kitchens", "--out", str(out), "--split", "train", "--margin", "0.8",
+            "--short-side", "48", "--workers", "1", "--no-progress"]  # fmt: skip
+    assert cli_main(args) == 0
+    new = {r.clip_id: r for r in read_manifest(out / "manifest.csv")}
+    assert (new["P01_01_0"].verb, new["P01_01_0"].noun, new["P01_01_1"].verb) == (3, 7, 1)
+    for cid, (s, e) in {"P01_01_0": (1.0, 2.5), "P01_01_1": (5.2, 6.0)}.items():
+        r = new[cid]
+        vr = Vd.open_video(r.path)
+        assert len(vr) == sum(s - 0.8 <= k / 25 < e + 0.8 for k in range(200))  # the cut
+        off = s - 0.8
+        assert r.start_s == pytest.approx(s - off) and r.end_s == pytest.approx(e - off)
+        cfg = DataConfig(mode="test", num_views=2, num_frames=4, stride=2, crop_size=32,
+                         target_length=128)  # fmt: skip
+        src = ClipRecord(str(tmp_path / "P01_01.mp4"), cid, verb=0, noun=0, start_s=s, end_s=e)
+        a, b = AVClipDataset([src], cfg)[0], AVClipDataset([r], cfg)[0]
+        assert (a["video"] - b["video"]).abs().mean() < 0.1  # the same frames, re-encoded
+        assert torch.allclose(a["audio"], b["audio"], atol=0.05)

@@ -67,8 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--audio-format",
         default="PCM_16",
-        choices=("PCM_16", "PCM_24", "FLOAT"),
-        help="sample format of the 16 kHz wav (default PCM_16)",
+        choices=("PCM_16", "PCM_24", "FLOAT", "FLAC"),
+        help="the 16 kHz audio sidecar: a wav of 16/24-bit or float samples, or a 16-bit "
+        "FLAC (about half the size; default PCM_16)",
     )
     p.add_argument(
         "--workers", type=int, default=None, help="processes (default: the CPU count, at most 8)"
@@ -96,6 +97,11 @@ def _records_from_config(args):
 
     cfg = _load_config(args)
     data = cfg.data
+    if data.format == "webdataset":
+        raise ConfigError(
+            f"{args.config} trains from shards (data.format: webdataset); prepare reads the "
+            "clips of a manifest: give the config of the original data"
+        )
     wanted = args.split or [s for s in SPLITS if getattr(data, s)]
     for s in wanted:
         if s not in SPLITS:
@@ -109,7 +115,6 @@ def _records_from_config(args):
     records, seen = [], set()
     for s in wanted:
         name = getattr(data, f"{s}_split") or s
-        path = getattr(data, s)
         for r in B.read_records(data, s):
             key = (r.path, r.start_s, r.end_s, r.clip_id, name)
             if key in seen:  # one file serving several splits (filtered by its split column)
@@ -117,7 +122,6 @@ def _records_from_config(args):
             seen.add(key)
             r.split = name
             records.append(r)
-        del path
     return records, dc, "train" in wanted
 
 

@@ -348,9 +348,13 @@ class AVClipDataset(Dataset):
                 lo, hi = src.start_sample, src.num_samples
             src = A.preload(src, lo, hi)
             specs = []
+            fbanks: dict[float, torch.Tensor] = {}  # views whose windows were clamped alike
             for ws in wss:
-                fb = A.window_fbank(src, ws, a0, a1, cfg.target_length, cfg.num_mel_bins)
-                spec = fb.t().unsqueeze(0)  # (1, F, T)
+                if ws not in fbanks:
+                    fbanks[ws] = A.window_fbank(
+                        src, ws, a0, a1, cfg.target_length, cfg.num_mel_bins
+                    )
+                spec = fbanks[ws].t().unsqueeze(0)  # (1, F, T); never modified in place
                 if cfg.device_transforms:  # SpecAugment, normalisation: on the device
                     specs.append(spec.contiguous())
                     continue

@@ -5,13 +5,15 @@ on both sides for temporal jitter and windows longer than the segment) becomes, 
 
 - ``clips/<name>.mp4``: H.264 (libx264 through PyAV; no ffmpeg binary needed)
   with the short side scaled to ``short_side`` (never upscaled; even sizes for
-  yuv420p; area interpolation), a keyframe every ``gop`` frames (no B-frames,
+  yuv420p; area interpolation; a display rotation (phone videos) is kept as the
+  output's display matrix), a keyframe every ``gop`` frames (no B-frames,
   ``tune=fastdecode``: no CABAC or deblocking, so frames decode cheaply) and no
   audio. Every source frame is kept with its own timestamp, shifted so that
   the first kept frame is at 0 and written in the source stream's time base:
   frame times are exact and variable frame rates survive.
 - ``clips/<name>.wav``: the clip's audio as the loader reads it (mono = mean of
-  the channels, 16 kHz; 16-bit PCM by default), placed on the same clock: sample
+  the channels, 16 kHz; 16-bit PCM by default; ``.flac`` with ``audio_subtype="FLAC"``),
+  placed on the same clock: sample
   ``k`` plays at ``k / 16000`` s after the first kept frame. A track that starts
   after the video is not padded with silence: the wav starts where the track
   starts and its comment ``mmt-fast audio_start_s=<s>`` says where (the loader
@@ -82,8 +84,9 @@ class PrepareSettings:
     ``short_side``: pixels of the output's short side (files already smaller keep
     their size); ``gop``: frames between keyframes; ``margin_s``: seconds kept
     before and after a segment; ``crf``/``preset``: libx264 quality and speed;
-    ``audio_subtype``: the wav's sample format (soundfile subtype: ``PCM_16`` or
-    ``FLOAT``).
+    ``audio_subtype``: the sidecar's sample format (soundfile subtype: ``PCM_16``,
+    ``PCM_24`` or ``FLOAT``), or ``FLAC`` for a lossless 16-bit ``<stem>.flac`` (about
+    half the size of the 16-bit wav, a little CPU to decode).
     """
 
     short_side: int = 320
@@ -103,9 +106,9 @@ class PrepareSettings:
             raise ValueError(f"margin_s={self.margin_s} must be a finite number >= 0")
         if not 0 <= self.crf <= 51:
             raise ValueError(f"crf={self.crf} must lie in [0, 51]")
-        if self.audio_subtype not in ("PCM_16", "PCM_24", "FLOAT"):
+        if self.audio_subtype not in ("PCM_16", "PCM_24", "FLOAT", "FLAC"):
             raise ValueError(
-                f"audio_subtype={self.audio_subtype!r}; expected PCM_16, PCM_24 or FLOAT"
+                f"audio_subtype={self.audio_subtype!r}; expected PCM_16, PCM_24, FLOAT or FLAC"
             )
 
 
@@ -207,8 +210,8 @@ def _encode_video(job: Job, tmp: Path, settings: PrepareSettings) -> dict:
     """Decode the cut with PyAV, scale, re-encode to ``tmp``; the kept frames' times."""
     import av
 
-    info = Vd.probe_video(job.src)  # missing, folder, no video, MPEG-TS: BadClipError
-    oh, ow = output_size(info.height, info.width, settings.short_side)
+    Vd.probe_video(job.src)  # missing, folder, no video, MPEG-TS: BadClipError
+    oh = ow = rotation = None
     c0_cut, c1_cut = job.cut if job.cut is not None else (None, None)
     eps = 1e-6
     pts_out: list[int] = []
@@ -221,7 +224,7 @@ def _encode_video(job: Job, tmp: Path, settings: PrepareSettings) -> dict:
             origin = st.start_time or 0
             rate = st.average_rate or st.guessed_rate or 25
             vs = dst.add_stream("libx264", rate=rate)
-            vs.width, vs.height, vs.pix_fmt = ow, oh, "yuv420p"
+            vs.pix_fmt = "yuv420p"
             vs.codec_context.time_base = tb
             g = str(settings.gop)
             vs.options = {
@@ -251,7 +254,13 @@ def _encode_video(job: Job, tmp: Path, settings: PrepareSettings) -> dict:
                         job.src, f"video timestamps do not increase at {t:.3f} s", "corrupt_file"
                     )
                 prev = fr.pts
-                first = fr.pts if first is None else first
+                if first is None:  # sizes from the stored frame; its display rotation kept
+                    first = fr.pts
+                    oh, ow = output_size(fr.height, fr.width, settings.short_side)
+                    vs.width, vs.height = ow, oh
+                    rotation = round(fr.rotation or 0) % 360
+                    if rotation:
+                        vs.set_display_rotation(rotation)
                 pts = fr.pts - first
                 # (reformat returns the frame itself when nothing changes: set pts after reading)
                 out = fr.reformat(width=ow, height=oh, format="yuv420p", interpolation="AREA")
@@ -272,11 +281,13 @@ def _encode_video(job: Job, tmp: Path, settings: PrepareSettings) -> dict:
         ) from e
     if not pts_out:
         raise BadClipError(job.src, f"no video frame in the cut {job.cut} s", "bad_segment")
+    upright = (ow, oh) if rotation in (90, 270) else (oh, ow)  # what decord returns
     return {
         "offset_s": float((first - origin) * tb),
         "times": np.asarray(pts_out, np.float64) * float(tb),
-        "height": oh,
-        "width": ow,
+        "height": upright[0],
+        "width": upright[1],
+        "rotation": rotation,
     }
 
 
@@ -300,7 +311,12 @@ def _write_audio(job: Job, tmp: Path, settings: PrepareSettings, offset_s: float
     start_s = (lo - k0) / sr
     chunk = 60 * sr
     with soundfile.SoundFile(
-        str(tmp), "w", samplerate=sr, channels=1, subtype=settings.audio_subtype, format="WAV"
+        str(tmp),
+        "w",
+        samplerate=sr,
+        channels=1,
+        subtype="PCM_16" if settings.audio_subtype == "FLAC" else settings.audio_subtype,
+        format="FLAC" if settings.audio_subtype == "FLAC" else "WAV",
     ) as f:
         if lo > k0:
             f.comment = f"{A.WAV_START_TAG}{start_s:.6f}"
@@ -349,7 +365,8 @@ def prepare_clip(job: Job, out_dir: Path, settings: PrepareSettings) -> dict:
     t0 = time.perf_counter()
     key = _source_key(job, settings)
     mp4 = out_dir / f"{job.name}.mp4"
-    wav, meta_path = mp4.with_suffix(".wav"), mp4.with_suffix(".json")
+    ext = ".flac" if settings.audio_subtype == "FLAC" else ".wav"
+    wav, meta_path = mp4.with_suffix(ext), mp4.with_suffix(".json")
     mp4.parent.mkdir(parents=True, exist_ok=True)
     tag = f".tmp-{os.getpid()}"
     tmp_mp4, tmp_wav = mp4.with_name(mp4.name + tag), wav.with_name(wav.name + tag)
@@ -358,11 +375,12 @@ def prepare_clip(job: Job, out_dir: Path, settings: PrepareSettings) -> dict:
         audio = _write_audio(job, tmp_wav, settings, video["offset_s"])
         _verify(job, tmp_mp4, tmp_wav if audio else None, video, audio)
         os.replace(tmp_mp4, mp4)
+        for stale in (mp4.with_suffix(".wav"), mp4.with_suffix(".flac")):
+            if stale != wav or audio is None:  # a stale sidecar would be read as this audio
+                with contextlib.suppress(FileNotFoundError):
+                    stale.unlink()
         if audio is not None:
             os.replace(tmp_wav, wav)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                wav.unlink()  # a stale sidecar would be read as this clip's audio
     finally:
         for t in (tmp_mp4, tmp_wav):
             with contextlib.suppress(FileNotFoundError):
@@ -377,6 +395,7 @@ def prepare_clip(job: Job, out_dir: Path, settings: PrepareSettings) -> dict:
         "frames": len(times),
         "height": video["height"],
         "width": video["width"],
+        "rotation": video["rotation"],
         "offset_s": video["offset_s"],
         "duration_s": float(times[-1] + (np.median(np.diff(times)) if len(times) > 1 else 0.0)),
         "audio": audio,
@@ -468,7 +487,10 @@ def prepare_dataset(
             for t in tasks:
                 done(*_run_job(t))
         else:
-            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            # not fork: a decord reader inherited from this process and freed in a child
+            # hangs it (see dataset._release_frames); the fork server starts clean
+            methods = mp.get_all_start_methods()
+            method = "forkserver" if "forkserver" in methods else "spawn"
             with mp.get_context(method).Pool(min(workers, len(jobs)), _init_worker) as pool:
                 for i, r in pool.imap_unordered(_run_job, tasks, chunksize=1):
                     done(i, r)
@@ -531,7 +553,9 @@ def prepare_dataset(
         "bytes": {
             "prepared": out_bytes,
             "video": sum(s for r in good for f, s in r["files"].items() if f.endswith(".mp4")),
-            "audio": sum(s for r in good for f, s in r["files"].items() if f.endswith(".wav")),
+            "audio": sum(
+                s for r in good for f, s in r["files"].items() if f.endswith((".wav", ".flac"))
+            ),
             "sources": src_bytes,
         },
         "seconds": time.perf_counter() - t0,
