@@ -157,6 +157,8 @@ class Trainer:
         base_train = B.build_split_dataset(
             cfg.data, "train", self.train_records, dc_train, self.classes, self.model_cfg
         )
+        # empty or mostly unusable splits stop here, before any decoding or training
+        check_split("train", base_train, cfg.data.max_bad_fraction)
         stream = cfg.data.format == "webdataset"
         if stream:  # shards stream sequentially; the stream is its own sampler
             from mmt_fast.data.shards import ShardStream
@@ -175,8 +177,6 @@ class Trainer:
             self.val_set = B.build_split_dataset(
                 cfg.data, "val", self.val_records, dc_val, self.classes, self.model_cfg
             )
-        # empty or mostly unusable splits stop here, before any decoding or training
-        check_split("train", base_train, cfg.data.max_bad_fraction)
         if self.val_set is not None:
             check_split("val", self.val_set, cfg.data.max_bad_fraction)
             if cfg.data.cache:
