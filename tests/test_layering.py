@@ -74,3 +74,19 @@ def test_the_library_does_not_import_the_commands():
             continue
         found += [f"{me}: {m}" for m, _ in _imports(path) if m.startswith("mmt_fast.commands")]
     assert not found, found
+
+
+# the layers under the trainer (docs/design.md, "Layers"): data, models, layers, losses,
+# configs and the kernels know nothing of mmt_fast.train
+BELOW_TRAIN = ("mmt_fast.data", "mmt_fast.models", "mmt_fast.layers", "mmt_fast.losses",
+               "mmt_fast.config", "mmt_fast.registry", "mmt_fast.errors")  # fmt: skip
+
+
+def test_the_layers_below_the_trainer_do_not_import_it():
+    found = []
+    for path in MODULES:
+        me = _name(path)
+        if not me.startswith(BELOW_TRAIN):
+            continue
+        found += [f"{me}: {m}" for m, _ in _imports(path) if m.startswith("mmt_fast.train")]
+    assert not found, found

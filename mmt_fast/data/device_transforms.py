@@ -40,7 +40,7 @@ import collections
 import torch
 
 from .dataset import DataConfig
-from .video import _resize, random_resized_crop_box
+from .video import random_resized_crop_box, resize_frames
 
 
 def _draw(cfg: DataConfig, h: int, w: int, num_mel_bins: int, frames: int) -> dict:
@@ -74,7 +74,7 @@ class DeviceTransform:
 
     def params(self, batch: dict, epoch: int) -> list[dict]:
         """The training parameters of each clip of ``batch`` (empty dicts in test mode)."""
-        from mmt_fast.train.sampling import derive_seed, run_seeded
+        from mmt_fast.data.seeding import derive_seed, run_seeded
 
         if not self.config.train:
             return [{} for _ in batch["index"]]
@@ -135,7 +135,7 @@ class DeviceTransform:
             crop = crop.flatten(0, 2).permute(0, 3, 1, 2)  # (G*V*T, 3, ch, cw)
             if crop.device.type != "cpu":
                 crop = crop.float()  # CUDA: resize in float32 (no uint8 antialiasing kernel)
-            r = _resize(crop, size)
+            r = resize_frames(crop, size)
             if not cfg.train:
                 t0, l0 = (size[0] - S) // 2, (size[1] - S) // 2
                 r = r[:, :, t0 : t0 + S, l0 : l0 + S]

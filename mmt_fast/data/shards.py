@@ -64,8 +64,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from mmt_fast.data.seeding import derive_seed, run_seeded
 from mmt_fast.errors import DataError
-from mmt_fast.train.sampling import derive_seed, run_seeded
 
 from .dataset import AVClipDataset, BadItem, DataConfig, Media
 from .errors import BadClipError

@@ -335,7 +335,7 @@ def _decode_padded_width(path: str, indices: np.ndarray, data: bytes | None = No
     return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
-def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def resize_frames(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(T, 3, h, w) -> (T, 3, *size), bilinear with antialiasing when shrinking.
 
     uint8 input is resized in uint8 (torch's vectorised channels-last path, several
@@ -390,13 +390,15 @@ def transform_frames(
     _, height, width, _ = frames.shape
     if train:
         top, left, h, w = random_resized_crop_box(height, width, scale, ratio)
-        x = _resize(frames[:, top : top + h, left : left + w].permute(0, 3, 1, 2), (crop_size,) * 2)
+        x = resize_frames(
+            frames[:, top : top + h, left : left + w].permute(0, 3, 1, 2), (crop_size,) * 2
+        )
         if flip_prob > 0 and float(torch.rand(())) < flip_prob:
             x = x.flip(-1)
     else:
         s = crop_size / min(height, width)
         new_h, new_w = max(crop_size, round(height * s)), max(crop_size, round(width * s))
-        x = _resize(frames.permute(0, 3, 1, 2), (new_h, new_w))
+        x = resize_frames(frames.permute(0, 3, 1, 2), (new_h, new_w))
         top, left = (new_h - crop_size) // 2, (new_w - crop_size) // 2
         x = x[:, :, top : top + crop_size, left : left + crop_size]
     # normalise in the output's contiguous (3, T, S, S) layout: the same operations in the
