@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import re
@@ -39,9 +38,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -65,6 +63,7 @@ class Launch:
     configs: list[dict[str, Any]]  # {"kwargs": {...}, "num_warps": w, "num_stages": s}
     selectable: list[bool]
     fn: Any = field(repr=False, default=None)
+    grid: Any = field(repr=False, default=None)  # the launch grid: a tuple or f(meta)
 
 
 @dataclass
@@ -113,33 +112,13 @@ class Row:
 # ----------------------------------------------------------------------------- capture
 
 
-@contextmanager
-def _capture() -> Iterator[list[tuple[Any, tuple, dict]]]:
-    """Record kernel launches (JIT and autotuned) instead of running them."""
-    from triton.runtime.autotuner import Autotuner
-    from triton.runtime.jit import JITFunction
-
-    seen: list[tuple[Any, tuple, dict]] = []
-    jit_run, tune_run = JITFunction.run, Autotuner.run
-
-    def fake_jit(self, *args, grid=None, warmup=False, **kwargs):
-        seen.append((self, args, kwargs))
-
-    def fake_tune(self, *args, **kwargs):
-        seen.append((self, args, kwargs))
-
-    JITFunction.run, Autotuner.run = fake_jit, fake_tune
-    try:
-        yield seen
-    finally:
-        JITFunction.run, Autotuner.run = jit_run, tune_run
-
-
 def _to_launch(op: str, obj: Any, args: tuple, kwargs: dict) -> Launch:
     from triton.runtime.autotuner import Autotuner
 
     from mmt_fast.kernels import tuning
 
+    grid = kwargs.pop("grid", None)
+    kwargs.pop("warmup", None)
     if isinstance(obj, Autotuner):
         fn = obj.fn
         names = fn.arg_names
@@ -150,7 +129,7 @@ def _to_launch(op: str, obj: Any, args: tuple, kwargs: dict) -> Launch:
         configs = [{"kwargs": dict(c.kwargs), "num_warps": c.num_warps,
                     "num_stages": c.num_stages} for c in obj.configs]  # fmt: skip
         selectable = [id(c) in kept for c in obj.configs]
-        return Launch(op, fn.__name__, bound, configs, selectable, fn)
+        return Launch(op, fn.__name__, bound, configs, selectable, fn, grid)
     fn = obj
     bound = dict(zip(fn.arg_names, args))
     warps = kwargs.pop("num_warps", 4)
@@ -158,7 +137,7 @@ def _to_launch(op: str, obj: Any, args: tuple, kwargs: dict) -> Launch:
     bound.update(kwargs)
     meta = {k: bound.pop(k) for k in [k for k in bound if k.startswith("BLOCK_")]}
     cfg = {"kwargs": meta, "num_warps": warps, "num_stages": stages}
-    return Launch(op, fn.__name__, bound, [cfg], [True], fn)
+    return Launch(op, fn.__name__, bound, [cfg], [True], fn, grid)
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -174,45 +153,10 @@ def _cases() -> dict[str, Any]:
 
 def launches_for(case: Any, dtype) -> list[Launch]:
     """Capture every kernel launch of one case's forward and backward, on meta tensors."""
-    import torch
+    from benchmarks.glue import capture_launches, run_meta
 
-    from mmt_fast.kernels import bottleneck_attention as bn
-    from mmt_fast.kernels import pooled_qkv as pq
-    from mmt_fast.kernels import relpos_attention as rp
-
-    meta = dict(device="meta", dtype=dtype)
-    B, H, D = case.batch, case.heads, case.head_dim
-    with _capture() as seen:
-        if case.op == "relpos":
-            nq, nk = case.nq_nk
-            q = torch.empty(B, H, nq, D, **meta)
-            k = torch.empty(B, H, nk, D, **meta)
-            v = torch.empty(B, H, nk, D, **meta)
-            tables = [
-                torch.empty(2 * max(a, b) - 1, D, **meta) for a, b in zip(case.q_grid, case.k_grid)
-            ]
-            args = (tables, case.q_grid, case.k_grid, case.has_cls, D**-0.5, True, True)
-            out, lse = rp._launch_fwd(q, k, v, *args)
-            rp._launch_bwd(torch.empty_like(out), q, k, v, tables, out, lse, *args[1:])
-            op = "relpos_attention"
-        elif case.op == "bottleneck":
-            m = [torch.empty(B, H, case.n_main, D, **meta) for _ in range(3)]
-            e = [torch.empty(B, H, case.n_extra, D, **meta) for _ in range(3)]
-            om, oe, lse = bn._launch_fwd(*m, *e, D**-0.5)
-            bn._launch_bwd(*m, *e, om, oe, lse, torch.empty_like(om), torch.empty_like(oe),
-                           D**-0.5)  # fmt: skip
-            op = "bottleneck_attention"
-        else:
-            n = int(case.has_cls) + math.prod(case.in_grid)
-            C = H * D
-            qkv = torch.empty(B, n, 3 * C, **meta)
-            w = [torch.empty(D, 1, *case.kernel, **meta) for _ in range(3)]
-            norms = [(torch.empty(D, **meta), torch.empty(D, **meta)) for _ in range(3)]
-            strides = (case.stride_q, case.stride_kv)
-            outs = pq._launch_fwd(qkv, w, norms, case.in_grid, case.has_cls, H, strides, 1e-6)
-            pq._launch_bwd(qkv, w, norms, [torch.empty_like(o) for o in outs], case.in_grid,
-                           case.has_cls, H, strides, 1e-6)  # fmt: skip
-            op = "pooled_qkv"
+    with capture_launches() as seen:
+        op = run_meta(case, dtype)
     out: dict[tuple, Launch] = {}
     for obj, a, kw in seen:
         launch = _to_launch(op, obj, a, dict(kw))

@@ -183,3 +183,46 @@ def test_fallback_configs_run_only_when_nothing_else_fits(monkeypatch) -> None:
     assert tuning.early_prune([big, small], {"BLOCK_D": 128}) == [small]
     # and the compile gate does not count a fallback as selectable on an H100/H200
     assert tuning.selectable([big, small]) == [big]
+
+
+# ----------------------------------------------------------------------------- glue traffic
+
+
+def test_glue_counter_prices_each_aten_op_by_hand() -> None:
+    """benchmarks.glue.ByteCounter on meta tensors, every figure worked out by hand: a copy
+    reads and writes its tensor, a view and an empty allocation move nothing, zeros only
+    writes, an in-place add reads both operands and writes the target, an expanded operand
+    is read once, and a bmm's FLOPs are 2 B M N K."""
+    import torch
+
+    from benchmarks.glue import ByteCounter
+
+    m = dict(device="meta")
+    a = torch.empty(4, 8, 16, dtype=torch.bfloat16, **m)  # 1 KiB
+    b = torch.empty(4, 16, 32, dtype=torch.float32, **m)  # 8 KiB
+    counter = ByteCounter()
+    with counter:
+        counter.phase = "fwd"
+        v = a.view(32, 16)  # view: free
+        torch.empty(1000, **m)  # nothing written
+        t = a.transpose(1, 2).contiguous()  # clone: 1 KiB read + 1 KiB written
+        torch.cat([a, t.transpose(1, 2)], dim=0)  # 2 KiB read, 2 KiB written
+        counter.phase = "bwd"
+        z = torch.zeros(4, 16, 32, **m)  # 8 KiB written
+        z.add_(b)  # 16 KiB read, 8 KiB written
+        z.copy_(b)  # 8 KiB read, 8 KiB written (the target is only overwritten)
+        row = torch.empty(1, 1, 32, **m)
+        z.mul_(row.expand(4, 16, 32))  # z 8 KiB + one row 128 B read, 8 KiB written
+        torch.bmm(a.float(), b)  # _to_copy 1 KiB + 2 KiB; bmm reads 2 + 8 KiB, writes 4 KiB
+    del v
+    ops = {k: (o.read, o.written, o.flops) for k, o in counter.ops.items()}
+    assert ops == {
+        ("fwd", "clone"): (1024, 1024, 0),
+        ("fwd", "cat"): (2048, 2048, 0),
+        ("bwd", "zeros"): (0, 8192, 0),
+        ("bwd", "add_.Tensor"): (16384, 8192, 0),
+        ("bwd", "copy_"): (8192, 8192, 0),
+        ("bwd", "mul_.Tensor"): (8192 + 128, 8192, 0),
+        ("bwd", "_to_copy"): (1024, 2048, 0),
+        ("bwd", "bmm"): (2048 + 8192, 4096, 2 * 4 * 8 * 16 * 32),
+    }, ops
