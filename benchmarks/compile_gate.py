@@ -234,7 +234,9 @@ _INT_OPS = {
 }  # fmt: skip
 
 
-def dots_from_ttgir(ttgir: str, args: dict[str, Any]) -> list[dict[str, Any]]:
+def dots_from_ttgir(
+    ttgir: str, args: dict[str, Any], grid: Sequence[int] | None = None
+) -> list[dict[str, Any]]:
     """Every ``tl.dot`` of a compiled kernel, from its TTGIR, with how often one program runs it.
 
     Per dot: the tile ``m`` x ``n`` x ``k`` (block shapes, padding included), the MMA layout
@@ -243,18 +245,42 @@ def dots_from_ttgir(ttgir: str, args: dict[str, Any]) -> list[dict[str, Any]]:
     the same output element: the layout's CTA tile, warpsPerCTA x instrShape with 16 rows per
     warp, over the dot's tile, per axis, when larger; 1.0 = none; [8, 1] on a 64-row tile =
     2.0) and ``trips``: the product of the trip counts of the ``scf.for`` loops around it,
-    their bounds evaluated from the kernel's integer arguments (``args``; -1 when a bound
-    depends on the program id or on a loaded value).
+    their bounds evaluated from the kernel's integer arguments (``args``). A bound that
+    depends on the program id (a persistent or causal kernel) is evaluated for the first and
+    the last program of ``grid`` and ``trips`` is their mean (``trips_range`` both); -1 when a
+    bound cannot be evaluated (a loaded value, an outer loop's variable, no ``grid``). A dot
+    under a run-time ``scf.if`` counts as always run.
     """
+    lines = [raw.strip() for raw in ttgir.splitlines()]
+    first = _walk_dots(lines, args, (0, 0, 0) if grid else None, grid)
+    if not grid or not any(d["pid_dependent"] for d in first):
+        return [{k: v for k, v in d.items() if k != "pid_dependent"} for d in first]
+    last = _walk_dots(lines, args, tuple(g - 1 for g in grid) + (0,) * (3 - len(grid)), grid)
+    out = []
+    for a, b in zip(first, last):
+        d = {k: v for k, v in a.items() if k != "pid_dependent"}
+        if a["pid_dependent"]:
+            bad = a["trips"] < 0 or b["trips"] < 0
+            d["trips"] = -1 if bad else (a["trips"] + b["trips"]) / 2
+            d["trips_range"] = [a["trips"], b["trips"]]
+        out.append(d)
+    return out
+
+
+_PID = re.compile(r"^(%[\w.]+) = tt\.get_(program_id|num_programs) ([xyz]) : i32")
+
+
+def _walk_dots(lines: list[str], args: dict[str, Any], pid, grid) -> list[dict[str, Any]]:
+    """One pass of :func:`dots_from_ttgir` with the program ids ``pid`` (None: unknown)."""
     layouts: dict[str, tuple[int, list[int], list[int]]] = {}
     values: dict[str, int | None] = {}
+    from_pid: set[str] = set()  # values computed from the program id
     for name, value in args.items():
         if isinstance(value, int) and not isinstance(value, bool):
             values["%" + name] = value
-    stack: list[int] = []  # trip count of each open region (1 for non-loops)
+    stack: list[tuple[int, bool]] = []  # (trip count, depends on pid) of each open region
     dots = []
-    for raw in ttgir.splitlines():
-        line = raw.strip()
+    for line in lines:
         m = _MMA_DEF.match(line)
         if m:
             layouts[m.group(1)] = (int(m.group(2)), [int(x) for x in m.group(3).split(",")],
@@ -266,31 +292,53 @@ def dots_from_ttgir(ttgir: str, args: dict[str, Any]) -> list[dict[str, Any]]:
             a, b = values.get(m.group(3)), values.get(m.group(4))
             ok = a is not None and b is not None and not (m.group(2)[3:] in ("si", "ui") and b == 0)
             values[m.group(1)] = _INT_OPS[m.group(2)](a, b) if ok else None
+            if m.group(3) in from_pid or m.group(4) in from_pid:
+                from_pid.add(m.group(1))
         elif m := _CAST.match(line):
             values[m.group(1)] = values.get(m.group(2))
+            if m.group(2) in from_pid:
+                from_pid.add(m.group(1))
+        elif m := _PID.match(line):
+            axis = "xyz".index(m.group(3))
+            if m.group(2) == "num_programs":
+                values[m.group(1)] = (
+                    grid[axis] if grid and axis < len(grid) else 1 if grid else None
+                )
+            else:
+                values[m.group(1)] = pid[axis] if pid else None
+                from_pid.add(m.group(1))
         if m := _DOT.search(line):
             k, m_, n, lay = int(m.group(2)), int(m.group(4)), int(m.group(5)), m.group(6)
             version, warps, instr = layouts.get(lay, (0, [], []))
             dup = 1.0
             if version:
                 dup = max(1.0, warps[0] * instr[0] / m_) * max(1.0, warps[1] * instr[1] / n)
-            trips = -1 if any(t < 0 for t in stack) else math.prod(stack)
+            trips = -1 if any(t < 0 for t, _ in stack) else math.prod(t for t, _ in stack)
             dots.append(dict(m=m_, n=n, k=k, dtype=m.group(3), mma_version=version,
                              warps_per_cta=warps, instr_shape=instr, warp_duplication=dup,
-                             trips=trips))  # fmt: skip
+                             trips=trips, pid_dependent=any(p for _, p in stack)))  # fmt: skip
         opened, closed = line.count("{"), line.count("}")
         for _ in range(closed - opened):
             stack.pop()
         if opened > closed:
-            trip = 1
+            trip, dep = 1, False
             if m := _FOR.search(line):
                 lo, hi, step = (values.get(g) for g in m.groups())
                 trip = -1 if None in (lo, hi, step) else max(0, -(-(hi - lo) // step))
-            stack.extend([trip] * (opened - closed))
+                dep = any(g in from_pid for g in m.groups())
+            stack.extend([(trip, dep)] * (opened - closed))
     return dots
 
 
 # ----------------------------------------------------------------------------- compile
+
+
+def _grid(launch: Launch, cfg: dict) -> tuple[int, ...]:
+    """The launch grid under config ``cfg`` (() when the launch carries none)."""
+    grid = launch.grid
+    if callable(grid):
+        grid = grid({**launch.args, **cfg["kwargs"]})
+    return tuple(int(g) for g in grid) if grid is not None else ()
 
 
 def _signature(launch: Launch) -> tuple[dict, dict, dict]:
@@ -376,7 +424,7 @@ def _compile_one(launch: Launch, cfg: dict, arch: int) -> dict[str, Any]:
     tc = sum(len(re.findall(rf"\b{ins}\b", sass)) for ins in TC_INSTR[arch])
     hmma = len(re.findall(r"\bHMMA\b", sass))
     serialized = sorted({m.strip() for m in re.findall(r"\(C7515\)(.*)", log)})
-    dots = dots_from_ttgir(compiled.asm["ttgir"], launch.args)
+    dots = dots_from_ttgir(compiled.asm["ttgir"], launch.args, _grid(launch, cfg))
     return dict(dots=dots, hmma_instructions=hmma, wgmma_serialized_reason=" | ".join(serialized),
                 warp_duplication=max([d["warp_duplication"] for d in dots], default=1.0),
                 registers=regs, spill_bytes=max(stores, loads), stack_bytes=stack,
@@ -520,10 +568,7 @@ class CaseModel:
 
 
 def _programs(launch: Launch, cfg: dict) -> int:
-    grid = launch.grid
-    if callable(grid):
-        grid = grid({**launch.args, **cfg["kwargs"]})
-    return math.prod(grid)
+    return math.prod(_grid(launch, cfg))
 
 
 def _dot_flops(dots: list[dict]) -> float:

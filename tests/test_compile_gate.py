@@ -173,6 +173,15 @@ def chained_dots(Q, K, V, O, N, REPS: tl.constexpr, BLOCK_M: tl.constexpr,
             v = tl.load(V + cols[:, None] * BLOCK_D + d[None, :])
             acc += tl.dot(s.to(tl.bfloat16), v)
     tl.store(O + rows[:, None] * BLOCK_D + d[None, :], acc)
+
+
+@triton.jit
+def persistent_dots(A, B, C, N_TILES, BLOCK: tl.constexpr):
+    r = tl.arange(0, BLOCK)
+    b = tl.load(B + r[:, None] * BLOCK + r[None, :])
+    for tile in range(tl.program_id(0), N_TILES, tl.num_programs(0)):
+        a = tl.load(A + tile * BLOCK * BLOCK + r[:, None] * BLOCK + r[None, :])
+        tl.store(C + tile * BLOCK * BLOCK + r[:, None] * BLOCK + r[None, :], tl.dot(a, b))
 """
 
 
@@ -181,12 +190,14 @@ def test_gate_reads_dots_trips_and_duplicated_warps(tmp_path) -> None:
     ceil(1000 / 64) = 16 key tiles inside a loop of 3. Compiled for sm_90, the gate reads two
     64 x 64 x 64 wgmma dots run 3 x 16 = 48 times per program; with 8 warps on 64 rows Triton
     stacks the warps along M ([8, 1]): every row computed twice, warp_duplication 2, and the
-    gate fails the variant; with 4 warps, or 8 warps on 128 rows, there is none."""
+    gate fails the variant; with 4 warps, or 8 warps on 128 rows, there is none. A persistent
+    loop over 10 tiles on 4 programs (tile = pid, pid + 4, ...) runs 3, 3, 2, 2 times: the
+    gate evaluates the first and last program, 3 and 2, and counts their mean, 2.5."""
     (tmp_path / "chained.py").write_text(CHAINED_DOTS)
     code = """
 import json, torch
 from benchmarks import compile_gate as g
-from chained import chained_dots
+from chained import chained_dots, persistent_dots
 m = dict(device="meta", dtype=torch.bfloat16)
 args = {"Q": torch.empty(1, **m), "K": torch.empty(1, **m), "V": torch.empty(1, **m),
         "O": torch.empty(1, device="meta", dtype=torch.float32), "N": 1000, "REPS": 3}
@@ -199,6 +210,11 @@ for warps, bm in ((8, 64), (4, 64), (8, 128)):
     row = g.Row(kernel="chained_dots", op="test", dtype="bfloat16", config="", shape="",
                 arch=90, selectable=True, shared_limit_bytes=g.SHARED_LIMIT[90], **res)
     out.append([res["dots"], res["warp_duplication"], row.failures()])
+args = {"A": torch.empty(1, **m), "B": torch.empty(1, **m),
+        "C": torch.empty(1, device="meta", dtype=torch.float32), "N_TILES": 10}
+launch = g.Launch("test", "persistent_dots", args, [], [], persistent_dots, grid=(4,))
+cfg = {"kwargs": {"BLOCK": 64}, "num_warps": 4, "num_stages": 2}
+out.append(g._compile_one(launch, cfg, 90)["dots"])
 print(json.dumps(out))
 """
     env = dict(_env())
@@ -206,7 +222,9 @@ print(json.dumps(out))
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (dup8, d8, f8), (dup4, d4, f4), (dup128, d128, f128) = json.loads(proc.stdout.splitlines()[-1])
+    (dup8, d8, f8), (dup4, d4, f4), (dup128, d128, f128), persistent = json.loads(
+        proc.stdout.splitlines()[-1]
+    )
     for dots, bm in ((dup8, 64), (dup4, 64), (dup128, 128)):
         assert [(d["m"], d["n"], d["k"], d["trips"], d["mma_version"]) for d in dots] == [
             (bm, 64, 64, 48, 3),
@@ -216,6 +234,9 @@ print(json.dumps(out))
     assert dup8[1]["warp_duplication"] == 1.0  # the second dot splits N over the warpgroups
     assert d8 == 2.0 and any("warp_duplication 2" in f for f in f8), f8
     assert d4 == d128 == 1.0 and not f4 and not f128, (f4, f128)
+    assert [(d["m"], d["n"], d["k"], d["trips"], d["trips_range"]) for d in persistent] == [
+        (64, 64, 64, 2.5, [3, 2])
+    ], persistent
 
 
 def test_speed_rules_of_a_row() -> None:
