@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The one command for a GPU session, run from the repository root:
 #
-#     bash benchmarks/gpu_check.sh                 # every stage, about 6.5 minutes on an H200
+#     bash benchmarks/gpu_check.sh                 # every stage, about 6 minutes on an H200
 #     STAGES="flex pytest-gpu" bash benchmarks/gpu_check.sh   # a rerun of some stages
 #
-# It measures first and stays under BUDGET (400 s) of stage time, so that a session of 15
+# It measures first and stays under BUDGET (340 s) of stage time, so that a session of 15
 # minutes of device time holds one full run, the machine's start and a rerun of the stages
 # that need it. Stages, most valuable first, each under its own time limit (SIGINT at the
 # limit, so Python and pytest still report; SIGKILL 10 s later) and never past the budget;
@@ -66,7 +66,7 @@ LOG="$OUT/gpu_check.log"
 : >"$LOG"
 declare -a SUMMARY=()
 T0=$SECONDS
-BUDGET=${BUDGET:-400}  # seconds for all stages (the header and the summary aside)
+BUDGET=${BUDGET:-340}  # seconds for all stages (the header and the summary aside)
 STAGES=${STAGES:-"timings flex pytest-gpu train-memory pytest-cuda flops-memory"}
 RC_LAST=0
 
@@ -118,13 +118,13 @@ stage() {  # stage NAME SECONDS MIN_SECONDS COMMAND...: at most SECONDS, never p
 # 1. Timings, most valuable case first, FlexAttention aside (stage 2). The JSON is rewritten
 #    after every path and no case is started after --budget-s, so a timeout keeps what was
 #    measured.
-stage timings 140 60 "$PY" -m benchmarks.kernels --out "$OUT" --budget-s 95 \
+stage timings 120 60 "$PY" -m benchmarks.kernels --out "$OUT" --budget-s 80 \
     --paths fused reference sdpa xformers --cases \
     relpos/mat_s1 bottleneck/mmt_audio bottleneck/mmt_video pooled/mat_s1 pooled/video_s1 \
     relpos/mat_s2 relpos/video_s1 pooled/mat_s2 relpos/mat_s3 relpos/mat_s4 relpos/video_s2
 
 # 2. The compiled paths, bounded; what they timed is merged into kernels.json.
-stage flex 120 45 "$PY" -m benchmarks.kernels --out "$OUT/flex" --budget-s 80 \
+stage flex 100 45 "$PY" -m benchmarks.kernels --out "$OUT/flex" --budget-s 60 \
     --paths flex compiled --cases relpos/mat_s1 bottleneck/mmt_audio pooled/mat_s1
 if [ -f "$OUT/kernels.json" ] && [ -f "$OUT/flex/kernels.json" ]; then
     "$PY" -m benchmarks.kernels --merge "$OUT/kernels.json" "$OUT/flex/kernels.json" 2>&1 |
@@ -137,13 +137,13 @@ if [ -f "$OUT/kernels.json" ]; then
 fi
 
 # 3. Every gpu-marked test (the data tests, which need decord, have none).
-stage pytest-gpu 80 30 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfEs \
+stage pytest-gpu 70 30 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfEs \
     tests/test_relpos_attention.py tests/test_pooled_qkv.py \
     tests/test_bottleneck_attention.py tests/test_kernels_in_models.py \
     tests/test_plan.py tests/test_memory_precision.py
 
 # 4. MAT training-step memory, MMT_FAST_KERNELS=reference vs triton.
-stage train-memory 60 30 "$PY" -m benchmarks.kernels --train-memory --out "$OUT"
+stage train-memory 50 30 "$PY" -m benchmarks.kernels --train-memory --out "$OUT"
 
 # 5. The kernel tests not marked gpu, on CUDA (the README's pytest on a GPU machine).
 stage pytest-cuda 90 30 "$PY" -m pytest -q -m "not gpu" -p no:cacheprovider -rfEs \

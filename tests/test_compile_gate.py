@@ -1,12 +1,15 @@
-"""The compile gate: every pinned kernel config compiled for sm_90 on this CPU, and the gate
-itself shown to catch spills and missing tensor-core instructions.
+"""The compile gate: every pinned kernel config compiled for sm_90 on this CPU, the gate itself
+shown to catch spills, duplicated warps, mma.sync and C7515, its per-dot reading (tiles, MMA
+layouts, loop trips) checked on kernels of its own, its performance model (useful and
+executed tensor-core FLOPs, glue bytes around the kernels, model time) and issue 14's targets.
 
 The CI subset (``--subset ci``: the pinned config of every kernel, bf16, at MAT stage 1,
 MViTv2-B stage 1 and the AVBottleneck, sm_90) runs here, in a subprocess without
 ``TRITON_INTERPRET`` (the interpreter replaces kernels by Python). The whole matrix
 (every autotune config, bf16/fp16, every stage, sm_90 and sm_80) is
 ``python -m benchmarks.compile_gate --subset full``; its last result is committed in
-``benchmarks/results/compile_gate.json``.
+``benchmarks/results/compile_gate.json``. The speed targets are expected to fail on the
+kernels before the redesign (``test_ci_subset_meets_the_speed_targets``, xfail).
 """
 
 import json
