@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import math
 import os
@@ -103,6 +104,7 @@ class Row:
     dots: list = field(default_factory=list)  # per tl.dot: dots_from_ttgir
     selectable: bool = False
     pinned: bool = False  # the config MMT_FAST_KERNEL_CONFIGS=pinned runs
+    spec: str = ""  # the specialisation (launches_for): a kernel can have several per shape
     compile_s: float = 0.0
     error: str = ""
     note: str = ""
@@ -205,9 +207,15 @@ def launches_for(case: Any, dtype) -> list[Launch]:
     for obj, a, kw in seen:
         launch = _to_launch(op, obj, a, dict(kw))
         # pooled QKV launches once per q/k/v; keep distinct specialisations only
-        key = (launch.kernel, repr(_signature(launch)[0]), repr(_constexpr_repr(launch)))
-        out.setdefault(key, launch)
+        out.setdefault((launch.kernel, _spec(launch)), launch)
     return list(out.values())
+
+
+def _spec(launch: Launch) -> str:
+    """A short name for the launch's specialisation (signature and constexprs): two launches
+    of a kernel that compile to the same code have the same one."""
+    text = repr(_signature(launch)[0]) + repr(_constexpr_repr(launch))
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
 # ----------------------------------------------------------------------------- TTGIR
@@ -432,12 +440,12 @@ def _compile_one(launch: Launch, cfg: dict, arch: int) -> dict[str, Any]:
                 wgmma_serialized="C7515" in log, needs_tensor_core="tt.dot" in compiled.asm["ttir"], compile_s=round(seconds, 2))  # fmt: skip
 
 
-def _job(case_name: str, dtype_name: str, kernel: str, cfg_index: int, arch: int) -> dict:
+def _job(case_name: str, dtype_name: str, launch_index: int, cfg_index: int, arch: int) -> dict:
     """Worker: rebuild the launch in this process (functions do not pickle) and compile."""
     import torch
 
     case = _cases()[case_name]
-    launch = next(x for x in launches_for(case, getattr(torch, dtype_name)) if x.kernel == kernel)
+    launch = launches_for(case, getattr(torch, dtype_name))[launch_index]
     cfg = launch.configs[cfg_index]
     try:
         return _compile_one(launch, cfg, arch)
@@ -476,7 +484,7 @@ def plan(subset: str, archs: Sequence[int] | None = None) -> list[tuple[Row, tup
         for dt in sorted({p[0] for p in pairs}):
             if dt == "float32" and case.op != "pooled":
                 continue
-            for launch in launches_for(case, getattr(torch, dt)):
+            for li, launch in enumerate(launches_for(case, getattr(torch, dt))):
                 for i, (cfg, sel) in enumerate(zip(launch.configs, launch.selectable)):
                     pinned = _is_pinned(launch, cfg)
                     for _, arch, every in [p for p in pairs if p[0] == dt]:
@@ -484,8 +492,8 @@ def plan(subset: str, archs: Sequence[int] | None = None) -> list[tuple[Row, tup
                             continue
                         row = Row(kernel=launch.kernel, op=launch.op, dtype=dt, config=_config_str(cfg),
                                   shape=name, arch=arch, selectable=sel, pinned=pinned,
-                                  shared_limit_bytes=SHARED_LIMIT[arch])  # fmt: skip
-                        jobs.append((row, (name, dt, launch.kernel, i, arch)))
+                                  shared_limit_bytes=SHARED_LIMIT[arch], spec=_spec(launch))  # fmt: skip
+                        jobs.append((row, (name, dt, li, i, arch)))
     return jobs
 
 
@@ -588,7 +596,7 @@ def case_model(name: str, rows: Sequence[Row]) -> CaseModel:
     with capture_launches() as seen:
         op = run_meta(case, torch.bfloat16, lambda p: marks.append((p, len(seen))))
     bwd_from = dict(marks)["bwd"]
-    pinned = {r.kernel: r for r in rows if r.shape == name and r.dtype == "bfloat16"
+    pinned = {(r.kernel, r.spec): r for r in rows if r.shape == name and r.dtype == "bfloat16"
               and r.arch == 90 and r.pinned and not r.error}  # fmt: skip
     executed = [0.0, 0.0]  # fwd, bwd
     kernels: dict[str, float] = {}
@@ -596,11 +604,11 @@ def case_model(name: str, rows: Sequence[Row]) -> CaseModel:
     for i, (obj, a, kw) in enumerate(seen):
         launch = _to_launch(op, obj, a, dict(kw))
         cfg = next(c for c in launch.configs if _is_pinned(launch, c))
-        row = pinned.get(launch.kernel)
+        row = pinned.get((launch.kernel, _spec(launch)))
         if row is None:
             raise ValueError(f"{name}: no compiled pinned row for {launch.kernel}")
         if any(d["trips"] < 0 for d in row.dots):
-            notes.append(f"{launch.kernel}: a loop bound depends on the program id (counted once)")
+            notes.append(f"{launch.kernel}: a loop bound could not be evaluated (counted once)")
         flops = _programs(launch, cfg) * _dot_flops([dict(d, trips=max(d["trips"], 1))
                                                      for d in row.dots])  # fmt: skip
         executed[i >= bwd_from] += flops
