@@ -86,6 +86,14 @@ def _run(cmd, expect=0):
     return p
 
 
+def _torchrun(tmp_path, cfg_path, mode, *overrides):
+    """RANK_SCRIPT under torchrun (2 processes): ``mode`` first|resume; each rank writes
+    ``rank<r>_<mode>.json`` (weights hash, step, sampler order) to the run's out_dir."""
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    return _run(_torchrun_cmd(str(script), str(cfg_path), mode, *overrides))
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
