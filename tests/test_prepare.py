@@ -42,10 +42,12 @@ def clicks(path):
 
 
 def flashes(path):
-    """(frame start times (n + 1,), indices of the white frames) as decord decodes them."""
-    vr = Vd.open_video(str(path))
+    """(frame start times (n + 1,), indices of the white frames) as the loader decodes them:
+    decord, or for a prepared clip its packet reader (``video.open_clip``)."""
+    reader = Vd.open_clip(str(path))[1]
+    vr = reader if reader is not None else Vd.open_video(str(path))
     times = Vd.frame_times(vr)
-    bright = vr.get_batch(list(range(len(vr)))).asnumpy().mean(axis=(1, 2, 3))
+    bright = Vd.decode_frames(vr, np.arange(len(vr)), str(path)).numpy().mean(axis=(1, 2, 3))
     return times, np.flatnonzero(bright > 128)
 
 

@@ -48,6 +48,7 @@ window costs at most 15 extra frames of decoding.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import hashlib
@@ -69,7 +70,7 @@ from . import video as Vd
 from .errors import BadClipError
 from .manifests import ClipRecord
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: non-reference B-frames and the container tag (video.PREPARED_TAG)
 MANIFEST_NAME = "manifest.csv"
 REPORT_NAME = "prepare_report.json"
 MANIFEST_COLUMNS = (
@@ -82,7 +83,8 @@ class PrepareSettings:
     """How clips are re-encoded (see the module docstring).
 
     ``short_side``: pixels of the output's short side (files already smaller keep
-    their size); ``gop``: frames between keyframes; ``margin_s``: seconds kept
+    their size); ``gop``: frames between keyframes; ``bframes``: non-reference
+    B-frames between two reference frames (a fixed pattern); ``margin_s``: seconds kept
     before and after a segment; ``crf``/``preset``: libx264 quality and speed;
     ``audio_subtype``: the sidecar's sample format (soundfile subtype: ``PCM_16``,
     ``PCM_24`` or ``FLOAT``), or ``FLAC`` for a lossless 16-bit ``<stem>.flac`` (about
@@ -91,6 +93,7 @@ class PrepareSettings:
 
     short_side: int = 320
     gop: int = 16
+    bframes: int = 3
     margin_s: float = 1.0
     crf: int = 23
     preset: str = "veryfast"
@@ -102,6 +105,8 @@ class PrepareSettings:
             raise ValueError(
                 f"short_side ({self.short_side}) must be >= 2 and gop ({self.gop}) >= 1"
             )
+        if not 0 <= self.bframes <= 16:
+            raise ValueError(f"bframes={self.bframes} must lie in [0, 16] (x264's limit)")
         if not (math.isfinite(self.margin_s) and self.margin_s >= 0):
             raise ValueError(f"margin_s={self.margin_s} must be a finite number >= 0")
         if not 0 <= self.crf <= 51:
@@ -121,7 +126,8 @@ def settings_for(data_config, train: bool, **overrides) -> PrepareSettings:
     short = data_config.decode_short_side if train else data_config.crop_size
     gop = max(1, -(-data_config.window_frames // 4))
     margin = math.ceil(data_config.window_frames / 24 * 10) / 10
-    kw = {"short_side": short, "gop": gop, "margin_s": margin}
+    bframes = min(data_config.stride - 1, 16)  # every stride-th frame a reference
+    kw = {"short_side": short, "gop": gop, "bframes": bframes, "margin_s": margin}
     kw.update({k: v for k, v in overrides.items() if v is not None})
     return PrepareSettings(**kw)
 
@@ -227,14 +233,22 @@ def _encode_video(job: Job, tmp: Path, settings: PrepareSettings) -> dict:
             vs.pix_fmt = "yuv420p"
             vs.codec_context.time_base = tb
             g = str(settings.gop)
+            # B-frames in a fixed pattern (no adaptive placement), none used as a reference
+            # (no B-pyramid), closed GOPs: the loader skips the ones it does not need
             vs.options = {
                 "preset": settings.preset, "crf": str(settings.crf), "g": g, "keyint_min": g,
-                "sc_threshold": "0", "bf": "0", "tune": "fastdecode", "threads": "1",
+                "sc_threshold": "0", "bf": str(settings.bframes), "tune": "fastdecode",
+                "threads": "1", "x264-params": "b-pyramid=none:b-adapt=0:open-gop=0",
             }  # fmt: skip
+            dst.metadata["comment"] = (
+                f"{Vd.PREPARED_TAG} format {FORMAT_VERSION}: H.264, GOP {settings.gop}, "
+                f"{settings.bframes} non-reference B-frames"
+            )
             if c0_cut:  # to the keyframe before the cut
                 src.seek(origin + int(c0_cut / tb), stream=st, backward=True)
             first = prev = None
             durations: dict[int, int] = {}
+            pending: collections.deque = collections.deque()  # frames not yet sent to x264
 
             def mux(p) -> None:
                 if p.pts in durations:
@@ -269,6 +283,15 @@ def _encode_video(job: Job, tmp: Path, settings: PrepareSettings) -> dict:
                 out.pts, out.time_base = pts, tb
                 out.pict_type = av.video.frame.PictureType.NONE
                 pts_out.append(pts)
+                pending.append(out)
+                if len(pending) > settings.bframes:
+                    for p in vs.encode(pending.popleft()):
+                        mux(p)
+            # the last frames as P-frames: the last frame shown is then the last one stored,
+            # whose sample duration (its packet's) the muxer keeps: the clip's end time
+            while pending:
+                out = pending.popleft()
+                out.pict_type = av.video.frame.PictureType.P
                 for p in vs.encode(out):
                     mux(p)
             for p in vs.encode():
