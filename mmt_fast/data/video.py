@@ -327,9 +327,7 @@ class PacketReader:
         except av.error.FFmpegError as e:
             raise BadClipError(self.path, f"frame decoding failed: {e}", "corrupt_file") from e
         if got != len(want) or out is None:
-            raise BadClipError(
-                self.path, f"{got} of {len(want)} frames decoded", "corrupt_file"
-            )
+            raise BadClipError(self.path, f"{got} of {len(want)} frames decoded", "corrupt_file")
         return out
 
 
