@@ -233,8 +233,7 @@ class PacketReader:
         packets = [p for p in container.demux(stream) if p.size and p.pts is not None]
         if not packets:
             raise BadClipError(path, "video stream has no frames", "corrupt_file")
-        self._packets = [bytes(p) for p in packets]
-        self._stamps = [(p.pts, p.dts) for p in packets]
+        self._packets = packets  # they own their data: usable after the file is closed
         self._key = np.array([p.is_keyframe for p in packets], dtype=bool)
         pts = np.array([p.pts for p in packets], dtype=np.int64)
         dur = np.array([p.duration or 0 for p in packets], dtype=np.int64)
@@ -267,7 +266,7 @@ class PacketReader:
 
     def _is_ref(self, i: int) -> bool:
         if i not in self._ref:
-            self._ref[i] = is_reference(self._packets[i], self._length_size)
+            self._ref[i] = is_reference(bytes(self._packets[i]), self._length_size)
         return self._ref[i]
 
     def _decoder(self):
@@ -320,9 +319,7 @@ class PacketReader:
                 if skip and self._rank[i] not in want and not self._is_ref(i):
                     continue
                 self.decoded += 1
-                pkt = av.packet.Packet(self._packets[i])
-                pkt.pts, pkt.dts = self._stamps[i]
-                take(cc.decode(pkt))
+                take(cc.decode(self._packets[i]))
             take(cc.decode(None))
         except av.error.FFmpegError as e:
             raise BadClipError(self.path, f"frame decoding failed: {e}", "corrupt_file") from e
