@@ -6,9 +6,14 @@ on both sides for temporal jitter and windows longer than the segment) becomes, 
 - ``clips/<name>.mp4``: H.264 (libx264 through PyAV; no ffmpeg binary needed)
   with the short side scaled to ``short_side`` (never upscaled; even sizes for
   yuv420p; area interpolation; a display rotation (phone videos) is kept as the
-  output's display matrix), a keyframe every ``gop`` frames (no B-frames,
-  ``tune=fastdecode``: no CABAC or deblocking, so frames decode cheaply) and no
-  audio. Every source frame is kept with its own timestamp, shifted so that
+  output's display matrix), a keyframe every ``gop`` frames (closed GOPs),
+  ``bframes`` B-frames between reference frames in a fixed pattern, none of them
+  a reference (x264 ``b-adapt=0``, ``b-pyramid=none``; the last ``bframes + 1``
+  frames are P-frames, so the last frame shown is the last stored and keeps its
+  duration), ``tune=fastdecode`` (no CABAC or deblocking, so frames decode
+  cheaply), no audio, and the container comment ``mmt-fast prepared format N``
+  (``video.PREPARED_TAG``) by which the loader recognises the file and decodes
+  it with ``video.PacketReader``, skipping the B-frames no sampled frame needs. Every source frame is kept with its own timestamp, shifted so that
   the first kept frame is at 0 and written in the source stream's time base:
   frame times are exact and variable frame rates survive.
 - ``clips/<name>.wav``: the clip's audio as the loader reads it (mono = mean of
@@ -43,7 +48,14 @@ training transform decodes at (``DataConfig.decode_short_side``: 320 px for the
 paper's 224 crops) or, for a set used only for testing, the crop size (224 px:
 the test transform then only crops). The keyframe interval is a quarter of
 the sampling window (16 frames for 16 frames at stride 4), so reaching a random
-window costs at most 15 extra frames of decoding.
+window costs at most 15 extra frames (3 reference pictures with B-frames);
+``bframes`` is the sampling stride minus one, so every stride-th frame is a
+reference and the others are decoded only when a window samples them: a
+61-frame window at stride 4 decodes 16-32 pictures instead of 61-76.
+
+Clips of format 1 (before the B-frames; no container comment) still load, through
+decord as any other video; since the format is part of each clip's key, running
+prepare again over the same folder re-encodes them.
 """
 
 from __future__ import annotations

@@ -15,6 +15,11 @@ start of its first frame to the end of its last; its centre is what the audio
 window is aligned to (see ``audio.py``). Containers decord cannot index
 frame-accurately (MPEG-TS/PS) are refused (``unsupported_format``).
 
+Prepared clips (``mmt-fast prepare``, recognised by their container comment,
+:data:`PREPARED_TAG`) are decoded by :class:`PacketReader` (PyAV) instead of
+decord: their non-reference B-frames are skipped unless a window samples them,
+with the same frames and the same frame times as decoding everything.
+
 Speed: frames are decoded at a reduced size where the transform would shrink
 them anyway (:func:`decode_size`): the test short side is the crop size; for
 training the short side is ``train_short_side`` (320 px for a 224 crop, the
