@@ -63,10 +63,14 @@ def test_skipping_b_frames_gives_the_same_frames(prepared):
         full = reader.get_frames(idx, skip=False)
         assert torch.equal(fast, full) and torch.equal(fast, torch.from_numpy(ref[idx]))
         assert sent < reader.decoded - before - sent  # fewer pictures decoded
-    # a 61-frame window at stride 4 in phase with the references: only references decoded
+    # a 61-frame window at stride 4 from a keyframe: its 16 frames are references, and only
+    # they are decoded (each GOP is reached at its keyframe, skipping the P-frame before it)
     before = reader.decoded
     reader.get_frames(list(range(16, 77, 4)))
-    assert reader.decoded - before == sum(1 for k in range(16, 77) if k not in nonref)
+    assert reader.decoded - before == 16
+    # frames GOPs apart: two spans, the second from its own keyframe, nothing decoded between
+    assert reader._spans([5, 99]) == [(0, int(reader._order[5])), (96, int(reader._order[99]))]
+    assert reader._spans([5, 9]) == [(0, int(reader._order[9]))]  # one GOP: one span
     # repeated and unsorted indices through decode_frames
     idx = np.array([9, 3, 3, 50])
     assert torch.equal(Vd.decode_frames(reader, idx, path), torch.from_numpy(ref[idx]))

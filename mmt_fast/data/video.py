@@ -227,7 +227,8 @@ class PacketReader:
     non-reference pictures among the frames wanted; the other non-reference pictures
     (with ``prepare``'s encoding, 3 of every 4 frames are non-reference B-frames) are
     dropped unread, which gives exactly the frames decoding every packet would give
-    (tests/test_prepare.py checks it bit for bit). Frames come out as RGB24 at the
+    (tests/test_prepared_decode.py checks it bit for bit). Frames far apart (test views
+    of a long clip) are decoded in separate spans, each from its own keyframe. Frames come out as RGB24 at the
     stored size (or ``size`` when given: FFmpeg's bilinear scaler), like decord's.
     """
 
@@ -248,6 +249,9 @@ class PacketReader:
         self._rank = np.empty(len(pts), dtype=np.int64)  # display index of each packet
         self._rank[order] = np.arange(len(pts))
         self._pts_sorted, self._dur_sorted = pts[order], dur[order]
+        self._order = order  # the packet of each display index
+        self._key_idx = np.flatnonzero(self._key)  # keyframe packets, their display indices
+        self._key_rank = self._rank[self._key_idx]
         self._length_size = _nal_length_size(stream.codec_context.extradata)
         self._ref: dict[int, bool] = {}
         self._extradata = stream.codec_context.extradata
@@ -274,6 +278,21 @@ class PacketReader:
             self._ref[i] = is_reference(bytes(self._packets[i]), self._length_size)
         return self._ref[i]
 
+    def _spans(self, ranks: list[int]) -> list[tuple[int, int]]:
+        """Decode-order packet ranges [first, last] that cover the frames ``ranks`` (sorted
+        display indices): each starts at the keyframe at or before its first frame, and a
+        new one starts where a keyframe lies after everything needed so far (views far
+        apart in a long clip: no reference pictures decoded between them)."""
+        spans: list[list[int]] = []
+        for r in ranks:
+            k = int(self._key_idx[max(np.searchsorted(self._key_rank, r, "right") - 1, 0)])
+            i = int(self._order[r])
+            if spans and k <= spans[-1][1]:
+                spans[-1][1] = max(spans[-1][1], i)
+            else:
+                spans.append([min(k, i), i])
+        return [(a, b) for a, b in spans]
+
     def _decoder(self):
         import av
 
@@ -286,8 +305,8 @@ class PacketReader:
         self, indices: Sequence[int], size: tuple[int, int] | None = None, skip: bool = True
     ) -> torch.Tensor:
         """uint8 (len(indices), H, W, 3) of the frames ``indices`` (sorted, unique, display
-        order) at ``size`` (default ``self.size``); ``skip=False`` decodes every packet from
-        the keyframe (the reference the skipping is tested against)."""
+        order) at ``size`` (default ``self.size``); ``skip=False`` decodes every packet of
+        each span from its keyframe (the reference the skipping is tested against)."""
         import av
         from av.video.reformatter import VideoReformatter
 
@@ -295,14 +314,9 @@ class PacketReader:
         want = {int(k): j for j, k in enumerate(indices)}
         if not want or min(want) < 0 or max(want) >= len(self._packets):
             raise IndexError(f"frame indices outside [0, {len(self._packets)})")
-        lo, hi = min(want), max(want)
-        keys = np.flatnonzero(self._key & (self._rank <= lo))
-        first = int(keys[-1]) if len(keys) else 0
-        # the decode position after which no packet is needed: the last wanted one
-        last = int(np.flatnonzero(np.isin(self._rank, list(want)))[-1])
-        cc = self._decoder()
         fmt = VideoReformatter()
         out: torch.Tensor | None = None
+        lo, hi = min(want), max(want)
         by_pts = {int(p): r for r, p in enumerate(self._pts_sorted) if lo <= r <= hi}
         got = 0
 
@@ -320,11 +334,15 @@ class PacketReader:
                 got += 1
 
         try:
-            for i in range(first, last + 1):
-                if skip and self._rank[i] not in want and not self._is_ref(i):
-                    continue
-                self.decoded += 1
-                take(cc.decode(self._packets[i]))
+            cc = self._decoder()
+            # one decoder for every span: a span starts at an IDR picture (prepare writes
+            # closed GOPs), which resets the decoder's references
+            for first, last in self._spans(sorted(want)):
+                for i in range(first, last + 1):
+                    if skip and self._rank[i] not in want and not self._is_ref(i):
+                        continue
+                    self.decoded += 1
+                    take(cc.decode(self._packets[i]))
             take(cc.decode(None))
         except av.error.FFmpegError as e:
             raise BadClipError(self.path, f"frame decoding failed: {e}", "corrupt_file") from e
