@@ -3,6 +3,8 @@ frames equal, bit for bit, those of decoding every packet with PyAV's own demux 
 loop; the skipped packets are exactly the B-frames; frame times equal decord's; files
 without the prepare tag (sources, clips prepared by format 1) keep the decord path."""
 
+import json
+
 import av
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import torch
 
 from mmt_fast.data import AVClipDataset, ClipRecord, DataConfig, read_manifest
 from mmt_fast.data import video as Vd
-from mmt_fast.data.prepare import PrepareSettings, prepare_dataset
+from mmt_fast.data.prepare import PrepareSettings, finished, plan_jobs, prepare_dataset
 from mmt_fast.data.synthetic import render_clip, write_clip
 
 FPS, SECONDS = 25, 4.0  # 100 frames
@@ -26,6 +28,15 @@ def prepared(tmp_path_factory):
     settings = PrepareSettings(short_side=48, gop=16, bframes=3)
     report = prepare_dataset([rec], d / "out", settings, progress=False)
     assert report["unusable_counts"] == {}
+    # a clip of format 1 is not "finished" under format 2: the next prepare redoes it
+    (job,), _ = plan_jobs([rec], settings.margin_s)
+    meta_path = d / "out" / f"{job.name}.json"
+    meta = json.loads(meta_path.read_text())
+    assert finished(job, d / "out", settings) is not None and meta["key"]["version"] == 2
+    old = {**meta, "key": {**meta["key"], "version": 1}}
+    meta_path.write_text(json.dumps(old))
+    assert finished(job, d / "out", settings) is None
+    meta_path.write_text(json.dumps(meta))
     return src, read_manifest(d / "out" / "manifest.csv")[0].path
 
 

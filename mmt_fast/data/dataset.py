@@ -279,7 +279,7 @@ class AVClipDataset(Dataset):
                     info.height, info.width, cfg.crop_size, cfg.train, cfg.decode_short_side
                 )
             if reader is not None:
-                vr, reader.size = reader, size
+                vr, reader.size, reader.threads = reader, size, cfg.decode_threads
             else:
                 vr = Vd.open_video(rec.path, cfg.decode_threads, size, data)
             times = Vd.frame_times(vr)

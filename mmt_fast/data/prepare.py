@@ -30,10 +30,11 @@ on both sides for temporal jitter and windows longer than the segment) becomes, 
   only when it exists and matches the source and the settings. Everything is
   written under a temporary name and moved into place with ``os.replace``.
 
-Each output is verified before it is moved into place: decord (the loader's
-decoder) opens it, finds every frame at the timestamp written (to 1 ms), and
-decodes the first, middle and last frames at the expected size; the wav holds
-the expected number of samples.
+Each output is verified before it is moved into place: decord opens it, finds
+every frame at the timestamp written (to 1 ms), and decodes the first, middle
+and last frames at the expected size; the loader's packet reader finds the same
+frames at the same times and decodes the last one; the wav holds the expected
+number of samples.
 
 The new ``manifest.csv`` (a plain manifest: ``path,clip_id,label,verb,noun,
 start_s,end_s,split,source,offset_s``; paths relative to ``out_dir``) keeps each
@@ -379,6 +380,14 @@ def _verify(job: Job, mp4: Path, wav: Path | None, video: dict, audio: dict | No
         if x.shape[1:3] != (video["height"], video["width"]):
             raise ValueError(f"frames decode at {x.shape[1:3]}")
         del vr
+        reader = Vd.open_clip(str(mp4))[1]  # the loader's reader (None: rotated, decord's)
+        if reader is not None:
+            if len(reader) != n:
+                raise ValueError(f"the packet reader finds {len(reader)} frames, {n} written")
+            dt = np.abs(reader.get_frame_timestamp(np.arange(n))[:, 0] - video["times"]).max()
+            if dt > 1e-3:
+                raise ValueError(f"the packet reader's frame times differ by {dt * 1e3:.1f} ms")
+            reader.get_frames([n - 1])  # decodes from the last keyframe
         if wav is not None:
             info = soundfile.info(str(wav))
             if info.frames != audio["samples"] or info.samplerate != A.SAMPLE_RATE:

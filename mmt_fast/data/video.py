@@ -219,7 +219,7 @@ def is_reference(sample: bytes, length_size: int = 4) -> bool:
 
 class PacketReader:
     """A prepared clip's video demuxed into memory and decoded with PyAV (FFmpeg's H.264
-    decoder, one thread), feeding the decoder only the packets it needs.
+    decoder, ``threads`` threads: one by default), feeding the decoder only the packets it needs.
 
     To decode frames ``indices`` (display order), the decoder starts at the last
     keyframe (an IDR: ``prepare`` writes closed GOPs) at or before the first one and is
@@ -259,6 +259,7 @@ class PacketReader:
         rate = stream.average_rate or stream.guessed_rate
         self._fps = float(rate) if rate else 0.0
         self.size: tuple[int, int] | None = None  # (height, width) to scale to; None: stored
+        self.threads = 1  # decoding threads (DataConfig.decode_threads)
         self.decoded = 0  # pictures sent to the decoder (for tests and benchmarks)
 
     def __len__(self) -> int:
@@ -298,7 +299,7 @@ class PacketReader:
 
         cc = av.codec.CodecContext.create(self._codec, "r")
         cc.extradata = self._extradata
-        cc.thread_count = 1
+        cc.thread_count = self.threads
         return cc
 
     def get_frames(
