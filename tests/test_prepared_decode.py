@@ -9,6 +9,7 @@ import av
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mmt_fast.data import AVClipDataset, ClipRecord, DataConfig, read_manifest
 from mmt_fast.data import video as Vd
@@ -82,6 +83,13 @@ def test_skipping_b_frames_gives_the_same_frames(prepared):
     # frames GOPs apart: two spans, the second from its own keyframe, nothing decoded between
     assert reader._spans([5, 99]) == [(0, int(reader._order[5])), (96, int(reader._order[99]))]
     assert reader._spans([5, 9]) == [(0, int(reader._order[9]))]  # one GOP: one span
+    # scaled by the decoder (DataConfig.decoder_resize): FFmpeg's bilinear scaler, close to
+    # an antialiased resize of the full-size frames
+    small = reader.get_frames([10, 50], size=(24, 64)).permute(0, 3, 1, 2).float()
+    full = torch.from_numpy(ref[[10, 50]]).permute(0, 3, 1, 2).float()
+    expect = F.interpolate(full, size=(24, 64), mode="bilinear", antialias=True)
+    assert small.shape == (2, 3, 24, 64) and (small - expect).abs().mean() < 3  # grey levels
+    assert full.std() > 30  # (textured: a wrong scaling would differ by far more)
     # repeated and unsorted indices through decode_frames
     idx = np.array([9, 3, 3, 50])
     assert torch.equal(Vd.decode_frames(reader, idx, path), torch.from_numpy(ref[idx]))
