@@ -13,7 +13,9 @@ on both sides for temporal jitter and windows longer than the segment) becomes, 
   duration), ``tune=fastdecode`` (no CABAC or deblocking, so frames decode
   cheaply), no audio, and the container comment ``mmt-fast prepared format N``
   (``video.PREPARED_TAG``) by which the loader recognises the file and decodes
-  it with ``video.PacketReader``, skipping the B-frames no sampled frame needs. Every source frame is kept with its own timestamp, shifted so that
+  it with ``video.PacketReader``, skipping the B-frames no sampled frame needs
+  (a clip with a display rotation gets no B-frames: decord reads it, turning its
+  frames upright). Every source frame is kept with its own timestamp, shifted so that
   the first kept frame is at 0 and written in the source stream's time base:
   frame times are exact and variable frame rates survive.
 - ``clips/<name>.wav``: the clip's audio as the loader reads it (mono = mean of
@@ -246,17 +248,23 @@ def _encode_video(job: Job, tmp: Path, settings: PrepareSettings) -> dict:
             vs.pix_fmt = "yuv420p"
             vs.codec_context.time_base = tb
             g = str(settings.gop)
-            # B-frames in a fixed pattern (no adaptive placement), none used as a reference
-            # (no B-pyramid), closed GOPs: the loader skips the ones it does not need
-            vs.options = {
-                "preset": settings.preset, "crf": str(settings.crf), "g": g, "keyint_min": g,
-                "sc_threshold": "0", "bf": str(settings.bframes), "tune": "fastdecode",
-                "threads": "1", "x264-params": "b-pyramid=none:b-adapt=0:open-gop=0",
-            }  # fmt: skip
-            dst.metadata["comment"] = (
-                f"{Vd.PREPARED_TAG} format {FORMAT_VERSION}: H.264, GOP {settings.gop}, "
-                f"{settings.bframes} non-reference B-frames"
-            )
+
+            def configure(bframes: int) -> None:  # before the first frame is encoded
+                # B-frames in a fixed pattern (no adaptive placement), none used as a
+                # reference (no B-pyramid), closed GOPs: the loader skips the unneeded ones
+                vs.options = {
+                    "preset": settings.preset, "crf": str(settings.crf), "g": g,
+                    "keyint_min": g, "sc_threshold": "0", "bf": str(bframes),
+                    "tune": "fastdecode", "threads": "1",
+                    "x264-params": "b-pyramid=none:b-adapt=0:open-gop=0",
+                }  # fmt: skip
+                dst.metadata["comment"] = (
+                    f"{Vd.PREPARED_TAG} format {FORMAT_VERSION}: H.264, GOP {settings.gop}, "
+                    f"{bframes} non-reference B-frames"
+                )
+
+            bframes = settings.bframes
+            configure(bframes)
             if c0_cut:  # to the keyframe before the cut
                 src.seek(origin + int(c0_cut / tb), stream=st, backward=True)
             first = prev = None
@@ -288,6 +296,10 @@ def _encode_video(job: Job, tmp: Path, settings: PrepareSettings) -> dict:
                     rotation = round(fr.rotation or 0) % 360
                     if rotation:
                         vs.set_display_rotation(rotation)
+                        # decord reads rotated clips (it turns them upright): no B-frames,
+                        # whose reordering changes the last frame's end as decord reads it
+                        bframes = 0
+                        configure(bframes)
                 pts = fr.pts - first
                 # (reformat returns the frame itself when nothing changes: set pts after reading)
                 out = fr.reformat(width=ow, height=oh, format="yuv420p", interpolation="AREA")
@@ -297,7 +309,7 @@ def _encode_video(job: Job, tmp: Path, settings: PrepareSettings) -> dict:
                 out.pict_type = av.video.frame.PictureType.NONE
                 pts_out.append(pts)
                 pending.append(out)
-                if len(pending) > settings.bframes:
+                if len(pending) > bframes:
                     for p in vs.encode(pending.popleft()):
                         mux(p)
             # the last frames as P-frames: the last frame shown is then the last one stored,
