@@ -137,14 +137,17 @@ def probe_video(path: str, data: bytes | None = None) -> VideoInfo:
     without a video stream (``no_video``), or a container whose frames decord
     cannot index correctly (``unsupported_format``: MPEG-TS, whose decoded frame
     ``k`` can be frame ``k + 12`` with B-frames, silently shifting video against audio)."""
-    return open_clip(path, data)[0]
+    return open_clip(path, data, packets=False)[0]
 
 
-def open_clip(path: str, data: bytes | None = None) -> tuple[VideoInfo, PacketReader | None]:
+def open_clip(
+    path: str, data: bytes | None = None, packets: bool = True
+) -> tuple[VideoInfo, PacketReader | None]:
     """:func:`probe_video` and, for a clip written by ``mmt-fast prepare`` (its container
     comment starts with :data:`PREPARED_TAG`), a :class:`PacketReader` holding its
     demuxed packets: one open of the file serves both. None for other files (and for
-    prepared clips with a display rotation, which decord turns upright)."""
+    prepared clips with a display rotation, which decord turns upright), or when
+    ``packets`` is False."""
     import av
 
     if data is None:
@@ -165,7 +168,7 @@ def open_clip(path: str, data: bytes | None = None) -> tuple[VideoInfo, PacketRe
             cc = st.codec_context
             h, w = int(cc.height), int(cc.width)
             prepared = str(c.metadata.get("comment", "")).startswith(PREPARED_TAG)
-            if prepared and fmt.startswith("mov") and display_rotation(path, data) == 0:
+            if packets and prepared and fmt.startswith("mov") and not display_rotation(path, data):
                 reader = PacketReader(c, st, path)
     except BadClipError:
         raise
