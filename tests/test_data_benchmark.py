@@ -52,6 +52,8 @@ def test_prepared_sources_and_demand(tmp_path):
         assert again == out and secs["360p-10s"] == 0.0  # reused, not prepared again
     r = bench.time_items(out["360p-10s"], "test", "after", items=1)
     assert r["clips_per_s"] > 0
+    st = bench.breakdown(out["360p-10s"][0], "test", "after", reps=1)  # the packet reader
+    assert st["seek"] == 0 and st["decode"] > 0
     (h200, a100) = bench.demand_estimates({"MMT": 159.552})
     # 159.552 GMACs forward -> 6 x 159.552 GFLOP per training clip (forward + backward)
     assert h200["clips_per_s"] == pytest.approx(790e12 * 0.30 / (6 * 159.552e9))  # ~248

@@ -42,10 +42,12 @@ def clicks(path):
 
 
 def flashes(path):
-    """(frame start times (n + 1,), indices of the white frames) as decord decodes them."""
-    vr = Vd.open_video(str(path))
+    """(frame start times (n + 1,), indices of the white frames) as the loader decodes them:
+    decord, or for a prepared clip its packet reader (``video.open_clip``)."""
+    reader = Vd.open_clip(str(path))[1]
+    vr = reader if reader is not None else Vd.open_video(str(path))
     times = Vd.frame_times(vr)
-    bright = vr.get_batch(list(range(len(vr)))).asnumpy().mean(axis=(1, 2, 3))
+    bright = Vd.decode_frames(vr, np.arange(len(vr)), str(path)).numpy().mean(axis=(1, 2, 3))
     return times, np.flatnonzero(bright > 128)
 
 
@@ -312,6 +314,7 @@ def test_prepare_from_a_config(tmp_path, capsys):
     err = capsys.readouterr().err
     # the tiny preset: 32 px crops -> decode short side round(32 * 320 / 224) = 46 px
     assert "short side 46 px, keyframe every 4 frames" in err and "data.format=manifest" in err
+    assert "3 B-frames between references" in err  # the config's stride 4
     src = {r.clip_id: r for r in read_manifest(man)}
     new = read_manifest(out / "manifest.csv")
     assert sorted(r.clip_id for r in new) == sorted(src)
@@ -360,6 +363,10 @@ def test_rotated_source_stays_upright(tmp_path, rotation):
     (new,) = read_manifest(tmp_path / "out" / "manifest.csv")
     b = Vd.open_video(new.path)[0].asnumpy()
     assert b.shape == a.shape and np.abs(b.astype(int) - a).mean() < 3
+    # decord reads it (the packet reader does not turn frames upright): no B-frames
+    assert Vd.open_clip(new.path)[1] is None
+    with av.open(new.path) as c:
+        assert all(p.pts == p.dts for p in c.demux(c.streams.video[0]) if p.size)
 
 
 def test_epic_kitchens_segments_are_cut(tmp_path):

@@ -4,8 +4,8 @@ From a training config (every configured split, or those named with ``--split``)
 or a manifest in any format the trainer reads, to ``OUT/clips/*.mp4`` + ``*.wav``,
 ``OUT/manifest.csv`` (a plain manifest with a ``split`` column) and
 ``OUT/prepare_report.json`` (see :mod:`mmt_fast.data.prepare`). The short side
-and keyframe interval follow the data settings (``--short-side`` and ``--gop``
-override them). Run it again to resume: finished clips are skipped.
+keyframe interval and B-frames follow the data settings (``--short-side``, ``--gop``
+and ``--bframes`` override them). Run it again to resume: finished clips are skipped.
 """
 
 from __future__ import annotations
@@ -55,6 +55,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--gop", type=int, default=None, help="frames between keyframes (default: a quarter window)"
+    )
+    p.add_argument(
+        "--bframes",
+        type=int,
+        default=None,
+        help="non-reference B-frames between reference frames, which the loader skips when "
+        "no window samples them (default: the sampling stride - 1, 3 for stride 4; 0: none)",
     )
     p.add_argument(
         "--margin",
@@ -172,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
     for name, v, ok in (
         ("--short-side", args.short_side, args.short_side is None or args.short_side >= 16),
         ("--gop", args.gop, args.gop is None or args.gop >= 1),
+        ("--bframes", args.bframes, args.bframes is None or 0 <= args.bframes <= 16),
         ("--margin", args.margin, args.margin is None or args.margin >= 0),
         ("--crf", args.crf, 0 <= args.crf <= 51),
         ("--workers", args.workers, args.workers is None or args.workers >= 1),
@@ -190,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
         train,
         short_side=args.short_side,
         gop=args.gop,
+        bframes=args.bframes,
         margin_s=args.margin,
         crf=args.crf,
         audio_subtype=args.audio_format,
@@ -197,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
     workers = args.workers or min(os.cpu_count() or 1, 8)
     print(
         f"prepare: {len(records)} records -> {out} (short side {settings.short_side} px, keyframe "
-        f"every {settings.gop} frames, margin {settings.margin_s} s, {workers} workers)",
+        f"every {settings.gop} frames, {settings.bframes} B-frames between references, "
+        f"margin {settings.margin_s} s, {workers} workers)",
         file=sys.stderr,
         flush=True,
     )

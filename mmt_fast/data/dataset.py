@@ -272,13 +272,16 @@ class AVClipDataset(Dataset):
         warnings: list[str] = []
         centres = None
         if cfg.modalities in ("av", "video"):
-            info = Vd.probe_video(rec.path, data)
+            info, reader = Vd.open_clip(rec.path, data)  # reader: a prepared clip's packets
             size = None
             if cfg.decoder_resize:
                 size = Vd.decode_size(
                     info.height, info.width, cfg.crop_size, cfg.train, cfg.decode_short_side
                 )
-            vr = Vd.open_video(rec.path, cfg.decode_threads, size, data)
+            if reader is not None:
+                vr, reader.size, reader.threads = reader, size, cfg.decode_threads
+            else:
+                vr = Vd.open_video(rec.path, cfg.decode_threads, size, data)
             times = Vd.frame_times(vr)
             f0, f1 = Vd.segment_frames(times, rec.start_s, rec.end_s, rec.path)
             n, L = f1 - f0, cfg.window_frames

@@ -6,9 +6,16 @@ on both sides for temporal jitter and windows longer than the segment) becomes, 
 - ``clips/<name>.mp4``: H.264 (libx264 through PyAV; no ffmpeg binary needed)
   with the short side scaled to ``short_side`` (never upscaled; even sizes for
   yuv420p; area interpolation; a display rotation (phone videos) is kept as the
-  output's display matrix), a keyframe every ``gop`` frames (no B-frames,
-  ``tune=fastdecode``: no CABAC or deblocking, so frames decode cheaply) and no
-  audio. Every source frame is kept with its own timestamp, shifted so that
+  output's display matrix), a keyframe every ``gop`` frames (closed GOPs),
+  ``bframes`` B-frames between reference frames in a fixed pattern, none of them
+  a reference (x264 ``b-adapt=0``, ``b-pyramid=none``; the last ``bframes + 1``
+  frames are P-frames, so the last frame shown is the last stored and keeps its
+  duration), ``tune=fastdecode`` (no CABAC or deblocking, so frames decode
+  cheaply), no audio, and the container comment ``mmt-fast prepared format N``
+  (``video.PREPARED_TAG``) by which the loader recognises the file and decodes
+  it with ``video.PacketReader``, skipping the B-frames no sampled frame needs
+  (a clip with a display rotation gets no B-frames: decord reads it, turning its
+  frames upright). Every source frame is kept with its own timestamp, shifted so that
   the first kept frame is at 0 and written in the source stream's time base:
   frame times are exact and variable frame rates survive.
 - ``clips/<name>.wav``: the clip's audio as the loader reads it (mono = mean of
@@ -25,10 +32,11 @@ on both sides for temporal jitter and windows longer than the segment) becomes, 
   only when it exists and matches the source and the settings. Everything is
   written under a temporary name and moved into place with ``os.replace``.
 
-Each output is verified before it is moved into place: decord (the loader's
-decoder) opens it, finds every frame at the timestamp written (to 1 ms), and
-decodes the first, middle and last frames at the expected size; the wav holds
-the expected number of samples.
+Each output is verified before it is moved into place: decord opens it, finds
+every frame at the timestamp written (to 1 ms), and decodes the first, middle
+and last frames at the expected size; the loader's packet reader finds the same
+frames at the same times and decodes the last one; the wav holds the expected
+number of samples.
 
 The new ``manifest.csv`` (a plain manifest: ``path,clip_id,label,verb,noun,
 start_s,end_s,split,source,offset_s``; paths relative to ``out_dir``) keeps each
@@ -43,11 +51,19 @@ training transform decodes at (``DataConfig.decode_short_side``: 320 px for the
 paper's 224 crops) or, for a set used only for testing, the crop size (224 px:
 the test transform then only crops). The keyframe interval is a quarter of
 the sampling window (16 frames for 16 frames at stride 4), so reaching a random
-window costs at most 15 extra frames of decoding.
+window costs at most 15 extra frames (3 reference pictures with B-frames);
+``bframes`` is the sampling stride minus one, so every stride-th frame is a
+reference and the others are decoded only when a window samples them: a
+61-frame window at stride 4 decodes 16-32 pictures instead of 61-76.
+
+Clips of format 1 (before the B-frames; no container comment) still load, through
+decord as any other video; since the format is part of each clip's key, running
+prepare again over the same folder re-encodes them.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import hashlib
@@ -69,7 +85,7 @@ from . import video as Vd
 from .errors import BadClipError
 from .manifests import ClipRecord
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: non-reference B-frames and the container tag (video.PREPARED_TAG)
 MANIFEST_NAME = "manifest.csv"
 REPORT_NAME = "prepare_report.json"
 MANIFEST_COLUMNS = (
@@ -82,7 +98,8 @@ class PrepareSettings:
     """How clips are re-encoded (see the module docstring).
 
     ``short_side``: pixels of the output's short side (files already smaller keep
-    their size); ``gop``: frames between keyframes; ``margin_s``: seconds kept
+    their size); ``gop``: frames between keyframes; ``bframes``: non-reference
+    B-frames between two reference frames (a fixed pattern); ``margin_s``: seconds kept
     before and after a segment; ``crf``/``preset``: libx264 quality and speed;
     ``audio_subtype``: the sidecar's sample format (soundfile subtype: ``PCM_16``,
     ``PCM_24`` or ``FLOAT``), or ``FLAC`` for a lossless 16-bit ``<stem>.flac`` (about
@@ -91,6 +108,7 @@ class PrepareSettings:
 
     short_side: int = 320
     gop: int = 16
+    bframes: int = 3
     margin_s: float = 1.0
     crf: int = 23
     preset: str = "veryfast"
@@ -102,6 +120,8 @@ class PrepareSettings:
             raise ValueError(
                 f"short_side ({self.short_side}) must be >= 2 and gop ({self.gop}) >= 1"
             )
+        if not 0 <= self.bframes <= 16:
+            raise ValueError(f"bframes={self.bframes} must lie in [0, 16] (x264's limit)")
         if not (math.isfinite(self.margin_s) and self.margin_s >= 0):
             raise ValueError(f"margin_s={self.margin_s} must be a finite number >= 0")
         if not 0 <= self.crf <= 51:
@@ -121,7 +141,8 @@ def settings_for(data_config, train: bool, **overrides) -> PrepareSettings:
     short = data_config.decode_short_side if train else data_config.crop_size
     gop = max(1, -(-data_config.window_frames // 4))
     margin = math.ceil(data_config.window_frames / 24 * 10) / 10
-    kw = {"short_side": short, "gop": gop, "margin_s": margin}
+    bframes = min(data_config.stride - 1, 16)  # every stride-th frame a reference
+    kw = {"short_side": short, "gop": gop, "bframes": bframes, "margin_s": margin}
     kw.update({k: v for k, v in overrides.items() if v is not None})
     return PrepareSettings(**kw)
 
@@ -227,14 +248,28 @@ def _encode_video(job: Job, tmp: Path, settings: PrepareSettings) -> dict:
             vs.pix_fmt = "yuv420p"
             vs.codec_context.time_base = tb
             g = str(settings.gop)
-            vs.options = {
-                "preset": settings.preset, "crf": str(settings.crf), "g": g, "keyint_min": g,
-                "sc_threshold": "0", "bf": "0", "tune": "fastdecode", "threads": "1",
-            }  # fmt: skip
+
+            def configure(bframes: int) -> None:  # before the first frame is encoded
+                # B-frames in a fixed pattern (no adaptive placement), none used as a
+                # reference (no B-pyramid), closed GOPs: the loader skips the unneeded ones
+                vs.options = {
+                    "preset": settings.preset, "crf": str(settings.crf), "g": g,
+                    "keyint_min": g, "sc_threshold": "0", "bf": str(bframes),
+                    "tune": "fastdecode", "threads": "1",
+                    "x264-params": "b-pyramid=none:b-adapt=0:open-gop=0",
+                }  # fmt: skip
+                dst.metadata["comment"] = (
+                    f"{Vd.PREPARED_TAG} format {FORMAT_VERSION}: H.264, GOP {settings.gop}, "
+                    f"{bframes} non-reference B-frames"
+                )
+
+            bframes = settings.bframes
+            configure(bframes)
             if c0_cut:  # to the keyframe before the cut
                 src.seek(origin + int(c0_cut / tb), stream=st, backward=True)
             first = prev = None
             durations: dict[int, int] = {}
+            pending: collections.deque = collections.deque()  # frames not yet sent to x264
 
             def mux(p) -> None:
                 if p.pts in durations:
@@ -261,6 +296,10 @@ def _encode_video(job: Job, tmp: Path, settings: PrepareSettings) -> dict:
                     rotation = round(fr.rotation or 0) % 360
                     if rotation:
                         vs.set_display_rotation(rotation)
+                        # decord reads rotated clips (it turns them upright): no B-frames,
+                        # whose reordering changes the last frame's end as decord reads it
+                        bframes = 0
+                        configure(bframes)
                 pts = fr.pts - first
                 # (reformat returns the frame itself when nothing changes: set pts after reading)
                 out = fr.reformat(width=ow, height=oh, format="yuv420p", interpolation="AREA")
@@ -269,6 +308,15 @@ def _encode_video(job: Job, tmp: Path, settings: PrepareSettings) -> dict:
                 out.pts, out.time_base = pts, tb
                 out.pict_type = av.video.frame.PictureType.NONE
                 pts_out.append(pts)
+                pending.append(out)
+                if len(pending) > bframes:
+                    for p in vs.encode(pending.popleft()):
+                        mux(p)
+            # the last frames as P-frames: the last frame shown is then the last one stored,
+            # whose sample duration (its packet's) the muxer keeps: the clip's end time
+            while pending:
+                out = pending.popleft()
+                out.pict_type = av.video.frame.PictureType.P
                 for p in vs.encode(out):
                     mux(p)
             for p in vs.encode():
@@ -344,6 +392,14 @@ def _verify(job: Job, mp4: Path, wav: Path | None, video: dict, audio: dict | No
         if x.shape[1:3] != (video["height"], video["width"]):
             raise ValueError(f"frames decode at {x.shape[1:3]}")
         del vr
+        reader = Vd.open_clip(str(mp4))[1]  # the loader's reader (None: rotated, decord's)
+        if reader is not None:
+            if len(reader) != n:
+                raise ValueError(f"the packet reader finds {len(reader)} frames, {n} written")
+            dt = np.abs(reader.get_frame_timestamp(np.arange(n))[:, 0] - video["times"]).max()
+            if dt > 1e-3:
+                raise ValueError(f"the packet reader's frame times differ by {dt * 1e3:.1f} ms")
+            reader.get_frames([n - 1])  # decodes from the last keyframe
         if wav is not None:
             info = soundfile.info(str(wav))
             if info.frames != audio["samples"] or info.samplerate != A.SAMPLE_RATE:

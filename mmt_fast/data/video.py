@@ -15,6 +15,11 @@ start of its first frame to the end of its last; its centre is what the audio
 window is aligned to (see ``audio.py``). Containers decord cannot index
 frame-accurately (MPEG-TS/PS) are refused (``unsupported_format``).
 
+Prepared clips (``mmt-fast prepare``, recognised by their container comment,
+:data:`PREPARED_TAG`) are decoded by :class:`PacketReader` (PyAV) instead of
+decord: their non-reference B-frames are skipped unless a window samples them,
+with the same frames and the same frame times as decoding everything.
+
 Speed: frames are decoded at a reduced size where the transform would shrink
 them anyway (:func:`decode_size`): the test short side is the crop size; for
 training the short side is ``train_short_side`` (320 px for a 224 crop, the
@@ -86,18 +91,19 @@ def _boxes(f, start: int, end: int):
         pos += size
 
 
-def display_rotation(path: str) -> int:
+def display_rotation(path: str, data: bytes | None = None) -> int:
     """Display rotation (degrees counter-clockwise: 0, 90, 180, 270) of the first video
     track of an MP4/MOV file, from its track header's matrix (ISO/IEC 14496-12 ``tkhd``;
     where phones, and FFmpeg's display-matrix side data, put it); 0 for other files.
 
     Read from the header boxes alone (a few small reads), since PyAV reports the
     display matrix only on decoded frames. decord applies this rotation to the frames
-    it returns, so the sizes it is asked for must be the displayed ones.
+    it returns, so the sizes it is asked for must be the displayed ones. ``data``: the
+    file's bytes, when it is in memory.
     """
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        size = os.path.getsize(path) if data is None else len(data)
+        with open(path, "rb") if data is None else io.BytesIO(data) as f:
             for kind, b, e in _boxes(f, 0, size):
                 if kind != b"moov":
                     continue
@@ -131,10 +137,22 @@ def probe_video(path: str, data: bytes | None = None) -> VideoInfo:
     without a video stream (``no_video``), or a container whose frames decord
     cannot index correctly (``unsupported_format``: MPEG-TS, whose decoded frame
     ``k`` can be frame ``k + 12`` with B-frames, silently shifting video against audio)."""
+    return open_clip(path, data, packets=False)[0]
+
+
+def open_clip(
+    path: str, data: bytes | None = None, packets: bool = True
+) -> tuple[VideoInfo, PacketReader | None]:
+    """:func:`probe_video` and, for a clip written by ``mmt-fast prepare`` (its container
+    comment starts with :data:`PREPARED_TAG`), a :class:`PacketReader` holding its
+    demuxed packets: one open of the file serves both. None for other files (and for
+    prepared clips with a display rotation, which decord turns upright), or when
+    ``packets`` is False."""
     import av
 
     if data is None:
         _check_file(path)
+    reader = None
     try:
         with av.open(path if data is None else io.BytesIO(data)) as c:
             fmt = c.format.name
@@ -146,8 +164,12 @@ def probe_video(path: str, data: bytes | None = None) -> VideoInfo:
                     "an audio-only file needs an audio-only model (e.g. ablation/audio-only)",
                     "no_video",
                 )
-            cc = c.streams.video[0].codec_context
+            st = c.streams.video[0]
+            cc = st.codec_context
             h, w = int(cc.height), int(cc.width)
+            prepared = str(c.metadata.get("comment", "")).startswith(PREPARED_TAG)
+            if packets and prepared and fmt.startswith("mov") and not display_rotation(path, data):
+                reader = PacketReader(c, st, path)
     except BadClipError:
         raise
     except Exception as e:
@@ -163,10 +185,174 @@ def probe_video(path: str, data: bytes | None = None) -> VideoInfo:
             "`ffmpeg -i in.ts -c copy out.mp4`",
             "unsupported_format",
         )
-    rot = display_rotation(path) if fmt.startswith("mov") else 0
+    rot = 0 if reader is not None else display_rotation(path, data) if fmt.startswith("mov") else 0
     if rot in (90, 270):  # decord returns the frames as displayed: upright
         h, w = w, h
-    return VideoInfo(h, w, fmt, rot)
+    return VideoInfo(h, w, fmt, rot), reader
+
+
+#: the start of the container comment ``mmt-fast prepare`` writes (format 2 on): its clips
+#: have non-reference B-frames that :class:`PacketReader` skips when no frame of theirs is needed
+PREPARED_TAG = "mmt-fast prepared"
+
+
+def _nal_length_size(extradata: bytes | None) -> int:
+    """Bytes of each NAL unit's length prefix in MP4 H.264 samples (``avcC``)."""
+    if not extradata or len(extradata) < 5 or extradata[0] != 1:
+        raise ValueError("not an MP4 H.264 stream (no avcC record)")
+    return (extradata[4] & 3) + 1
+
+
+def is_reference(sample: bytes, length_size: int = 4) -> bool:
+    """Whether an MP4 H.264 sample (length-prefixed NAL units) holds a reference picture:
+    any coded slice (NAL type 1 or 5) with a non-zero ``nal_ref_idc`` (ITU-T H.264
+    7.4.1: 0 means no other picture predicts from it, so the decoder may drop it). A
+    sample without a slice counts as a reference (kept)."""
+    pos, slices, n = 0, 0, len(sample)
+    while pos + length_size < n:
+        size = int.from_bytes(sample[pos : pos + length_size], "big")
+        head = sample[pos + length_size]
+        if head & 0x1F in (1, 5):
+            slices += 1
+            if head & 0x60:
+                return True
+        pos += length_size + size
+    return slices == 0
+
+
+class PacketReader:
+    """A prepared clip's video demuxed into memory and decoded with PyAV (FFmpeg's H.264
+    decoder, ``threads`` threads: one by default), feeding the decoder only the packets it needs.
+
+    To decode frames ``indices`` (display order), the decoder starts at the last
+    keyframe (an IDR: ``prepare`` writes closed GOPs) at or before the first one and is
+    sent, in decode order, every reference picture up to the last one plus the
+    non-reference pictures among the frames wanted; the other non-reference pictures
+    (with ``prepare``'s encoding, 3 of every 4 frames are non-reference B-frames) are
+    dropped unread, which gives exactly the frames decoding every packet would give
+    (tests/test_prepared_decode.py checks it bit for bit). Frames far apart (test views
+    of a long clip) are decoded in separate spans, each from its own keyframe. Frames come out as RGB24 at the
+    stored size (or ``size`` when given: FFmpeg's bilinear scaler), like decord's.
+    """
+
+    def __init__(self, container, stream, path: str = "") -> None:
+        self.path = path
+        tb = stream.time_base
+        self._tb = float(tb)
+        packets = [p for p in container.demux(stream) if p.size and p.pts is not None]
+        if not packets:
+            raise BadClipError(path, "video stream has no frames", "corrupt_file")
+        self._packets = packets  # they own their data: usable after the file is closed
+        self._key = np.array([p.is_keyframe for p in packets], dtype=bool)
+        pts = np.array([p.pts for p in packets], dtype=np.int64)
+        dur = np.array([p.duration or 0 for p in packets], dtype=np.int64)
+        order = np.argsort(pts, kind="stable")
+        if (np.diff(pts[order]) <= 0).any():
+            raise BadClipError(path, "video timestamps repeat", "corrupt_file")
+        self._rank = np.empty(len(pts), dtype=np.int64)  # display index of each packet
+        self._rank[order] = np.arange(len(pts))
+        self._pts_sorted, self._dur_sorted = pts[order], dur[order]
+        self._order = order  # the packet of each display index
+        self._key_idx = np.flatnonzero(self._key)  # keyframe packets, their display indices
+        self._key_rank = self._rank[self._key_idx]
+        self._length_size = _nal_length_size(stream.codec_context.extradata)
+        self._ref: dict[int, bool] = {}
+        self._extradata = stream.codec_context.extradata
+        self._codec = stream.codec_context.name
+        rate = stream.average_rate or stream.guessed_rate
+        self._fps = float(rate) if rate else 0.0
+        self.size: tuple[int, int] | None = None  # (height, width) to scale to; None: stored
+        self.threads = 1  # decoding threads (DataConfig.decode_threads)
+        self.decoded = 0  # pictures sent to the decoder (for tests and benchmarks)
+
+    def __len__(self) -> int:
+        return len(self._packets)
+
+    def get_avg_fps(self) -> float:
+        return self._fps
+
+    def get_frame_timestamp(self, indices) -> np.ndarray:
+        """(len(indices), 2) start and end (s) of the frames, as decord's method of that name."""
+        k = np.asarray(indices, dtype=np.int64)
+        start = self._pts_sorted[k] * self._tb
+        return np.stack([start, (self._pts_sorted[k] + self._dur_sorted[k]) * self._tb], -1)
+
+    def _is_ref(self, i: int) -> bool:
+        if i not in self._ref:
+            self._ref[i] = is_reference(bytes(self._packets[i]), self._length_size)
+        return self._ref[i]
+
+    def _spans(self, ranks: list[int]) -> list[tuple[int, int]]:
+        """Decode-order packet ranges [first, last] that cover the frames ``ranks`` (sorted
+        display indices): each starts at the keyframe at or before its first frame, and a
+        new one starts where a keyframe lies after everything needed so far (views far
+        apart in a long clip: no reference pictures decoded between them)."""
+        spans: list[list[int]] = []
+        for r in ranks:
+            k = int(self._key_idx[max(np.searchsorted(self._key_rank, r, "right") - 1, 0)])
+            i = int(self._order[r])
+            if spans and k <= spans[-1][1]:
+                spans[-1][1] = max(spans[-1][1], i)
+            else:
+                spans.append([min(k, i), i])
+        return [(a, b) for a, b in spans]
+
+    def _decoder(self):
+        import av
+
+        cc = av.codec.CodecContext.create(self._codec, "r")
+        cc.extradata = self._extradata
+        cc.thread_count = self.threads
+        return cc
+
+    def get_frames(
+        self, indices: Sequence[int], size: tuple[int, int] | None = None, skip: bool = True
+    ) -> torch.Tensor:
+        """uint8 (len(indices), H, W, 3) of the frames ``indices`` (sorted, unique, display
+        order) at ``size`` (default ``self.size``); ``skip=False`` decodes every packet of
+        each span from its keyframe (the reference the skipping is tested against)."""
+        import av
+        from av.video.reformatter import VideoReformatter
+
+        size = size if size is not None else self.size
+        want = {int(k): j for j, k in enumerate(indices)}
+        if not want or min(want) < 0 or max(want) >= len(self._packets):
+            raise IndexError(f"frame indices outside [0, {len(self._packets)})")
+        fmt = VideoReformatter()
+        out: torch.Tensor | None = None
+        lo, hi = min(want), max(want)
+        by_pts = {int(p): r for r, p in enumerate(self._pts_sorted) if lo <= r <= hi}
+        got = 0
+
+        def take(frames) -> None:
+            nonlocal out, got
+            for fr in frames:
+                j = want.get(by_pts.get(fr.pts, -1))
+                if j is None:
+                    continue
+                h, w = size if size is not None else (fr.height, fr.width)
+                x = fmt.reformat(fr, width=w, height=h, format="rgb24").to_ndarray()
+                if out is None:
+                    out = torch.empty((len(want), h, w, 3), dtype=torch.uint8)
+                out[j] = torch.from_numpy(x)
+                got += 1
+
+        try:
+            cc = self._decoder()
+            # one decoder for every span: a span starts at an IDR picture (prepare writes
+            # closed GOPs), which resets the decoder's references
+            for first, last in self._spans(sorted(want)):
+                for i in range(first, last + 1):
+                    if skip and self._rank[i] not in want and not self._is_ref(i):
+                        continue
+                    self.decoded += 1
+                    take(cc.decode(self._packets[i]))
+            take(cc.decode(None))
+        except av.error.FFmpegError as e:
+            raise BadClipError(self.path, f"frame decoding failed: {e}", "corrupt_file") from e
+        if got != len(want) or out is None:
+            raise BadClipError(self.path, f"{got} of {len(want)} frames decoded", "corrupt_file")
+        return out
 
 
 UNSUPPORTED_FORMATS = {"mpegts": "MPEG-TS", "mpeg": "MPEG-PS"}
@@ -304,15 +490,23 @@ def decode_frames(
     """Decode frames -> uint8 tensor (T, H, W, 3) (``data``: the file's bytes, when
     ``vr`` was opened from memory)."""
     uniq, inverse = np.unique(indices, return_inverse=True)
+    if isinstance(vr, PacketReader):
+        frames = vr.get_frames(uniq)
+    else:
+        frames = _decord_frames(vr, uniq, path, data)
+    if len(uniq) == len(indices) and (np.diff(indices) > 0).all():
+        return frames  # ascending, no repeats (a training window): no 8 MB gather copy
+    return frames[torch.from_numpy(inverse)]
+
+
+def _decord_frames(vr, uniq: np.ndarray, path: str, data: bytes | None) -> torch.Tensor:
     try:
         frames = torch.from_numpy(vr.get_batch(uniq.tolist()).asnumpy())
     except Exception as e:
         if "must exactly match" not in str(e) or not path:
             raise BadClipError(path, f"frame decoding failed: {e}", "corrupt_file") from e
         frames = _decode_padded_width(path, uniq, data)
-    if len(uniq) == len(indices) and (np.diff(indices) > 0).all():
-        return frames  # ascending, no repeats (a training window): no 8 MB gather copy
-    return frames[torch.from_numpy(inverse)]
+    return frames
 
 
 def _decode_padded_width(path: str, indices: np.ndarray, data: bytes | None = None) -> torch.Tensor:
