@@ -192,8 +192,8 @@ def launches_for(case: Any, dtype) -> list[Launch]:
                 torch.empty(2 * max(a, b) - 1, D, **meta) for a, b in zip(case.q_grid, case.k_grid)
             ]
             args = (tables, case.q_grid, case.k_grid, case.has_cls, D**-0.5, True, True)
-            out, lse = rp._launch_fwd(q, k, v, *args)
-            rp._launch_bwd(torch.empty_like(out), q, k, v, tables, out, lse, *args[1:])
+            out, lse, o, rel = rp._launch_fwd(q, k, v, *args)
+            rp._launch_bwd(torch.empty_like(out), q, k, v, tables, o, lse, rel, *args[1:])
             op = "relpos_attention"
         elif case.op == "bottleneck":
             m = [torch.empty(B, H, case.n_main, D, **meta) for _ in range(3)]

@@ -21,9 +21,11 @@ Design of the Triton path. The bias factorises through the small tensor
 
     relq_a[b, h, i, y] = q_i . R_a[dist_a(i_a, y)],  y < k_grid[a]    (B, H, Nq - cls, ka)
 
-so ``bias[i, j] = sum_a relq_a[i, j_a]``. relq (all axes concatenated:
-(B, H, Nq - cls, sum_a ka)) is computed by a gather + einsum in PyTorch (its
-cost is O(Nq sum_a ka D), a fraction of Q K^T). Every key grid is treated as
+so ``bias[i, j] = sum_a relq_a[i, j_a]``. relq (all axes side by side:
+(B, H, Nq - cls, sum_a ka)) is built once by ``_relq_kernel``: the queries that
+share their coordinate x on axis a share the table rows R_a[dist_a(x, :)], so
+each axis is a batch of small matmuls (its cost is O(Nq sum_a ka D), a fraction
+of Q K^T); the forward saves it for the backward. Every key grid is treated as
 3-D (K0, K1, K2) with leading size-1 axes. The attention is the
 flash-attention v2 scheme (Triton tutorial ``06-fused-attention``; Dao,
 "FlashAttention-2", 2023): online softmax in fp32, P V, log-sum-exp saved,
@@ -47,21 +49,26 @@ compile time; the compile gate ``benchmarks/compile_gate.py`` checks the result)
 - Otherwise (an axis longer than 64 that BLOCK_N does not divide): the general
   per-element gather, kept for correctness on irregular grids.
 
-Backward recomputes P from the log-sum-exp: delta = rowsum(dO * (O - q)); a
-key-block-parallel kernel computes dK, dV (the CLS key's are two GEMVs in the
-launcher); a query-block-parallel kernel computes dQ and
+Backward recomputes P from the log-sum-exp: delta = rowsum(dO * O), O the
+attention output without the residual (the forward writes it beside the output:
+out - q, rounded after the add, loses precision as |q| grows); the delta kernel
+also computes the CLS key's column and its dK, dV shares per row block; a
+key-block-parallel kernel computes dK, dV; a query-block-parallel kernel computes dQ and
 d_relq_a[i, y] = sum_{j: j_a = y} dS[i, j], without atomics on the first two
 paths: aligned tiles loop over the fastest axis' column blocks outside and its
 rows inside, so d_relq_2 is a register accumulator stored once per column block
-and each tile's row sum (the slow axes' share) goes to a small buffer
-(B, H, Nq - cls, K0 K1 K2 / BLOCK_N) summed in PyTorch; short axes accumulate
+and each tile's row sum (the slow axes' share, slow axes <= 64) is added to
+(BLOCK_M, W_a) register accumulators; short axes accumulate
 ``dS @ onehot_a^T`` in registers. The gather path keeps its windowed ``dS @
 onehot`` sums flushed with atomics. The two backward kernels both recompute
 Q K^T and dO V^T: a single FlashAttention-2 pass over the keys would need
 atomics for dQ and for d_relq on every path. The gradients of q (through relq)
-and of the tables are then the small einsums ``d_relq . R`` and ``d_relq^T q``,
-with an ``index_add`` into the tables. Saved for backward: q, k, v, out, lse
-(B, H, Nq) and the tables; relq is recomputed (it can be larger than q).
+and of the tables, ``d_relq . R`` and ``d_relq^T q``, are the same grouped
+matmuls (``_relq_dq_kernel`` updates dq in place; ``_relq_table_kernel`` reduces
+over (b, h) and rows in registers, a few chunks summed, then an ``index_add``
+into the tables). No PyTorch op around the kernels touches an O(Nq D) tensor
+except the CLS column's assignment. Saved for backward: q, k, v, O (without the
+residual; ``out`` when there is none), lse (B, H, Nq), relq and the tables.
 
 Numerics: scores, softmax and all accumulators are fp32 (fp64 for fp64
 inputs); relq is computed in the input dtype, like PyTorch's own path; for
@@ -315,6 +322,15 @@ def _bias_gather(
 
 
 @triton.jit
+def _row_block(N, BLOCK: tl.constexpr):
+    """(block of N rows, b * H + h) of this program: the grid is one axis of cdiv(N, BLOCK)
+    x B H programs (no 65535 limit on B H), consecutive programs sharing (b, h)."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK)
+    return pid % n_blocks, (pid // n_blocks).to(tl.int64)
+
+
+@triton.jit
 def _cls_key(q, K, V, offs_d, d_in, skd, svd, qk_scale, ACC: tl.constexpr):
     """The CLS key, peeled off the key loop so that key tiles align with the grid:
     (its score in log2 units (BLOCK_M,), k_cls (BLOCK_D,), v_cls (BLOCK_D,))."""
@@ -324,6 +340,122 @@ def _cls_key(q, K, V, offs_d, d_in, skd, svd, qk_scale, ACC: tl.constexpr):
     return s, kc, vc
 
 
+@triton.jit
+def _group_rows(g, x, QA, INNER):
+    """Spatial row of the g-th query whose coordinate on an axis of QA values (flattened stride
+    INNER) is x: the rows sharing x share their relq table rows R_a[dist_a(x, :)]."""
+    return (g // INNER) * (QA * INNER) + x * INNER + g % INNER
+
+
+@triton.jit
+def _relq_kernel(
+    Q, TABLE, IDX, REL,
+    sqb, sqh, sqn, sqd,
+    H, NQS, D, QA, KA, INNER, G,
+    HAS_CLS: tl.constexpr, OFF: tl.constexpr, KSUM: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """relq_a[i, y] = q_i . R_a[idx_a(x, y)] for BLOCK_R rows with axis coordinate x: one matmul
+    (BLOCK_R, D) @ (D, BLOCK_Y) against the gathered table rows, stored at columns OFF + y of
+    the packed relq (BH, NQS, KSUM)."""
+    pid = tl.program_id(0)
+    n_rb = tl.cdiv(G, BLOCK_R)
+    rb = pid % n_rb
+    x = (pid // n_rb) % QA
+    bh = (pid // n_rb // QA).to(tl.int64)
+    g = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    g_in = g < G
+    i = _group_rows(g, x, QA, INNER)
+    y = tl.program_id(1) * BLOCK_Y + tl.arange(0, BLOCK_Y)
+    y_in = y < KA
+    d = tl.arange(0, BLOCK_D)
+    d_in = d < D
+    q = tl.load(Q + (bh // H) * sqb + (bh % H) * sqh + (i + HAS_CLS)[:, None] * sqn
+                + d[None, :] * sqd, mask=g_in[:, None] & d_in[None, :], other=0.0)  # fmt: skip
+    t_rows = tl.load(IDX + x * KA + y, mask=y_in, other=0)
+    tt = tl.load(TABLE + t_rows[None, :] * D + d[:, None], mask=d_in[:, None] & y_in[None, :],
+                 other=0.0)  # fmt: skip
+    r = tl.dot(q, tt, input_precision=DOT_PREC)
+    tl.store(REL + (bh * NQS + i)[:, None] * KSUM + OFF + y[None, :],
+             r.to(REL.dtype.element_ty), mask=g_in[:, None] & y_in[None, :])  # fmt: skip
+
+
+@triton.jit
+def _relq_dq_kernel(
+    DREL, TABLE, IDX, DQ,
+    H, Nq, NQS, D, QA, KA, INNER, G,
+    HAS_CLS: tl.constexpr, OFF: tl.constexpr, KSUM: tl.constexpr, ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Y: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """The chain rule through relq_a into q: dq_i += sum_y d_relq_a[i, y] R_a[idx_a(x, y)],
+    for BLOCK_R rows with axis coordinate x (d_relq rounded to q's dtype, as PyTorch's own
+    path); dq (BH, Nq, D) contiguous, updated in place."""
+    pid = tl.program_id(0)
+    n_rb = tl.cdiv(G, BLOCK_R)
+    rb = pid % n_rb
+    x = (pid // n_rb) % QA
+    bh = (pid // n_rb // QA).to(tl.int64)
+    g = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    g_in = g < G
+    i = _group_rows(g, x, QA, INNER)
+    d = tl.arange(0, BLOCK_D)
+    d_in = d < D
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
+    for y0 in range(0, KA, BLOCK_Y):
+        y = y0 + tl.arange(0, BLOCK_Y)
+        y_in = y < KA
+        gr = tl.load(DREL + (bh * NQS + i)[:, None] * KSUM + OFF + y[None, :],
+                     mask=g_in[:, None] & y_in[None, :], other=0.0)  # fmt: skip
+        t_rows = tl.load(IDX + x * KA + y, mask=y_in, other=0)
+        tb = tl.load(TABLE + t_rows[:, None] * D + d[None, :], mask=y_in[:, None] & d_in[None, :],
+                     other=0.0)  # fmt: skip
+        acc = tl.dot(gr.to(tb.dtype), tb, acc, input_precision=DOT_PREC, out_dtype=ACC)
+    ptr = DQ + (bh * Nq + HAS_CLS + i)[:, None] * D + d[None, :]
+    mask = g_in[:, None] & d_in[None, :]
+    dq = tl.load(ptr, mask=mask, other=0.0).to(ACC)
+    tl.store(ptr, (dq + acc).to(DQ.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _relq_table_kernel(
+    DREL, Q, DR,
+    sqb, sqh, sqn, sqd,
+    H, BH, NQS, D, QA, KA, INNER, G, bh_per_chunk,
+    HAS_CLS: tl.constexpr, OFF: tl.constexpr, KSUM: tl.constexpr, ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Y: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """The table's share: dR_a[x, y] = sum over (b, h) in this chunk and the rows with axis
+    coordinate x of d_relq_a[i, y] q_i, reduced in registers; one (BLOCK_Y, D) block of
+    DR (chunks, QA, KA, D) per program (the launcher sums the few chunks, then index_adds)."""
+    pid = tl.program_id(0)
+    n_yb = tl.cdiv(KA, BLOCK_Y)
+    yb = pid % n_yb
+    x = pid // n_yb
+    chunk = tl.program_id(1)
+    y = yb * BLOCK_Y + tl.arange(0, BLOCK_Y)
+    y_in = y < KA
+    d = tl.arange(0, BLOCK_D)
+    d_in = d < D
+    acc = tl.zeros([BLOCK_Y, BLOCK_D], dtype=ACC)
+    bh0 = (chunk * bh_per_chunk).to(tl.int64)
+    for t in range(0, tl.minimum(bh_per_chunk, BH - bh0)):
+        bh = bh0 + t
+        q_bh = Q + (bh // H) * sqb + (bh % H) * sqh
+        for g0 in range(0, G, BLOCK_R):
+            g = g0 + tl.arange(0, BLOCK_R)
+            g_in = g < G
+            i = _group_rows(g, x, QA, INNER)
+            gt = tl.load(DREL + (bh * NQS + i)[None, :] * KSUM + OFF + y[:, None],
+                         mask=y_in[:, None] & g_in[None, :], other=0.0)  # fmt: skip
+            q = tl.load(q_bh + (i + HAS_CLS)[:, None] * sqn + d[None, :] * sqd,
+                        mask=g_in[:, None] & d_in[None, :], other=0.0)  # fmt: skip
+            acc = tl.dot(gt.to(q.dtype), q, acc, input_precision=DOT_PREC, out_dtype=ACC)
+    tl.store(DR + ((chunk * QA + x) * KA + y)[:, None] * D + d[None, :], acc,
+             mask=y_in[:, None] & d_in[None, :])  # fmt: skip
+
+
 @triton.autotune(
     configs=_configs("_fwd_kernel"),
     key=["Nq", "Nk", "BH", "BLOCK_D"],
@@ -331,7 +463,7 @@ def _cls_key(q, K, V, offs_d, d_in, skd, svd, qk_scale, ACC: tl.constexpr):
 )
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, REL, OUT, LSE,
+    Q, K, V, REL, OUT, O_ATT, LSE,
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -341,17 +473,19 @@ def _fwd_kernel(
     USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
     OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KSUM: tl.constexpr,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, FULL: tl.constexpr,
+    ALIGN_OK: tl.constexpr,
     RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    """One block of BLOCK_M queries against all keys; with the residual, O_ATT gets the output
+    before "+ q" (the backward's delta is computed from it)."""
+    pid_m, pid_bh = _row_block(Nq, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     Q += b * sqb + h * sqh
     K += b * skb + h * skh
     V += b * svb + h * svh
-    ALIGNED: tl.constexpr = USE2 and (K2 % BLOCK_N == 0)
+    ALIGNED: tl.constexpr = USE2 and (K2 % BLOCK_N == 0) and ALIGN_OK
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -424,6 +558,11 @@ def _fwd_kernel(
 
     acc = acc / l_i[:, None]
     if RESIDUAL:
+        tl.store(
+            O_ATT + pid_bh * Nq * D + rows[:, None] * D + offs_d[None, :],
+            acc.to(O_ATT.dtype.element_ty),
+            mask=row_in[:, None] & d_in[None, :],
+        )
         # q is read again rather than kept live through the loop (it spilled at 255 registers)
         q_res = tl.load(
             Q + rows[:, None] * sqn + offs_d[None, :] * sqd,
@@ -442,50 +581,50 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_delta_kernel(
-    OUT, DO, Q, K, V, LSE, DELTA, DS_CLS, P_CLS,
+    OATT, DO, Q, K, V, LSE, DELTA, DS_CLS, DKV_CLS,
     sob, soh, son, sod,
     sdb, sdh, sdn, sdd,
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     H, Nq, D, qk_scale,
-    HAS_CLS: tl.constexpr, RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_CLS: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """delta[i] = sum_d dO[i, d] * (out[i, d] - residual * q[i, d]) = rowsum(dP * P); with a
-    CLS token also the CLS key's column: P[i, cls] and dS[i, cls] = P (dP - delta)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    """delta[i] = sum_d dO[i, d] O[i, d] = rowsum(dP * P), O the attention output without the
+    residual; with a CLS token also the CLS key's column, peeled off the other kernels:
+    dS[i, cls] = P (dP - delta), and this block's shares of dV_cls = sum_i P[i, cls] dO_i and
+    dK_cls = sum_i dS[i, cls] q_i (P, dS rounded to the input dtype as in the matmuls),
+    stored to DKV_CLS (B H, row blocks, 2, D) for the launcher's short sum."""
+    pid_m, pid_bh = _row_block(Nq, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = rows < Nq
     offs_d = tl.arange(0, BLOCK_D)
     d_in = offs_d < D
-    mask = (rows < Nq)[:, None] & d_in[None, :]
+    mask = row_in[:, None] & d_in[None, :]
     o = tl.load(
-        OUT + b * sob + h * soh + rows[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0
+        OATT + b * sob + h * soh + rows[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0
     ).to(ACC)
-    if RESIDUAL or HAS_CLS:
-        q = tl.load(
-            Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :] * sqd,
-            mask=mask,
-            other=0.0,
-        )
-    if RESIDUAL:
-        o -= tl.where((rows >= RES_FROM)[:, None], q.to(ACC), 0.0)
-    do = tl.load(
-        DO + b * sdb + h * sdh + rows[:, None] * sdn + offs_d[None, :] * sdd, mask=mask, other=0.0
-    ).to(ACC)
-    delta = tl.sum(o * do, 1)
-    tl.store(DELTA + pid_bh * Nq + rows, delta, mask=rows < Nq)
+    do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + offs_d[None, :] * sdd, mask=mask,
+                 other=0.0)  # fmt: skip
+    delta = tl.sum(o * do.to(ACC), 1)
+    tl.store(DELTA + pid_bh * Nq + rows, delta, mask=row_in)
     if HAS_CLS:
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :] * sqd,
+                    mask=mask, other=0.0)  # fmt: skip
         s, _kc, vc = _cls_key(q, K + b * skb + h * skh, V + b * svb + h * svh, offs_d, d_in,
                               skd, svd, qk_scale, ACC)  # fmt: skip
-        lse = tl.load(LSE + pid_bh * Nq + rows, mask=rows < Nq, other=0.0)
-        p = tl.exp2(s - lse)
-        dp = tl.sum(do * vc.to(ACC)[None, :], 1)
-        tl.store(P_CLS + pid_bh * Nq + rows, p, mask=rows < Nq)
-        tl.store(DS_CLS + pid_bh * Nq + rows, p * (dp - delta), mask=rows < Nq)
+        lse = tl.load(LSE + pid_bh * Nq + rows, mask=row_in, other=0.0)
+        p = tl.where(row_in, tl.exp2(s - lse), 0.0)
+        dp = tl.sum(do.to(ACC) * vc.to(ACC)[None, :], 1)
+        ds = p * (dp - delta)
+        tl.store(DS_CLS + pid_bh * Nq + rows, ds, mask=row_in)
+        dv_c = tl.sum(p.to(do.dtype).to(ACC)[:, None] * do.to(ACC), 0)
+        dk_c = tl.sum(ds.to(q.dtype).to(ACC)[:, None] * q.to(ACC), 0)
+        part = DKV_CLS + (pid_bh * tl.cdiv(Nq, BLOCK_M) + pid_m) * 2 * D
+        tl.store(part + offs_d, dv_c, mask=d_in)
+        tl.store(part + D + offs_d, dk_c, mask=d_in)
 
 
 @triton.autotune(
@@ -506,13 +645,12 @@ def _bwd_dkdv_kernel(
     USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
     OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KSUM: tl.constexpr,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, FULL: tl.constexpr,
-    ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+    ALIGN_OK: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """dV = P^T dO, dK = scale * dS^T Q for one block of spatial keys, looping over all
-    query blocks (the CLS key's dK, dV are two GEMVs in the launcher)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    query blocks (the CLS key's dK, dV come from the delta kernel)."""
+    pid_n, pid_bh = _row_block(Nk - HAS_CLS, BLOCK_N)
     b = pid_bh // H
     h = pid_bh % H
     Q += b * sqb + h * sqh
@@ -521,7 +659,7 @@ def _bwd_dkdv_kernel(
     DO += b * sdb + h * sdh
     NQS = Nq - HAS_CLS
     rel_bh = REL + pid_bh * NQS * KSUM
-    ALIGNED: tl.constexpr = USE2 and (K2 % BLOCK_N == 0)
+    ALIGNED: tl.constexpr = USE2 and (K2 % BLOCK_N == 0) and ALIGN_OK
 
     NKS = Nk - HAS_CLS
     start = pid_n * BLOCK_N
@@ -602,6 +740,14 @@ def _accumulate_drel_atomic(
 
 
 @triton.jit
+def _store_window(drel_rows, row_sp, g, OFF: tl.constexpr, KA: tl.constexpr, W: tl.constexpr):
+    """Store a (BLOCK_M, W) register accumulator of d_relq to its KA columns OFF .. OFF + KA."""
+    w = tl.arange(0, W)
+    tl.store(drel_rows[:, None] + OFF + w[None, :], g.to(drel_rows.dtype.element_ty),
+             mask=row_sp[:, None] & (w < KA)[None, :])  # fmt: skip
+
+
+@triton.jit
 def _dq_tile(
     q, do, lse, delta, kb, vb, s_bias, row_in, col_in, qk_scale, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
@@ -614,7 +760,7 @@ def _dq_tile(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, REL, DO, LSE, DELTA, DS_CLS, DQ, DREL, DSLOW,
+    Q, K, V, REL, DO, LSE, DELTA, DS_CLS, DQ, DREL,
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -625,7 +771,7 @@ def _bwd_dq_kernel(
     USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
     OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KSUM: tl.constexpr,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, FULL: tl.constexpr,
-    DIRECT0: tl.constexpr, DIRECT1: tl.constexpr, DIRECT2: tl.constexpr,
+    ALIGN_OK: tl.constexpr, DIRECT0: tl.constexpr, DIRECT1: tl.constexpr, DIRECT2: tl.constexpr,
     GW0: tl.constexpr, GW1: tl.constexpr, GW2: tl.constexpr,
     RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
     REL_PREC: tl.constexpr,
@@ -633,19 +779,18 @@ def _bwd_dq_kernel(
 ):  # fmt: skip
     """dQ = scale * dS K (+ dO) and d_relq for one query block, looping over all key blocks.
 
-    d_relq without atomics: aligned tiles (K2 % BLOCK_N == 0) loop over the fastest axis'
-    column blocks outside and the slow rows inside, so the fastest axis' d_relq block is a
-    register accumulator stored once, and each tile's row sum (the slow axes' share) is
-    stored to DSLOW (B H, Nq - cls, rows x column blocks) and summed by the launcher; short
-    axes (FULL) accumulate dS @ onehot_a^T in registers. Other shapes use atomics.
+    d_relq without atomics: aligned tiles (K2 % BLOCK_N == 0, slow axes <= 64) loop over the
+    fastest axis' column blocks outside and the slow rows inside, so the fastest axis' d_relq
+    block is a register accumulator stored once, and each tile's row sum (the slow axes'
+    share) is added to the (BLOCK_M, W_a) register accumulators of the slow axes; short axes
+    (FULL) accumulate dS @ onehot_a^T in registers. Other shapes use atomics.
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_m, pid_bh = _row_block(Nq, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     K += b * skb + h * skh
     V += b * svb + h * svh
-    ALIGNED: tl.constexpr = USE2 and (K2 % BLOCK_N == 0)
+    ALIGNED: tl.constexpr = USE2 and (K2 % BLOCK_N == 0) and ALIGN_OK
     NCB: tl.constexpr = K2 // BLOCK_N
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -682,9 +827,11 @@ def _bwd_dq_kernel(
         K += skn
         V += svn
     NKS = Nk - HAS_CLS
+    g0 = tl.zeros([BLOCK_M, W0], dtype=ACC)
+    g1 = tl.zeros([BLOCK_M, W1], dtype=ACC)
+    g2 = tl.zeros([BLOCK_M, W2], dtype=ACC)
     if ALIGNED:
         NR = NKS // K2
-        slow_rows = DSLOW + (pid_bh * (Nq - HAS_CLS) + tl.maximum(rows - HAS_CLS, 0)) * NR * NCB
         for cb in range(NCB):
             d2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
             for r in range(0, NR):
@@ -703,16 +850,17 @@ def _bwd_dq_kernel(
                 dq += tl.dot(ds.to(kb.dtype), kb, input_precision=DOT_PREC)
                 d2 += ds
                 if USE1:
-                    tl.store(slow_rows + r * NCB + cb, tl.sum(ds, 1), mask=row_sp)
-            tl.store(drel_rows[:, None] + OFF2 + cb * BLOCK_N + offs_n[None, :], d2,
-                     mask=row_sp[:, None])  # fmt: skip
+                    # the tile's keys share their slow coordinates (r % K1, r // K1)
+                    rs = tl.sum(ds, 1)[:, None]
+                    g1 += tl.where(tl.arange(0, W1)[None, :] == r % K1, rs, 0.0)
+                    if USE0:
+                        g0 += tl.where(tl.arange(0, W0)[None, :] == r // K1, rs, 0.0)
+            tl.store(drel_rows[:, None] + OFF2 + cb * BLOCK_N + offs_n[None, :],
+                     d2.to(DREL.dtype.element_ty), mask=row_sp[:, None])  # fmt: skip
     else:
         if FULL:
             r0, r1, r2 = _rel_windows(rel_rows, row_sp, K0, K1, K2, W0, W1, W2, OFF0, OFF1, OFF2,
                                       USE0, USE1, USE2)  # fmt: skip
-            g0 = tl.zeros([BLOCK_M, W0], dtype=ACC)
-            g1 = tl.zeros([BLOCK_M, W1], dtype=ACC)
-            g2 = tl.zeros([BLOCK_M, W2], dtype=ACC)
         for start in range(0, NKS, BLOCK_N):
             js = start + offs_n
             col_in = js < NKS
@@ -763,19 +911,13 @@ def _bwd_dq_kernel(
                         drel_rows, row_sp, ds, js, start, col_sp, OFF2, K2, 1, DIRECT2, GW2,
                         ACC, REL_PREC,
                     )  # fmt: skip
-        if FULL:
-            if USE0:
-                w0 = tl.arange(0, W0)
-                tl.store(drel_rows[:, None] + OFF0 + w0[None, :], g0,
-                         mask=row_sp[:, None] & (w0 < K0)[None, :])  # fmt: skip
-            if USE1:
-                w1 = tl.arange(0, W1)
-                tl.store(drel_rows[:, None] + OFF1 + w1[None, :], g1,
-                         mask=row_sp[:, None] & (w1 < K1)[None, :])  # fmt: skip
-            if USE2:
-                w2 = tl.arange(0, W2)
-                tl.store(drel_rows[:, None] + OFF2 + w2[None, :], g2,
-                         mask=row_sp[:, None] & (w2 < K2)[None, :])  # fmt: skip
+    if ALIGNED or FULL:
+        if USE0:
+            _store_window(drel_rows, row_sp, g0, OFF0, K0, W0)
+        if USE1:
+            _store_window(drel_rows, row_sp, g1, OFF1, K1, W1)
+        if USE2 and not ALIGNED:
+            _store_window(drel_rows, row_sp, g2, OFF2, K2, W2)
 
     dq = dq * sm_scale
     if RESIDUAL:
@@ -827,6 +969,8 @@ def _geometry(n_tables: int, k_grid: Grid, has_cls: bool) -> dict:
         W1=widths[1],
         W2=widths[2],
         FULL=all(k <= _FULL_MAX for k, u in zip(k3, use) if u),
+        # the aligned path keeps the slow axes' d_relq in (BLOCK_M, W_a) registers
+        ALIGN_OK=all(k <= _FULL_MAX for k, u in zip(k3[:2], use[:2]) if u),
     )
 
 
@@ -849,16 +993,49 @@ def _dq_blocks() -> tuple[int, int, int, int]:
     return 64, 32, 8, 2
 
 
+def _relq_blocks() -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_Y, num_warps) of the three relq kernels (one config each, checked by
+    the compile gate)."""
+    return (16, 16, 4) if dispatch.interpreting() else (64, 64, 4)
+
+
+def _axes(q: torch.Tensor, rel_tables: Sequence[torch.Tensor], q_grid: Grid, k_grid: Grid,
+          geo: dict) -> list[dict]:  # fmt: skip
+    """Per table: its axis' sizes, the row grouping of the relq kernels, its relq column offset
+    and the (qa, ka) int32 table-row index."""
+    offs = [geo["OFF0"], geo["OFF1"], geo["OFF2"]][3 - len(q_grid) :]
+    out = []
+    for a, table in enumerate(rel_tables):
+        qa, ka = int(q_grid[a]), int(k_grid[a])
+        inner = math.prod(q_grid[a + 1 :])
+        idx = rel_pos_index(qa, ka, q.device).to(torch.int32)
+        out.append(dict(table=table.contiguous(), idx=idx, QA=qa, KA=ka, INNER=inner,
+                        G=math.prod(q_grid) // qa, OFF=offs[a]))  # fmt: skip
+    return out
+
+
 def _relq_packed(
     q: torch.Tensor, rel_tables: Sequence[torch.Tensor], q_grid: Grid, k_grid: Grid, has_cls: bool
 ) -> torch.Tensor:
-    """relq of all axes side by side: (B, H, Nq - cls, sum_a ka), contiguous, q's dtype."""
-    B, H, _, _ = q.shape
+    """relq of all axes side by side: (B, H, Nq - cls, sum_a ka), contiguous, q's dtype, built
+    by one matmul kernel per axis (no copy of q); a 1-element placeholder without tables."""
+    B, H, _, D = q.shape
     if not len(rel_tables):
-        return q.new_zeros(1)
-    rels = _relq(q[:, :, int(has_cls) :], rel_tables, q_grid, k_grid)
+        return q.new_empty(1)
+    geo = _geometry(len(rel_tables), k_grid, has_cls)
     nqs = math.prod(q_grid)
-    return torch.cat([r.reshape(B, H, nqs, -1) for r in rels], dim=-1).contiguous()
+    rel = torch.empty((B, H, nqs, geo["KSUM"]), dtype=q.dtype, device=q.device)
+    block_r, block_y, warps = _relq_blocks()
+    for ax in _axes(q, rel_tables, q_grid, k_grid, geo):
+        grid = (B * H * ax["QA"] * triton.cdiv(ax["G"], block_r), triton.cdiv(ax["KA"], block_y))
+        _relq_kernel[grid](
+            q, ax["table"], ax["idx"], rel, *q.stride(),
+            H, nqs, D, ax["QA"], ax["KA"], ax["INNER"], ax["G"],
+            HAS_CLS=int(has_cls), OFF=ax["OFF"], KSUM=geo["KSUM"],
+            DOT_PREC=_dot_precision(q.dtype), BLOCK_R=block_r, BLOCK_Y=block_y,
+            BLOCK_D=_block_d(D), num_warps=warps, num_stages=2,
+        )  # fmt: skip
+    return rel
 
 
 def _launch_fwd(
@@ -872,29 +1049,32 @@ def _launch_fwd(
     scale: float,
     residual: bool,
     residual_cls: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, o, rel): o is the output without the residual (an empty placeholder when
+    there is none: out is it) and rel the packed relq; both are saved for the backward."""
     B, H, Nq, D = q.shape
     res_from = int(has_cls and not residual_cls)
     Nk = k.shape[2]
     out = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
+    o_att = torch.empty_like(out) if residual else q.new_empty(0)
     lse = torch.empty((B, H, Nq), dtype=acc_dtype(q.dtype), device=q.device)
     if B * H == 0:
-        return out, lse
+        return out, lse, o_att, q.new_empty(1)
     rel = _relq_packed(q, rel_tables, q_grid, k_grid, has_cls)
     geo = _geometry(len(rel_tables), k_grid, has_cls)
 
     def grid(meta):
-        return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
+        return (triton.cdiv(Nq, meta["BLOCK_M"]) * B * H,)
 
     _fwd_kernel[grid](
-        q, k, v, rel, out, lse,
+        q, k, v, rel, out, o_att if residual else out, lse,
         *q.stride(), *k.stride(), *v.stride(),
         H, B * H, Nq, Nk, D, scale * _LOG2E,
         **geo,
         RESIDUAL=residual, RES_FROM=res_from, ACC=tl_acc_dtype(q.dtype),
         DOT_PREC=_dot_precision(q.dtype), BLOCK_D=_block_d(D),
     )  # fmt: skip
-    return out, lse
+    return out, lse, o_att, rel
 
 
 def _launch_bwd(
@@ -903,8 +1083,9 @@ def _launch_bwd(
     k: torch.Tensor,
     v: torch.Tensor,
     rel_tables: Sequence[torch.Tensor],
-    out: torch.Tensor,
+    o: torch.Tensor,
     lse: torch.Tensor,
+    rel: torch.Tensor,
     q_grid: Grid,
     k_grid: Grid,
     has_cls: bool,
@@ -912,6 +1093,8 @@ def _launch_bwd(
     residual: bool,
     residual_cls: bool = True,
 ) -> list[torch.Tensor]:
+    """[dq, dk, dv, *d(tables)]; ``o`` is the attention output without the residual and
+    ``rel`` the forward's packed relq."""
     B, H, Nq, D = q.shape
     res_from = int(has_cls and not residual_cls)
     Nk = k.shape[2]
@@ -926,22 +1109,28 @@ def _launch_bwd(
     prec = _dot_precision(q.dtype)
 
     delta = torch.empty((B, H, Nq), dtype=acc, device=q.device)
-    ds_cls = torch.empty((B, H, Nq), dtype=acc, device=q.device) if has_cls else delta
-    p_cls = torch.empty((B, H, Nq), dtype=acc, device=q.device) if has_cls else delta
     block_m_delta = 16 if dispatch.interpreting() else 64
-    _bwd_delta_kernel[(triton.cdiv(Nq, block_m_delta), B * H)](
-        out, dout, q, k, v, lse, delta, ds_cls, p_cls,
-        *out.stride(), *dout.stride(), *q.stride(), *k.stride(), *v.stride(),
+    n_blocks_delta = triton.cdiv(Nq, block_m_delta)
+    ds_cls = torch.empty((B, H, Nq), dtype=acc, device=q.device) if has_cls else delta
+    dkv_cls = (
+        torch.empty((B, H, n_blocks_delta, 2, D), dtype=acc, device=q.device) if has_cls else delta
+    )
+    _bwd_delta_kernel[(n_blocks_delta * B * H,)](
+        o, dout, q, k, v, lse, delta, ds_cls, dkv_cls,
+        *o.stride(), *dout.stride(), *q.stride(), *k.stride(), *v.stride(),
         H, Nq, D, scale * _LOG2E,
-        HAS_CLS=bool(has_cls), RESIDUAL=residual, RES_FROM=res_from, ACC=ACC,
-        BLOCK_M=block_m_delta, BLOCK_D=block_d,
+        HAS_CLS=bool(has_cls), ACC=ACC, BLOCK_M=block_m_delta, BLOCK_D=block_d,
     )  # fmt: skip
+    if has_cls:
+        # The CLS key's dV, dK: the delta kernel's per-block shares, summed (B H x 2 x D rows).
+        part = dkv_cls.sum(2)
+        dv[:, :, 0] = part[:, :, 0].to(q.dtype)
+        dk[:, :, 0] = (part[:, :, 1] * scale).to(q.dtype)
 
-    rel = _relq_packed(q, rel_tables, q_grid, k_grid, has_cls)
     geo = _geometry(len(rel_tables), k_grid, has_cls)
 
     def grid_n(meta):
-        return (triton.cdiv(Nk - int(has_cls), meta["BLOCK_N"]), B * H)
+        return (triton.cdiv(Nk - int(has_cls), meta["BLOCK_N"]) * B * H,)
 
     _bwd_dkdv_kernel[grid_n](
         q, k, v, rel, dout, lse, delta, dk, dv,
@@ -950,26 +1139,22 @@ def _launch_bwd(
         **geo,
         ACC=ACC, DOT_PREC=prec, BLOCK_D=block_d,
     )  # fmt: skip
-    if has_cls:
-        # The CLS key's column (peeled off the kernels): dV = P^T dO, dK = scale dS^T Q, with
-        # P and dS rounded to the input dtype as in the kernels' matmuls.
-        dv[:, :, 0] = (p_cls.to(q.dtype).unsqueeze(2) @ dout).squeeze(2)
-        dk[:, :, 0] = ((ds_cls.to(q.dtype).unsqueeze(2) @ q).squeeze(2).to(acc) * scale).to(q.dtype)
 
     k3 = (1,) * (3 - len(k_grid)) + tuple(k_grid)
     block_m, block_n, warps, stages = _dq_blocks()
     windows = [_window(k3[a], math.prod(k3[a + 1 :]), block_n) for a in range(3)]
     nq_sp = math.prod(q_grid)
-    drel = torch.zeros((B, H, nq_sp, geo["KSUM"]), dtype=acc, device=q.device)
-    aligned = bool(geo["USE2"]) and k3[2] % block_n == 0
-    n_rows, n_cb = math.prod(k3[:2]), k3[2] // block_n
-    dslow = (
-        torch.empty((B, H, nq_sp, n_rows * n_cb), dtype=acc, device=q.device)
-        if aligned and geo["USE1"]
-        else drel
-    )
-    _bwd_dq_kernel[(triton.cdiv(Nq, block_m), B * H)](
-        q, k, v, rel, dout, lse, delta, ds_cls, dq, drel, dslow,
+    aligned = bool(geo["USE2"]) and k3[2] % block_n == 0 and geo["ALIGN_OK"]
+    if not len(rel_tables):
+        drel = q.new_empty(1)
+    elif aligned or geo["FULL"]:
+        # every column of every spatial row is stored once, rounded to q's dtype (as the
+        # reference rounds d_relq before its matmuls)
+        drel = torch.empty((B, H, nq_sp, geo["KSUM"]), dtype=q.dtype, device=q.device)
+    else:  # the gather path's atomics accumulate into zeros
+        drel = torch.zeros((B, H, nq_sp, geo["KSUM"]), dtype=acc, device=q.device)
+    _bwd_dq_kernel[(triton.cdiv(Nq, block_m) * B * H,)](
+        q, k, v, rel, dout, lse, delta, ds_cls, dq, drel,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
         H, Nq, Nk, D, scale, scale * _LOG2E,
         **geo,
@@ -981,14 +1166,6 @@ def _launch_bwd(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    del rel
-    if aligned and geo["USE1"]:
-        # Row sums of the aligned tiles: (.., K0 x K1 rows, column blocks) -> the slow axes.
-        slow = dslow.view(B, H, nq_sp, k3[0], k3[1], n_cb).sum(-1)
-        drel[..., geo["OFF1"] : geo["OFF1"] + k3[1]] = slow.sum(3)
-        if geo["USE0"]:
-            drel[..., geo["OFF0"] : geo["OFF0"] + k3[0]] = slow.sum(4)
-
     dtables = _relq_backward(drel, q, dq, rel_tables, q_grid, k_grid, has_cls, geo)
     return [dq, dk, dv, *dtables]
 
@@ -1003,27 +1180,34 @@ def _relq_backward(
     has_cls: bool,
     geo: dict,
 ) -> list[torch.Tensor]:
-    """Chain rule through relq_a = q_i . R_a[dist_a(i_a, y)]: adds into dq, returns d(tables).
-
-    drel: (B, H, prod(q_grid), sum_a ka) in the accumulation dtype.
-    """
-    B, H, _, D = q.shape
-    cls = int(has_cls)
-    axes = _AXES[: len(q_grid)]
-    q_sp = q[:, :, cls:].reshape(B, H, *q_grid, D)
-    dq_sp = dq[:, :, cls:].view(B, H, *q_grid, D)
-    offs = [geo["OFF0"], geo["OFF1"], geo["OFF2"]][3 - len(q_grid) :]
+    """Chain rule through relq_a = q_i . R_a[dist_a(i_a, y)]: adds into dq (contiguous) in
+    place and returns d(tables), both by kernels reading drel (B, H, prod(q_grid), sum_a ka);
+    only the tables' (qa, ka, D) shares are summed and index_added in PyTorch."""
+    B, H, Nq, D = q.shape
+    acc = acc_dtype(q.dtype)
+    nqs = math.prod(q_grid)
+    block_r, block_y, warps = _relq_blocks()
+    meta = dict(HAS_CLS=int(has_cls), KSUM=geo["KSUM"], ACC=tl_acc_dtype(q.dtype),
+                DOT_PREC=_dot_precision(q.dtype), BLOCK_R=block_r, BLOCK_Y=block_y,
+                BLOCK_D=_block_d(D), num_warps=warps, num_stages=2)  # fmt: skip
     dtables = []
-    for a, table in enumerate(rel_tables):
-        qa, ka = q_grid[a], k_grid[a]
-        idx = rel_pos_index(qa, ka, q.device)
-        g = drel[..., offs[a] : offs[a] + ka].reshape(B, H, *q_grid, ka).to(q.dtype)
-        r = table[idx]  # (qa, ka, D)
-        dq_sp += torch.einsum(f"bh{axes}k,{axes[a]}kd->bh{axes}d", g, r)
-        dr = torch.einsum(f"bh{axes}k,bh{axes}d->{axes[a]}kd", g, q_sp)
-        dt = torch.zeros(table.shape, dtype=drel.dtype, device=table.device)
-        dt.index_add_(0, idx.reshape(-1), dr.reshape(-1, D).to(drel.dtype))
-        dtables.append(dt.to(table.dtype))
+    for ax in _axes(q, rel_tables, q_grid, k_grid, geo):
+        qa, ka, n_rb = ax["QA"], ax["KA"], triton.cdiv(ax["G"], block_r)
+        sizes = (qa, ka, ax["INNER"], ax["G"])
+        _relq_dq_kernel[(B * H * qa * n_rb,)](
+            drel, ax["table"], ax["idx"], dq, H, Nq, nqs, D, *sizes, OFF=ax["OFF"], **meta
+        )
+        # (b, h) split into chunks so that about 256 programs run; their shares are summed
+        n_yb = triton.cdiv(ka, block_y)
+        per_chunk = triton.cdiv(B * H, min(B * H, triton.cdiv(256, qa * n_yb)))
+        chunks = triton.cdiv(B * H, per_chunk)
+        dr = torch.empty((chunks, qa, ka, D), dtype=acc, device=q.device)
+        _relq_table_kernel[(qa * n_yb, chunks)](
+            drel, q, dr, *q.stride(), H, B * H, nqs, D, *sizes, per_chunk, OFF=ax["OFF"], **meta
+        )  # fmt: skip
+        dt = torch.zeros(ax["table"].shape, dtype=acc, device=q.device)
+        dt.index_add_(0, ax["idx"].reshape(-1), (dr.sum(0) if chunks > 1 else dr[0]).reshape(-1, D))
+        dtables.append(dt.to(ax["table"].dtype))
     return dtables
 
 
@@ -1042,15 +1226,24 @@ def _relpos_attention_fwd(
     scale: float,
     residual: bool,
     residual_cls: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton forward: (out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32/fp64, log2 units)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton forward: out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32/fp64 in log2 units,
+    and for the backward the output without the residual (0 elements without a residual) and
+    the packed relq (B, H, Nq - cls, sum_a ka) (1 element without tables)."""
     return _launch_fwd(q, k, v, rel_tables, q_grid, k_grid, has_cls, scale, residual, residual_cls)
 
 
 @_relpos_attention_fwd.register_fake
 def _(q, k, v, rel_tables, q_grid, k_grid, has_cls, scale, residual, residual_cls):
     B, H, Nq, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((B, H, Nq), dtype=acc_dtype(q.dtype))
+    ksum = _geometry(len(rel_tables), k_grid, has_cls)["KSUM"]
+    rel_shape = (B, H, Nq - int(has_cls), ksum) if len(rel_tables) and B * H else (1,)
+    return (
+        q.new_empty(q.shape),
+        q.new_empty((B, H, Nq), dtype=acc_dtype(q.dtype)),
+        q.new_empty(q.shape if residual else (0,)),
+        q.new_empty(rel_shape),
+    )
 
 
 @torch.library.custom_op("mmt_fast::relpos_attention_bwd", mutates_args=())
@@ -1060,8 +1253,9 @@ def _relpos_attention_bwd(
     k: torch.Tensor,
     v: torch.Tensor,
     rel_tables: list[torch.Tensor],
-    out: torch.Tensor,
+    o: torch.Tensor,
     lse: torch.Tensor,
+    rel: torch.Tensor,
     q_grid: list[int],
     k_grid: list[int],
     has_cls: bool,
@@ -1070,13 +1264,13 @@ def _relpos_attention_bwd(
     residual_cls: bool,
 ) -> list[torch.Tensor]:
     """Triton backward: [dq, dk, dv, *d(rel_tables)]."""
-    return _launch_bwd(
-        dout, q, k, v, rel_tables, out, lse, q_grid, k_grid, has_cls, scale, residual, residual_cls
-    )
+    return _launch_bwd(dout, q, k, v, rel_tables, o, lse, rel, q_grid, k_grid, has_cls, scale,
+                       residual, residual_cls)  # fmt: skip
 
 
 @_relpos_attention_bwd.register_fake
-def _(dout, q, k, v, rel_tables, out, lse, q_grid, k_grid, has_cls, scale, residual, residual_cls):
+def _(dout, q, k, v, rel_tables, o, lse, rel, q_grid, k_grid, has_cls, scale, residual,
+      residual_cls):  # fmt: skip
     return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)] + [
         t.new_empty(t.shape) for t in rel_tables
     ]
@@ -1084,15 +1278,17 @@ def _(dout, q, k, v, rel_tables, out, lse, q_grid, k_grid, has_cls, scale, resid
 
 def _setup_context(ctx, inputs, output):
     q, k, v, rel_tables, q_grid, k_grid, has_cls, scale, residual, residual_cls = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, *rel_tables)
+    out, lse, o_att, rel = output
+    # the backward's delta needs the output without the residual: out - q, rounded after the
+    # add, would lose precision as |q| grows
+    ctx.save_for_backward(q, k, v, o_att if residual else out, lse, rel, *rel_tables)
     ctx.args = (list(q_grid), list(k_grid), has_cls, scale, residual, residual_cls)
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, o_att, rel)
 
 
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, *rel_tables = ctx.saved_tensors
-    dq, dk, dv, *dtables = _relpos_attention_bwd(dout, q, k, v, rel_tables, out, lse, *ctx.args)
+def _backward(ctx, dout, _dlse, _do_att, _drel):
+    q, k, v, o, lse, rel, *rel_tables = ctx.saved_tensors
+    dq, dk, dv, *dtables = _relpos_attention_bwd(dout, q, k, v, rel_tables, o, lse, rel, *ctx.args)
     return dq, dk, dv, dtables, None, None, None, None, None, None
 
 
@@ -1214,7 +1410,7 @@ def relpos_attention(
     _check_inputs(q, k, v, rel_tables, q_grid, k_grid, has_cls)
     reasons = dispatch.device_reasons([q, k, v, *rel_tables]) + kernel_reasons(q)
     if dispatch.choose(OP_NAME, reasons):
-        out, _ = _relpos_attention_fwd(
+        out, *_ = _relpos_attention_fwd(
             q,
             k,
             v,
