@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from . import dispatch, tuning
-from ._common import tl_acc_dtype
+from ._common import aligned, tl_acc_dtype
 
 OP_NAME = "bottleneck_attention"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -443,6 +443,7 @@ def _backward(ctx, do_main, do_extra, _dlse):
         do_main = torch.zeros_like(saved[6])
     if do_extra is None:
         do_extra = torch.zeros_like(saved[7])
+    do_main, do_extra = aligned(do_main), aligned(do_extra)
     grads = torch.ops.mmt_fast.bottleneck_attention_bwd(*saved, do_main, do_extra, ctx.scale)
     return (*grads, None)
 
@@ -529,13 +530,11 @@ def triton_reasons(
     D = q_main.shape[-1]
     if D > _MAX_HEAD_DIM:
         reasons.append(f"head dim {D} > {_MAX_HEAD_DIM}")
-    if q_main.dtype == torch.bfloat16 and not dispatch.gpu_rules():
-        reasons.append("bfloat16 arithmetic is broken in the Triton interpreter")
-    if q_main.dtype == torch.float64 and dispatch.gpu_rules():
-        # fp64 is the gradcheck dtype under the interpreter; it is not compiled for GPUs.
-        reasons.append("float64 runs on Triton only under the interpreter (tests)")
-    if q_main.dtype == torch.float32 and dispatch.gpu_rules():
-        reasons.append(dispatch.FP32_ON_CUDA)
+    reasons += dispatch.dtype_reasons(q_main.dtype, fp32_on_cuda=False)
+    names = ("q_main", "k_main", "v_main", "q_extra", "k_extra", "v_extra")
+    named = dict(zip(names, others)) if len(others) == 6 else {"q_main": q_main, "q_extra": q_extra}
+    reasons += dispatch.alignment_reasons(named)
+    reasons += dispatch.grid_reasons("batch x heads", q_main.shape[0] * q_main.shape[1])
     return reasons
 
 

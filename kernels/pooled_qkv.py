@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from . import dispatch, tuning
-from ._common import tl_acc_dtype
+from ._common import aligned, tl_acc_dtype
 
 OP_NAME = "pooled_qkv"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -574,6 +574,7 @@ def _backward(ctx, dq, dk, dv):
     dq, dk, dv = (
         g if g is not None else qkv.new_zeros(s) for g, s in zip((dq, dk, dv), ctx.out_shapes)
     )
+    dq, dk, dv = aligned(dq), aligned(dk), aligned(dv)
     grads = torch.ops.mmt_fast.pooled_qkv_bwd(*saved, dq, dk, dv, *ctx.config)
     return (*grads, None, None, None, None, None, None)
 
@@ -724,6 +725,7 @@ def triton_reasons(
     tensors: Sequence[torch.Tensor | None],
     pool_weights: Sequence[torch.Tensor],
     head_dim: int,
+    batch_heads: int = 0,
 ) -> list[str]:
     """Why the Triton path cannot pool a projection of ``dtype`` with these (valid) inputs."""
     reasons = dispatch.device_reasons(tensors)
@@ -733,11 +735,8 @@ def triton_reasons(
         taps = math.prod(w.shape[2:])
         if taps > _MAX_TAPS:
             reasons.append(f"pool kernel w{label} has {taps} taps > {_MAX_TAPS} (unrolled)")
-    if dtype == torch.bfloat16 and not dispatch.gpu_rules():
-        reasons.append("bfloat16 arithmetic is broken in the Triton interpreter")
-    if dtype == torch.float64 and dispatch.gpu_rules():
-        # fp64 is the gradcheck dtype under the interpreter; it is not compiled for GPUs.
-        reasons.append("float64 runs on Triton only under the interpreter (tests)")
+    reasons += dispatch.dtype_reasons(dtype, fp32_on_cuda=True)
+    reasons += dispatch.grid_reasons("batch x heads", batch_heads)
     return reasons
 
 
@@ -781,7 +780,8 @@ def pooled_qkv(
     params = [*pool_weights, *(p for pair in norm_weights for p in pair)]
     head_dim = qkv_weight.shape[0] // 3 // num_heads
     qkv = F.linear(x, qkv_weight, qkv_bias)  # under autocast, qkv.dtype may differ from x's
-    reasons = triton_reasons(qkv.dtype, [x, qkv_weight, qkv_bias, *params], pool_weights, head_dim)
+    reasons = triton_reasons(qkv.dtype, [x, qkv_weight, qkv_bias, *params], pool_weights, head_dim,
+                             qkv.shape[0] * num_heads)  # fmt: skip
     if dispatch.choose(OP_NAME, reasons):
         q, k, v = torch.ops.mmt_fast.pooled_qkv_fwd(
             qkv, *params, grid, has_cls, num_heads, stride_q, stride_kv, eps

@@ -95,7 +95,7 @@ import triton
 import triton.language as tl
 
 from . import dispatch, tuning
-from ._common import acc_dtype, tl_acc_dtype
+from ._common import acc_dtype, aligned, tl_acc_dtype
 
 OP_NAME = "relpos_attention"
 _MAX_HEAD_DIM = 256
@@ -186,15 +186,17 @@ def relpos_attention_ref(
 
 def _configs(kernel: str) -> list[triton.Config]:
     # Each entry checked by the compile gate (sm_90, bf16/fp16, MAT and MViTv2 shapes): no
-    # spills, within shared memory, HGMMA matmuls. The first is the pinned one.
+    # spills, within shared memory, HGMMA matmuls, no warp duplication (every matmul's M is
+    # 64 rows per warpgroup: BLOCK_M 128 with 8 warps, 64 with 4). The first is the pinned one.
     entries = {
+        # 1 stage: with 2 the aligned bias (the Q K^T accumulator) serialises wgmma (C7515)
         "_fwd_kernel": [
-            ({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 2),
+            ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 1),
             ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 2),
         ],
+        # transposed: BLOCK_N keys are every matmul's M, BLOCK_M queries per step
         "_bwd_dkdv_kernel": [
-            ({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 2),
-            ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 2),
+            ({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 2),
         ],
     }[kernel]
     return tuning.configs(OP_NAME, kernel, entries, ({"BLOCK_M": 16, "BLOCK_N": 16}, 4, 1))
@@ -261,41 +263,64 @@ def _bias_full(
     r0, r1, r2, oh0, oh1, oh2,
     USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
     ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TRANS: tl.constexpr,
 ):  # fmt: skip
-    """Short-axes bias of a tile: sum_a relq_a (BLOCK_M, W_a) @ onehot_a (W_a, BLOCK_N)."""
-    bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    if USE0:
-        bias = tl.dot(r0, oh0, bias, input_precision=DOT_PREC, out_dtype=ACC)
-    if USE1:
-        bias = tl.dot(r1, oh1, bias, input_precision=DOT_PREC, out_dtype=ACC)
-    if USE2:
-        bias = tl.dot(r2, oh2, bias, input_precision=DOT_PREC, out_dtype=ACC)
+    """Short-axes bias of a tile: sum_a relq_a (BLOCK_M, W_a) @ onehot_a (W_a, BLOCK_N)
+    (TRANS: its transpose, sum_a onehot_a^T @ relq_a^T)."""
+    if TRANS:
+        bias = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
+        if USE0:
+            bias = tl.dot(tl.trans(oh0), tl.trans(r0), bias, input_precision=DOT_PREC,
+                          out_dtype=ACC)  # fmt: skip
+        if USE1:
+            bias = tl.dot(tl.trans(oh1), tl.trans(r1), bias, input_precision=DOT_PREC,
+                          out_dtype=ACC)  # fmt: skip
+        if USE2:
+            bias = tl.dot(tl.trans(oh2), tl.trans(r2), bias, input_precision=DOT_PREC,
+                          out_dtype=ACC)  # fmt: skip
+    else:
+        bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        if USE0:
+            bias = tl.dot(r0, oh0, bias, input_precision=DOT_PREC, out_dtype=ACC)
+        if USE1:
+            bias = tl.dot(r1, oh1, bias, input_precision=DOT_PREC, out_dtype=ACC)
+        if USE2:
+            bias = tl.dot(r2, oh2, bias, input_precision=DOT_PREC, out_dtype=ACC)
     return bias
 
 
 @triton.jit
 def _bias_aligned(
-    rel_bh, n_sp, row0, rel_rows, row_sp, start,
+    rel_rows, row_sp, start, js,
     K1: tl.constexpr, K2: tl.constexpr, USE0: tl.constexpr, USE1: tl.constexpr,
-    OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KSUM: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, ACC: tl.constexpr,
+    TRANS: tl.constexpr,
 ):  # fmt: skip
-    """Bias of a key tile that lies inside one row of the fastest axis (K2 % BLOCK_N == 0).
+    """Bias of a key tile that lies inside one row of the fastest axis (K2 % BLOCK_N == 0)
+    (TRANS: its transpose, (BLOCK_N, BLOCK_M)).
 
     The fastest coordinate runs over c0 .. c0 + BLOCK_N - 1: one contiguous (BLOCK_M, BLOCK_N)
-    block load; the slower coordinates are constant over the tile: one column each, broadcast.
+    load per row; the slower coordinates are constant over the tile: one column each,
+    broadcast. Only the (BLOCK_M,) row pointers live across the key loop (a (BLOCK_M,
+    BLOCK_N) 64-bit offset tensor would hold 32 registers per thread); rows off the spatial
+    grid (the CLS row, past Nq) read 0.
     """
     r = start // K2
-    c0 = start % K2
-    # A block pointer over this (b, h)'s relq (n_sp rows x KSUM): no 64-bit address per
-    # element; rows outside [0, n_sp) (the CLS row is row -1) read as 0.
-    tile = tl.make_block_ptr(rel_bh, (n_sp, KSUM), (KSUM, 1), (row0, OFF2 + c0),
-                             (BLOCK_M, BLOCK_N), (1, 0))  # fmt: skip
-    bias = tl.load(tile, boundary_check=(0,), padding_option="zero").to(ACC)
-    if USE1:
-        bias += tl.load(rel_rows + OFF1 + r % K1, mask=row_sp, other=0.0).to(ACC)[:, None]
-    if USE0:
-        bias += tl.load(rel_rows + OFF0 + r // K1, mask=row_sp, other=0.0).to(ACC)[:, None]
+    cols = OFF2 + start % K2 + (js - start)
+    if TRANS:
+        bias = tl.load(rel_rows[None, :] + cols[:, None], mask=row_sp[None, :], other=0.0)
+        bias = bias.to(ACC)
+        if USE1:
+            bias += tl.load(rel_rows + OFF1 + r % K1, mask=row_sp, other=0.0).to(ACC)[None, :]
+        if USE0:
+            bias += tl.load(rel_rows + OFF0 + r // K1, mask=row_sp, other=0.0).to(ACC)[None, :]
+    else:
+        bias = tl.load(rel_rows[:, None] + cols[None, :], mask=row_sp[:, None], other=0.0)
+        bias = bias.to(ACC)
+        if USE1:
+            bias += tl.load(rel_rows + OFF1 + r % K1, mask=row_sp, other=0.0).to(ACC)[:, None]
+        if USE0:
+            bias += tl.load(rel_rows + OFF0 + r // K1, mask=row_sp, other=0.0).to(ACC)[:, None]
     return bias
 
 
@@ -319,6 +344,46 @@ def _bias_gather(
         c2 = js % K2
         bias += tl.load(rel_rows[:, None] + OFF2 + c2[None, :], mask=mask, other=0.0).to(ACC)
     return bias
+
+
+@triton.jit
+def _scores(
+    a, bt, qk_scale, rel_rows, row_sp, start, js, col_in, r0, r1, r2, oh0, oh1, oh2,
+    ALIGNED: tl.constexpr, FULL: tl.constexpr,
+    K1: tl.constexpr, K2: tl.constexpr,
+    USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
+    OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr,
+    ACC: tl.constexpr, DOT_PREC: tl.constexpr, TRANS: tl.constexpr,
+):  # fmt: skip
+    """S = q k^T * scale + bias of one tile in log2 units (exp2 is the native instruction), the
+    bias by the path chosen at compile time (the one place that chooses, for all kernels):
+    aligned, the bias is the Q K^T matmul's initial accumulator; short axes, sum_a relq_a @
+    onehot_a (r_a, oh_a from the caller, which keeps the loop-invariant ones); otherwise the
+    per-element gather. (a, bt) = (q, k^T); TRANS: (k, q^T) and S^T is returned, keys x rows.
+    """
+    if TRANS:
+        BM: tl.constexpr = bt.shape[1]
+        BN: tl.constexpr = a.shape[0]
+    else:
+        BM: tl.constexpr = a.shape[0]
+        BN: tl.constexpr = bt.shape[1]
+    if ALIGNED:
+        b = _bias_aligned(rel_rows, row_sp, start, js, K1, K2, USE0, USE1, OFF0, OFF1, OFF2, ACC,
+                          TRANS)  # fmt: skip
+        s = tl.dot(a, bt, b * (_LOG2E_C / qk_scale), input_precision=DOT_PREC, out_dtype=ACC)
+        s = s * qk_scale
+    else:
+        s = tl.dot(a, bt, input_precision=DOT_PREC, out_dtype=ACC) * qk_scale
+        if FULL:
+            s += _LOG2E_C * _bias_full(r0, r1, r2, oh0, oh1, oh2, USE0, USE1, USE2, ACC, DOT_PREC,
+                                       BM, BN, TRANS)  # fmt: skip
+        elif USE2:
+            b = _bias_gather(rel_rows, row_sp, js, col_in, K1, K2, USE0, USE1, USE2, OFF0, OFF1,
+                             OFF2, ACC)  # fmt: skip
+            if TRANS:
+                b = tl.trans(b)
+            s += _LOG2E_C * b
+    return s
 
 
 @triton.jit
@@ -495,7 +560,6 @@ def _fwd_kernel(
     row_sp = row_in & (rows >= HAS_CLS)
     NQS = Nq - HAS_CLS
     rel_bh = REL + pid_bh * NQS * KSUM
-    row0 = pid_m * BLOCK_M - HAS_CLS
     rel_rows = rel_bh + tl.maximum(rows - HAS_CLS, 0) * KSUM
 
     q = tl.load(
@@ -513,6 +577,9 @@ def _fwd_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
         l_i = tl.zeros([BLOCK_M], dtype=ACC)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    r0, r1, r2 = 0, 0, 0
+    if ALIGNED or not FULL:  # (names assigned in the loop must not be defined before it)
+        oh0, oh1, oh2 = 0, 0, 0
     if not ALIGNED and FULL:
         # Every axis is short (<= 64): its relq columns stay in registers for the whole loop
         # and the bias of a tile is sum_a relq_a @ onehot_a, on the tensor cores.
@@ -527,22 +594,11 @@ def _fwd_kernel(
             mask=col_in[None, :] & d_in[:, None],
             other=0.0,
         )
-        # Scores in log2 units: exp2 is the native instruction.
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
-        if ALIGNED:
-            s += _LOG2E_C * _bias_aligned(
-                rel_bh, NQS, row0, rel_rows, row_sp, start,
-                K1, K2, USE0, USE1, OFF0, OFF1, OFF2, KSUM, ACC, BLOCK_M, BLOCK_N,
-            )  # fmt: skip
-        elif FULL:
+        if not ALIGNED and FULL:
             oh0, oh1, oh2 = _onehots(js, q.dtype, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2)
-            s += _LOG2E_C * _bias_full(
-                r0, r1, r2, oh0, oh1, oh2, USE0, USE1, USE2, ACC, DOT_PREC, BLOCK_M, BLOCK_N
-            )
-        elif USE2:
-            s += _LOG2E_C * _bias_gather(
-                rel_rows, row_sp, js, col_in, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, ACC
-            )
+        s = _scores(q, kt, qk_scale, rel_rows, row_sp, start, js, col_in, r0, r1, r2, oh0, oh1,
+                    oh2, ALIGNED, FULL, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, ACC,
+                    DOT_PREC, False)  # fmt: skip
         s = tl.where(col_in[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -553,7 +609,10 @@ def _fwd_kernel(
             mask=col_in[:, None] & d_in[None, :],
             other=0.0,
         )
-        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=DOT_PREC)
+        # the rescaled accumulator is the dot's own (no second accumulator in registers)
+        acc = tl.dot(
+            p.to(vb.dtype), vb, acc * alpha[:, None], input_precision=DOT_PREC, out_dtype=ACC
+        )
         m_i = m_new
 
     acc = acc / l_i[:, None]
@@ -672,6 +731,9 @@ def _bwd_dkdv_kernel(
     kv_mask = col_in[:, None] & d_in[None, :]
     kb = tl.load(K + js[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
     vb = tl.load(V + js[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    oh0, oh1, oh2 = 0, 0, 0
+    if ALIGNED or not FULL:
+        r0, r1, r2 = 0, 0, 0
     if not ALIGNED and FULL:
         oh0, oh1, oh2 = _onehots(js, kb.dtype, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
@@ -686,28 +748,19 @@ def _bwd_dkdv_kernel(
         lse = tl.load(LSE + pid_bh * Nq + rows, mask=row_in, other=0.0)
         delta = tl.load(DELTA + pid_bh * Nq + rows, mask=row_in, other=0.0)
         rel_rows = rel_bh + tl.maximum(rows - HAS_CLS, 0) * KSUM
-        row0 = start_m - HAS_CLS
-        s = tl.dot(q, tl.trans(kb), input_precision=DOT_PREC) * qk_scale
-        if ALIGNED:
-            s += _LOG2E_C * _bias_aligned(
-                rel_bh, NQS, row0, rel_rows, row_sp, start,
-                K1, K2, USE0, USE1, OFF0, OFF1, OFF2, KSUM, ACC, BLOCK_M, BLOCK_N,
-            )  # fmt: skip
-        elif FULL:
+        if not ALIGNED and FULL:
             r0, r1, r2 = _rel_windows(rel_rows, row_sp, K0, K1, K2, W0, W1, W2, OFF0, OFF1, OFF2,
                                       USE0, USE1, USE2)  # fmt: skip
-            s += _LOG2E_C * _bias_full(
-                r0, r1, r2, oh0, oh1, oh2, USE0, USE1, USE2, ACC, DOT_PREC, BLOCK_M, BLOCK_N
-            )
-        elif USE2:
-            s += _LOG2E_C * _bias_gather(
-                rel_rows, row_sp, js, col_in, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, ACC
-            )
-        p = tl.where(row_in[:, None] & col_in[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
-        dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
+        # Transposed (keys x rows): P^T and dS^T are the register operands of the dV, dK
+        # matmuls as they come, and every matmul's M is BLOCK_N.
+        st = _scores(kb, tl.trans(q), qk_scale, rel_rows, row_sp, start, js, col_in, r0, r1, r2,
+                     oh0, oh1, oh2, ALIGNED, FULL, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, ACC,
+                     DOT_PREC, True)  # fmt: skip
+        pt = tl.where(col_in[:, None] & row_in[None, :], tl.exp2(st - lse[None, :]), 0.0)
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC, out_dtype=ACC)
+        dpt = tl.dot(vb, tl.trans(do), input_precision=DOT_PREC, out_dtype=ACC)
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PREC, out_dtype=ACC)
 
     out_off = pid_bh * Nk * D + (HAS_CLS + js[:, None]) * D + offs_d[None, :]
     tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -748,11 +801,8 @@ def _store_window(drel_rows, row_sp, g, OFF: tl.constexpr, KA: tl.constexpr, W: 
 
 
 @triton.jit
-def _dq_tile(
-    q, do, lse, delta, kb, vb, s_bias, row_in, col_in, qk_scale, DOT_PREC: tl.constexpr,
-):  # fmt: skip
-    """dS of one tile (fp32) from the recomputed P: dS = P (dO V^T - delta)."""
-    s = tl.dot(q, tl.trans(kb), input_precision=DOT_PREC) * qk_scale + s_bias
+def _dq_tile(s, do, lse, delta, vb, row_in, col_in, DOT_PREC: tl.constexpr):
+    """dS of one tile (fp32) from its scores S (log2 units): dS = P (dO V^T - delta)."""
     p = tl.where(row_in[:, None] & col_in[None, :], tl.exp2(s - lse[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PREC)
     return p * (dp - delta[:, None])
@@ -801,8 +851,6 @@ def _bwd_dq_kernel(
     row_sp = row_in & (rows >= HAS_CLS)
     qd_mask = row_in[:, None] & d_in[None, :]
     NQS = Nq - HAS_CLS
-    row0 = pid_m * BLOCK_M - HAS_CLS
-    rel_bh = REL + pid_bh * NQS * KSUM
     row_off = (pid_bh * NQS + tl.maximum(rows - HAS_CLS, 0)) * KSUM
     rel_rows = REL + row_off
     drel_rows = DREL + row_off
@@ -841,13 +889,11 @@ def _bwd_dq_kernel(
                              other=0.0)  # fmt: skip
                 vb = tl.load(V + js[:, None] * svn + offs_d[None, :] * svd, mask=d_in[None, :],
                              other=0.0)  # fmt: skip
-                bias = _LOG2E_C * _bias_aligned(
-                    rel_bh, NQS, row0, rel_rows, row_sp, start,
-                    K1, K2, USE0, USE1, OFF0, OFF1, OFF2, KSUM, ACC, BLOCK_M, BLOCK_N,
-                )  # fmt: skip
-                ds = _dq_tile(q, do, lse, delta, kb, vb, bias, row_in, js < NKS, qk_scale,
-                              DOT_PREC)  # fmt: skip
-                dq += tl.dot(ds.to(kb.dtype), kb, input_precision=DOT_PREC)
+                s = _scores(q, tl.trans(kb), qk_scale, rel_rows, row_sp, start, js, js < NKS,
+                            0, 0, 0, 0, 0, 0, True, False, K1, K2, USE0, USE1, USE2, OFF0, OFF1,
+                            OFF2, ACC, DOT_PREC, False)  # fmt: skip
+                ds = _dq_tile(s, do, lse, delta, vb, row_in, js < NKS, DOT_PREC)
+                dq = tl.dot(ds.to(kb.dtype), kb, dq, input_precision=DOT_PREC, out_dtype=ACC)
                 d2 += ds
                 if USE1:
                     # the tile's keys share their slow coordinates (r % K1, r // K1)
@@ -858,6 +904,9 @@ def _bwd_dq_kernel(
             tl.store(drel_rows[:, None] + OFF2 + cb * BLOCK_N + offs_n[None, :],
                      d2.to(DREL.dtype.element_ty), mask=row_sp[:, None])  # fmt: skip
     else:
+        r0, r1, r2 = 0, 0, 0
+        if not FULL:
+            oh0, oh1, oh2 = 0, 0, 0
         if FULL:
             r0, r1, r2 = _rel_windows(rel_rows, row_sp, K0, K1, K2, W0, W1, W2, OFF0, OFF1, OFF2,
                                       USE0, USE1, USE2)  # fmt: skip
@@ -869,17 +918,11 @@ def _bwd_dq_kernel(
             vb = tl.load(V + js[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
             if FULL:
                 oh0, oh1, oh2 = _onehots(js, kb.dtype, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2)
-                bias = _LOG2E_C * _bias_full(
-                    r0, r1, r2, oh0, oh1, oh2, USE0, USE1, USE2, ACC, DOT_PREC, BLOCK_M, BLOCK_N
-                )
-            elif USE2:
-                bias = _LOG2E_C * _bias_gather(
-                    rel_rows, row_sp, js, col_in, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, ACC
-                )
-            else:
-                bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-            ds = _dq_tile(q, do, lse, delta, kb, vb, bias, row_in, col_in, qk_scale, DOT_PREC)
-            dq += tl.dot(ds.to(kb.dtype), kb, input_precision=DOT_PREC)
+            s = _scores(q, tl.trans(kb), qk_scale, rel_rows, row_sp, start, js, col_in, r0, r1, r2,
+                        oh0, oh1, oh2, False, FULL, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2,
+                        ACC, DOT_PREC, False)  # fmt: skip
+            ds = _dq_tile(s, do, lse, delta, vb, row_in, col_in, DOT_PREC)
+            dq = tl.dot(ds.to(kb.dtype), kb, dq, input_precision=DOT_PREC, out_dtype=ACC)
             if FULL:
                 # d_relq_a += dS @ onehot_a^T (dS rounded to tf32 for 16-bit inputs)
                 if USE0:
@@ -988,9 +1031,9 @@ def _dq_blocks() -> tuple[int, int, int, int]:
     compile gate; not autotuned: the slow-axis buffer is sized by BLOCK_N)."""
     if dispatch.interpreting():
         return 16, 16, 4, 1
-    # 64 x 32 with 8 warps: 245 registers, no spill at MAT stage 1 (64 x 64 spills 132 B);
-    # 32 divides every MAT key row (128, 64, 32), so the aligned path runs there.
-    return 64, 32, 8, 2
+    # 128 x 32 with 8 warps (64 rows per warpgroup, no duplicated warps): 253 registers, no
+    # spill at MAT stage 1; 32 divides every MAT key row (128, 64, 32): the aligned path.
+    return 128, 32, 8, 2
 
 
 def _relq_blocks() -> tuple[int, int, int]:
@@ -1288,6 +1331,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlse, _do_att, _drel):
     q, k, v, o, lse, rel, *rel_tables = ctx.saved_tensors
+    dout = aligned(dout)
     dq, dk, dv, *dtables = _relpos_attention_bwd(dout, q, k, v, rel_tables, o, lse, rel, *ctx.args)
     return dq, dk, dv, dtables, None, None, None, None, None, None
 
@@ -1363,21 +1407,16 @@ def _check_inputs(
             raise ValueError(f"{p} {name} is on {t.device} but q is on {q.device}")
 
 
-def kernel_reasons(q: torch.Tensor) -> list[str]:
-    """Why the Triton kernel cannot run an input like ``q`` (beyond the device); [] if it can."""
-    reasons = []
-    if not dispatch.gpu_rules():
-        supported = [torch.float16, torch.float32, torch.float64]  # fp64: the tests' gradcheck
-    else:
-        supported = [torch.float16, torch.bfloat16]  # bf16 arithmetic is broken in the interpreter
-    if q.dtype == torch.float32 and dispatch.gpu_rules():
-        reasons.append(dispatch.FP32_ON_CUDA)
-    elif q.dtype not in supported:
-        names = ", ".join(str(d).removeprefix("torch.") for d in supported)
-        where = "on CUDA" if dispatch.gpu_rules() else "under the Triton interpreter"
-        reasons.append(f"dtype {q.dtype} is not supported {where} (supported: {names})")
+def triton_reasons(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_tables: Sequence[torch.Tensor] = ()
+) -> list[str]:
+    """Why the Triton path cannot run these (valid) inputs; [] when it can. (batch x heads has
+    no limit: the grids are one axis; the tables are made contiguous, being small.)"""
+    reasons = dispatch.device_reasons([q, k, v, *rel_tables])
     if q.shape[-1] > _MAX_HEAD_DIM:
         reasons.append(f"head dim {q.shape[-1]} > {_MAX_HEAD_DIM}")
+    reasons += dispatch.dtype_reasons(q.dtype, fp32_on_cuda=False)
+    reasons += dispatch.alignment_reasons({"q": q, "k": k, "v": v})
     return reasons
 
 
@@ -1408,8 +1447,7 @@ def relpos_attention(
     :func:`relpos_attention_ref`) is chosen by :func:`mmt_fast.kernels.dispatch.choose`.
     """
     _check_inputs(q, k, v, rel_tables, q_grid, k_grid, has_cls)
-    reasons = dispatch.device_reasons([q, k, v, *rel_tables]) + kernel_reasons(q)
-    if dispatch.choose(OP_NAME, reasons):
+    if dispatch.choose(OP_NAME, triton_reasons(q, k, v, rel_tables)):
         out, *_ = _relpos_attention_fwd(
             q,
             k,
