@@ -572,7 +572,9 @@ def bottleneck_attention(
     _check_inputs(tensors)
     scale = float(scale)
     args = (q_main, k_main, v_main, q_extra, k_extra, v_extra)
-    if dispatch.choose(OP_NAME, triton_reasons(q_main, q_extra, args)):
-        out_main, out_extra, _ = torch.ops.mmt_fast.bottleneck_attention_fwd(*args, scale)
+    # views the kernels' 16-byte alignment cannot take are copied (autograd sees the copy)
+    args_k = tuple(aligned(t) for t in args)
+    if dispatch.choose(OP_NAME, triton_reasons(args_k[0], args_k[3], args_k)):
+        out_main, out_extra, _ = torch.ops.mmt_fast.bottleneck_attention_fwd(*args_k, scale)
         return out_main, out_extra
     return bottleneck_attention_ref(*args, scale)

@@ -67,10 +67,17 @@ def dtype_reasons(dtype: torch.dtype, *, fp32_on_cuda: bool) -> list[str]:
 def alignment_reasons(named: dict[str, torch.Tensor | None]) -> list[str]:
     """Why these tensors break the 16-byte alignment the kernels are compiled for (the compile
     gate specialises every pointer and every stride as a multiple of 16 bytes): a data pointer
-    or a stride (of a dimension longer than 1, other than a unit stride) that is not."""
+    or a stride (of a dimension longer than 1, other than a unit stride) that is not. The ops
+    first copy views that a contiguous copy repairs (:func:`._common.aligned`), so what remains
+    is a last dim whose bytes are not a multiple of 16. Compiled kernels only (the interpreter
+    has no such assumption)."""
     reasons = []
+    if not gpu_rules():
+        return reasons
+    from ._common import has_storage
+
     for name, t in named.items():
-        if t is None or t.device.type == "meta":
+        if t is None or not has_storage(t):
             continue
         size = t.element_size()
         if t.data_ptr() % 16:

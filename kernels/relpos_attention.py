@@ -262,30 +262,30 @@ def _onehots(
 def _bias_full(
     r0, r1, r2, oh0, oh1, oh2,
     USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
-    ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     TRANS: tl.constexpr,
 ):  # fmt: skip
     """Short-axes bias of a tile: sum_a relq_a (BLOCK_M, W_a) @ onehot_a (W_a, BLOCK_N)
     (TRANS: its transpose, sum_a onehot_a^T @ relq_a^T)."""
     if TRANS:
-        bias = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
+        bias = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC_DTYPE)
         if USE0:
-            bias = tl.dot(tl.trans(oh0), tl.trans(r0), bias, input_precision=DOT_PREC,
-                          out_dtype=ACC)  # fmt: skip
+            bias = tl.dot(tl.trans(oh0), tl.trans(r0), bias, input_precision=DOT_PRECISION,
+                          out_dtype=ACC_DTYPE)  # fmt: skip
         if USE1:
-            bias = tl.dot(tl.trans(oh1), tl.trans(r1), bias, input_precision=DOT_PREC,
-                          out_dtype=ACC)  # fmt: skip
+            bias = tl.dot(tl.trans(oh1), tl.trans(r1), bias, input_precision=DOT_PRECISION,
+                          out_dtype=ACC_DTYPE)  # fmt: skip
         if USE2:
-            bias = tl.dot(tl.trans(oh2), tl.trans(r2), bias, input_precision=DOT_PREC,
-                          out_dtype=ACC)  # fmt: skip
+            bias = tl.dot(tl.trans(oh2), tl.trans(r2), bias, input_precision=DOT_PRECISION,
+                          out_dtype=ACC_DTYPE)  # fmt: skip
     else:
-        bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
         if USE0:
-            bias = tl.dot(r0, oh0, bias, input_precision=DOT_PREC, out_dtype=ACC)
+            bias = tl.dot(r0, oh0, bias, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         if USE1:
-            bias = tl.dot(r1, oh1, bias, input_precision=DOT_PREC, out_dtype=ACC)
+            bias = tl.dot(r1, oh1, bias, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         if USE2:
-            bias = tl.dot(r2, oh2, bias, input_precision=DOT_PREC, out_dtype=ACC)
+            bias = tl.dot(r2, oh2, bias, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     return bias
 
 
@@ -293,7 +293,7 @@ def _bias_full(
 def _bias_aligned(
     rel_rows, row_sp, start, js,
     K1: tl.constexpr, K2: tl.constexpr, USE0: tl.constexpr, USE1: tl.constexpr,
-    OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, ACC: tl.constexpr,
+    OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, ACC_DTYPE: tl.constexpr,
     TRANS: tl.constexpr,
 ):  # fmt: skip
     """Bias of a key tile that lies inside one row of the fastest axis (K2 % BLOCK_N == 0)
@@ -309,18 +309,22 @@ def _bias_aligned(
     cols = OFF2 + start % K2 + (js - start)
     if TRANS:
         bias = tl.load(rel_rows[None, :] + cols[:, None], mask=row_sp[None, :], other=0.0)
-        bias = bias.to(ACC)
+        bias = bias.to(ACC_DTYPE)
         if USE1:
-            bias += tl.load(rel_rows + OFF1 + r % K1, mask=row_sp, other=0.0).to(ACC)[None, :]
+            bias += tl.load(rel_rows + OFF1 + r % K1, mask=row_sp, other=0.0).to(ACC_DTYPE)[None, :]
         if USE0:
-            bias += tl.load(rel_rows + OFF0 + r // K1, mask=row_sp, other=0.0).to(ACC)[None, :]
+            bias += tl.load(rel_rows + OFF0 + r // K1, mask=row_sp, other=0.0).to(ACC_DTYPE)[
+                None, :
+            ]
     else:
         bias = tl.load(rel_rows[:, None] + cols[None, :], mask=row_sp[:, None], other=0.0)
-        bias = bias.to(ACC)
+        bias = bias.to(ACC_DTYPE)
         if USE1:
-            bias += tl.load(rel_rows + OFF1 + r % K1, mask=row_sp, other=0.0).to(ACC)[:, None]
+            bias += tl.load(rel_rows + OFF1 + r % K1, mask=row_sp, other=0.0).to(ACC_DTYPE)[:, None]
         if USE0:
-            bias += tl.load(rel_rows + OFF0 + r // K1, mask=row_sp, other=0.0).to(ACC)[:, None]
+            bias += tl.load(rel_rows + OFF0 + r // K1, mask=row_sp, other=0.0).to(ACC_DTYPE)[
+                :, None
+            ]
     return bias
 
 
@@ -329,20 +333,20 @@ def _bias_gather(
     rel_rows, row_sp, js, col_in,
     K1: tl.constexpr, K2: tl.constexpr,
     USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
-    OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, ACC: tl.constexpr,
+    OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):  # fmt: skip
     """General fallback (an axis longer than 64 that BLOCK_N does not divide): per element."""
     mask = row_sp[:, None] & col_in[None, :]
-    bias = tl.zeros([rel_rows.shape[0], js.shape[0]], dtype=ACC)
+    bias = tl.zeros([rel_rows.shape[0], js.shape[0]], dtype=ACC_DTYPE)
     if USE0:
         c0 = js // (K1 * K2)
-        bias += tl.load(rel_rows[:, None] + OFF0 + c0[None, :], mask=mask, other=0.0).to(ACC)
+        bias += tl.load(rel_rows[:, None] + OFF0 + c0[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
     if USE1:
         c1 = (js // K2) % K1
-        bias += tl.load(rel_rows[:, None] + OFF1 + c1[None, :], mask=mask, other=0.0).to(ACC)
+        bias += tl.load(rel_rows[:, None] + OFF1 + c1[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
     if USE2:
         c2 = js % K2
-        bias += tl.load(rel_rows[:, None] + OFF2 + c2[None, :], mask=mask, other=0.0).to(ACC)
+        bias += tl.load(rel_rows[:, None] + OFF2 + c2[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
     return bias
 
 
@@ -353,7 +357,7 @@ def _scores(
     K1: tl.constexpr, K2: tl.constexpr,
     USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
     OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr,
-    ACC: tl.constexpr, DOT_PREC: tl.constexpr, TRANS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, TRANS: tl.constexpr,
 ):  # fmt: skip
     """S = q k^T * scale + bias of one tile in log2 units (exp2 is the native instruction), the
     bias by the path chosen at compile time (the one place that chooses, for all kernels):
@@ -368,18 +372,20 @@ def _scores(
         BM: tl.constexpr = a.shape[0]
         BN: tl.constexpr = bt.shape[1]
     if ALIGNED:
-        b = _bias_aligned(rel_rows, row_sp, start, js, K1, K2, USE0, USE1, OFF0, OFF1, OFF2, ACC,
+        b = _bias_aligned(rel_rows, row_sp, start, js, K1, K2, USE0, USE1, OFF0, OFF1, OFF2, ACC_DTYPE,
                           TRANS)  # fmt: skip
-        s = tl.dot(a, bt, b * (_LOG2E_C / qk_scale), input_precision=DOT_PREC, out_dtype=ACC)
+        s = tl.dot(
+            a, bt, b * (_LOG2E_C / qk_scale), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE
+        )
         s = s * qk_scale
     else:
-        s = tl.dot(a, bt, input_precision=DOT_PREC, out_dtype=ACC) * qk_scale
+        s = tl.dot(a, bt, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
         if FULL:
-            s += _LOG2E_C * _bias_full(r0, r1, r2, oh0, oh1, oh2, USE0, USE1, USE2, ACC, DOT_PREC,
+            s += _LOG2E_C * _bias_full(r0, r1, r2, oh0, oh1, oh2, USE0, USE1, USE2, ACC_DTYPE, DOT_PRECISION,
                                        BM, BN, TRANS)  # fmt: skip
         elif USE2:
             b = _bias_gather(rel_rows, row_sp, js, col_in, K1, K2, USE0, USE1, USE2, OFF0, OFF1,
-                             OFF2, ACC)  # fmt: skip
+                             OFF2, ACC_DTYPE)  # fmt: skip
             if TRANS:
                 b = tl.trans(b)
             s += _LOG2E_C * b
@@ -396,12 +402,12 @@ def _row_block(N, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _cls_key(q, K, V, offs_d, d_in, skd, svd, qk_scale, ACC: tl.constexpr):
+def _cls_key(q, K, V, offs_d, d_in, skd, svd, qk_scale, ACC_DTYPE: tl.constexpr):
     """The CLS key, peeled off the key loop so that key tiles align with the grid:
     (its score in log2 units (BLOCK_M,), k_cls (BLOCK_D,), v_cls (BLOCK_D,))."""
     kc = tl.load(K + offs_d * skd, mask=d_in, other=0.0)
     vc = tl.load(V + offs_d * svd, mask=d_in, other=0.0)
-    s = tl.sum(q.to(ACC) * kc.to(ACC)[None, :], 1) * qk_scale
+    s = tl.sum(q.to(ACC_DTYPE) * kc.to(ACC_DTYPE)[None, :], 1) * qk_scale
     return s, kc, vc
 
 
@@ -417,7 +423,7 @@ def _relq_kernel(
     Q, TABLE, IDX, REL,
     sqb, sqh, sqn, sqd,
     H, NQS, D, QA, KA, INNER, G,
-    HAS_CLS: tl.constexpr, OFF: tl.constexpr, KSUM: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_CLS: tl.constexpr, OFF: tl.constexpr, KSUM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """relq_a[i, y] = q_i . R_a[idx_a(x, y)] for BLOCK_R rows with axis coordinate x: one matmul
@@ -440,7 +446,7 @@ def _relq_kernel(
     t_rows = tl.load(IDX + x * KA + y, mask=y_in, other=0)
     tt = tl.load(TABLE + t_rows[None, :] * D + d[:, None], mask=d_in[:, None] & y_in[None, :],
                  other=0.0)  # fmt: skip
-    r = tl.dot(q, tt, input_precision=DOT_PREC)
+    r = tl.dot(q, tt, input_precision=DOT_PRECISION)
     tl.store(REL + (bh * NQS + i)[:, None] * KSUM + OFF + y[None, :],
              r.to(REL.dtype.element_ty), mask=g_in[:, None] & y_in[None, :])  # fmt: skip
 
@@ -449,8 +455,8 @@ def _relq_kernel(
 def _relq_dq_kernel(
     DREL, TABLE, IDX, DQ,
     H, Nq, NQS, D, QA, KA, INNER, G,
-    HAS_CLS: tl.constexpr, OFF: tl.constexpr, KSUM: tl.constexpr, ACC: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Y: tl.constexpr,
+    HAS_CLS: tl.constexpr, OFF: tl.constexpr, KSUM: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Y: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """The chain rule through relq_a into q: dq_i += sum_y d_relq_a[i, y] R_a[idx_a(x, y)],
@@ -466,7 +472,7 @@ def _relq_dq_kernel(
     i = _group_rows(g, x, QA, INNER)
     d = tl.arange(0, BLOCK_D)
     d_in = d < D
-    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC_DTYPE)
     for y0 in range(0, KA, BLOCK_Y):
         y = y0 + tl.arange(0, BLOCK_Y)
         y_in = y < KA
@@ -475,10 +481,10 @@ def _relq_dq_kernel(
         t_rows = tl.load(IDX + x * KA + y, mask=y_in, other=0)
         tb = tl.load(TABLE + t_rows[:, None] * D + d[None, :], mask=y_in[:, None] & d_in[None, :],
                      other=0.0)  # fmt: skip
-        acc = tl.dot(gr.to(tb.dtype), tb, acc, input_precision=DOT_PREC, out_dtype=ACC)
+        acc = tl.dot(gr.to(tb.dtype), tb, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     ptr = DQ + (bh * Nq + HAS_CLS + i)[:, None] * D + d[None, :]
     mask = g_in[:, None] & d_in[None, :]
-    dq = tl.load(ptr, mask=mask, other=0.0).to(ACC)
+    dq = tl.load(ptr, mask=mask, other=0.0).to(ACC_DTYPE)
     tl.store(ptr, (dq + acc).to(DQ.dtype.element_ty), mask=mask)
 
 
@@ -487,8 +493,8 @@ def _relq_table_kernel(
     DREL, Q, DR,
     sqb, sqh, sqn, sqd,
     H, BH, NQS, D, QA, KA, INNER, G, bh_per_chunk,
-    HAS_CLS: tl.constexpr, OFF: tl.constexpr, KSUM: tl.constexpr, ACC: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Y: tl.constexpr,
+    HAS_CLS: tl.constexpr, OFF: tl.constexpr, KSUM: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Y: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """The table's share: dR_a[x, y] = sum over (b, h) in this chunk and the rows with axis
@@ -503,7 +509,8 @@ def _relq_table_kernel(
     y_in = y < KA
     d = tl.arange(0, BLOCK_D)
     d_in = d < D
-    acc = tl.zeros([BLOCK_Y, BLOCK_D], dtype=ACC)
+    # transposed, dR^T = Q^T d_relq: the head dim (BLOCK_D) is the matmul's M
+    acc = tl.zeros([BLOCK_D, BLOCK_Y], dtype=ACC_DTYPE)
     bh0 = (chunk * bh_per_chunk).to(tl.int64)
     for t in range(0, tl.minimum(bh_per_chunk, BH - bh0)):
         bh = bh0 + t
@@ -512,13 +519,14 @@ def _relq_table_kernel(
             g = g0 + tl.arange(0, BLOCK_R)
             g_in = g < G
             i = _group_rows(g, x, QA, INNER)
-            gt = tl.load(DREL + (bh * NQS + i)[None, :] * KSUM + OFF + y[:, None],
-                         mask=y_in[:, None] & g_in[None, :], other=0.0)  # fmt: skip
-            q = tl.load(q_bh + (i + HAS_CLS)[:, None] * sqn + d[None, :] * sqd,
-                        mask=g_in[:, None] & d_in[None, :], other=0.0)  # fmt: skip
-            acc = tl.dot(gt.to(q.dtype), q, acc, input_precision=DOT_PREC, out_dtype=ACC)
-    tl.store(DR + ((chunk * QA + x) * KA + y)[:, None] * D + d[None, :], acc,
-             mask=y_in[:, None] & d_in[None, :])  # fmt: skip
+            gr = tl.load(DREL + (bh * NQS + i)[:, None] * KSUM + OFF + y[None, :],
+                         mask=g_in[:, None] & y_in[None, :], other=0.0)  # fmt: skip
+            qt = tl.load(q_bh + (i + HAS_CLS)[None, :] * sqn + d[:, None] * sqd,
+                         mask=d_in[:, None] & g_in[None, :], other=0.0)  # fmt: skip
+            acc = tl.dot(qt, gr.to(qt.dtype), acc, input_precision=DOT_PRECISION,
+                         out_dtype=ACC_DTYPE)  # fmt: skip
+    tl.store(DR + ((chunk * QA + x) * KA + y)[None, :] * D + d[:, None], acc,
+             mask=d_in[:, None] & y_in[None, :])  # fmt: skip
 
 
 @triton.autotune(
@@ -539,7 +547,7 @@ def _fwd_kernel(
     OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KSUM: tl.constexpr,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, FULL: tl.constexpr,
     ALIGN_OK: tl.constexpr,
-    RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+    RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """One block of BLOCK_M queries against all keys; with the residual, O_ATT gets the output
@@ -568,15 +576,15 @@ def _fwd_kernel(
         other=0.0,
     )
     if HAS_CLS:
-        m_i, _kc, vc = _cls_key(q, K, V, offs_d, d_in, skd, svd, qk_scale, ACC)
-        l_i = tl.full([BLOCK_M], 1.0, dtype=ACC)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC) + vc.to(ACC)[None, :]
+        m_i, _kc, vc = _cls_key(q, K, V, offs_d, d_in, skd, svd, qk_scale, ACC_DTYPE)
+        l_i = tl.full([BLOCK_M], 1.0, dtype=ACC_DTYPE)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE) + vc.to(ACC_DTYPE)[None, :]
         K += skn
         V += svn
     else:
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
-        l_i = tl.zeros([BLOCK_M], dtype=ACC)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
+        l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
     r0, r1, r2 = 0, 0, 0
     if ALIGNED or not FULL:  # (names assigned in the loop must not be defined before it)
         oh0, oh1, oh2 = 0, 0, 0
@@ -597,8 +605,8 @@ def _fwd_kernel(
         if not ALIGNED and FULL:
             oh0, oh1, oh2 = _onehots(js, q.dtype, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2)
         s = _scores(q, kt, qk_scale, rel_rows, row_sp, start, js, col_in, r0, r1, r2, oh0, oh1,
-                    oh2, ALIGNED, FULL, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, ACC,
-                    DOT_PREC, False)  # fmt: skip
+                    oh2, ALIGNED, FULL, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, ACC_DTYPE,
+                    DOT_PRECISION, False)  # fmt: skip
         s = tl.where(col_in[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -611,7 +619,11 @@ def _fwd_kernel(
         )
         # the rescaled accumulator is the dot's own (no second accumulator in registers)
         acc = tl.dot(
-            p.to(vb.dtype), vb, acc * alpha[:, None], input_precision=DOT_PREC, out_dtype=ACC
+            p.to(vb.dtype),
+            vb,
+            acc * alpha[:, None],
+            input_precision=DOT_PRECISION,
+            out_dtype=ACC_DTYPE,
         )
         m_i = m_new
 
@@ -628,7 +640,7 @@ def _fwd_kernel(
             mask=row_in[:, None] & d_in[None, :] & (rows >= RES_FROM)[:, None],
             other=0.0,
         )
-        acc += q_res.to(ACC)
+        acc += q_res.to(ACC_DTYPE)
     OUT += pid_bh * Nq * D
     tl.store(
         OUT + rows[:, None] * D + offs_d[None, :],
@@ -647,7 +659,7 @@ def _bwd_delta_kernel(
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     H, Nq, D, qk_scale,
-    HAS_CLS: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_CLS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """delta[i] = sum_d dO[i, d] O[i, d] = rowsum(dP * P), O the attention output without the
     residual; with a CLS token also the CLS key's column, peeled off the other kernels:
@@ -664,23 +676,23 @@ def _bwd_delta_kernel(
     mask = row_in[:, None] & d_in[None, :]
     o = tl.load(
         OATT + b * sob + h * soh + rows[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0
-    ).to(ACC)
+    ).to(ACC_DTYPE)
     do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + offs_d[None, :] * sdd, mask=mask,
                  other=0.0)  # fmt: skip
-    delta = tl.sum(o * do.to(ACC), 1)
+    delta = tl.sum(o * do.to(ACC_DTYPE), 1)
     tl.store(DELTA + pid_bh * Nq + rows, delta, mask=row_in)
     if HAS_CLS:
         q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :] * sqd,
                     mask=mask, other=0.0)  # fmt: skip
         s, _kc, vc = _cls_key(q, K + b * skb + h * skh, V + b * svb + h * svh, offs_d, d_in,
-                              skd, svd, qk_scale, ACC)  # fmt: skip
+                              skd, svd, qk_scale, ACC_DTYPE)  # fmt: skip
         lse = tl.load(LSE + pid_bh * Nq + rows, mask=row_in, other=0.0)
         p = tl.where(row_in, tl.exp2(s - lse), 0.0)
-        dp = tl.sum(do.to(ACC) * vc.to(ACC)[None, :], 1)
+        dp = tl.sum(do.to(ACC_DTYPE) * vc.to(ACC_DTYPE)[None, :], 1)
         ds = p * (dp - delta)
         tl.store(DS_CLS + pid_bh * Nq + rows, ds, mask=row_in)
-        dv_c = tl.sum(p.to(do.dtype).to(ACC)[:, None] * do.to(ACC), 0)
-        dk_c = tl.sum(ds.to(q.dtype).to(ACC)[:, None] * q.to(ACC), 0)
+        dv_c = tl.sum(p.to(do.dtype).to(ACC_DTYPE)[:, None] * do.to(ACC_DTYPE), 0)
+        dk_c = tl.sum(ds.to(q.dtype).to(ACC_DTYPE)[:, None] * q.to(ACC_DTYPE), 0)
         part = DKV_CLS + (pid_bh * tl.cdiv(Nq, BLOCK_M) + pid_m) * 2 * D
         tl.store(part + offs_d, dv_c, mask=d_in)
         tl.store(part + D + offs_d, dk_c, mask=d_in)
@@ -704,7 +716,7 @@ def _bwd_dkdv_kernel(
     USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
     OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KSUM: tl.constexpr,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, FULL: tl.constexpr,
-    ALIGN_OK: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+    ALIGN_OK: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """dV = P^T dO, dK = scale * dS^T Q for one block of spatial keys, looping over all
@@ -736,8 +748,8 @@ def _bwd_dkdv_kernel(
         r0, r1, r2 = 0, 0, 0
     if not ALIGNED and FULL:
         oh0, oh1, oh2 = _onehots(js, kb.dtype, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
     for start_m in range(0, Nq, BLOCK_M):
         rows = start_m + offs_m
         row_in = rows < Nq
@@ -754,13 +766,13 @@ def _bwd_dkdv_kernel(
         # Transposed (keys x rows): P^T and dS^T are the register operands of the dV, dK
         # matmuls as they come, and every matmul's M is BLOCK_N.
         st = _scores(kb, tl.trans(q), qk_scale, rel_rows, row_sp, start, js, col_in, r0, r1, r2,
-                     oh0, oh1, oh2, ALIGNED, FULL, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, ACC,
-                     DOT_PREC, True)  # fmt: skip
+                     oh0, oh1, oh2, ALIGNED, FULL, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, ACC_DTYPE,
+                     DOT_PRECISION, True)  # fmt: skip
         pt = tl.where(col_in[:, None] & row_in[None, :], tl.exp2(st - lse[None, :]), 0.0)
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC, out_dtype=ACC)
-        dpt = tl.dot(vb, tl.trans(do), input_precision=DOT_PREC, out_dtype=ACC)
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        dpt = tl.dot(vb, tl.trans(do), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PREC, out_dtype=ACC)
+        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
 
     out_off = pid_bh * Nk * D + (HAS_CLS + js[:, None]) * D + offs_d[None, :]
     tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -771,7 +783,7 @@ def _bwd_dkdv_kernel(
 def _accumulate_drel_atomic(
     drel_rows, row_sp, ds, js, js0, col_sp,
     OFF: tl.constexpr, KA: tl.constexpr, STRIDE: tl.constexpr, DIRECT: tl.constexpr,
-    W: tl.constexpr, ACC: tl.constexpr, REL_PREC: tl.constexpr,
+    W: tl.constexpr, ACC_DTYPE: tl.constexpr, REL_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Gather fallback: d_relq[i, OFF + y] += sum over this tile's keys with j_a = y of dS[i, j]."""
     c = (js // STRIDE) % KA
@@ -785,8 +797,8 @@ def _accumulate_drel_atomic(
         c0 = (js0 // STRIDE) % KA
         u = (c - c0 + KA) % KA
         w = tl.arange(0, W)
-        onehot = tl.where((u[:, None] == w[None, :]) & col_sp[:, None], 1.0, 0.0).to(ACC)
-        win = tl.dot(ds, onehot, input_precision=REL_PREC)
+        onehot = tl.where((u[:, None] == w[None, :]) & col_sp[:, None], 1.0, 0.0).to(ACC_DTYPE)
+        win = tl.dot(ds, onehot, input_precision=REL_PRECISION)
         y = (c0 + w) % KA
         mask = row_sp[:, None] & (w < KA)[None, :]
         tl.atomic_add(drel_rows[:, None] + OFF + y[None, :], win, mask=mask, sem="relaxed")
@@ -801,10 +813,10 @@ def _store_window(drel_rows, row_sp, g, OFF: tl.constexpr, KA: tl.constexpr, W: 
 
 
 @triton.jit
-def _dq_tile(s, do, lse, delta, vb, row_in, col_in, DOT_PREC: tl.constexpr):
+def _dq_tile(s, do, lse, delta, vb, row_in, col_in, DOT_PRECISION: tl.constexpr):
     """dS of one tile (fp32) from its scores S (log2 units): dS = P (dO V^T - delta)."""
     p = tl.where(row_in[:, None] & col_in[None, :], tl.exp2(s - lse[:, None]), 0.0)
-    dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PREC)
+    dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PRECISION)
     return p * (dp - delta[:, None])
 
 
@@ -823,8 +835,8 @@ def _bwd_dq_kernel(
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, FULL: tl.constexpr,
     ALIGN_OK: tl.constexpr, DIRECT0: tl.constexpr, DIRECT1: tl.constexpr, DIRECT2: tl.constexpr,
     GW0: tl.constexpr, GW1: tl.constexpr, GW2: tl.constexpr,
-    RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
-    REL_PREC: tl.constexpr,
+    RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    REL_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """dQ = scale * dS K (+ dO) and d_relq for one query block, looping over all key blocks.
@@ -867,21 +879,21 @@ def _bwd_dq_kernel(
     )
     lse = tl.load(LSE + pid_bh * Nq + rows, mask=row_in, other=0.0)
     delta = tl.load(DELTA + pid_bh * Nq + rows, mask=row_in, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
     if HAS_CLS:
         kc = tl.load(K + offs_d * skd, mask=d_in, other=0.0)
         ds_c = tl.load(DS_CLS + pid_bh * Nq + rows, mask=row_in, other=0.0)
-        dq += ds_c[:, None] * kc.to(ACC)[None, :]
+        dq += ds_c[:, None] * kc.to(ACC_DTYPE)[None, :]
         K += skn
         V += svn
     NKS = Nk - HAS_CLS
-    g0 = tl.zeros([BLOCK_M, W0], dtype=ACC)
-    g1 = tl.zeros([BLOCK_M, W1], dtype=ACC)
-    g2 = tl.zeros([BLOCK_M, W2], dtype=ACC)
+    g0 = tl.zeros([BLOCK_M, W0], dtype=ACC_DTYPE)
+    g1 = tl.zeros([BLOCK_M, W1], dtype=ACC_DTYPE)
+    g2 = tl.zeros([BLOCK_M, W2], dtype=ACC_DTYPE)
     if ALIGNED:
         NR = NKS // K2
         for cb in range(NCB):
-            d2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+            d2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
             for r in range(0, NR):
                 start = r * K2 + cb * BLOCK_N
                 js = start + offs_n
@@ -891,9 +903,11 @@ def _bwd_dq_kernel(
                              other=0.0)  # fmt: skip
                 s = _scores(q, tl.trans(kb), qk_scale, rel_rows, row_sp, start, js, js < NKS,
                             0, 0, 0, 0, 0, 0, True, False, K1, K2, USE0, USE1, USE2, OFF0, OFF1,
-                            OFF2, ACC, DOT_PREC, False)  # fmt: skip
-                ds = _dq_tile(s, do, lse, delta, vb, row_in, js < NKS, DOT_PREC)
-                dq = tl.dot(ds.to(kb.dtype), kb, dq, input_precision=DOT_PREC, out_dtype=ACC)
+                            OFF2, ACC_DTYPE, DOT_PRECISION, False)  # fmt: skip
+                ds = _dq_tile(s, do, lse, delta, vb, row_in, js < NKS, DOT_PRECISION)
+                dq = tl.dot(
+                    ds.to(kb.dtype), kb, dq, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE
+                )
                 d2 += ds
                 if USE1:
                     # the tile's keys share their slow coordinates (r % K1, r // K1)
@@ -920,39 +934,51 @@ def _bwd_dq_kernel(
                 oh0, oh1, oh2 = _onehots(js, kb.dtype, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2)
             s = _scores(q, tl.trans(kb), qk_scale, rel_rows, row_sp, start, js, col_in, r0, r1, r2,
                         oh0, oh1, oh2, False, FULL, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2,
-                        ACC, DOT_PREC, False)  # fmt: skip
-            ds = _dq_tile(s, do, lse, delta, vb, row_in, col_in, DOT_PREC)
-            dq = tl.dot(ds.to(kb.dtype), kb, dq, input_precision=DOT_PREC, out_dtype=ACC)
+                        ACC_DTYPE, DOT_PRECISION, False)  # fmt: skip
+            ds = _dq_tile(s, do, lse, delta, vb, row_in, col_in, DOT_PRECISION)
+            dq = tl.dot(ds.to(kb.dtype), kb, dq, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
             if FULL:
                 # d_relq_a += dS @ onehot_a^T (dS rounded to tf32 for 16-bit inputs)
                 if USE0:
                     g0 = tl.dot(
-                        ds, tl.trans(oh0.to(ACC)), g0, input_precision=REL_PREC, out_dtype=ACC
+                        ds,
+                        tl.trans(oh0.to(ACC_DTYPE)),
+                        g0,
+                        input_precision=REL_PRECISION,
+                        out_dtype=ACC_DTYPE,
                     )
                 if USE1:
                     g1 = tl.dot(
-                        ds, tl.trans(oh1.to(ACC)), g1, input_precision=REL_PREC, out_dtype=ACC
+                        ds,
+                        tl.trans(oh1.to(ACC_DTYPE)),
+                        g1,
+                        input_precision=REL_PRECISION,
+                        out_dtype=ACC_DTYPE,
                     )
                 if USE2:
                     g2 = tl.dot(
-                        ds, tl.trans(oh2.to(ACC)), g2, input_precision=REL_PREC, out_dtype=ACC
+                        ds,
+                        tl.trans(oh2.to(ACC_DTYPE)),
+                        g2,
+                        input_precision=REL_PRECISION,
+                        out_dtype=ACC_DTYPE,
                     )
             else:
                 col_sp = col_in
                 if USE0:
                     _accumulate_drel_atomic(
                         drel_rows, row_sp, ds, js, start, col_sp, OFF0, K0, K1 * K2, DIRECT0,
-                        GW0, ACC, REL_PREC,
+                        GW0, ACC_DTYPE, REL_PRECISION,
                     )  # fmt: skip
                 if USE1:
                     _accumulate_drel_atomic(
                         drel_rows, row_sp, ds, js, start, col_sp, OFF1, K1, K2, DIRECT1, GW1,
-                        ACC, REL_PREC,
+                        ACC_DTYPE, REL_PRECISION,
                     )  # fmt: skip
                 if USE2:
                     _accumulate_drel_atomic(
                         drel_rows, row_sp, ds, js, start, col_sp, OFF2, K2, 1, DIRECT2, GW2,
-                        ACC, REL_PREC,
+                        ACC_DTYPE, REL_PRECISION,
                     )  # fmt: skip
     if ALIGNED or FULL:
         if USE0:
@@ -964,7 +990,7 @@ def _bwd_dq_kernel(
 
     dq = dq * sm_scale
     if RESIDUAL:
-        dq += tl.where((rows >= RES_FROM)[:, None], do.to(ACC), 0.0)
+        dq += tl.where((rows >= RES_FROM)[:, None], do.to(ACC_DTYPE), 0.0)
     tl.store(
         DQ + pid_bh * Nq * D + rows[:, None] * D + offs_d[None, :],
         dq.to(DQ.dtype.element_ty),
@@ -1036,10 +1062,13 @@ def _dq_blocks() -> tuple[int, int, int, int]:
     return 128, 32, 8, 2
 
 
-def _relq_blocks() -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_Y, num_warps) of the three relq kernels (one config each, checked by
-    the compile gate)."""
-    return (16, 16, 4) if dispatch.interpreting() else (64, 64, 4)
+def _relq_blocks(ka: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_Y, num_warps) of the three relq kernels for an axis of ka keys (checked
+    by the compile gate): 64 rows for the one warpgroup, up to 64 key columns (no more than
+    the axis needs: its padding is executed tensor-core work)."""
+    if dispatch.interpreting():
+        return 16, 16, 4
+    return 64, min(64, max(16, triton.next_power_of_2(ka))), 4
 
 
 def _axes(q: torch.Tensor, rel_tables: Sequence[torch.Tensor], q_grid: Grid, k_grid: Grid,
@@ -1068,14 +1097,14 @@ def _relq_packed(
     geo = _geometry(len(rel_tables), k_grid, has_cls)
     nqs = math.prod(q_grid)
     rel = torch.empty((B, H, nqs, geo["KSUM"]), dtype=q.dtype, device=q.device)
-    block_r, block_y, warps = _relq_blocks()
     for ax in _axes(q, rel_tables, q_grid, k_grid, geo):
+        block_r, block_y, warps = _relq_blocks(ax["KA"])
         grid = (B * H * ax["QA"] * triton.cdiv(ax["G"], block_r), triton.cdiv(ax["KA"], block_y))
         _relq_kernel[grid](
             q, ax["table"], ax["idx"], rel, *q.stride(),
             H, nqs, D, ax["QA"], ax["KA"], ax["INNER"], ax["G"],
             HAS_CLS=int(has_cls), OFF=ax["OFF"], KSUM=geo["KSUM"],
-            DOT_PREC=_dot_precision(q.dtype), BLOCK_R=block_r, BLOCK_Y=block_y,
+            DOT_PRECISION=_dot_precision(q.dtype), BLOCK_R=block_r, BLOCK_Y=block_y,
             BLOCK_D=_block_d(D), num_warps=warps, num_stages=2,
         )  # fmt: skip
     return rel
@@ -1114,8 +1143,8 @@ def _launch_fwd(
         *q.stride(), *k.stride(), *v.stride(),
         H, B * H, Nq, Nk, D, scale * _LOG2E,
         **geo,
-        RESIDUAL=residual, RES_FROM=res_from, ACC=tl_acc_dtype(q.dtype),
-        DOT_PREC=_dot_precision(q.dtype), BLOCK_D=_block_d(D),
+        RESIDUAL=residual, RES_FROM=res_from, ACC_DTYPE=tl_acc_dtype(q.dtype),
+        DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=_block_d(D),
     )  # fmt: skip
     return out, lse, o_att, rel
 
@@ -1148,7 +1177,7 @@ def _launch_bwd(
     if B * H == 0:
         return [dq, dk, dv, *[torch.zeros_like(t) for t in rel_tables]]
     block_d = _block_d(D)
-    ACC = tl_acc_dtype(q.dtype)
+    ACC_DTYPE = tl_acc_dtype(q.dtype)
     prec = _dot_precision(q.dtype)
 
     delta = torch.empty((B, H, Nq), dtype=acc, device=q.device)
@@ -1162,7 +1191,7 @@ def _launch_bwd(
         o, dout, q, k, v, lse, delta, ds_cls, dkv_cls,
         *o.stride(), *dout.stride(), *q.stride(), *k.stride(), *v.stride(),
         H, Nq, D, scale * _LOG2E,
-        HAS_CLS=bool(has_cls), ACC=ACC, BLOCK_M=block_m_delta, BLOCK_D=block_d,
+        HAS_CLS=bool(has_cls), ACC_DTYPE=ACC_DTYPE, BLOCK_M=block_m_delta, BLOCK_D=block_d,
     )  # fmt: skip
     if has_cls:
         # The CLS key's dV, dK: the delta kernel's per-block shares, summed (B H x 2 x D rows).
@@ -1180,7 +1209,7 @@ def _launch_bwd(
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
         H, B * H, Nq, Nk, D, scale, scale * _LOG2E,
         **geo,
-        ACC=ACC, DOT_PREC=prec, BLOCK_D=block_d,
+        ACC_DTYPE=ACC_DTYPE, DOT_PRECISION=prec, BLOCK_D=block_d,
     )  # fmt: skip
 
     k3 = (1,) * (3 - len(k_grid)) + tuple(k_grid)
@@ -1203,9 +1232,9 @@ def _launch_bwd(
         **geo,
         DIRECT0=windows[0][0], DIRECT1=windows[1][0], DIRECT2=windows[2][0],
         GW0=windows[0][1], GW1=windows[1][1], GW2=windows[2][1],
-        RESIDUAL=residual, RES_FROM=res_from, ACC=ACC, DOT_PREC=prec,
+        RESIDUAL=residual, RES_FROM=res_from, ACC_DTYPE=ACC_DTYPE, DOT_PRECISION=prec,
         # dS is rounded to tf32 (no underflow, 10-bit mantissa) for 16-bit inputs.
-        REL_PREC="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
+        REL_PRECISION="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
@@ -1229,12 +1258,12 @@ def _relq_backward(
     B, H, Nq, D = q.shape
     acc = acc_dtype(q.dtype)
     nqs = math.prod(q_grid)
-    block_r, block_y, warps = _relq_blocks()
-    meta = dict(HAS_CLS=int(has_cls), KSUM=geo["KSUM"], ACC=tl_acc_dtype(q.dtype),
-                DOT_PREC=_dot_precision(q.dtype), BLOCK_R=block_r, BLOCK_Y=block_y,
-                BLOCK_D=_block_d(D), num_warps=warps, num_stages=2)  # fmt: skip
     dtables = []
     for ax in _axes(q, rel_tables, q_grid, k_grid, geo):
+        block_r, block_y, warps = _relq_blocks(ax["KA"])
+        meta = dict(HAS_CLS=int(has_cls), KSUM=geo["KSUM"], ACC_DTYPE=tl_acc_dtype(q.dtype),
+                    DOT_PRECISION=_dot_precision(q.dtype), BLOCK_R=block_r, BLOCK_Y=block_y,
+                    BLOCK_D=_block_d(D), num_warps=warps, num_stages=2)  # fmt: skip
         qa, ka, n_rb = ax["QA"], ax["KA"], triton.cdiv(ax["G"], block_r)
         sizes = (qa, ka, ax["INNER"], ax["G"])
         _relq_dq_kernel[(B * H * qa * n_rb,)](
@@ -1447,11 +1476,13 @@ def relpos_attention(
     :func:`relpos_attention_ref`) is chosen by :func:`mmt_fast.kernels.dispatch.choose`.
     """
     _check_inputs(q, k, v, rel_tables, q_grid, k_grid, has_cls)
-    if dispatch.choose(OP_NAME, triton_reasons(q, k, v, rel_tables)):
+    # views the kernels' 16-byte alignment cannot take are copied (autograd sees the copy)
+    qa, ka, va = aligned(q), aligned(k), aligned(v)
+    if dispatch.choose(OP_NAME, triton_reasons(qa, ka, va, rel_tables)):
         out, *_ = _relpos_attention_fwd(
-            q,
-            k,
-            v,
+            qa,
+            ka,
+            va,
             list(rel_tables),
             [int(s) for s in q_grid],
             [int(s) for s in k_grid],

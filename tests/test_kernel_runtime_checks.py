@@ -12,7 +12,6 @@ from mmt_fast.kernels import bottleneck_attention as bn
 from mmt_fast.kernels import dispatch, pooled_qkv
 from mmt_fast.kernels import relpos_attention as rp
 from mmt_fast.kernels._common import aligned
-
 from tests.kernel_helpers import needs_interpreter as interpreter_only
 
 
@@ -65,7 +64,7 @@ def test_delta_comes_from_the_output_without_the_residual(force_triton):
 
     # The same backward fed out - q (what the delta used before) is measurably worse.
     qh, kh, vh, *th = half
-    out, lse, o_att, rel = rp._launch_fwd(qh, kh, vh, th, *args, True)
+    out, lse, _o_att, rel = rp._launch_fwd(qh, kh, vh, th, *args, True)
     old = rp._launch_bwd(dout.half(), qh, kh, vh, th, out - qh, lse, rel, *args, True)
     err_old = (old[1].double() - want[1]).abs().max().item()
     assert err_old > 4 * err, (err_old, err)
@@ -81,27 +80,38 @@ def _offset_view(shape, dtype):
 
 
 @interpreter_only
-def test_unaligned_views_are_refused_with_a_reason(force_triton):
+def test_unaligned_views_are_copied(force_triton):
+    """An offset view (address and strides 4 bytes off 16) runs the kernel on an aligned copy:
+    same values and gradients as the reference on the original."""
     q_grid, k_grid, D = (2, 2), (1, 2), 16
-    q, k, v, *tables = _relpos_inputs(1, 2, q_grid, k_grid, D, torch.float32)
-    bad_q = _offset_view(q.shape, torch.float32)
+    tensors = _relpos_inputs(1, 2, q_grid, k_grid, D, torch.float32)
+    bad_q = _offset_view(tensors[0].shape, torch.float32)
     assert bad_q.data_ptr() % 16 and bad_q.stride(2) * 4 % 16
-    with pytest.raises(dispatch.KernelUnsupportedError, match="multiple of 16 bytes"):
-        rp.relpos_attention(bad_q, k, v, tables, q_grid, k_grid, True, D**-0.5)
-    reasons = dispatch.last_refusal(rp.OP_NAME)
-    assert any(r.startswith("q starts at an address") for r in reasons), reasons
-    assert any(r.startswith("q has strides") for r in reasons), reasons
-    # auto: the reference runs, and says why
-    with dispatch.use("auto"):
-        out = rp.relpos_attention(bad_q, k, v, tables, q_grid, k_grid, True, D**-0.5)
-    want = rp.relpos_attention_ref(bad_q, k, v, tables, q_grid, k_grid, True, D**-0.5)
-    torch.testing.assert_close(out, want)
-    assert dispatch.last_refusal(rp.OP_NAME)
+    tensors[0] = bad_q
+    args = (q_grid, k_grid, True, D**-0.5)
+    dout = torch.randn(bad_q.shape, generator=torch.Generator().manual_seed(2))
+    out, got = _grads(rp.relpos_attention, tensors, dout, *args)
+    want_out, want = _grads(rp.relpos_attention_ref, tensors, dout, *args)
+    assert dispatch.last_refusal(rp.OP_NAME) == []  # the kernel ran
+    for g, w in zip((out, *got), (want_out, *want)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
-    m = [_offset_view((1, 2, 9, D), torch.float32) for _ in range(3)]
-    e = [torch.randn(1, 2, 2, D) for _ in range(3)]
+
+def test_rows_no_copy_can_align_are_refused_with_a_reason(monkeypatch, force_triton):
+    """A last dim of 4 fp16 (8 bytes): no contiguous copy makes the rows 16-byte multiples,
+    so the compiled kernels refuse it, naming the tensor and its strides."""
+    monkeypatch.setattr(dispatch, "gpu_rules", lambda: True)  # the compiled kernels' rules
+    q_grid, k_grid, D = (2, 2), (1, 2), 4
+    q, k, v, *tables = _relpos_inputs(1, 1, q_grid, k_grid, D, torch.float16)
+    with pytest.raises(dispatch.KernelUnsupportedError, match="not multiples of 16 bytes"):
+        rp.relpos_attention(q, k, v, tables, q_grid, k_grid, True, D**-0.5)
+    reasons = dispatch.last_refusal(rp.OP_NAME)
+    assert [r.split()[0] for r in reasons] == ["q", "k", "v"], reasons
+    m = [torch.randn(1, 2, 9, D).half() for _ in range(3)]
+    e = [torch.randn(1, 2, 2, 8).half() for _ in range(3)]
     reasons = bn.triton_reasons(m[0], e[0], (*m, *e))
-    assert sum("multiple of 16 bytes" in r for r in reasons) == 6, reasons
+    assert sum(r.startswith(("q_main ", "k_main ", "v_main ")) for r in reasons) == 3, reasons
+    assert not any(r.startswith(("q_extra", "k_extra", "v_extra")) for r in reasons), reasons
 
 
 def test_aligned_copies_only_what_breaks_alignment():
@@ -135,25 +145,32 @@ def test_unaligned_gradient_is_copied_in_the_backward(force_triton):
 
 
 def _launch_grids(fn) -> list[tuple[str, tuple]]:
-    """Run ``fn`` with every Triton launch recorded (kernel name, grid) instead of run."""
+    """Run ``fn`` with every Triton launch recorded (kernel name, grid) instead of run
+    (compiled or interpreted kernels, autotuned or not)."""
     from triton.runtime.autotuner import Autotuner
+    from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
     seen = []
 
-    def fake_jit(self, *args, grid=None, warmup=False, **kwargs):
-        seen.append((self.__name__, grid(kwargs) if callable(grid) else grid))
+    def name(obj):
+        return getattr(obj, "__name__", None) or obj.fn.__name__
+
+    def fake_run(self, *args, grid=None, warmup=False, **kwargs):
+        seen.append((name(self), grid(kwargs) if callable(grid) else grid))
 
     def fake_tune(self, *args, grid=None, **kwargs):
         for c in self.configs:  # every config autotune could pick
-            seen.append((self.fn.__name__, grid(c.kwargs) if callable(grid) else grid))
+            seen.append((name(self.fn), grid(c.kwargs) if callable(grid) else grid))
 
-    jit_run, tune_run = JITFunction.run, Autotuner.run
-    JITFunction.run, Autotuner.run = fake_jit, fake_tune
+    classes = (JITFunction, InterpretedFunction, Autotuner)
+    saved = [cls.run for cls in classes]
+    JITFunction.run, InterpretedFunction.run, Autotuner.run = fake_run, fake_run, fake_tune
     try:
         fn()
     finally:
-        JITFunction.run, Autotuner.run = jit_run, tune_run
+        for cls, run in zip(classes, saved):
+            cls.run = run
     return seen
 
 
@@ -172,7 +189,7 @@ def test_relpos_grids_take_batch_x_heads_beyond_65535():
     args = (q_grid, k_grid, True, D**-0.5, True, True)
 
     def both():
-        out, lse, o, rel = rp._launch_fwd(q, k, v, tables, *args)
+        _out, lse, o, rel = rp._launch_fwd(q, k, v, tables, *args)
         rp._launch_bwd(torch.empty_like(q), q, k, v, tables, o, lse, rel, *args)
 
     grids = _launch_grids(both)
