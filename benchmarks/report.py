@@ -114,18 +114,20 @@ def compile_gate_table(data: dict) -> str:
 
     sel = [r for r in rows if r["selectable"]]
     bad = [r for r in rows if Row(**r).failures()]
-    ungated = [r for r in rows if r["arch"] not in GATED_ARCHS and Row(**r).problems()]
+    slow = [r for r in bad if not Row(**r).compile_problems()]
+    ungated = [r for r in rows if r["arch"] not in GATED_ARCHS and Row(**r).compile_problems()]
     archs = "/".join(f"sm_{a}" for a in GATED_ARCHS)
     lines = [
         f"Compiled on: {env['host']}, triton {env['triton']}, {env['date'][:10]} "
         f"(`benchmarks/results/{data['_file']}`, subset `{data['subset']}`): "
-        f"{len(rows)} variants, {len(sel)} selectable, {len(bad)} failing the gate ({archs}). "
+        f"{len(rows)} variants, {len(sel)} selectable, {len(bad)} failing the gate ({archs}; "
+        f"{len(slow)} of them only for speed: duplicated warps, mma.sync or C7515). "
         f"Not gated: {len(ungated)} sm_80 variants spill (up to "
         f"{max([r['spill_bytes'] for r in ungated], default=0)} B).",
         "",
         "| op | kernel | pinned config | max registers | max spill (B) | max shared (KiB) "
-        "| tensor-core instr. | compile s (pinned, all shapes) |",
-        "|---|---|---|---:|---:|---:|---|---:|",
+        "| tensor-core instr. | warp duplication | C7515 | compile s (pinned, all shapes) |",
+        "|---|---|---|---:|---:|---:|---|---:|---|---:|",
     ]
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
@@ -135,10 +137,13 @@ def compile_gate_table(data: dict) -> str:
         tc = "n/a (no matmul)" if not rs[0].get("needs_tensor_core", True) else (
             f"HGMMA, {min(r['tc_instructions'] for r in rs)}-{max(r['tc_instructions'] for r in rs)}"
         )  # fmt: skip
+        dup = max(r.get("warp_duplication", 1.0) for r in rs)
+        c7515 = sum(bool(r.get("wgmma_serialized")) for r in rs)
         lines.append(
             f"| {op} | `{kernel}` | {rs[0]['config']} | {max(r['registers'] for r in rs)} "
             f"| {max(r['spill_bytes'] for r in rs)} | {max(r['shared_bytes'] for r in rs) / 1024:.1f} "
-            f"| {tc} | {sum(r['compile_s'] for r in rs):.1f} |"
+            f"| {tc} | {dup:g} | {f'{c7515} of {len(rs)} shapes' if c7515 else 'no'} "
+            f"| {sum(r['compile_s'] for r in rs):.1f} |"
         )
     before = RESULTS / "compile_gate_before.json"
     if before.exists():
@@ -151,6 +156,45 @@ def compile_gate_table(data: dict) -> str:
             f"{max(r['spill_bytes'] for r in old)} B per thread), and the slowest took "
             f"{max(r['compile_s'] for r in old):.0f} s to compile.",
         ]
+    return "\n".join(lines)
+
+
+MODEL_BEFORE = "compile_gate_model_before.json"
+
+
+def kernel_model_table(data: dict) -> str:
+    """The compile gate's performance model per case: before (the kernels before issue 14's
+    redesign, ``compile_gate_model_before.json``) and now (``compile_gate.json``)."""
+    before_path = RESULTS / MODEL_BEFORE
+    before = json.loads(before_path.read_text()) if before_path.exists() else data
+    old = {c["case"]: c for c in before["cases"]}
+    lines = [
+        f"Estimated, not measured (no GPU has run these kernels): "
+        f"`benchmarks/results/{data['_file']}` ({data['environment']['date'][:10]}) against "
+        f"`benchmarks/results/{MODEL_BEFORE}` ({before['environment']['date'][:10]}, the kernels "
+        "before the redesign). Forward + backward, bf16, pinned configs, sm_90; model = executed "
+        "tensor-core FLOPs / 790 TFLOP/s + glue bytes / 4.3 TB/s; floor: the roofline above.",
+        "",
+        "| case | useful TFLOP | executed TFLOP before | now | executed / useful before | now "
+        "| glue GB before | now | model ms before | now | floor ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in data["cases"]:
+        b = old.get(c["case"], c)
+        lines.append(
+            f"| {c['case']} | {c['useful_tflop']:.3f} | {b['executed_tflop']:.3f} "
+            f"| {c['executed_tflop']:.3f} | {b['executed_over_useful']:.2f} "
+            f"| {c['executed_over_useful']:.2f} | {b['glue_bytes'] / 1e9:.3f} "
+            f"| {c['glue_bytes'] / 1e9:.3f} | {b['model_ms']:.3f} | {c['model_ms']:.3f} "
+            f"| {c['floor_ms']:.3f} |"
+        )
+    fails = data.get("case_failures", [])
+    targets = "; ".join(
+        f"{k}: " + ", ".join(f"{n} <= {v:g}" for n, v in t.items())
+        for k, t in data["targets"].items()
+    )
+    missed = f"Missed now: {'; '.join(fails)}." if fails else "All met."
+    lines += ["", f"Targets (`benchmarks.compile_gate.TARGETS`): {targets}. {missed}"]
     return "\n".join(lines)
 
 
@@ -186,6 +230,7 @@ def data_loader_table(data: dict) -> str:
 SECTIONS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "flops_memory": ("flops_memory_cpu.json", flops_memory_table),
     "compile_gate": ("compile_gate.json", compile_gate_table),
+    "kernel_model": ("compile_gate.json", kernel_model_table),
     "data_loader": ("data_cpu.json", data_loader_table),
     "mmt_flops": ("mmt_flops_readings.json", mmt_flops_table),
 }

@@ -208,3 +208,33 @@ def test_compile_estimate_sums_the_pinned_sm90_rows() -> None:
         del r["pinned"]
     assert "no pins" in kb.compile_time_estimate(gate)[0]
     assert kb.compile_time_estimate(gate)[-1].split()[:2] == ["total", "4"]
+
+
+def test_merge_adds_a_bounded_run_and_redoes_the_targets(tmp_path) -> None:
+    """``--merge INTO FROM`` (the GPU script's FlexAttention stage): FROM's timed paths and
+    check rows join INTO's case, and the speed-up against FlexAttention is evaluated."""
+    import json
+
+    case = {"nm_bf16_gb": 1.0, "check": {"rows": [{"path": "fused", "status": "ok"}]}}
+    into = {"cases": {"relpos/mat_s1": {**case, "paths": {"fused": {"fwd_bwd_ms": 2.0}}}}}
+    extra = {
+        "cases": {
+            "relpos/mat_s1": {
+                "paths": {"flex": {"fwd_bwd_ms": 5.0}},
+                "check": {"rows": [{"path": "flex", "status": "ok"}]},
+            },
+            "bottleneck/mmt_audio": {"paths": {"flex": {"fwd_bwd_ms": 1.0}}},
+        }
+    }
+    a, b = tmp_path / "kernels.json", tmp_path / "flex.json"
+    a.write_text(json.dumps(into))
+    b.write_text(json.dumps(extra))
+    assert kb.main(["--merge", str(a), str(b)]) == 0
+    got = json.loads(a.read_text())
+    entry = got["cases"]["relpos/mat_s1"]
+    assert entry["paths"] == {"fused": {"fwd_bwd_ms": 2.0}, "flex": {"fwd_bwd_ms": 5.0}}
+    assert [r["path"] for r in entry["check"]["rows"]] == ["fused", "flex"]
+    assert "bottleneck/mmt_audio" not in got["cases"]  # not in the main run: left out
+    assert got["targets"]["fwd_bwd_speedup_vs_flex"] == 2.5
+    assert got["targets"]["fwd_bwd_speedup_vs_flex_met"] is True
+    assert kb.main(["--merge", str(a), str(tmp_path / "missing.json")]) == 2

@@ -1,12 +1,15 @@
-"""The compile gate: every pinned kernel config compiled for sm_90 on this CPU, and the gate
-itself shown to catch spills and missing tensor-core instructions.
+"""The compile gate: every pinned kernel config compiled for sm_90 on this CPU, the gate itself
+shown to catch spills, duplicated warps, mma.sync and C7515, its per-dot reading (tiles, MMA
+layouts, loop trips) checked on kernels of its own, its performance model (useful and
+executed tensor-core FLOPs, glue bytes around the kernels, model time) and issue 14's targets.
 
 The CI subset (``--subset ci``: the pinned config of every kernel, bf16, at MAT stage 1,
 MViTv2-B stage 1 and the AVBottleneck, sm_90) runs here, in a subprocess without
 ``TRITON_INTERPRET`` (the interpreter replaces kernels by Python). The whole matrix
 (every autotune config, bf16/fp16, every stage, sm_90 and sm_80) is
 ``python -m benchmarks.compile_gate --subset full``; its last result is committed in
-``benchmarks/results/compile_gate.json``.
+``benchmarks/results/compile_gate.json``. The speed targets are expected to fail on the
+kernels before the redesign (``test_ci_subset_meets_the_speed_targets``, xfail).
 """
 
 import json
@@ -42,12 +45,17 @@ def ci_gate(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
     return proc, data
 
 
-def test_ci_subset_passes(ci_gate) -> None:
+def test_ci_subset_compiles(ci_gate) -> None:
+    """Every pinned variant of the CI subset compiles without spills, within shared memory,
+    with tensor-core matmuls (the speed criteria are test_ci_subset_meets_the_speed_targets)."""
+    from benchmarks.compile_gate import Row
+
     proc, data = ci_gate
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode in (0, 1) and data, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = data["rows"]
     fields = {"kernel", "dtype", "config", "shape", "arch", "registers", "spill_bytes",
-              "shared_bytes", "shared_limit_bytes", "tensor_core", "selectable", "compile_s"}  # fmt: skip
+              "shared_bytes", "shared_limit_bytes", "tensor_core", "selectable", "compile_s",
+              "warp_duplication", "dots", "hmma_instructions", "wgmma_serialized_reason"}  # fmt: skip
     assert all(fields <= set(r) for r in rows)
     # Every kernel of the three ops, at every CI shape.
     kernels = {(r["op"], r["kernel"]) for r in rows}
@@ -60,6 +68,64 @@ def test_ci_subset_passes(ci_gate) -> None:
         assert r["spill_bytes"] == 0 and r["shared_bytes"] <= r["shared_limit_bytes"], r
         assert r["tensor_core"] or not r["needs_tensor_core"], r
         assert 0 < r["registers"] <= 255
+        assert not Row(**r).compile_problems(), r
+        # the gate's exit status counts exactly the failures the rows and cases show
+    n_fail = sum(len(Row(**r).failures()) for r in rows) + len(data["case_failures"])
+    assert proc.returncode == int(n_fail > 0), proc.stdout[-3000:]
+
+
+def test_ci_subset_prices_every_case(ci_gate) -> None:
+    """The JSON's ``cases``: useful FLOPs and the floor are the roofline's, the model time is
+    executed / 790 TFLOP/s + glue / 4.3 TB/s, an attention op executes at least its useful
+    work on the tensor cores, and every dot of an attention kernel has a known trip count."""
+    import math
+
+    from benchmarks.kernels import roofline
+    from benchmarks.kernels.cases import real_cases
+
+    _, data = ci_gate
+    cases = {c["case"]: c for c in data["cases"]}
+    assert set(cases) == {"relpos/mat_s1", "relpos/video_s1", "bottleneck/mmt_audio",
+                          "pooled/mat_s1", "pooled/video_s1"}  # fmt: skip
+    real = real_cases()
+    for name, c in cases.items():
+        case = real[name]
+        assert math.isclose(c["useful_tflop"], roofline.flops(case, "fwd_bwd") / 1e12)
+        assert math.isclose(c["floor_ms"], roofline.floor_s(case, "fwd_bwd")["floor_ms"])
+        model = c["executed_tflop"] * 1e12 / 790e12 + c["glue_bytes"] / 4.3e12
+        assert math.isclose(c["model_ms"], model * 1e3), c
+        assert c["glue_bytes"] >= c["glue_bytes_fwd"] >= 0
+        if case.op != "pooled":
+            assert c["executed_tflop"] >= c["useful_tflop"], c
+            assert c["executed_tflop_fwd"] >= c["useful_tflop_fwd"], c
+    for r in data["rows"]:
+        if r["op"] != "pooled_qkv" and r["kernel"] != "_bwd_delta_kernel":
+            assert r["dots"] and all(d["trips"] >= 1 and d["mma_version"] for d in r["dots"]), r
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="issue 14 targets: today's kernels duplicate warps (warpsPerCTA [8, 1] on 64-row "
+    "tiles), draw C7515, execute 3.1x the useful work and move 5.8 GB of glue at MAT stage 1; "
+    "remove this mark once the redesigned kernels land",
+)
+def test_ci_subset_meets_the_speed_targets(ci_gate) -> None:
+    """Issue 14's targets: no selectable sm_90 variant duplicates warps, uses mma.sync or is
+    pinned with C7515; rel-pos at MAT stage 1 executes <= 1.55x the useful tensor-core work
+    (<= 1.05x forward) with <= 0.5 GB of glue, <= 0.2 GB at video stage 1; the gate exits 0."""
+    from benchmarks.compile_gate import Row
+
+    proc, data = ci_gate
+    for r in data["rows"]:
+        if r["selectable"] and r["arch"] == 90:
+            assert r["warp_duplication"] == 1.0, (r["kernel"], r["shape"], r["dots"])
+            assert not Row(**r).speed_problems(), r
+    cases = {c["case"]: c for c in data["cases"]}
+    mat, video = cases["relpos/mat_s1"], cases["relpos/video_s1"]
+    assert mat["executed_tflop"] / mat["useful_tflop"] <= 1.55, mat
+    assert mat["executed_tflop_fwd"] / mat["useful_tflop_fwd"] <= 1.05, mat
+    assert mat["glue_bytes"] <= 0.5e9 and video["glue_bytes"] <= 0.2e9, (mat, video)
+    assert not data["case_failures"] and proc.returncode == 0, proc.stdout[-3000:]
 
 
 def test_attention_kernels_use_tensor_cores(ci_gate) -> None:
@@ -88,6 +154,114 @@ print(res["spill_bytes"], res["registers"], "|".join(row.failures()))
     spill, regs, failures = proc.stdout.strip().splitlines()[-1].split(" ", 2)
     assert int(spill) > 0 and int(regs) == 255
     assert "spills" in failures
+
+
+CHAINED_DOTS = """
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def chained_dots(Q, K, V, O, N, REPS: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + rows[:, None] * BLOCK_D + d[None, :])
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for _r in range(REPS):
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            kt = tl.load(K + cols[None, :] * BLOCK_D + d[:, None])
+            s = tl.dot(q, kt)
+            v = tl.load(V + cols[:, None] * BLOCK_D + d[None, :])
+            acc += tl.dot(s.to(tl.bfloat16), v)
+    tl.store(O + rows[:, None] * BLOCK_D + d[None, :], acc)
+
+
+@triton.jit
+def persistent_dots(A, B, C, N_TILES, BLOCK: tl.constexpr):
+    r = tl.arange(0, BLOCK)
+    b = tl.load(B + r[:, None] * BLOCK + r[None, :])
+    for tile in range(tl.program_id(0), N_TILES, tl.num_programs(0)):
+        a = tl.load(A + tile * BLOCK * BLOCK + r[:, None] * BLOCK + r[None, :])
+        tl.store(C + tile * BLOCK * BLOCK + r[:, None] * BLOCK + r[None, :], tl.dot(a, b))
+"""
+
+
+def test_gate_reads_dots_trips_and_duplicated_warps(tmp_path) -> None:
+    """A kernel written here (not the project's): S = Q K^T feeding S V, in a loop of
+    ceil(1000 / 64) = 16 key tiles inside a loop of 3. Compiled for sm_90, the gate reads two
+    64 x 64 x 64 wgmma dots run 3 x 16 = 48 times per program; with 8 warps on 64 rows Triton
+    stacks the warps along M ([8, 1]): every row computed twice, warp_duplication 2, and the
+    gate fails the variant; with 4 warps, or 8 warps on 128 rows, there is none. A persistent
+    loop over 10 tiles on 4 programs (tile = pid, pid + 4, ...) runs 3, 3, 2, 2 times: the
+    gate evaluates the first and last program, 3 and 2, and counts their mean, 2.5."""
+    (tmp_path / "chained.py").write_text(CHAINED_DOTS)
+    code = """
+import json, torch
+from benchmarks import compile_gate as g
+from chained import chained_dots, persistent_dots
+m = dict(device="meta", dtype=torch.bfloat16)
+args = {"Q": torch.empty(1, **m), "K": torch.empty(1, **m), "V": torch.empty(1, **m),
+        "O": torch.empty(1, device="meta", dtype=torch.float32), "N": 1000, "REPS": 3}
+launch = g.Launch("test", "chained_dots", args, [], [], chained_dots)
+out = []
+for warps, bm in ((8, 64), (4, 64), (8, 128)):
+    cfg = {"kwargs": {"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_D": 64}, "num_warps": warps,
+           "num_stages": 2}
+    res = g._compile_one(launch, cfg, 90)
+    row = g.Row(kernel="chained_dots", op="test", dtype="bfloat16", config="", shape="",
+                arch=90, selectable=True, shared_limit_bytes=g.SHARED_LIMIT[90], **res)
+    out.append([res["dots"], res["warp_duplication"], row.failures()])
+args = {"A": torch.empty(1, **m), "B": torch.empty(1, **m),
+        "C": torch.empty(1, device="meta", dtype=torch.float32), "N_TILES": 10}
+launch = g.Launch("test", "persistent_dots", args, [], [], persistent_dots, grid=(4,))
+cfg = {"kwargs": {"BLOCK": 64}, "num_warps": 4, "num_stages": 2}
+out.append(g._compile_one(launch, cfg, 90)["dots"])
+print(json.dumps(out))
+"""
+    env = dict(_env())
+    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env["PYTHONPATH"]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (dup8, d8, f8), (dup4, d4, f4), (dup128, d128, f128), persistent = json.loads(
+        proc.stdout.splitlines()[-1]
+    )
+    for dots, bm in ((dup8, 64), (dup4, 64), (dup128, 128)):
+        assert [(d["m"], d["n"], d["k"], d["trips"], d["mma_version"]) for d in dots] == [
+            (bm, 64, 64, 48, 3),
+            (bm, 64, 64, 48, 3),
+        ], dots
+    assert dup8[0]["warps_per_cta"] == [8, 1] and dup8[0]["warp_duplication"] == 2.0
+    assert dup8[1]["warp_duplication"] == 1.0  # the second dot splits N over the warpgroups
+    assert d8 == 2.0 and any("warp_duplication 2" in f for f in f8), f8
+    assert d4 == d128 == 1.0 and not f4 and not f128, (f4, f128)
+    assert [(d["m"], d["n"], d["k"], d["trips"], d["trips_range"]) for d in persistent] == [
+        (64, 64, 64, 2.5, [3, 2])
+    ], persistent
+
+
+def test_speed_rules_of_a_row() -> None:
+    """What fails a selectable sm_90 variant for speed: a dot on mma.sync (HMMA) and, on the
+    pinned config only, ptxas C7515; sm_80 rows are reported, not gated."""
+    from benchmarks.compile_gate import Row
+
+    dot = dict(m=64, n=64, k=64, dtype="bf16", mma_version=2, warps_per_cta=[4, 1],
+               instr_shape=[16, 8], warp_duplication=1.0, trips=4)  # fmt: skip
+    common = dict(kernel="k", op="o", dtype="bfloat16", config="", shape="", registers=100,
+                  spill_bytes=0, shared_bytes=0, shared_limit_bytes=1, tensor_core=True,
+                  tc_instructions=8, selectable=True)  # fmt: skip
+    hmma = Row(arch=90, dots=[dot], hmma_instructions=8, **common)
+    assert any("HMMA" in p for p in hmma.failures()) and not hmma.compile_problems()
+    assert not Row(arch=80, dots=[dot], hmma_instructions=8, **common).failures()
+    why = "Potential Performance Loss: wgmma.mma_async instructions are serialized"
+    wg = dict(dot, mma_version=3, instr_shape=[16, 64, 16])
+    serial = dict(dots=[wg], wgmma_serialized=True, wgmma_serialized_reason=why, arch=90)
+    assert Row(pinned=True, **serial, **common).failures() == [
+        f"ptxas C7515 (wgmma serialised): {why}"
+    ]
+    assert not Row(pinned=False, **serial, **common).failures()
 
 
 def test_refuses_to_run_under_the_interpreter() -> None:
@@ -141,8 +315,9 @@ def test_early_prune_drops_configs_over_the_shared_memory_limit(monkeypatch) -> 
 
 
 def test_committed_full_gate_is_clean_and_current() -> None:
-    """benchmarks/results/compile_gate.json (``--subset full``) has no failing selectable
-    variant, and its pinned rows are the configs the kernels pin today (not a stale run)."""
+    """benchmarks/results/compile_gate.json (``--subset full``) has no selectable sm_90 variant
+    that fails to compile, spills or overflows shared memory, prices every model case, and
+    its pinned rows are the configs the kernels pin today (not a stale run)."""
     code = """
 import json
 from pathlib import Path
@@ -151,8 +326,9 @@ from benchmarks import compile_gate as g
 from mmt_fast.kernels import tuning
 data = json.loads(Path("benchmarks/results/compile_gate.json").read_text())
 assert data["subset"] == "full", data["subset"]
-bad = [r for r in data["rows"] if g.Row(**r).failures()]
+bad = [r for r in data["rows"] if r["arch"] in g.GATED_ARCHS and g.Row(**r).compile_problems()]
 assert not bad, bad[:3]
+assert [c["case"] for c in data["cases"]] == list(g.MODEL_CASES), data["cases"]
 stale = []
 for r in data["rows"]:
     pin = tuning.pinned_config(r["kernel"], r["op"])
@@ -183,3 +359,46 @@ def test_fallback_configs_run_only_when_nothing_else_fits(monkeypatch) -> None:
     assert tuning.early_prune([big, small], {"BLOCK_D": 128}) == [small]
     # and the compile gate does not count a fallback as selectable on an H100/H200
     assert tuning.selectable([big, small]) == [big]
+
+
+# ----------------------------------------------------------------------------- glue traffic
+
+
+def test_glue_counter_prices_each_aten_op_by_hand() -> None:
+    """benchmarks.glue.ByteCounter on meta tensors, every figure worked out by hand: a copy
+    reads and writes its tensor, a view and an empty allocation move nothing, zeros only
+    writes, an in-place add reads both operands and writes the target, an expanded operand
+    is read once, and a bmm's FLOPs are 2 B M N K."""
+    import torch
+
+    from benchmarks.glue import ByteCounter
+
+    m = dict(device="meta")
+    a = torch.empty(4, 8, 16, dtype=torch.bfloat16, **m)  # 1 KiB
+    b = torch.empty(4, 16, 32, dtype=torch.float32, **m)  # 8 KiB
+    counter = ByteCounter()
+    with counter:
+        counter.phase = "fwd"
+        v = a.view(32, 16)  # view: free
+        torch.empty(1000, **m)  # nothing written
+        t = a.transpose(1, 2).contiguous()  # clone: 1 KiB read + 1 KiB written
+        torch.cat([a, t.transpose(1, 2)], dim=0)  # 2 KiB read, 2 KiB written
+        counter.phase = "bwd"
+        z = torch.zeros(4, 16, 32, **m)  # 8 KiB written
+        z.add_(b)  # 16 KiB read, 8 KiB written
+        z.copy_(b)  # 8 KiB read, 8 KiB written (the target is only overwritten)
+        row = torch.empty(1, 1, 32, **m)
+        z.mul_(row.expand(4, 16, 32))  # z 8 KiB + one row 128 B read, 8 KiB written
+        torch.bmm(a.float(), b)  # _to_copy 1 KiB + 2 KiB; bmm reads 2 + 8 KiB, writes 4 KiB
+    del v
+    ops = {k: (o.read, o.written, o.flops) for k, o in counter.ops.items()}
+    assert ops == {
+        ("fwd", "clone"): (1024, 1024, 0),
+        ("fwd", "cat"): (2048, 2048, 0),
+        ("bwd", "zeros"): (0, 8192, 0),
+        ("bwd", "add_.Tensor"): (16384, 8192, 0),
+        ("bwd", "copy_"): (8192, 8192, 0),
+        ("bwd", "mul_.Tensor"): (8192 + 128, 8192, 0),
+        ("bwd", "_to_copy"): (1024, 2048, 0),
+        ("bwd", "bmm"): (2048 + 8192, 4096, 2 * 4 * 8 * 16 * 32),
+    }, ops

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_helpers import cpu_kernels
 
-from mmt_fast.kernels import dispatch
-from mmt_fast.kernels.relpos_attention import relpos_attention
 from mmt_fast import MAT, create_model
 from mmt_fast.config import BottleneckConfig, mat_tiny, mvit_tiny
+from mmt_fast.kernels import dispatch
+from mmt_fast.kernels.relpos_attention import relpos_attention
 from mmt_fast.profiling import count_flops, estimate_train_memory
 
 # small enough for Triton's interpreter: 4x8 audio tokens, 1x4x4 video tokens
@@ -51,6 +52,7 @@ def assert_same(ref, got, rtol=1e-4, atol=1e-5):
         torch.testing.assert_close(g1[name], g0[name], rtol=rtol, atol=atol, msg=name)
 
 
+@cpu_kernels
 def test_mat_with_kernels_is_a_drop_in():
     """Same parameters, same state dict, same outputs and gradients."""
     torch.manual_seed(0)
@@ -63,6 +65,7 @@ def test_mat_with_kernels_is_a_drop_in():
     assert_same(ref, got)
 
 
+@cpu_kernels
 def test_mmt_with_kernels_matches_reference():
     model = micro_mmt()
     batch = {"audio": torch.randn(3, 1, 16, 32), "video": torch.randn(3, 3, 2, 16, 16)}
@@ -84,6 +87,7 @@ class RelPosModule(torch.nn.Module):
         return relpos_attention(q, k, v, list(self.tables), (4, 5), (2, 3), True, 8**-0.5)
 
 
+@cpu_kernels
 def test_relpos_custom_op_flops_match_the_reference_count():
     q = torch.randn(1, 2, 21, 8)
     kv = torch.randn(1, 2, 7, 8)
@@ -125,6 +129,7 @@ def test_dispatch_switch(monkeypatch):
     assert reasons and ("CPU" in reasons[0] or "not CUDA" in reasons[0])
 
 
+@cpu_kernels
 def test_fvcore_counts_every_fused_op_like_its_reference():
     """Counting with the kernels active gives the reference path's FLOPs."""
     model = micro_mmt()

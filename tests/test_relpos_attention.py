@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from kernel_helpers import DEVICE
+from kernel_helpers import DEVICE, KERNEL_DTYPE, fp32_attention
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mmt_fast.kernels import dispatch
@@ -158,7 +158,11 @@ def assert_flash_rule(label, got, ref_low, ref64, dtype, term_scale=0.0):
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(
+    "dtype",
+    [pytest.param(torch.float32, marks=fp32_attention), torch.float16],
+    ids=["fp32", "fp16"],
+)
 @pytest.mark.parametrize("name", list(CASES))
 def test_kernel_matches_fp64(name, dtype, force_triton):
     case = CASES[name]
@@ -174,6 +178,7 @@ def test_kernel_matches_fp64(name, dtype, force_triton):
     assert dispatch.last_refusal(OP_NAME) == []
 
 
+@fp32_attention
 @pytest.mark.parametrize(
     "residual, residual_cls", [(False, True), (True, False)], ids=["no_res", "res_no_cls"]
 )
@@ -190,6 +195,7 @@ def test_kernel_residual_variants(residual, residual_cls, force_triton):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5, msg=label)
 
 
+@fp32_attention
 def test_kernel_without_tables(force_triton):
     case = CASES["2d_5x7_over_3x4_cls"]
     _, _, q_grid, k_grid, has_cls, D = case
@@ -205,6 +211,7 @@ def test_kernel_without_tables(force_triton):
         torch.testing.assert_close(g.double(), w.detach(), rtol=1e-4, atol=1e-5)
 
 
+@fp32_attention
 def test_non_contiguous_inputs(force_triton):
     """q, k, v as head-transposed views (as after a qkv projection), a transposed table,
     and an expanded (stride-0) output gradient."""
@@ -247,7 +254,7 @@ def test_fake_tensor_mat_stage1_saves_no_attention_matrix(force_triton):
     Nq, Nk = 1 + 32 * 256, 1 + 16 * 128
     saved = []
     with FakeTensorMode():
-        tensors = make_inputs(case, torch.float32)
+        tensors = make_inputs(case, KERNEL_DTYPE)
         with torch.autograd.graph.saved_tensors_hooks(
             lambda t: saved.append(tuple(t.shape)) or t, lambda t: t
         ):
@@ -262,7 +269,7 @@ def test_fake_tensor_mat_stage1_saves_no_attention_matrix(force_triton):
 
 def test_opcheck(force_triton):
     case = CASES["3d_2x3x3_over_1x2x2_cls"]
-    q, k, v, *tables = make_inputs(case, torch.float32)
+    q, k, v, *tables = make_inputs(case, KERNEL_DTYPE)
     _, _, q_grid, k_grid, has_cls, D = case
     torch.library.opcheck(
         torch.ops.mmt_fast.relpos_attention_fwd.default,
@@ -270,6 +277,7 @@ def test_opcheck(force_triton):
     )
 
 
+@fp32_attention
 def test_torch_compile_fullgraph(force_triton):
     case = CASES["3d_2x3x3_over_1x2x2_cls"]
     tensors = make_inputs(case, torch.float32)

@@ -62,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--replot", type=Path, help="redraw the plot of an existing JSON")
     ap.add_argument("--summary", type=Path, help="print the summary of an existing JSON")
     ap.add_argument(
+        "--merge",
+        nargs=2,
+        type=Path,
+        metavar=("INTO", "FROM"),
+        help="add the paths timed in FROM (a run with --paths) to INTO's cases, targets redone",
+    )
+    ap.add_argument(
         "--compile-estimate",
         type=Path,
         metavar="GATE_JSON",
@@ -110,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print("\n".join(compile_time_estimate(json.loads(args.compile_estimate.read_text()))))
         return 0
+    if args.merge:
+        return _merge(*args.merge)
     if args.summary:
         data = json.loads(args.summary.read_text())
         if "modes" in data:  # --train-memory
@@ -147,6 +156,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("TRITON_INTERPRET=0 on the CPU: the kernels cannot run")
             return 2
     return _run(args, device)
+
+
+def _merge(into: Path, other: Path) -> int:
+    """Add what ``other`` timed and checked (e.g. a bounded FlexAttention-only run) to the
+    cases of ``into``; the targets are recomputed from the merged paths."""
+    from benchmarks.kernels.summary import targets
+    from benchmarks.kernels.timing import _write_json
+
+    for f in (into, other):
+        if not f.is_file():
+            print(f"--merge: {f} not found")
+            return 2
+    data, extra = json.loads(into.read_text()), json.loads(other.read_text())
+    merged = []
+    for name, entry in extra["cases"].items():
+        if name not in data["cases"]:
+            continue
+        dest = data["cases"][name]
+        for path, r in entry.get("paths", {}).items():
+            dest["paths"][path] = r
+            merged.append(f"{name}/{path}")
+        if "check" in entry:
+            rows = {r["path"]: r for r in dest.get("check", {}).get("rows", [])}
+            rows.update({r["path"]: r for r in entry["check"]["rows"]})
+            dest.setdefault("check", entry["check"])["rows"] = list(rows.values())
+    data["targets"] = targets(data)
+    _write_json(into, data)
+    print(f"merged into {into}: {', '.join(merged) or 'nothing'}")
+    return 0
 
 
 def _roofline(args: argparse.Namespace) -> int:

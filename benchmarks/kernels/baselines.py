@@ -224,7 +224,10 @@ def build_path(path: str, inp: Inputs, compile_flex: bool) -> Callable[[], tuple
         return run
 
     if c.op == "bottleneck":
-        from mmt_fast.kernels.bottleneck_attention import bottleneck_attention, bottleneck_attention_ref
+        from mmt_fast.kernels.bottleneck_attention import (
+            bottleneck_attention,
+            bottleneck_attention_ref,
+        )
 
         segs = [t[n] for n in ("q_main", "k_main", "v_main", "q_extra", "k_extra", "v_extra")]
         scale = c.head_dim**-0.5
