@@ -194,9 +194,11 @@ def _configs(kernel: str) -> list[triton.Config]:
             ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 1),
             ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 2),
         ],
-        # transposed: BLOCK_N keys are every matmul's M, BLOCK_M queries per step
+        # transposed: BLOCK_N keys are every matmul's M, BLOCK_M queries per step; 1 stage
+        # (2 draw C7515)
         "_bwd_dkdv_kernel": [
-            ({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 2),
+            ({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 1),
+            ({"BLOCK_M": 32, "BLOCK_N": 128}, 8, 1),
         ],
     }[kernel]
     return tuning.configs(OP_NAME, kernel, entries, ({"BLOCK_M": 16, "BLOCK_N": 16}, 4, 1))
@@ -352,18 +354,21 @@ def _bias_gather(
 
 @triton.jit
 def _scores(
-    a, bt, qk_scale, rel_rows, row_sp, start, js, col_in, r0, r1, r2, oh0, oh1, oh2,
+    a, bt, a2, bt2, qk_scale, rel_rows, row_sp, start, js, col_in, r0, r1, r2, oh0, oh1, oh2,
     ALIGNED: tl.constexpr, FULL: tl.constexpr,
     K1: tl.constexpr, K2: tl.constexpr,
     USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
     OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, TRANS: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):  # fmt: skip
     """S = q k^T * scale + bias of one tile in log2 units (exp2 is the native instruction), the
     bias by the path chosen at compile time (the one place that chooses, for all kernels):
     aligned, the bias is the Q K^T matmul's initial accumulator; short axes, sum_a relq_a @
     onehot_a (r_a, oh_a from the caller, which keeps the loop-invariant ones); otherwise the
     per-element gather. (a, bt) = (q, k^T); TRANS: (k, q^T) and S^T is returned, keys x rows.
+    SPLIT: the head dim comes in two chunks (96 = 64 + 32: no padding to 128), (a2, bt2) the
+    second.
     """
     if TRANS:
         BM: tl.constexpr = bt.shape[1]
@@ -377,9 +382,14 @@ def _scores(
         s = tl.dot(
             a, bt, b * (_LOG2E_C / qk_scale), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE
         )
+        if SPLIT:
+            s = tl.dot(a2, bt2, s, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         s = s * qk_scale
     else:
-        s = tl.dot(a, bt, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
+        s = tl.dot(a, bt, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        if SPLIT:
+            s = tl.dot(a2, bt2, s, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        s = s * qk_scale
         if FULL:
             s += _LOG2E_C * _bias_full(r0, r1, r2, oh0, oh1, oh2, USE0, USE1, USE2, ACC_DTYPE, DOT_PRECISION,
                                        BM, BN, TRANS)  # fmt: skip
@@ -424,11 +434,12 @@ def _relq_kernel(
     sqb, sqh, sqn, sqd,
     H, NQS, D, QA, KA, INNER, G,
     HAS_CLS: tl.constexpr, OFF: tl.constexpr, KSUM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):  # fmt: skip
     """relq_a[i, y] = q_i . R_a[idx_a(x, y)] for BLOCK_R rows with axis coordinate x: one matmul
-    (BLOCK_R, D) @ (D, BLOCK_Y) against the gathered table rows, stored at columns OFF + y of
-    the packed relq (BH, NQS, KSUM)."""
+    (BLOCK_R, D) @ (D, BLOCK_Y) against the gathered table rows (two, over head-dim chunks
+    [0, BLOCK_D) and [BLOCK_D, BLOCK_D + BLOCK_D2) when BLOCK_D2 > 0), stored at columns
+    OFF + y of the packed relq (BH, NQS, KSUM)."""
     pid = tl.program_id(0)
     n_rb = tl.cdiv(G, BLOCK_R)
     rb = pid % n_rb
@@ -441,12 +452,19 @@ def _relq_kernel(
     y_in = y < KA
     d = tl.arange(0, BLOCK_D)
     d_in = d < D
-    q = tl.load(Q + (bh // H) * sqb + (bh % H) * sqh + (i + HAS_CLS)[:, None] * sqn
-                + d[None, :] * sqd, mask=g_in[:, None] & d_in[None, :], other=0.0)  # fmt: skip
+    q_rows = Q + (bh // H) * sqb + (bh % H) * sqh + (i + HAS_CLS)[:, None] * sqn
+    q = tl.load(q_rows + d[None, :] * sqd, mask=g_in[:, None] & d_in[None, :], other=0.0)
     t_rows = tl.load(IDX + x * KA + y, mask=y_in, other=0)
     tt = tl.load(TABLE + t_rows[None, :] * D + d[:, None], mask=d_in[:, None] & y_in[None, :],
                  other=0.0)  # fmt: skip
     r = tl.dot(q, tt, input_precision=DOT_PRECISION)
+    if BLOCK_D2 > 0:
+        d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        q2 = tl.load(q_rows + d2[None, :] * sqd, mask=g_in[:, None] & (d2 < D)[None, :],
+                     other=0.0)  # fmt: skip
+        tt2 = tl.load(TABLE + t_rows[None, :] * D + d2[:, None],
+                      mask=(d2 < D)[:, None] & y_in[None, :], other=0.0)  # fmt: skip
+        r = tl.dot(q2, tt2, r, input_precision=DOT_PRECISION, out_dtype=r.dtype)
     tl.store(REL + (bh * NQS + i)[:, None] * KSUM + OFF + y[None, :],
              r.to(REL.dtype.element_ty), mask=g_in[:, None] & y_in[None, :])  # fmt: skip
 
@@ -457,11 +475,12 @@ def _relq_dq_kernel(
     H, Nq, NQS, D, QA, KA, INNER, G,
     HAS_CLS: tl.constexpr, OFF: tl.constexpr, KSUM: tl.constexpr, ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Y: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, D_OFF: tl.constexpr,
 ):  # fmt: skip
     """The chain rule through relq_a into q: dq_i += sum_y d_relq_a[i, y] R_a[idx_a(x, y)],
-    for BLOCK_R rows with axis coordinate x (d_relq rounded to q's dtype, as PyTorch's own
-    path); dq (BH, Nq, D) contiguous, updated in place."""
+    for BLOCK_R rows with axis coordinate x and head-dim columns D_OFF .. D_OFF + BLOCK_D
+    (d_relq rounded to q's dtype, as PyTorch's own path); dq (BH, Nq, D) contiguous, updated
+    in place."""
     pid = tl.program_id(0)
     n_rb = tl.cdiv(G, BLOCK_R)
     rb = pid % n_rb
@@ -470,7 +489,7 @@ def _relq_dq_kernel(
     g = rb * BLOCK_R + tl.arange(0, BLOCK_R)
     g_in = g < G
     i = _group_rows(g, x, QA, INNER)
-    d = tl.arange(0, BLOCK_D)
+    d = D_OFF + tl.arange(0, BLOCK_D)
     d_in = d < D
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC_DTYPE)
     for y0 in range(0, KA, BLOCK_Y):
@@ -529,6 +548,25 @@ def _relq_table_kernel(
              mask=d_in[:, None] & y_in[None, :])  # fmt: skip
 
 
+@triton.jit
+def _fwd_store(
+    acc, l_i, Q, O_ATT, OUT, pid_bh, rows, row_in, offs_d, d_in, sqn, sqd, Nq, D,
+    RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):  # fmt: skip
+    """The forward's epilogue for the head-dim columns offs_d: normalise; with the residual,
+    store the output without it to O_ATT and add q (read again rather than kept live through
+    the loop: it spilled at 255 registers); store the output."""
+    acc = acc / l_i[:, None]
+    mask = row_in[:, None] & d_in[None, :]
+    off = pid_bh * Nq * D + rows[:, None] * D + offs_d[None, :]
+    if RESIDUAL:
+        tl.store(O_ATT + off, acc.to(O_ATT.dtype.element_ty), mask=mask)
+        q_res = tl.load(Q + rows[:, None] * sqn + offs_d[None, :] * sqd,
+                        mask=mask & (rows >= RES_FROM)[:, None], other=0.0)  # fmt: skip
+        acc += q_res.to(ACC_DTYPE)
+    tl.store(OUT + off, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
 @triton.autotune(
     configs=_configs("_fwd_kernel"),
     key=["Nq", "Nk", "BH", "BLOCK_D"],
@@ -548,10 +586,11 @@ def _fwd_kernel(
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, FULL: tl.constexpr,
     ALIGN_OK: tl.constexpr,
     RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):  # fmt: skip
     """One block of BLOCK_M queries against all keys; with the residual, O_ATT gets the output
-    before "+ q" (the backward's delta is computed from it)."""
+    before "+ q" (the backward's delta is computed from it). BLOCK_D2 > 0: the head dim is two
+    chunks, columns [0, BLOCK_D) and [BLOCK_D, BLOCK_D + BLOCK_D2) (96 = 64 + 32)."""
     pid_m, pid_bh = _row_block(Nq, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
@@ -570,21 +609,36 @@ def _fwd_kernel(
     rel_bh = REL + pid_bh * NQS * KSUM
     rel_rows = rel_bh + tl.maximum(rows - HAS_CLS, 0) * KSUM
 
+    SPLIT: tl.constexpr = BLOCK_D2 > 0
     q = tl.load(
         Q + rows[:, None] * sqn + offs_d[None, :] * sqd,
         mask=row_in[:, None] & d_in[None, :],
         other=0.0,
     )
+    q2, acc2 = 0, 0
+    if not SPLIT:  # (assigned in the loop otherwise)
+        kt2 = 0
+    if SPLIT:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        d_in2 = offs_d2 < D
+        q2 = tl.load(Q + rows[:, None] * sqn + offs_d2[None, :] * sqd,
+                     mask=row_in[:, None] & d_in2[None, :], other=0.0)  # fmt: skip
     if HAS_CLS:
         m_i, _kc, vc = _cls_key(q, K, V, offs_d, d_in, skd, svd, qk_scale, ACC_DTYPE)
         l_i = tl.full([BLOCK_M], 1.0, dtype=ACC_DTYPE)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE) + vc.to(ACC_DTYPE)[None, :]
+        if SPLIT:
+            m_2, _kc2, vc2 = _cls_key(q2, K, V, offs_d2, d_in2, skd, svd, qk_scale, ACC_DTYPE)
+            m_i += m_2
+            acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=ACC_DTYPE) + vc2.to(ACC_DTYPE)[None, :]
         K += skn
         V += svn
     else:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
         l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
+        if SPLIT:
+            acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=ACC_DTYPE)
     r0, r1, r2 = 0, 0, 0
     if ALIGNED or not FULL:  # (names assigned in the loop must not be defined before it)
         oh0, oh1, oh2 = 0, 0, 0
@@ -602,11 +656,14 @@ def _fwd_kernel(
             mask=col_in[None, :] & d_in[:, None],
             other=0.0,
         )
+        if SPLIT:
+            kt2 = tl.load(K + js[None, :] * skn + offs_d2[:, None] * skd,
+                          mask=col_in[None, :] & d_in2[:, None], other=0.0)  # fmt: skip
         if not ALIGNED and FULL:
             oh0, oh1, oh2 = _onehots(js, q.dtype, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2)
-        s = _scores(q, kt, qk_scale, rel_rows, row_sp, start, js, col_in, r0, r1, r2, oh0, oh1,
+        s = _scores(q, kt, q2, kt2, qk_scale, rel_rows, row_sp, start, js, col_in, r0, r1, r2, oh0, oh1,
                     oh2, ALIGNED, FULL, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, ACC_DTYPE,
-                    DOT_PRECISION, False)  # fmt: skip
+                    DOT_PRECISION, False, SPLIT)  # fmt: skip
         s = tl.where(col_in[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -625,28 +682,18 @@ def _fwd_kernel(
             input_precision=DOT_PRECISION,
             out_dtype=ACC_DTYPE,
         )
+        if SPLIT:
+            vb2 = tl.load(V + js[:, None] * svn + offs_d2[None, :] * svd,
+                          mask=col_in[:, None] & d_in2[None, :], other=0.0)  # fmt: skip
+            acc2 = tl.dot(p.to(vb2.dtype), vb2, acc2 * alpha[:, None],
+                          input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # fmt: skip
         m_i = m_new
 
-    acc = acc / l_i[:, None]
-    if RESIDUAL:
-        tl.store(
-            O_ATT + pid_bh * Nq * D + rows[:, None] * D + offs_d[None, :],
-            acc.to(O_ATT.dtype.element_ty),
-            mask=row_in[:, None] & d_in[None, :],
-        )
-        # q is read again rather than kept live through the loop (it spilled at 255 registers)
-        q_res = tl.load(
-            Q + rows[:, None] * sqn + offs_d[None, :] * sqd,
-            mask=row_in[:, None] & d_in[None, :] & (rows >= RES_FROM)[:, None],
-            other=0.0,
-        )
-        acc += q_res.to(ACC_DTYPE)
-    OUT += pid_bh * Nq * D
-    tl.store(
-        OUT + rows[:, None] * D + offs_d[None, :],
-        acc.to(OUT.dtype.element_ty),
-        mask=row_in[:, None] & d_in[None, :],
-    )
+    _fwd_store(acc, l_i, Q, O_ATT, OUT, pid_bh, rows, row_in, offs_d, d_in, sqn, sqd, Nq, D,
+               RESIDUAL, RES_FROM, ACC_DTYPE)  # fmt: skip
+    if SPLIT:
+        _fwd_store(acc2, l_i, Q, O_ATT, OUT, pid_bh, rows, row_in, offs_d2, d_in2, sqn, sqd, Nq,
+                   D, RESIDUAL, RES_FROM, ACC_DTYPE)  # fmt: skip
     tl.store(LSE + pid_bh * Nq + rows, m_i + tl.log2(l_i), mask=row_in)
 
 
@@ -717,10 +764,11 @@ def _bwd_dkdv_kernel(
     OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KSUM: tl.constexpr,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, FULL: tl.constexpr,
     ALIGN_OK: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):  # fmt: skip
     """dV = P^T dO, dK = scale * dS^T Q for one block of spatial keys, looping over all
-    query blocks (the CLS key's dK, dV come from the delta kernel)."""
+    query blocks (the CLS key's dK, dV come from the delta kernel); BLOCK_D2 > 0: the head
+    dim in two chunks, as in the forward."""
     pid_n, pid_bh = _row_block(Nk - HAS_CLS, BLOCK_N)
     b = pid_bh // H
     h = pid_bh % H
@@ -743,6 +791,18 @@ def _bwd_dkdv_kernel(
     kv_mask = col_in[:, None] & d_in[None, :]
     kb = tl.load(K + js[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
     vb = tl.load(V + js[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    SPLIT: tl.constexpr = BLOCK_D2 > 0
+    kb2, vb2, dk2, dv2 = 0, 0, 0, 0
+    if SPLIT:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        d_in2 = offs_d2 < D
+        kv_mask2 = col_in[:, None] & d_in2[None, :]
+        kb2 = tl.load(K + js[:, None] * skn + offs_d2[None, :] * skd, mask=kv_mask2, other=0.0)
+        vb2 = tl.load(V + js[:, None] * svn + offs_d2[None, :] * svd, mask=kv_mask2, other=0.0)
+        dk2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=ACC_DTYPE)
+        dv2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=ACC_DTYPE)
+    else:  # (assigned in the loop otherwise)
+        qt2 = 0
     oh0, oh1, oh2 = 0, 0, 0
     if ALIGNED or not FULL:
         r0, r1, r2 = 0, 0, 0
@@ -763,20 +823,39 @@ def _bwd_dkdv_kernel(
         if not ALIGNED and FULL:
             r0, r1, r2 = _rel_windows(rel_rows, row_sp, K0, K1, K2, W0, W1, W2, OFF0, OFF1, OFF2,
                                       USE0, USE1, USE2)  # fmt: skip
+        if SPLIT:
+            qd_mask2 = row_in[:, None] & d_in2[None, :]
+            q2 = tl.load(Q + rows[:, None] * sqn + offs_d2[None, :] * sqd, mask=qd_mask2,
+                         other=0.0)  # fmt: skip
+            do2 = tl.load(DO + rows[:, None] * sdn + offs_d2[None, :] * sdd, mask=qd_mask2,
+                          other=0.0)  # fmt: skip
+            qt2 = tl.trans(q2)
         # Transposed (keys x rows): P^T and dS^T are the register operands of the dV, dK
         # matmuls as they come, and every matmul's M is BLOCK_N.
-        st = _scores(kb, tl.trans(q), qk_scale, rel_rows, row_sp, start, js, col_in, r0, r1, r2,
+        st = _scores(kb, tl.trans(q), kb2, qt2, qk_scale, rel_rows, row_sp, start, js, col_in, r0, r1, r2,
                      oh0, oh1, oh2, ALIGNED, FULL, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, ACC_DTYPE,
-                     DOT_PRECISION, True)  # fmt: skip
+                     DOT_PRECISION, True, SPLIT)  # fmt: skip
         pt = tl.where(col_in[:, None] & row_in[None, :], tl.exp2(st - lse[None, :]), 0.0)
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         dpt = tl.dot(vb, tl.trans(do), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        if SPLIT:
+            dv2 = tl.dot(pt.to(do2.dtype), do2, dv2, input_precision=DOT_PRECISION,
+                         out_dtype=ACC_DTYPE)  # fmt: skip
+            dpt = tl.dot(vb2, tl.trans(do2), dpt, input_precision=DOT_PRECISION,
+                         out_dtype=ACC_DTYPE)  # fmt: skip
         dst = pt * (dpt - delta[None, :])
         dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        if SPLIT:
+            dk2 = tl.dot(dst.to(q2.dtype), q2, dk2, input_precision=DOT_PRECISION,
+                         out_dtype=ACC_DTYPE)  # fmt: skip
 
     out_off = pid_bh * Nk * D + (HAS_CLS + js[:, None]) * D + offs_d[None, :]
     tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    if SPLIT:
+        out_off2 = pid_bh * Nk * D + (HAS_CLS + js[:, None]) * D + offs_d2[None, :]
+        tl.store(DK + out_off2, (dk2 * sm_scale).to(DK.dtype.element_ty), mask=kv_mask2)
+        tl.store(DV + out_off2, dv2.to(DV.dtype.element_ty), mask=kv_mask2)
 
 
 @triton.jit
@@ -813,11 +892,53 @@ def _store_window(drel_rows, row_sp, g, OFF: tl.constexpr, KA: tl.constexpr, W: 
 
 
 @triton.jit
-def _dq_tile(s, do, lse, delta, vb, row_in, col_in, DOT_PRECISION: tl.constexpr):
-    """dS of one tile (fp32) from its scores S (log2 units): dS = P (dO V^T - delta)."""
+def _dq_step(
+    q, q2, do, do2, dq, dq2, lse, delta, K, V, js, col_in, row_in, offs_d, d_in, offs_d2, d_in2,
+    skn, skd, svn, svd, qk_scale, rel_rows, row_sp, start, r0, r1, r2, oh0, oh1, oh2,
+    ALIGNED: tl.constexpr, FULL: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
+    OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+):  # fmt: skip
+    """One key tile of the dQ kernel (both of its loop orders): recompute P from the scores,
+    dS = P (dO V^T - delta), dQ += dS K (per head-dim chunk). Returns (dS, dq, dq2)."""
+    kb = tl.load(K + js[:, None] * skn + offs_d[None, :] * skd,
+                 mask=col_in[:, None] & d_in[None, :], other=0.0)  # fmt: skip
+    vb = tl.load(V + js[:, None] * svn + offs_d[None, :] * svd,
+                 mask=col_in[:, None] & d_in[None, :], other=0.0)  # fmt: skip
+    kt2 = 0
+    if SPLIT:
+        kb2 = tl.load(K + js[:, None] * skn + offs_d2[None, :] * skd,
+                      mask=col_in[:, None] & d_in2[None, :], other=0.0)  # fmt: skip
+        vb2 = tl.load(V + js[:, None] * svn + offs_d2[None, :] * svd,
+                      mask=col_in[:, None] & d_in2[None, :], other=0.0)  # fmt: skip
+        kt2 = tl.trans(kb2)
+    s = _scores(q, tl.trans(kb), q2, kt2, qk_scale, rel_rows, row_sp, start, js, col_in, r0, r1,
+                r2, oh0, oh1, oh2, ALIGNED, FULL, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2,
+                ACC_DTYPE, DOT_PRECISION, False, SPLIT)  # fmt: skip
     p = tl.where(row_in[:, None] & col_in[None, :], tl.exp2(s - lse[:, None]), 0.0)
-    dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PRECISION)
-    return p * (dp - delta[:, None])
+    dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    if SPLIT:
+        dp = tl.dot(do2, tl.trans(vb2), dp, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    ds = p * (dp - delta[:, None])
+    dq = tl.dot(ds.to(kb.dtype), kb, dq, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    if SPLIT:
+        dq2 = tl.dot(ds.to(kb2.dtype), kb2, dq2, input_precision=DOT_PRECISION,
+                     out_dtype=ACC_DTYPE)  # fmt: skip
+    return ds, dq, dq2
+
+
+@triton.jit
+def _dq_store(
+    dq, do, DQ, pid_bh, rows, row_in, offs_d, d_in, Nq, D, sm_scale,
+    RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):  # fmt: skip
+    """The dQ kernel's epilogue for the head-dim columns offs_d: scale, the residual's dO."""
+    dq = dq * sm_scale
+    if RESIDUAL:
+        dq += tl.where((rows >= RES_FROM)[:, None], do.to(ACC_DTYPE), 0.0)
+    tl.store(DQ + pid_bh * Nq * D + rows[:, None] * D + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_in[:, None] & d_in[None, :])  # fmt: skip
 
 
 @triton.jit
@@ -837,9 +958,10 @@ def _bwd_dq_kernel(
     GW0: tl.constexpr, GW1: tl.constexpr, GW2: tl.constexpr,
     RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     REL_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):  # fmt: skip
-    """dQ = scale * dS K (+ dO) and d_relq for one query block, looping over all key blocks.
+    """dQ = scale * dS K (+ dO) and d_relq for one query block, looping over all key blocks
+    (BLOCK_D2 > 0: the head dim in two chunks, as in the forward).
 
     d_relq without atomics: aligned tiles (K2 % BLOCK_N == 0, slow axes <= 64) loop over the
     fastest axis' column blocks outside and the slow rows inside, so the fastest axis' d_relq
@@ -880,10 +1002,24 @@ def _bwd_dq_kernel(
     lse = tl.load(LSE + pid_bh * Nq + rows, mask=row_in, other=0.0)
     delta = tl.load(DELTA + pid_bh * Nq + rows, mask=row_in, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
+    SPLIT: tl.constexpr = BLOCK_D2 > 0
+    q2, do2, dq2, offs_d2, d_in2 = 0, 0, 0, 0, 0
+    if SPLIT:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        d_in2 = offs_d2 < D
+        qd_mask2 = row_in[:, None] & d_in2[None, :]
+        q2 = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d2[None, :] * sqd,
+                     mask=qd_mask2, other=0.0)  # fmt: skip
+        do2 = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + offs_d2[None, :] * sdd,
+                      mask=qd_mask2, other=0.0)  # fmt: skip
+        dq2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=ACC_DTYPE)
     if HAS_CLS:
         kc = tl.load(K + offs_d * skd, mask=d_in, other=0.0)
         ds_c = tl.load(DS_CLS + pid_bh * Nq + rows, mask=row_in, other=0.0)
         dq += ds_c[:, None] * kc.to(ACC_DTYPE)[None, :]
+        if SPLIT:
+            kc2 = tl.load(K + offs_d2 * skd, mask=d_in2, other=0.0)
+            dq2 += ds_c[:, None] * kc2.to(ACC_DTYPE)[None, :]
         K += skn
         V += svn
     NKS = Nk - HAS_CLS
@@ -897,17 +1033,12 @@ def _bwd_dq_kernel(
             for r in range(0, NR):
                 start = r * K2 + cb * BLOCK_N
                 js = start + offs_n
-                kb = tl.load(K + js[:, None] * skn + offs_d[None, :] * skd, mask=d_in[None, :],
-                             other=0.0)  # fmt: skip
-                vb = tl.load(V + js[:, None] * svn + offs_d[None, :] * svd, mask=d_in[None, :],
-                             other=0.0)  # fmt: skip
-                s = _scores(q, tl.trans(kb), qk_scale, rel_rows, row_sp, start, js, js < NKS,
-                            0, 0, 0, 0, 0, 0, True, False, K1, K2, USE0, USE1, USE2, OFF0, OFF1,
-                            OFF2, ACC_DTYPE, DOT_PRECISION, False)  # fmt: skip
-                ds = _dq_tile(s, do, lse, delta, vb, row_in, js < NKS, DOT_PRECISION)
-                dq = tl.dot(
-                    ds.to(kb.dtype), kb, dq, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE
-                )
+                ds, dq, dq2 = _dq_step(
+                    q, q2, do, do2, dq, dq2, lse, delta, K, V, js, js < NKS, row_in, offs_d, d_in,
+                    offs_d2, d_in2, skn, skd, svn, svd, qk_scale, rel_rows, row_sp, start,
+                    0, 0, 0, 0, 0, 0, True, False, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2,
+                    ACC_DTYPE, DOT_PRECISION, SPLIT,
+                )  # fmt: skip
                 d2 += ds
                 if USE1:
                     # the tile's keys share their slow coordinates (r % K1, r // K1)
@@ -927,16 +1058,14 @@ def _bwd_dq_kernel(
         for start in range(0, NKS, BLOCK_N):
             js = start + offs_n
             col_in = js < NKS
-            kv_mask = col_in[:, None] & d_in[None, :]
-            kb = tl.load(K + js[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-            vb = tl.load(V + js[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
             if FULL:
-                oh0, oh1, oh2 = _onehots(js, kb.dtype, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2)
-            s = _scores(q, tl.trans(kb), qk_scale, rel_rows, row_sp, start, js, col_in, r0, r1, r2,
-                        oh0, oh1, oh2, False, FULL, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2,
-                        ACC_DTYPE, DOT_PRECISION, False)  # fmt: skip
-            ds = _dq_tile(s, do, lse, delta, vb, row_in, col_in, DOT_PRECISION)
-            dq = tl.dot(ds.to(kb.dtype), kb, dq, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+                oh0, oh1, oh2 = _onehots(js, q.dtype, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2)
+            ds, dq, dq2 = _dq_step(
+                q, q2, do, do2, dq, dq2, lse, delta, K, V, js, col_in, row_in, offs_d, d_in,
+                offs_d2, d_in2, skn, skd, svn, svd, qk_scale, rel_rows, row_sp, start,
+                r0, r1, r2, oh0, oh1, oh2, False, FULL, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2,
+                ACC_DTYPE, DOT_PRECISION, SPLIT,
+            )  # fmt: skip
             if FULL:
                 # d_relq_a += dS @ onehot_a^T (dS rounded to tf32 for 16-bit inputs)
                 if USE0:
@@ -988,14 +1117,11 @@ def _bwd_dq_kernel(
         if USE2 and not ALIGNED:
             _store_window(drel_rows, row_sp, g2, OFF2, K2, W2)
 
-    dq = dq * sm_scale
-    if RESIDUAL:
-        dq += tl.where((rows >= RES_FROM)[:, None], do.to(ACC_DTYPE), 0.0)
-    tl.store(
-        DQ + pid_bh * Nq * D + rows[:, None] * D + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty),
-        mask=qd_mask,
-    )
+    _dq_store(dq, do, DQ, pid_bh, rows, row_in, offs_d, d_in, Nq, D, sm_scale, RESIDUAL, RES_FROM,
+              ACC_DTYPE)  # fmt: skip
+    if SPLIT:
+        _dq_store(dq2, do2, DQ, pid_bh, rows, row_in, offs_d2, d_in2, Nq, D, sm_scale, RESIDUAL,
+                  RES_FROM, ACC_DTYPE)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -1008,6 +1134,15 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
+
+
+def _block_d_split(D: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_D2): the head dim as two power-of-2 chunks when the second is at least
+    16 (a matmul's K) and saves padding: 96 -> (64, 32), 48 -> (32, 16); else (padded, 0)."""
+    lo = triton.next_power_of_2(D) // 2
+    if D <= 16 or D == 2 * lo or D - lo < 16:
+        return _block_d(D), 0
+    return lo, max(16, triton.next_power_of_2(D - lo))
 
 
 _FULL_MAX = 64  # axes up to this long keep their relq columns in registers (one-hot path)
@@ -1097,6 +1232,7 @@ def _relq_packed(
     geo = _geometry(len(rel_tables), k_grid, has_cls)
     nqs = math.prod(q_grid)
     rel = torch.empty((B, H, nqs, geo["KSUM"]), dtype=q.dtype, device=q.device)
+    bd1, bd2 = _block_d_split(D)
     for ax in _axes(q, rel_tables, q_grid, k_grid, geo):
         block_r, block_y, warps = _relq_blocks(ax["KA"])
         grid = (B * H * ax["QA"] * triton.cdiv(ax["G"], block_r), triton.cdiv(ax["KA"], block_y))
@@ -1105,7 +1241,7 @@ def _relq_packed(
             H, nqs, D, ax["QA"], ax["KA"], ax["INNER"], ax["G"],
             HAS_CLS=int(has_cls), OFF=ax["OFF"], KSUM=geo["KSUM"],
             DOT_PRECISION=_dot_precision(q.dtype), BLOCK_R=block_r, BLOCK_Y=block_y,
-            BLOCK_D=_block_d(D), num_warps=warps, num_stages=2,
+            BLOCK_D=bd1, BLOCK_D2=bd2, num_warps=warps, num_stages=2,
         )  # fmt: skip
     return rel
 
@@ -1138,13 +1274,15 @@ def _launch_fwd(
     def grid(meta):
         return (triton.cdiv(Nq, meta["BLOCK_M"]) * B * H,)
 
+    bd1, bd2 = _block_d_split(D)
+
     _fwd_kernel[grid](
         q, k, v, rel, out, o_att if residual else out, lse,
         *q.stride(), *k.stride(), *v.stride(),
         H, B * H, Nq, Nk, D, scale * _LOG2E,
         **geo,
         RESIDUAL=residual, RES_FROM=res_from, ACC_DTYPE=tl_acc_dtype(q.dtype),
-        DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=_block_d(D),
+        DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=bd1, BLOCK_D2=bd2,
     )  # fmt: skip
     return out, lse, o_att, rel
 
@@ -1200,6 +1338,7 @@ def _launch_bwd(
         dk[:, :, 0] = (part[:, :, 1] * scale).to(q.dtype)
 
     geo = _geometry(len(rel_tables), k_grid, has_cls)
+    bd1, bd2 = _block_d_split(D)
 
     def grid_n(meta):
         return (triton.cdiv(Nk - int(has_cls), meta["BLOCK_N"]) * B * H,)
@@ -1209,7 +1348,7 @@ def _launch_bwd(
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
         H, B * H, Nq, Nk, D, scale, scale * _LOG2E,
         **geo,
-        ACC_DTYPE=ACC_DTYPE, DOT_PRECISION=prec, BLOCK_D=block_d,
+        ACC_DTYPE=ACC_DTYPE, DOT_PRECISION=prec, BLOCK_D=bd1, BLOCK_D2=bd2,
     )  # fmt: skip
 
     k3 = (1,) * (3 - len(k_grid)) + tuple(k_grid)
@@ -1235,7 +1374,7 @@ def _launch_bwd(
         RESIDUAL=residual, RES_FROM=res_from, ACC_DTYPE=ACC_DTYPE, DOT_PRECISION=prec,
         # dS is rounded to tf32 (no underflow, 10-bit mantissa) for 16-bit inputs.
         REL_PRECISION="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd1, BLOCK_D2=bd2,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     dtables = _relq_backward(drel, q, dq, rel_tables, q_grid, k_grid, has_cls, geo)
@@ -1258,24 +1397,31 @@ def _relq_backward(
     B, H, Nq, D = q.shape
     acc = acc_dtype(q.dtype)
     nqs = math.prod(q_grid)
+    bd1, bd2 = _block_d_split(D)
+    chunks_d = [(0, bd1), (bd1, bd2)] if bd2 else [(0, bd1)]
     dtables = []
     for ax in _axes(q, rel_tables, q_grid, k_grid, geo):
         block_r, block_y, warps = _relq_blocks(ax["KA"])
         meta = dict(HAS_CLS=int(has_cls), KSUM=geo["KSUM"], ACC_DTYPE=tl_acc_dtype(q.dtype),
                     DOT_PRECISION=_dot_precision(q.dtype), BLOCK_R=block_r, BLOCK_Y=block_y,
-                    BLOCK_D=_block_d(D), num_warps=warps, num_stages=2)  # fmt: skip
+                    num_warps=warps, num_stages=2)  # fmt: skip
         qa, ka, n_rb = ax["QA"], ax["KA"], triton.cdiv(ax["G"], block_r)
         sizes = (qa, ka, ax["INNER"], ax["G"])
-        _relq_dq_kernel[(B * H * qa * n_rb,)](
-            drel, ax["table"], ax["idx"], dq, H, Nq, nqs, D, *sizes, OFF=ax["OFF"], **meta
-        )
+        # one launch per head-dim chunk (its columns are independent): no padding of 96 to 128
+        for d_off, bd in chunks_d:
+            _relq_dq_kernel[(B * H * qa * n_rb,)](
+                drel, ax["table"], ax["idx"], dq, H, Nq, nqs, D, *sizes, OFF=ax["OFF"],
+                BLOCK_D=bd, D_OFF=d_off, **meta,
+            )  # fmt: skip
         # (b, h) split into chunks so that about 256 programs run; their shares are summed
         n_yb = triton.cdiv(ka, block_y)
         per_chunk = triton.cdiv(B * H, min(B * H, triton.cdiv(256, qa * n_yb)))
         chunks = triton.cdiv(B * H, per_chunk)
         dr = torch.empty((chunks, qa, ka, D), dtype=acc, device=q.device)
+        # (the head dim is this matmul's M: one padded block, for whole warpgroups)
         _relq_table_kernel[(qa * n_yb, chunks)](
-            drel, q, dr, *q.stride(), H, B * H, nqs, D, *sizes, per_chunk, OFF=ax["OFF"], **meta
+            drel, q, dr, *q.stride(), H, B * H, nqs, D, *sizes, per_chunk, OFF=ax["OFF"],
+            BLOCK_D=_block_d(D), **meta,
         )  # fmt: skip
         dt = torch.zeros(ax["table"].shape, dtype=acc, device=q.device)
         dt.index_add_(0, ax["idx"].reshape(-1), (dr.sum(0) if chunks > 1 else dr[0]).reshape(-1, D))

@@ -103,12 +103,6 @@ def test_ci_subset_prices_every_case(ci_gate) -> None:
             assert r["dots"] and all(d["trips"] >= 1 and d["mma_version"] for d in r["dots"]), r
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 14 targets: no duplicated warps, no C7515, glue 0.025 GB met; rel-pos at MAT "
-    "stage 1 still executes 2.04x the useful work (1.39x forward): head dim 96 runs as 128 and "
-    "the backward recomputes Q K^T and dO V^T (7 matmuls); remove this mark once it meets them",
-)
 def test_ci_subset_meets_the_speed_targets(ci_gate) -> None:
     """Issue 14's targets: no selectable sm_90 variant duplicates warps, uses mma.sync or is
     pinned with C7515; rel-pos at MAT stage 1 executes <= 1.55x the useful tensor-core work

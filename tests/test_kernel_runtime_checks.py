@@ -242,3 +242,29 @@ def test_cls_row_on_the_aligned_path(residual_cls, force_triton):
     torch.testing.assert_close(out, want_out, rtol=1e-9, atol=1e-9)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- head-dim split
+
+
+@interpreter_only
+@pytest.mark.parametrize(
+    "q_grid, k_grid",
+    [((3, 16), (2, 16)), ((2, 3, 3), (1, 2, 2))],
+    ids=["aligned", "short_axes"],
+)
+def test_head_dim_in_two_chunks_matches_fp64(q_grid, k_grid, force_triton):
+    """Head dim 48 runs as 32 + 16 columns (as 96 runs as 64 + 32 on the GPU: no padding to a
+    power of 2): outputs and gradients match the fp64 reference."""
+    D = 48
+    assert rp._block_d_split(D) == (32, 16) and rp._block_d_split(96) == (64, 32)
+    assert rp._block_d_split(64) == (64, 0) and rp._block_d_split(40) == (64, 0)
+    tensors = _relpos_inputs(2, 1, q_grid, k_grid, D, torch.float64, seed=5)
+    args = (q_grid, k_grid, True, D**-0.5)
+    dout = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(6),
+                       dtype=torch.float64)  # fmt: skip
+    out, got = _grads(rp.relpos_attention, tensors, dout, *args)
+    want_out, want = _grads(rp.relpos_attention_ref, tensors, dout, *args)
+    assert dispatch.last_refusal(rp.OP_NAME) == []
+    for g, w in zip((out, *got), (want_out, *want)):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
