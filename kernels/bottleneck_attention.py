@@ -43,6 +43,31 @@ _MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
 
 
+# --------------------------------------------------------------------------- reference
+
+
+def bottleneck_attention_ref(
+    q_main: torch.Tensor,
+    k_main: torch.Tensor,
+    v_main: torch.Tensor,
+    q_extra: torch.Tensor,
+    k_extra: torch.Tensor,
+    v_extra: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch reference (builds the concatenated K/V and the full score matrix).
+
+    Softmax is taken in fp32 (fp64 for fp64 inputs), like the kernel.
+    """
+    k = torch.cat([k_main, k_extra], dim=2)
+    v = torch.cat([v_main, v_extra], dim=2)
+    q = torch.cat([q_main, q_extra], dim=2)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    attn = torch.softmax((q @ k.transpose(-2, -1)).to(compute) * scale, dim=-1)
+    out = attn.to(v.dtype) @ v
+    return out[:, :, : q_main.shape[2]], out[:, :, q_main.shape[2] :]
+
+
 def _configs(kernel: str) -> list[triton.Config]:
     # Each entry checked by the compile gate (sm_90, bf16/fp16, MMT's AVBottleneck shapes):
     # no spills, within shared memory, HGMMA matmuls. The first is the pinned one.
@@ -451,31 +476,6 @@ def _backward(ctx, do_main, do_extra, _dlse):
 # Registered on the custom op itself so that tracers (torch.compile, fvcore's jit
 # trace) see ``mmt_fast::bottleneck_attention_fwd`` with its shapes.
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-# --------------------------------------------------------------------------- reference
-
-
-def bottleneck_attention_ref(
-    q_main: torch.Tensor,
-    k_main: torch.Tensor,
-    v_main: torch.Tensor,
-    q_extra: torch.Tensor,
-    k_extra: torch.Tensor,
-    v_extra: torch.Tensor,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch reference (builds the concatenated K/V and the full score matrix).
-
-    Softmax is taken in fp32 (fp64 for fp64 inputs), like the kernel.
-    """
-    k = torch.cat([k_main, k_extra], dim=2)
-    v = torch.cat([v_main, v_extra], dim=2)
-    q = torch.cat([q_main, q_extra], dim=2)
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    attn = torch.softmax((q @ k.transpose(-2, -1)).to(compute) * scale, dim=-1)
-    out = attn.to(v.dtype) @ v
-    return out[:, :, : q_main.shape[2]], out[:, :, q_main.shape[2] :]
 
 
 # --------------------------------------------------------------------------- entry point

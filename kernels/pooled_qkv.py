@@ -62,6 +62,62 @@ _MAX_HEAD_DIM = 1024
 _MAX_TAPS = 125
 
 
+# --------------------------------------------------------------------------- reference
+
+
+def _pool_norm_ref(qkv, weights, norms, grid, has_cls, num_heads, strides, eps):
+    """PyTorch pool + LayerNorm of a (B, N, 3*C) projection (as in timm's mvitv2.py)."""
+    B, N, C3 = qkv.shape
+    D = C3 // 3 // num_heads
+    compute = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    conv = F.conv2d if len(grid) == 2 else F.conv3d
+    outs = []
+    for z, t in enumerate(qkv.reshape(B, N, 3, num_heads, D).permute(2, 0, 3, 1, 4).unbind(0)):
+        w = weights[z]
+        cls, sp = t[:, :, : int(has_cls)], t[:, :, int(has_cls) :]
+        sp = sp.reshape(B * num_heads, *grid, D).movedim(-1, 1)
+        sp = conv(
+            sp,
+            w.to(qkv.dtype),
+            stride=tuple(strides[0 if z == 0 else 1]),
+            padding=tuple(k // 2 for k in w.shape[2:]),
+            groups=D,
+        )
+        sp = sp.reshape(B, num_heads, D, -1).transpose(2, 3)
+        t = torch.cat([cls, sp], dim=2)
+        gamma, beta = norms[z]
+        t = F.layer_norm(t.to(compute), (D,), gamma.to(compute), beta.to(compute), eps)
+        outs.append(t.to(qkv.dtype).contiguous())
+    return tuple(outs)
+
+
+def pooled_qkv_ref(
+    x: torch.Tensor,
+    qkv_weight: torch.Tensor,
+    qkv_bias: torch.Tensor | None,
+    grid: Sequence[int],
+    has_cls: bool,
+    num_heads: int,
+    pool_weights: Sequence[torch.Tensor],
+    strides: Sequence[Sequence[int]],
+    norm_weights: Sequence[Sequence[torch.Tensor]],
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...], tuple[int, ...]]:
+    """PyTorch reference of :func:`pooled_qkv` (same signature and result)."""
+    _check_inputs(x, qkv_weight, qkv_bias, grid, has_cls, num_heads, pool_weights, strides,
+                   norm_weights)  # fmt: skip
+    qkv = F.linear(x, qkv_weight, qkv_bias)
+    q, k, v = _pool_norm_ref(qkv, pool_weights, norm_weights, tuple(grid), has_cls, num_heads,
+                             strides, eps)  # fmt: skip
+    return q, k, v, *_grids(grid, pool_weights, strides)
+
+
+def _grids(grid, pool_weights, strides):
+    q_grid = pooled_grid(grid, pool_weights[0].shape[2:], strides[0])
+    k_grid = pooled_grid(grid, pool_weights[1].shape[2:], strides[1])
+    return q_grid, k_grid
+
+
 def _fwd_configs() -> list[triton.Config]:
     # Checked by the compile gate (sm_90, bf16/fp16, MAT and MViTv2-B shapes): no spills.
     # The first is the pinned one.
@@ -583,62 +639,6 @@ def _backward(ctx, dq, dk, dv):
 # autograd.Function around it), so tracers (torch.compile, fvcore's jit trace)
 # see ``mmt_fast::pooled_qkv_fwd`` with its shapes and arguments.
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-# --------------------------------------------------------------------------- reference
-
-
-def _pool_norm_ref(qkv, weights, norms, grid, has_cls, num_heads, strides, eps):
-    """PyTorch pool + LayerNorm of a (B, N, 3*C) projection (as in timm's mvitv2.py)."""
-    B, N, C3 = qkv.shape
-    D = C3 // 3 // num_heads
-    compute = torch.float64 if qkv.dtype == torch.float64 else torch.float32
-    conv = F.conv2d if len(grid) == 2 else F.conv3d
-    outs = []
-    for z, t in enumerate(qkv.reshape(B, N, 3, num_heads, D).permute(2, 0, 3, 1, 4).unbind(0)):
-        w = weights[z]
-        cls, sp = t[:, :, : int(has_cls)], t[:, :, int(has_cls) :]
-        sp = sp.reshape(B * num_heads, *grid, D).movedim(-1, 1)
-        sp = conv(
-            sp,
-            w.to(qkv.dtype),
-            stride=tuple(strides[0 if z == 0 else 1]),
-            padding=tuple(k // 2 for k in w.shape[2:]),
-            groups=D,
-        )
-        sp = sp.reshape(B, num_heads, D, -1).transpose(2, 3)
-        t = torch.cat([cls, sp], dim=2)
-        gamma, beta = norms[z]
-        t = F.layer_norm(t.to(compute), (D,), gamma.to(compute), beta.to(compute), eps)
-        outs.append(t.to(qkv.dtype).contiguous())
-    return tuple(outs)
-
-
-def pooled_qkv_ref(
-    x: torch.Tensor,
-    qkv_weight: torch.Tensor,
-    qkv_bias: torch.Tensor | None,
-    grid: Sequence[int],
-    has_cls: bool,
-    num_heads: int,
-    pool_weights: Sequence[torch.Tensor],
-    strides: Sequence[Sequence[int]],
-    norm_weights: Sequence[Sequence[torch.Tensor]],
-    eps: float = 1e-6,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...], tuple[int, ...]]:
-    """PyTorch reference of :func:`pooled_qkv` (same signature and result)."""
-    _check_inputs(x, qkv_weight, qkv_bias, grid, has_cls, num_heads, pool_weights, strides,
-                   norm_weights)  # fmt: skip
-    qkv = F.linear(x, qkv_weight, qkv_bias)
-    q, k, v = _pool_norm_ref(qkv, pool_weights, norm_weights, tuple(grid), has_cls, num_heads,
-                             strides, eps)  # fmt: skip
-    return q, k, v, *_grids(grid, pool_weights, strides)
-
-
-def _grids(grid, pool_weights, strides):
-    q_grid = pooled_grid(grid, pool_weights[0].shape[2:], strides[0])
-    k_grid = pooled_grid(grid, pool_weights[1].shape[2:], strides[1])
-    return q_grid, k_grid
 
 
 # --------------------------------------------------------------------------- entry point
