@@ -558,6 +558,79 @@ def _store_window(drel_rows, row_sp, g, OFF: tl.constexpr, KA: tl.constexpr, W: 
 
 
 @triton.jit
+def _drel_aligned(ds, r, d2, g0, g1, K1: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr,
+                  USE0: tl.constexpr, USE1: tl.constexpr):  # fmt: skip
+    """d_relq of an aligned tile (key row r of the slow axes, one column block of the
+    fastest): dS adds into the column block's register accumulator d2, and its row sum into
+    the slow axes' (the tile's keys share their slow coordinates r % K1, r // K1)."""
+    d2 += ds
+    if USE1:
+        rs = tl.sum(ds, 1)[:, None]
+        g1 += tl.where(tl.arange(0, W1)[None, :] == r % K1, rs, 0.0)
+        if USE0:
+            g0 += tl.where(tl.arange(0, W0)[None, :] == r // K1, rs, 0.0)
+    return d2, g0, g1
+
+
+@triton.jit
+def _drel_general(
+    ds, js, start, col_in, row_sp, drel_rows, g0, g1, g2, oh0, oh1, oh2, FULL: tl.constexpr,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
+    OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr,
+    DIRECT0: tl.constexpr, DIRECT1: tl.constexpr, DIRECT2: tl.constexpr,
+    GW0: tl.constexpr, GW1: tl.constexpr, GW2: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, REL_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """d_relq of a tile in key order: short axes (FULL) into the (BLOCK_M, W_a) register
+    accumulators g_a += dS @ onehot_a^T; otherwise atomics into d_relq."""
+    if FULL:
+        # d_relq_a += dS @ onehot_a^T (dS rounded to tf32 for 16-bit inputs)
+        if USE0:
+            g0 = tl.dot(
+                ds,
+                tl.trans(oh0.to(ACC_DTYPE)),
+                g0,
+                input_precision=REL_PRECISION,
+                out_dtype=ACC_DTYPE,
+            )
+        if USE1:
+            g1 = tl.dot(
+                ds,
+                tl.trans(oh1.to(ACC_DTYPE)),
+                g1,
+                input_precision=REL_PRECISION,
+                out_dtype=ACC_DTYPE,
+            )
+        if USE2:
+            g2 = tl.dot(
+                ds,
+                tl.trans(oh2.to(ACC_DTYPE)),
+                g2,
+                input_precision=REL_PRECISION,
+                out_dtype=ACC_DTYPE,
+            )
+    else:
+        col_sp = col_in
+        if USE0:
+            _accumulate_drel_atomic(
+                drel_rows, row_sp, ds, js, start, col_sp, OFF0, K0, K1 * K2, DIRECT0,
+                GW0, ACC_DTYPE, REL_PRECISION,
+            )  # fmt: skip
+        if USE1:
+            _accumulate_drel_atomic(
+                drel_rows, row_sp, ds, js, start, col_sp, OFF1, K1, K2, DIRECT1, GW1,
+                ACC_DTYPE, REL_PRECISION,
+            )  # fmt: skip
+        if USE2:
+            _accumulate_drel_atomic(
+                drel_rows, row_sp, ds, js, start, col_sp, OFF2, K2, 1, DIRECT2, GW2,
+                ACC_DTYPE, REL_PRECISION,
+            )  # fmt: skip
+    return g0, g1, g2
+
+
+@triton.jit
 def _dq_step(
     q, q2, do, do2, dq, dq2, lse, delta, K, V, js, col_in, row_in, offs_d, d_in, offs_d2, d_in2,
     skn, skd, svn, svd, qk_scale, rel_rows, row_sp, start, r0, r1, r2, oh0, oh1, oh2,
@@ -705,13 +778,7 @@ def _bwd_dq_kernel(
                     0, 0, 0, 0, 0, 0, True, False, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2,
                     ACC_DTYPE, DOT_PRECISION, SPLIT,
                 )  # fmt: skip
-                d2 += ds
-                if USE1:
-                    # the tile's keys share their slow coordinates (r % K1, r // K1)
-                    rs = tl.sum(ds, 1)[:, None]
-                    g1 += tl.where(tl.arange(0, W1)[None, :] == r % K1, rs, 0.0)
-                    if USE0:
-                        g0 += tl.where(tl.arange(0, W0)[None, :] == r // K1, rs, 0.0)
+                d2, g0, g1 = _drel_aligned(ds, r, d2, g0, g1, K1, W0, W1, USE0, USE1)
             tl.store(drel_rows[:, None] + OFF2 + cb * BLOCK_N + offs_n[None, :],
                      d2.to(DREL.dtype.element_ty), mask=row_sp[:, None])  # fmt: skip
     else:
@@ -732,49 +799,11 @@ def _bwd_dq_kernel(
                 r0, r1, r2, oh0, oh1, oh2, False, FULL, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2,
                 ACC_DTYPE, DOT_PRECISION, SPLIT,
             )  # fmt: skip
-            if FULL:
-                # d_relq_a += dS @ onehot_a^T (dS rounded to tf32 for 16-bit inputs)
-                if USE0:
-                    g0 = tl.dot(
-                        ds,
-                        tl.trans(oh0.to(ACC_DTYPE)),
-                        g0,
-                        input_precision=REL_PRECISION,
-                        out_dtype=ACC_DTYPE,
-                    )
-                if USE1:
-                    g1 = tl.dot(
-                        ds,
-                        tl.trans(oh1.to(ACC_DTYPE)),
-                        g1,
-                        input_precision=REL_PRECISION,
-                        out_dtype=ACC_DTYPE,
-                    )
-                if USE2:
-                    g2 = tl.dot(
-                        ds,
-                        tl.trans(oh2.to(ACC_DTYPE)),
-                        g2,
-                        input_precision=REL_PRECISION,
-                        out_dtype=ACC_DTYPE,
-                    )
-            else:
-                col_sp = col_in
-                if USE0:
-                    _accumulate_drel_atomic(
-                        drel_rows, row_sp, ds, js, start, col_sp, OFF0, K0, K1 * K2, DIRECT0,
-                        GW0, ACC_DTYPE, REL_PRECISION,
-                    )  # fmt: skip
-                if USE1:
-                    _accumulate_drel_atomic(
-                        drel_rows, row_sp, ds, js, start, col_sp, OFF1, K1, K2, DIRECT1, GW1,
-                        ACC_DTYPE, REL_PRECISION,
-                    )  # fmt: skip
-                if USE2:
-                    _accumulate_drel_atomic(
-                        drel_rows, row_sp, ds, js, start, col_sp, OFF2, K2, 1, DIRECT2, GW2,
-                        ACC_DTYPE, REL_PRECISION,
-                    )  # fmt: skip
+            g0, g1, g2 = _drel_general(
+                ds, js, start, col_in, row_sp, drel_rows, g0, g1, g2, oh0, oh1, oh2, FULL,
+                K0, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, DIRECT0, DIRECT1, DIRECT2,
+                GW0, GW1, GW2, ACC_DTYPE, REL_PRECISION,
+            )  # fmt: skip
     if ALIGNED or FULL:
         if USE0:
             _store_window(drel_rows, row_sp, g0, OFF0, K0, W0)
