@@ -97,6 +97,7 @@ def test_unaligned_views_are_copied(force_triton):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
+@interpreter_only
 def test_rows_no_copy_can_align_are_refused_with_a_reason(monkeypatch, force_triton):
     """A last dim of 4 fp16 (8 bytes): no contiguous copy makes the rows 16-byte multiples,
     so the compiled kernels refuse it, naming the tensor and its strides."""
