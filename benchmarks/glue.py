@@ -21,10 +21,10 @@ performance model (:mod:`benchmarks.compile_gate`), priced at the H200's 4.3 TB/
 The Triton kernels' own loads and stores are not counted here (the model prices the
 kernels by their tensor-core work).
 
-    python -m benchmarks.glue [CASE ...] [--dtype bfloat16]
+    python -m benchmarks.glue [CASE ...] [--dtype bfloat16] [--by-line]
 
 prints the breakdown by op and phase for each case (default: the compile gate's CI
-cases).
+cases); ``--by-line`` adds the source lines of ``kernels/*.py`` that issue the traffic.
 """
 
 from __future__ import annotations
@@ -32,10 +32,12 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import traceback
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -100,6 +102,7 @@ class GlueCount:
     dtype: str
     ops: dict[tuple[str, str], OpBytes] = field(default_factory=dict)
     launches: dict[str, int] = field(default_factory=dict)  # phase -> Triton launches
+    lines: dict[tuple[str, str], int] = field(default_factory=dict)  # (phase, source) -> B
 
     def total(self, phase: str | None = None) -> int:
         return sum(o.total for (ph, _), o in self.ops.items() if phase in (None, ph))
@@ -140,6 +143,23 @@ class GlueCount:
                              f"written {o.written / 1e9:8.3f} GB  total {o.total / 1e9:8.3f} GB")  # fmt: skip
         return "\n".join(lines)
 
+    def by_line(self, top: int = 12) -> str:
+        """The source lines in kernels/*.py whose ops move the most bytes."""
+        rows = sorted(((b, ph, src) for (ph, src), b in self.lines.items() if b), reverse=True)
+        return "\n".join(
+            [f"{self.case}: by source line (top {top})"]
+            + [f"  {ph:3s} {b / 1e9:8.3f} GB  {src}" for b, ph, src in rows[:top]]
+        )
+
+
+def _caller() -> str:
+    """The innermost frame in the kernels' own files (kernels/*.py) that led to this op."""
+    for frame in reversed(traceback.extract_stack()):
+        parts = Path(frame.filename).parts
+        if len(parts) >= 2 and parts[-2] == "kernels" and parts[-1] != "__init__.py":
+            return f"{parts[-1]}:{frame.lineno} {frame.name}"
+    return "(outside kernels/)"
+
 
 class ByteCounter(TorchDispatchMode):
     """Adds up the bytes each ATen op reads and writes, per phase (``self.phase``)."""
@@ -148,6 +168,8 @@ class ByteCounter(TorchDispatchMode):
         super().__init__()
         self.phase = "fwd"
         self.ops: dict[tuple[str, str], OpBytes] = {}
+        # (phase, "file.py:line function") of the kernels' code that issued the op -> bytes
+        self.lines: dict[tuple[str, str], int] = defaultdict(int)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -181,6 +203,7 @@ class ByteCounter(TorchDispatchMode):
         rec.read += read
         rec.written += written
         rec.flops += _matmul_flops(base, bound)
+        self.lines[(self.phase, _caller())] += read + written
         return out
 
 
@@ -273,7 +296,8 @@ def glue_bytes(case: Any, dtype: torch.dtype = torch.bfloat16) -> GlueCount:
             run_meta(case, dtype, on_phase)
         phase_launches[counter.phase] = len(seen) - sum(phase_launches.values())
     name = getattr(case, "name", str(case))
-    return GlueCount(name, str(dtype).removeprefix("torch."), counter.ops, phase_launches)
+    return GlueCount(name, str(dtype).removeprefix("torch."), counter.ops, phase_launches,
+                     dict(counter.lines))  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -285,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("cases", nargs="*", help="case names (default: the compile gate's CI cases)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     ap.add_argument("--top", type=int, default=12, help="ops shown per phase")
+    ap.add_argument("--by-line", action="store_true", help="also the kernels' source lines")
     args = ap.parse_args(argv)
     cases = real_cases()
     names = args.cases or ["relpos/mat_s1", "relpos/video_s1", "bottleneck/mmt_audio",
@@ -294,7 +319,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"unknown case(s) {unknown}; known: {', '.join(cases)}", file=sys.stderr)
         return 2
     for n in names:
-        print(glue_bytes(cases[n], getattr(torch, args.dtype)).table(args.top), flush=True)
+        count = glue_bytes(cases[n], getattr(torch, args.dtype))
+        print(count.table(args.top), flush=True)
+        if args.by_line:
+            print(count.by_line(args.top), flush=True)
     return 0
 
 

@@ -397,3 +397,6 @@ def test_glue_counter_prices_each_aten_op_by_hand() -> None:
         ("bwd", "_to_copy"): (1024, 2048, 0),
         ("bwd", "bmm"): (2048 + 8192, 4096, 2 * 4 * 8 * 16 * 32),
     }, ops
+    # --by-line: attributed to the kernels' source lines; these ops come from this file
+    assert {src for _, src in counter.lines} == {"(outside kernels/)"}
+    assert sum(counter.lines.values()) == sum(r + w for r, w, _ in ops.values())
