@@ -35,12 +35,37 @@ import triton
 import triton.language as tl
 
 from . import dispatch, tuning
-from ._common import tl_acc_dtype
+from ._common import aligned, tl_acc_dtype
 
 OP_NAME = "bottleneck_attention"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def bottleneck_attention_ref(
+    q_main: torch.Tensor,
+    k_main: torch.Tensor,
+    v_main: torch.Tensor,
+    q_extra: torch.Tensor,
+    k_extra: torch.Tensor,
+    v_extra: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch reference (builds the concatenated K/V and the full score matrix).
+
+    Softmax is taken in fp32 (fp64 for fp64 inputs), like the kernel.
+    """
+    k = torch.cat([k_main, k_extra], dim=2)
+    v = torch.cat([v_main, v_extra], dim=2)
+    q = torch.cat([q_main, q_extra], dim=2)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    attn = torch.softmax((q @ k.transpose(-2, -1)).to(compute) * scale, dim=-1)
+    out = attn.to(v.dtype) @ v
+    return out[:, :, : q_main.shape[2]], out[:, :, q_main.shape[2] :]
 
 
 def _configs(kernel: str) -> list[triton.Config]:
@@ -443,6 +468,7 @@ def _backward(ctx, do_main, do_extra, _dlse):
         do_main = torch.zeros_like(saved[6])
     if do_extra is None:
         do_extra = torch.zeros_like(saved[7])
+    do_main, do_extra = aligned(do_main), aligned(do_extra)
     grads = torch.ops.mmt_fast.bottleneck_attention_bwd(*saved, do_main, do_extra, ctx.scale)
     return (*grads, None)
 
@@ -450,31 +476,6 @@ def _backward(ctx, do_main, do_extra, _dlse):
 # Registered on the custom op itself so that tracers (torch.compile, fvcore's jit
 # trace) see ``mmt_fast::bottleneck_attention_fwd`` with its shapes.
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-# --------------------------------------------------------------------------- reference
-
-
-def bottleneck_attention_ref(
-    q_main: torch.Tensor,
-    k_main: torch.Tensor,
-    v_main: torch.Tensor,
-    q_extra: torch.Tensor,
-    k_extra: torch.Tensor,
-    v_extra: torch.Tensor,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch reference (builds the concatenated K/V and the full score matrix).
-
-    Softmax is taken in fp32 (fp64 for fp64 inputs), like the kernel.
-    """
-    k = torch.cat([k_main, k_extra], dim=2)
-    v = torch.cat([v_main, v_extra], dim=2)
-    q = torch.cat([q_main, q_extra], dim=2)
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    attn = torch.softmax((q @ k.transpose(-2, -1)).to(compute) * scale, dim=-1)
-    out = attn.to(v.dtype) @ v
-    return out[:, :, : q_main.shape[2]], out[:, :, q_main.shape[2] :]
 
 
 # --------------------------------------------------------------------------- entry point
@@ -529,13 +530,11 @@ def triton_reasons(
     D = q_main.shape[-1]
     if D > _MAX_HEAD_DIM:
         reasons.append(f"head dim {D} > {_MAX_HEAD_DIM}")
-    if q_main.dtype == torch.bfloat16 and not dispatch.gpu_rules():
-        reasons.append("bfloat16 arithmetic is broken in the Triton interpreter")
-    if q_main.dtype == torch.float64 and dispatch.gpu_rules():
-        # fp64 is the gradcheck dtype under the interpreter; it is not compiled for GPUs.
-        reasons.append("float64 runs on Triton only under the interpreter (tests)")
-    if q_main.dtype == torch.float32 and dispatch.gpu_rules():
-        reasons.append(dispatch.FP32_ON_CUDA)
+    reasons += dispatch.dtype_reasons(q_main.dtype, fp32_on_cuda=False)
+    names = ("q_main", "k_main", "v_main", "q_extra", "k_extra", "v_extra")
+    named = dict(zip(names, others)) if len(others) == 6 else {"q_main": q_main, "q_extra": q_extra}
+    reasons += dispatch.alignment_reasons(named)
+    reasons += dispatch.grid_reasons("batch x heads", q_main.shape[0] * q_main.shape[1])
     return reasons
 
 
@@ -573,7 +572,9 @@ def bottleneck_attention(
     _check_inputs(tensors)
     scale = float(scale)
     args = (q_main, k_main, v_main, q_extra, k_extra, v_extra)
-    if dispatch.choose(OP_NAME, triton_reasons(q_main, q_extra, args)):
-        out_main, out_extra, _ = torch.ops.mmt_fast.bottleneck_attention_fwd(*args, scale)
+    # views the kernels' 16-byte alignment cannot take are copied (autograd sees the copy)
+    args_k = tuple(aligned(t) for t in args)
+    if dispatch.choose(OP_NAME, triton_reasons(args_k[0], args_k[3], args_k)):
+        out_main, out_extra, _ = torch.ops.mmt_fast.bottleneck_attention_fwd(*args_k, scale)
         return out_main, out_extra
     return bottleneck_attention_ref(*args, scale)

@@ -39,6 +39,71 @@ FP32_ON_CUDA = (
 )
 
 
+# The largest grid the kernels launch along CUDA's second and third grid axes.
+GRID_YZ_MAX = 65535
+
+
+def dtype_reasons(dtype: torch.dtype, *, fp32_on_cuda: bool) -> list[str]:
+    """The dtype policy of every fused op, in one place: fp16 and bf16 compiled for the GPU
+    (fp32 too when ``fp32_on_cuda``; attention refuses it, :data:`FP32_ON_CUDA`); under the
+    interpreter fp16, fp32 and fp64 (the tests' gradcheck dtype), not bf16."""
+    if gpu_rules():
+        if dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and fp32_on_cuda):
+            return []
+        if dtype == torch.float32:
+            return [FP32_ON_CUDA]
+        if dtype == torch.float64:
+            return ["float64 runs on Triton only under the interpreter (tests)"]
+        return [f"dtype {dtype} is not supported on CUDA (supported: float16, bfloat16)"]
+    if dtype in (torch.float16, torch.float32, torch.float64):
+        return []
+    why = " (bfloat16 arithmetic is broken there)" if dtype == torch.bfloat16 else ""
+    return [
+        f"dtype {dtype} is not supported under the Triton interpreter{why} "
+        "(supported: float16, float32, float64)"
+    ]
+
+
+def alignment_reasons(named: dict[str, torch.Tensor | None]) -> list[str]:
+    """Why these tensors break the 16-byte alignment the kernels are compiled for (the compile
+    gate specialises every pointer and every stride as a multiple of 16 bytes): a data pointer
+    or a stride (of a dimension longer than 1, other than a unit stride) that is not. The ops
+    first copy views that a contiguous copy repairs (:func:`._common.aligned`), so what remains
+    is a last dim whose bytes are not a multiple of 16. Compiled kernels only (the interpreter
+    has no such assumption)."""
+    reasons = []
+    if not gpu_rules():
+        return reasons
+    from ._common import has_storage
+
+    for name, t in named.items():
+        if t is None or not has_storage(t):
+            continue
+        size = t.element_size()
+        if t.data_ptr() % 16:
+            reasons.append(
+                f"{name} starts at an address that is not a multiple of 16 bytes "
+                "(an offset view): pass a copy (.clone())"
+            )
+        bad = [d for d, (n, st) in enumerate(zip(t.shape, t.stride()))
+               if n > 1 and st != 1 and (st * size) % 16]  # fmt: skip
+        if bad:
+            reasons.append(
+                f"{name} has strides {tuple(t.stride())} whose dims {bad} are not multiples of "
+                f"16 bytes: pass a .contiguous() copy with a last dim multiple of {16 // size}"
+            )
+    return reasons
+
+
+def grid_reasons(name: str, n: int) -> list[str]:
+    """A reason when ``n`` programs (e.g. batch x heads) exceed a second/third grid axis."""
+    if n > GRID_YZ_MAX:
+        return [
+            f"{name} = {n} > {GRID_YZ_MAX}, the CUDA grid's limit on the axis it is launched on"
+        ]
+    return []
+
+
 class KernelUnsupportedError(ValueError):
     """Raised when the Triton path is forced but cannot run the given input."""
 

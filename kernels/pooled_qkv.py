@@ -54,12 +54,68 @@ import triton
 import triton.language as tl
 
 from . import dispatch, tuning
-from ._common import tl_acc_dtype
+from ._common import aligned, tl_acc_dtype
 
 OP_NAME = "pooled_qkv"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MAX_HEAD_DIM = 1024
 _MAX_TAPS = 125
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def _pool_norm_ref(qkv, weights, norms, grid, has_cls, num_heads, strides, eps):
+    """PyTorch pool + LayerNorm of a (B, N, 3*C) projection (as in timm's mvitv2.py)."""
+    B, N, C3 = qkv.shape
+    D = C3 // 3 // num_heads
+    compute = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    conv = F.conv2d if len(grid) == 2 else F.conv3d
+    outs = []
+    for z, t in enumerate(qkv.reshape(B, N, 3, num_heads, D).permute(2, 0, 3, 1, 4).unbind(0)):
+        w = weights[z]
+        cls, sp = t[:, :, : int(has_cls)], t[:, :, int(has_cls) :]
+        sp = sp.reshape(B * num_heads, *grid, D).movedim(-1, 1)
+        sp = conv(
+            sp,
+            w.to(qkv.dtype),
+            stride=tuple(strides[0 if z == 0 else 1]),
+            padding=tuple(k // 2 for k in w.shape[2:]),
+            groups=D,
+        )
+        sp = sp.reshape(B, num_heads, D, -1).transpose(2, 3)
+        t = torch.cat([cls, sp], dim=2)
+        gamma, beta = norms[z]
+        t = F.layer_norm(t.to(compute), (D,), gamma.to(compute), beta.to(compute), eps)
+        outs.append(t.to(qkv.dtype).contiguous())
+    return tuple(outs)
+
+
+def pooled_qkv_ref(
+    x: torch.Tensor,
+    qkv_weight: torch.Tensor,
+    qkv_bias: torch.Tensor | None,
+    grid: Sequence[int],
+    has_cls: bool,
+    num_heads: int,
+    pool_weights: Sequence[torch.Tensor],
+    strides: Sequence[Sequence[int]],
+    norm_weights: Sequence[Sequence[torch.Tensor]],
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...], tuple[int, ...]]:
+    """PyTorch reference of :func:`pooled_qkv` (same signature and result)."""
+    _check_inputs(x, qkv_weight, qkv_bias, grid, has_cls, num_heads, pool_weights, strides,
+                   norm_weights)  # fmt: skip
+    qkv = F.linear(x, qkv_weight, qkv_bias)
+    q, k, v = _pool_norm_ref(qkv, pool_weights, norm_weights, tuple(grid), has_cls, num_heads,
+                             strides, eps)  # fmt: skip
+    return q, k, v, *_grids(grid, pool_weights, strides)
+
+
+def _grids(grid, pool_weights, strides):
+    q_grid = pooled_grid(grid, pool_weights[0].shape[2:], strides[0])
+    k_grid = pooled_grid(grid, pool_weights[1].shape[2:], strides[1])
+    return q_grid, k_grid
 
 
 def _fwd_configs() -> list[triton.Config]:
@@ -574,6 +630,7 @@ def _backward(ctx, dq, dk, dv):
     dq, dk, dv = (
         g if g is not None else qkv.new_zeros(s) for g, s in zip((dq, dk, dv), ctx.out_shapes)
     )
+    dq, dk, dv = aligned(dq), aligned(dk), aligned(dv)
     grads = torch.ops.mmt_fast.pooled_qkv_bwd(*saved, dq, dk, dv, *ctx.config)
     return (*grads, None, None, None, None, None, None)
 
@@ -582,62 +639,6 @@ def _backward(ctx, dq, dk, dv):
 # autograd.Function around it), so tracers (torch.compile, fvcore's jit trace)
 # see ``mmt_fast::pooled_qkv_fwd`` with its shapes and arguments.
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-# --------------------------------------------------------------------------- reference
-
-
-def _pool_norm_ref(qkv, weights, norms, grid, has_cls, num_heads, strides, eps):
-    """PyTorch pool + LayerNorm of a (B, N, 3*C) projection (as in timm's mvitv2.py)."""
-    B, N, C3 = qkv.shape
-    D = C3 // 3 // num_heads
-    compute = torch.float64 if qkv.dtype == torch.float64 else torch.float32
-    conv = F.conv2d if len(grid) == 2 else F.conv3d
-    outs = []
-    for z, t in enumerate(qkv.reshape(B, N, 3, num_heads, D).permute(2, 0, 3, 1, 4).unbind(0)):
-        w = weights[z]
-        cls, sp = t[:, :, : int(has_cls)], t[:, :, int(has_cls) :]
-        sp = sp.reshape(B * num_heads, *grid, D).movedim(-1, 1)
-        sp = conv(
-            sp,
-            w.to(qkv.dtype),
-            stride=tuple(strides[0 if z == 0 else 1]),
-            padding=tuple(k // 2 for k in w.shape[2:]),
-            groups=D,
-        )
-        sp = sp.reshape(B, num_heads, D, -1).transpose(2, 3)
-        t = torch.cat([cls, sp], dim=2)
-        gamma, beta = norms[z]
-        t = F.layer_norm(t.to(compute), (D,), gamma.to(compute), beta.to(compute), eps)
-        outs.append(t.to(qkv.dtype).contiguous())
-    return tuple(outs)
-
-
-def pooled_qkv_ref(
-    x: torch.Tensor,
-    qkv_weight: torch.Tensor,
-    qkv_bias: torch.Tensor | None,
-    grid: Sequence[int],
-    has_cls: bool,
-    num_heads: int,
-    pool_weights: Sequence[torch.Tensor],
-    strides: Sequence[Sequence[int]],
-    norm_weights: Sequence[Sequence[torch.Tensor]],
-    eps: float = 1e-6,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...], tuple[int, ...]]:
-    """PyTorch reference of :func:`pooled_qkv` (same signature and result)."""
-    _check_inputs(x, qkv_weight, qkv_bias, grid, has_cls, num_heads, pool_weights, strides,
-                   norm_weights)  # fmt: skip
-    qkv = F.linear(x, qkv_weight, qkv_bias)
-    q, k, v = _pool_norm_ref(qkv, pool_weights, norm_weights, tuple(grid), has_cls, num_heads,
-                             strides, eps)  # fmt: skip
-    return q, k, v, *_grids(grid, pool_weights, strides)
-
-
-def _grids(grid, pool_weights, strides):
-    q_grid = pooled_grid(grid, pool_weights[0].shape[2:], strides[0])
-    k_grid = pooled_grid(grid, pool_weights[1].shape[2:], strides[1])
-    return q_grid, k_grid
 
 
 # --------------------------------------------------------------------------- entry point
@@ -724,6 +725,7 @@ def triton_reasons(
     tensors: Sequence[torch.Tensor | None],
     pool_weights: Sequence[torch.Tensor],
     head_dim: int,
+    batch_heads: int = 0,
 ) -> list[str]:
     """Why the Triton path cannot pool a projection of ``dtype`` with these (valid) inputs."""
     reasons = dispatch.device_reasons(tensors)
@@ -733,11 +735,8 @@ def triton_reasons(
         taps = math.prod(w.shape[2:])
         if taps > _MAX_TAPS:
             reasons.append(f"pool kernel w{label} has {taps} taps > {_MAX_TAPS} (unrolled)")
-    if dtype == torch.bfloat16 and not dispatch.gpu_rules():
-        reasons.append("bfloat16 arithmetic is broken in the Triton interpreter")
-    if dtype == torch.float64 and dispatch.gpu_rules():
-        # fp64 is the gradcheck dtype under the interpreter; it is not compiled for GPUs.
-        reasons.append("float64 runs on Triton only under the interpreter (tests)")
+    reasons += dispatch.dtype_reasons(dtype, fp32_on_cuda=True)
+    reasons += dispatch.grid_reasons("batch x heads", batch_heads)
     return reasons
 
 
@@ -781,7 +780,8 @@ def pooled_qkv(
     params = [*pool_weights, *(p for pair in norm_weights for p in pair)]
     head_dim = qkv_weight.shape[0] // 3 // num_heads
     qkv = F.linear(x, qkv_weight, qkv_bias)  # under autocast, qkv.dtype may differ from x's
-    reasons = triton_reasons(qkv.dtype, [x, qkv_weight, qkv_bias, *params], pool_weights, head_dim)
+    reasons = triton_reasons(qkv.dtype, [x, qkv_weight, qkv_bias, *params], pool_weights, head_dim,
+                             qkv.shape[0] * num_heads)  # fmt: skip
     if dispatch.choose(OP_NAME, reasons):
         q, k, v = torch.ops.mmt_fast.pooled_qkv_fwd(
             qkv, *params, grid, has_cls, num_heads, stride_q, stride_kv, eps

@@ -21,9 +21,11 @@ Design of the Triton path. The bias factorises through the small tensor
 
     relq_a[b, h, i, y] = q_i . R_a[dist_a(i_a, y)],  y < k_grid[a]    (B, H, Nq - cls, ka)
 
-so ``bias[i, j] = sum_a relq_a[i, j_a]``. relq (all axes concatenated:
-(B, H, Nq - cls, sum_a ka)) is computed by a gather + einsum in PyTorch (its
-cost is O(Nq sum_a ka D), a fraction of Q K^T). Every key grid is treated as
+so ``bias[i, j] = sum_a relq_a[i, j_a]``. relq (all axes side by side:
+(B, H, Nq - cls, sum_a ka)) is built once by ``_relq_kernel``: the queries that
+share their coordinate x on axis a share the table rows R_a[dist_a(x, :)], so
+each axis is a batch of small matmuls (its cost is O(Nq sum_a ka D), a fraction
+of Q K^T); the forward saves it for the backward. Every key grid is treated as
 3-D (K0, K1, K2) with leading size-1 axes. The attention is the
 flash-attention v2 scheme (Triton tutorial ``06-fused-attention``; Dao,
 "FlashAttention-2", 2023): online softmax in fp32, P V, log-sum-exp saved,
@@ -47,21 +49,26 @@ compile time; the compile gate ``benchmarks/compile_gate.py`` checks the result)
 - Otherwise (an axis longer than 64 that BLOCK_N does not divide): the general
   per-element gather, kept for correctness on irregular grids.
 
-Backward recomputes P from the log-sum-exp: delta = rowsum(dO * (O - q)); a
-key-block-parallel kernel computes dK, dV (the CLS key's are two GEMVs in the
-launcher); a query-block-parallel kernel computes dQ and
+Backward recomputes P from the log-sum-exp: delta = rowsum(dO * O), O the
+attention output without the residual (the forward writes it beside the output:
+out - q, rounded after the add, loses precision as |q| grows); the delta kernel
+also computes the CLS key's column and its dK, dV shares per row block; a
+key-block-parallel kernel computes dK, dV; a query-block-parallel kernel computes dQ and
 d_relq_a[i, y] = sum_{j: j_a = y} dS[i, j], without atomics on the first two
 paths: aligned tiles loop over the fastest axis' column blocks outside and its
 rows inside, so d_relq_2 is a register accumulator stored once per column block
-and each tile's row sum (the slow axes' share) goes to a small buffer
-(B, H, Nq - cls, K0 K1 K2 / BLOCK_N) summed in PyTorch; short axes accumulate
+and each tile's row sum (the slow axes' share, slow axes <= 64) is added to
+(BLOCK_M, W_a) register accumulators; short axes accumulate
 ``dS @ onehot_a^T`` in registers. The gather path keeps its windowed ``dS @
 onehot`` sums flushed with atomics. The two backward kernels both recompute
 Q K^T and dO V^T: a single FlashAttention-2 pass over the keys would need
 atomics for dQ and for d_relq on every path. The gradients of q (through relq)
-and of the tables are then the small einsums ``d_relq . R`` and ``d_relq^T q``,
-with an ``index_add`` into the tables. Saved for backward: q, k, v, out, lse
-(B, H, Nq) and the tables; relq is recomputed (it can be larger than q).
+and of the tables, ``d_relq . R`` and ``d_relq^T q``, are the same grouped
+matmuls (``_relq_dq_kernel`` updates dq in place; ``_relq_table_kernel`` reduces
+over (b, h) and rows in registers, a few chunks summed, then an ``index_add``
+into the tables). No PyTorch op around the kernels touches an O(Nq D) tensor
+except the CLS column's assignment. Saved for backward: q, k, v, O (without the
+residual; ``out`` when there is none), lse (B, H, Nq), relq and the tables.
 
 Numerics: scores, softmax and all accumulators are fp32 (fp64 for fp64
 inputs); relq is computed in the input dtype, like PyTorch's own path; for
@@ -88,36 +95,27 @@ import triton
 import triton.language as tl
 
 from . import dispatch, tuning
-from ._common import acc_dtype, tl_acc_dtype
+from ._common import acc_dtype, aligned, tl_acc_dtype
+from ._relq import (  # the relq kernels and the per-tile bias helpers
+    _LOG2E,
+    Grid,
+    _block_d,
+    _block_d_split,
+    _dot_precision,
+    _onehots,
+    _rel_windows,
+    _relq_backward,
+    _relq_packed,
+    _scores,
+    rel_pos_index,
+)
 
 OP_NAME = "relpos_attention"
 _MAX_HEAD_DIM = 256
-_LOG2E = 1.4426950408889634
-_LOG2E_C = tl.constexpr(_LOG2E)
 _AXES = "xyz"
-
-Grid = Sequence[int]
 
 
 # ----------------------------------------------------------------------------- reference
-
-
-def rel_pos_index(
-    q_size: int, k_size: int, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """Row of the rel-pos table for every (query, key) coordinate pair on one axis.
-
-    Returns (q_size, k_size) int64 with values in [0, 2 max(q_size, k_size) - 1).
-    The arithmetic is float32 and truncates, exactly as timm's ``cal_rel_pos_type``.
-    """
-    q_ratio = max(k_size / q_size, 1.0)
-    k_ratio = max(q_size / k_size, 1.0)
-    dist = (
-        torch.arange(q_size, device=device)[:, None] * q_ratio
-        - torch.arange(k_size, device=device)[None, :] * k_ratio
-    )
-    dist = dist + (k_size - 1) * k_ratio
-    return dist.long()
 
 
 def _relq(
@@ -179,149 +177,60 @@ def relpos_attention_ref(
 
 def _configs(kernel: str) -> list[triton.Config]:
     # Each entry checked by the compile gate (sm_90, bf16/fp16, MAT and MViTv2 shapes): no
-    # spills, within shared memory, HGMMA matmuls. The first is the pinned one.
+    # spills, within shared memory, HGMMA matmuls, no warp duplication (every matmul's M is
+    # 64 rows per warpgroup: BLOCK_M 128 with 8 warps, 64 with 4). The first is the pinned one.
     entries = {
+        # 1 stage: with 2 the aligned bias (the Q K^T accumulator) serialises wgmma (C7515)
         "_fwd_kernel": [
-            ({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 2),
+            ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 1),
             ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 2),
         ],
+        # transposed: BLOCK_N keys are every matmul's M, BLOCK_M queries per step; 1 stage
+        # (2 draw C7515)
         "_bwd_dkdv_kernel": [
-            ({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 2),
-            ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 2),
+            ({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 1),
+            ({"BLOCK_M": 32, "BLOCK_N": 128}, 8, 1),
         ],
     }[kernel]
     return tuning.configs(OP_NAME, kernel, entries, ({"BLOCK_M": 16, "BLOCK_N": 16}, 4, 1))
 
 
 @triton.jit
-def _onehot(js, STRIDE: tl.constexpr, KA: tl.constexpr, W: tl.constexpr, DT: tl.constexpr):
-    """(W, BLOCK_N) one-hot of the keys' coordinate along one axis: [w == (j // STRIDE) % KA]."""
-    c = (js // STRIDE) % KA
-    return (tl.arange(0, W)[:, None] == c[None, :]).to(DT)
+def _row_block(N, BLOCK: tl.constexpr):
+    """(block of N rows, b * H + h) of this program: the grid is one axis of cdiv(N, BLOCK)
+    x B H programs (no 65535 limit on B H), consecutive programs sharing (b, h)."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK)
+    return pid % n_blocks, (pid // n_blocks).to(tl.int64)
 
 
 @triton.jit
-def _rel_window(rel_rows, row_sp, OFF: tl.constexpr, KA: tl.constexpr, W: tl.constexpr):
-    """(BLOCK_M, W) relq columns OFF .. OFF + KA of these rows (0 past KA and off the rows)."""
-    w = tl.arange(0, W)
-    return tl.load(rel_rows[:, None] + OFF + w[None, :], mask=row_sp[:, None] & (w < KA)[None, :],
-                   other=0.0)  # fmt: skip
-
-
-@triton.jit
-def _rel_windows(
-    rel_rows, row_sp,
-    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
-    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
-    OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr,
-    USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
-):  # fmt: skip
-    """The short-axes path's relq columns of these rows, per used axis (0 for an unused one)."""
-    r0 = 0
-    r1 = 0
-    r2 = 0
-    if USE0:
-        r0 = _rel_window(rel_rows, row_sp, OFF0, K0, W0)
-    if USE1:
-        r1 = _rel_window(rel_rows, row_sp, OFF1, K1, W1)
-    if USE2:
-        r2 = _rel_window(rel_rows, row_sp, OFF2, K2, W2)
-    return r0, r1, r2
-
-
-@triton.jit
-def _onehots(
-    js, DT: tl.constexpr,
-    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
-    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
-    USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
-):  # fmt: skip
-    """The keys' one-hot coordinates per used axis (0 for an unused one)."""
-    oh0 = 0
-    oh1 = 0
-    oh2 = 0
-    if USE0:
-        oh0 = _onehot(js, K1 * K2, K0, W0, DT)
-    if USE1:
-        oh1 = _onehot(js, K2, K1, W1, DT)
-    if USE2:
-        oh2 = _onehot(js, 1, K2, W2, DT)
-    return oh0, oh1, oh2
-
-
-@triton.jit
-def _bias_full(
-    r0, r1, r2, oh0, oh1, oh2,
-    USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
-    ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """Short-axes bias of a tile: sum_a relq_a (BLOCK_M, W_a) @ onehot_a (W_a, BLOCK_N)."""
-    bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    if USE0:
-        bias = tl.dot(r0, oh0, bias, input_precision=DOT_PREC, out_dtype=ACC)
-    if USE1:
-        bias = tl.dot(r1, oh1, bias, input_precision=DOT_PREC, out_dtype=ACC)
-    if USE2:
-        bias = tl.dot(r2, oh2, bias, input_precision=DOT_PREC, out_dtype=ACC)
-    return bias
-
-
-@triton.jit
-def _bias_aligned(
-    rel_bh, n_sp, row0, rel_rows, row_sp, start,
-    K1: tl.constexpr, K2: tl.constexpr, USE0: tl.constexpr, USE1: tl.constexpr,
-    OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KSUM: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """Bias of a key tile that lies inside one row of the fastest axis (K2 % BLOCK_N == 0).
-
-    The fastest coordinate runs over c0 .. c0 + BLOCK_N - 1: one contiguous (BLOCK_M, BLOCK_N)
-    block load; the slower coordinates are constant over the tile: one column each, broadcast.
-    """
-    r = start // K2
-    c0 = start % K2
-    # A block pointer over this (b, h)'s relq (n_sp rows x KSUM): no 64-bit address per
-    # element; rows outside [0, n_sp) (the CLS row is row -1) read as 0.
-    tile = tl.make_block_ptr(rel_bh, (n_sp, KSUM), (KSUM, 1), (row0, OFF2 + c0),
-                             (BLOCK_M, BLOCK_N), (1, 0))  # fmt: skip
-    bias = tl.load(tile, boundary_check=(0,), padding_option="zero").to(ACC)
-    if USE1:
-        bias += tl.load(rel_rows + OFF1 + r % K1, mask=row_sp, other=0.0).to(ACC)[:, None]
-    if USE0:
-        bias += tl.load(rel_rows + OFF0 + r // K1, mask=row_sp, other=0.0).to(ACC)[:, None]
-    return bias
-
-
-@triton.jit
-def _bias_gather(
-    rel_rows, row_sp, js, col_in,
-    K1: tl.constexpr, K2: tl.constexpr,
-    USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
-    OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
-    """General fallback (an axis longer than 64 that BLOCK_N does not divide): per element."""
-    mask = row_sp[:, None] & col_in[None, :]
-    bias = tl.zeros([rel_rows.shape[0], js.shape[0]], dtype=ACC)
-    if USE0:
-        c0 = js // (K1 * K2)
-        bias += tl.load(rel_rows[:, None] + OFF0 + c0[None, :], mask=mask, other=0.0).to(ACC)
-    if USE1:
-        c1 = (js // K2) % K1
-        bias += tl.load(rel_rows[:, None] + OFF1 + c1[None, :], mask=mask, other=0.0).to(ACC)
-    if USE2:
-        c2 = js % K2
-        bias += tl.load(rel_rows[:, None] + OFF2 + c2[None, :], mask=mask, other=0.0).to(ACC)
-    return bias
-
-
-@triton.jit
-def _cls_key(q, K, V, offs_d, d_in, skd, svd, qk_scale, ACC: tl.constexpr):
+def _cls_key(q, K, V, offs_d, d_in, skd, svd, qk_scale, ACC_DTYPE: tl.constexpr):
     """The CLS key, peeled off the key loop so that key tiles align with the grid:
     (its score in log2 units (BLOCK_M,), k_cls (BLOCK_D,), v_cls (BLOCK_D,))."""
     kc = tl.load(K + offs_d * skd, mask=d_in, other=0.0)
     vc = tl.load(V + offs_d * svd, mask=d_in, other=0.0)
-    s = tl.sum(q.to(ACC) * kc.to(ACC)[None, :], 1) * qk_scale
+    s = tl.sum(q.to(ACC_DTYPE) * kc.to(ACC_DTYPE)[None, :], 1) * qk_scale
     return s, kc, vc
+
+
+@triton.jit
+def _fwd_store(
+    acc, l_i, Q, O_ATT, OUT, pid_bh, rows, row_in, offs_d, d_in, sqn, sqd, Nq, D,
+    RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):  # fmt: skip
+    """The forward's epilogue for the head-dim columns offs_d: normalise; with the residual,
+    store the output without it to O_ATT and add q (read again rather than kept live through
+    the loop: it spilled at 255 registers); store the output."""
+    acc = acc / l_i[:, None]
+    mask = row_in[:, None] & d_in[None, :]
+    off = pid_bh * Nq * D + rows[:, None] * D + offs_d[None, :]
+    if RESIDUAL:
+        tl.store(O_ATT + off, acc.to(O_ATT.dtype.element_ty), mask=mask)
+        q_res = tl.load(Q + rows[:, None] * sqn + offs_d[None, :] * sqd,
+                        mask=mask & (rows >= RES_FROM)[:, None], other=0.0)  # fmt: skip
+        acc += q_res.to(ACC_DTYPE)
+    tl.store(OUT + off, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(
@@ -331,7 +240,7 @@ def _cls_key(q, K, V, offs_d, d_in, skd, svd, qk_scale, ACC: tl.constexpr):
 )
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, REL, OUT, LSE,
+    Q, K, V, REL, OUT, O_ATT, LSE,
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -341,17 +250,20 @@ def _fwd_kernel(
     USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
     OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KSUM: tl.constexpr,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, FULL: tl.constexpr,
-    RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ALIGN_OK: tl.constexpr,
+    RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    """One block of BLOCK_M queries against all keys; with the residual, O_ATT gets the output
+    before "+ q" (the backward's delta is computed from it). BLOCK_D2 > 0: the head dim is two
+    chunks, columns [0, BLOCK_D) and [BLOCK_D, BLOCK_D + BLOCK_D2) (96 = 64 + 32)."""
+    pid_m, pid_bh = _row_block(Nq, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     Q += b * sqb + h * sqh
     K += b * skb + h * skh
     V += b * svb + h * svh
-    ALIGNED: tl.constexpr = USE2 and (K2 % BLOCK_N == 0)
+    ALIGNED: tl.constexpr = USE2 and (K2 % BLOCK_N == 0) and ALIGN_OK
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -361,24 +273,41 @@ def _fwd_kernel(
     row_sp = row_in & (rows >= HAS_CLS)
     NQS = Nq - HAS_CLS
     rel_bh = REL + pid_bh * NQS * KSUM
-    row0 = pid_m * BLOCK_M - HAS_CLS
     rel_rows = rel_bh + tl.maximum(rows - HAS_CLS, 0) * KSUM
 
+    SPLIT: tl.constexpr = BLOCK_D2 > 0
     q = tl.load(
         Q + rows[:, None] * sqn + offs_d[None, :] * sqd,
         mask=row_in[:, None] & d_in[None, :],
         other=0.0,
     )
+    q2, acc2 = 0, 0
+    if not SPLIT:  # (assigned in the loop otherwise)
+        kt2 = 0
+    if SPLIT:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        d_in2 = offs_d2 < D
+        q2 = tl.load(Q + rows[:, None] * sqn + offs_d2[None, :] * sqd,
+                     mask=row_in[:, None] & d_in2[None, :], other=0.0)  # fmt: skip
     if HAS_CLS:
-        m_i, _kc, vc = _cls_key(q, K, V, offs_d, d_in, skd, svd, qk_scale, ACC)
-        l_i = tl.full([BLOCK_M], 1.0, dtype=ACC)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC) + vc.to(ACC)[None, :]
+        m_i, _kc, vc = _cls_key(q, K, V, offs_d, d_in, skd, svd, qk_scale, ACC_DTYPE)
+        l_i = tl.full([BLOCK_M], 1.0, dtype=ACC_DTYPE)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE) + vc.to(ACC_DTYPE)[None, :]
+        if SPLIT:
+            m_2, _kc2, vc2 = _cls_key(q2, K, V, offs_d2, d_in2, skd, svd, qk_scale, ACC_DTYPE)
+            m_i += m_2
+            acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=ACC_DTYPE) + vc2.to(ACC_DTYPE)[None, :]
         K += skn
         V += svn
     else:
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
-        l_i = tl.zeros([BLOCK_M], dtype=ACC)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
+        l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
+        if SPLIT:
+            acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=ACC_DTYPE)
+    r0, r1, r2 = 0, 0, 0
+    if ALIGNED or not FULL:  # (names assigned in the loop must not be defined before it)
+        oh0, oh1, oh2 = 0, 0, 0
     if not ALIGNED and FULL:
         # Every axis is short (<= 64): its relq columns stay in registers for the whole loop
         # and the bias of a tile is sum_a relq_a @ onehot_a, on the tensor cores.
@@ -393,22 +322,14 @@ def _fwd_kernel(
             mask=col_in[None, :] & d_in[:, None],
             other=0.0,
         )
-        # Scores in log2 units: exp2 is the native instruction.
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
-        if ALIGNED:
-            s += _LOG2E_C * _bias_aligned(
-                rel_bh, NQS, row0, rel_rows, row_sp, start,
-                K1, K2, USE0, USE1, OFF0, OFF1, OFF2, KSUM, ACC, BLOCK_M, BLOCK_N,
-            )  # fmt: skip
-        elif FULL:
+        if SPLIT:
+            kt2 = tl.load(K + js[None, :] * skn + offs_d2[:, None] * skd,
+                          mask=col_in[None, :] & d_in2[:, None], other=0.0)  # fmt: skip
+        if not ALIGNED and FULL:
             oh0, oh1, oh2 = _onehots(js, q.dtype, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2)
-            s += _LOG2E_C * _bias_full(
-                r0, r1, r2, oh0, oh1, oh2, USE0, USE1, USE2, ACC, DOT_PREC, BLOCK_M, BLOCK_N
-            )
-        elif USE2:
-            s += _LOG2E_C * _bias_gather(
-                rel_rows, row_sp, js, col_in, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, ACC
-            )
+        s = _scores(q, kt, q2, kt2, qk_scale, rel_rows, row_sp, start, js, col_in, r0, r1, r2, oh0, oh1,
+                    oh2, ALIGNED, FULL, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, ACC_DTYPE,
+                    DOT_PRECISION, False, SPLIT)  # fmt: skip
         s = tl.where(col_in[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -419,73 +340,75 @@ def _fwd_kernel(
             mask=col_in[:, None] & d_in[None, :],
             other=0.0,
         )
-        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=DOT_PREC)
+        # the rescaled accumulator is the dot's own (no second accumulator in registers)
+        acc = tl.dot(
+            p.to(vb.dtype),
+            vb,
+            acc * alpha[:, None],
+            input_precision=DOT_PRECISION,
+            out_dtype=ACC_DTYPE,
+        )
+        if SPLIT:
+            vb2 = tl.load(V + js[:, None] * svn + offs_d2[None, :] * svd,
+                          mask=col_in[:, None] & d_in2[None, :], other=0.0)  # fmt: skip
+            acc2 = tl.dot(p.to(vb2.dtype), vb2, acc2 * alpha[:, None],
+                          input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # fmt: skip
         m_i = m_new
 
-    acc = acc / l_i[:, None]
-    if RESIDUAL:
-        # q is read again rather than kept live through the loop (it spilled at 255 registers)
-        q_res = tl.load(
-            Q + rows[:, None] * sqn + offs_d[None, :] * sqd,
-            mask=row_in[:, None] & d_in[None, :] & (rows >= RES_FROM)[:, None],
-            other=0.0,
-        )
-        acc += q_res.to(ACC)
-    OUT += pid_bh * Nq * D
-    tl.store(
-        OUT + rows[:, None] * D + offs_d[None, :],
-        acc.to(OUT.dtype.element_ty),
-        mask=row_in[:, None] & d_in[None, :],
-    )
+    _fwd_store(acc, l_i, Q, O_ATT, OUT, pid_bh, rows, row_in, offs_d, d_in, sqn, sqd, Nq, D,
+               RESIDUAL, RES_FROM, ACC_DTYPE)  # fmt: skip
+    if SPLIT:
+        _fwd_store(acc2, l_i, Q, O_ATT, OUT, pid_bh, rows, row_in, offs_d2, d_in2, sqn, sqd, Nq,
+                   D, RESIDUAL, RES_FROM, ACC_DTYPE)  # fmt: skip
     tl.store(LSE + pid_bh * Nq + rows, m_i + tl.log2(l_i), mask=row_in)
 
 
 @triton.jit
 def _bwd_delta_kernel(
-    OUT, DO, Q, K, V, LSE, DELTA, DS_CLS, P_CLS,
+    OATT, DO, Q, K, V, LSE, DELTA, DS_CLS, DKV_CLS,
     sob, soh, son, sod,
     sdb, sdh, sdn, sdd,
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     H, Nq, D, qk_scale,
-    HAS_CLS: tl.constexpr, RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_CLS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """delta[i] = sum_d dO[i, d] * (out[i, d] - residual * q[i, d]) = rowsum(dP * P); with a
-    CLS token also the CLS key's column: P[i, cls] and dS[i, cls] = P (dP - delta)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    """delta[i] = sum_d dO[i, d] O[i, d] = rowsum(dP * P), O the attention output without the
+    residual; with a CLS token also the CLS key's column, peeled off the other kernels:
+    dS[i, cls] = P (dP - delta), and this block's shares of dV_cls = sum_i P[i, cls] dO_i and
+    dK_cls = sum_i dS[i, cls] q_i (P, dS rounded to the input dtype as in the matmuls),
+    stored to DKV_CLS (B H, row blocks, 2, D) for the launcher's short sum."""
+    pid_m, pid_bh = _row_block(Nq, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = rows < Nq
     offs_d = tl.arange(0, BLOCK_D)
     d_in = offs_d < D
-    mask = (rows < Nq)[:, None] & d_in[None, :]
+    mask = row_in[:, None] & d_in[None, :]
     o = tl.load(
-        OUT + b * sob + h * soh + rows[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0
-    ).to(ACC)
-    if RESIDUAL or HAS_CLS:
-        q = tl.load(
-            Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :] * sqd,
-            mask=mask,
-            other=0.0,
-        )
-    if RESIDUAL:
-        o -= tl.where((rows >= RES_FROM)[:, None], q.to(ACC), 0.0)
-    do = tl.load(
-        DO + b * sdb + h * sdh + rows[:, None] * sdn + offs_d[None, :] * sdd, mask=mask, other=0.0
-    ).to(ACC)
-    delta = tl.sum(o * do, 1)
-    tl.store(DELTA + pid_bh * Nq + rows, delta, mask=rows < Nq)
+        OATT + b * sob + h * soh + rows[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0
+    ).to(ACC_DTYPE)
+    do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + offs_d[None, :] * sdd, mask=mask,
+                 other=0.0)  # fmt: skip
+    delta = tl.sum(o * do.to(ACC_DTYPE), 1)
+    tl.store(DELTA + pid_bh * Nq + rows, delta, mask=row_in)
     if HAS_CLS:
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :] * sqd,
+                    mask=mask, other=0.0)  # fmt: skip
         s, _kc, vc = _cls_key(q, K + b * skb + h * skh, V + b * svb + h * svh, offs_d, d_in,
-                              skd, svd, qk_scale, ACC)  # fmt: skip
-        lse = tl.load(LSE + pid_bh * Nq + rows, mask=rows < Nq, other=0.0)
-        p = tl.exp2(s - lse)
-        dp = tl.sum(do * vc.to(ACC)[None, :], 1)
-        tl.store(P_CLS + pid_bh * Nq + rows, p, mask=rows < Nq)
-        tl.store(DS_CLS + pid_bh * Nq + rows, p * (dp - delta), mask=rows < Nq)
+                              skd, svd, qk_scale, ACC_DTYPE)  # fmt: skip
+        lse = tl.load(LSE + pid_bh * Nq + rows, mask=row_in, other=0.0)
+        p = tl.where(row_in, tl.exp2(s - lse), 0.0)
+        dp = tl.sum(do.to(ACC_DTYPE) * vc.to(ACC_DTYPE)[None, :], 1)
+        ds = p * (dp - delta)
+        tl.store(DS_CLS + pid_bh * Nq + rows, ds, mask=row_in)
+        dv_c = tl.sum(p.to(do.dtype).to(ACC_DTYPE)[:, None] * do.to(ACC_DTYPE), 0)
+        dk_c = tl.sum(ds.to(q.dtype).to(ACC_DTYPE)[:, None] * q.to(ACC_DTYPE), 0)
+        part = DKV_CLS + (pid_bh * tl.cdiv(Nq, BLOCK_M) + pid_m) * 2 * D
+        tl.store(part + offs_d, dv_c, mask=d_in)
+        tl.store(part + D + offs_d, dk_c, mask=d_in)
 
 
 @triton.autotune(
@@ -506,13 +429,13 @@ def _bwd_dkdv_kernel(
     USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
     OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KSUM: tl.constexpr,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, FULL: tl.constexpr,
-    ACC: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ALIGN_OK: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):  # fmt: skip
     """dV = P^T dO, dK = scale * dS^T Q for one block of spatial keys, looping over all
-    query blocks (the CLS key's dK, dV are two GEMVs in the launcher)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    query blocks (the CLS key's dK, dV come from the delta kernel); BLOCK_D2 > 0: the head
+    dim in two chunks, as in the forward."""
+    pid_n, pid_bh = _row_block(Nk - HAS_CLS, BLOCK_N)
     b = pid_bh // H
     h = pid_bh % H
     Q += b * sqb + h * sqh
@@ -521,7 +444,7 @@ def _bwd_dkdv_kernel(
     DO += b * sdb + h * sdh
     NQS = Nq - HAS_CLS
     rel_bh = REL + pid_bh * NQS * KSUM
-    ALIGNED: tl.constexpr = USE2 and (K2 % BLOCK_N == 0)
+    ALIGNED: tl.constexpr = USE2 and (K2 % BLOCK_N == 0) and ALIGN_OK
 
     NKS = Nk - HAS_CLS
     start = pid_n * BLOCK_N
@@ -534,10 +457,25 @@ def _bwd_dkdv_kernel(
     kv_mask = col_in[:, None] & d_in[None, :]
     kb = tl.load(K + js[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
     vb = tl.load(V + js[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    SPLIT: tl.constexpr = BLOCK_D2 > 0
+    kb2, vb2, dk2, dv2 = 0, 0, 0, 0
+    if SPLIT:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        d_in2 = offs_d2 < D
+        kv_mask2 = col_in[:, None] & d_in2[None, :]
+        kb2 = tl.load(K + js[:, None] * skn + offs_d2[None, :] * skd, mask=kv_mask2, other=0.0)
+        vb2 = tl.load(V + js[:, None] * svn + offs_d2[None, :] * svd, mask=kv_mask2, other=0.0)
+        dk2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=ACC_DTYPE)
+        dv2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=ACC_DTYPE)
+    else:  # (assigned in the loop otherwise)
+        qt2 = 0
+    oh0, oh1, oh2 = 0, 0, 0
+    if ALIGNED or not FULL:
+        r0, r1, r2 = 0, 0, 0
     if not ALIGNED and FULL:
         oh0, oh1, oh2 = _onehots(js, kb.dtype, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
     for start_m in range(0, Nq, BLOCK_M):
         rows = start_m + offs_m
         row_in = rows < Nq
@@ -548,39 +486,49 @@ def _bwd_dkdv_kernel(
         lse = tl.load(LSE + pid_bh * Nq + rows, mask=row_in, other=0.0)
         delta = tl.load(DELTA + pid_bh * Nq + rows, mask=row_in, other=0.0)
         rel_rows = rel_bh + tl.maximum(rows - HAS_CLS, 0) * KSUM
-        row0 = start_m - HAS_CLS
-        s = tl.dot(q, tl.trans(kb), input_precision=DOT_PREC) * qk_scale
-        if ALIGNED:
-            s += _LOG2E_C * _bias_aligned(
-                rel_bh, NQS, row0, rel_rows, row_sp, start,
-                K1, K2, USE0, USE1, OFF0, OFF1, OFF2, KSUM, ACC, BLOCK_M, BLOCK_N,
-            )  # fmt: skip
-        elif FULL:
+        if not ALIGNED and FULL:
             r0, r1, r2 = _rel_windows(rel_rows, row_sp, K0, K1, K2, W0, W1, W2, OFF0, OFF1, OFF2,
                                       USE0, USE1, USE2)  # fmt: skip
-            s += _LOG2E_C * _bias_full(
-                r0, r1, r2, oh0, oh1, oh2, USE0, USE1, USE2, ACC, DOT_PREC, BLOCK_M, BLOCK_N
-            )
-        elif USE2:
-            s += _LOG2E_C * _bias_gather(
-                rel_rows, row_sp, js, col_in, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, ACC
-            )
-        p = tl.where(row_in[:, None] & col_in[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
-        dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
+        if SPLIT:
+            qd_mask2 = row_in[:, None] & d_in2[None, :]
+            q2 = tl.load(Q + rows[:, None] * sqn + offs_d2[None, :] * sqd, mask=qd_mask2,
+                         other=0.0)  # fmt: skip
+            do2 = tl.load(DO + rows[:, None] * sdn + offs_d2[None, :] * sdd, mask=qd_mask2,
+                          other=0.0)  # fmt: skip
+            qt2 = tl.trans(q2)
+        # Transposed (keys x rows): P^T and dS^T are the register operands of the dV, dK
+        # matmuls as they come, and every matmul's M is BLOCK_N.
+        st = _scores(kb, tl.trans(q), kb2, qt2, qk_scale, rel_rows, row_sp, start, js, col_in, r0, r1, r2,
+                     oh0, oh1, oh2, ALIGNED, FULL, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, ACC_DTYPE,
+                     DOT_PRECISION, True, SPLIT)  # fmt: skip
+        pt = tl.where(col_in[:, None] & row_in[None, :], tl.exp2(st - lse[None, :]), 0.0)
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        dpt = tl.dot(vb, tl.trans(do), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        if SPLIT:
+            dv2 = tl.dot(pt.to(do2.dtype), do2, dv2, input_precision=DOT_PRECISION,
+                         out_dtype=ACC_DTYPE)  # fmt: skip
+            dpt = tl.dot(vb2, tl.trans(do2), dpt, input_precision=DOT_PRECISION,
+                         out_dtype=ACC_DTYPE)  # fmt: skip
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        if SPLIT:
+            dk2 = tl.dot(dst.to(q2.dtype), q2, dk2, input_precision=DOT_PRECISION,
+                         out_dtype=ACC_DTYPE)  # fmt: skip
 
     out_off = pid_bh * Nk * D + (HAS_CLS + js[:, None]) * D + offs_d[None, :]
     tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    if SPLIT:
+        out_off2 = pid_bh * Nk * D + (HAS_CLS + js[:, None]) * D + offs_d2[None, :]
+        tl.store(DK + out_off2, (dk2 * sm_scale).to(DK.dtype.element_ty), mask=kv_mask2)
+        tl.store(DV + out_off2, dv2.to(DV.dtype.element_ty), mask=kv_mask2)
 
 
 @triton.jit
 def _accumulate_drel_atomic(
     drel_rows, row_sp, ds, js, js0, col_sp,
     OFF: tl.constexpr, KA: tl.constexpr, STRIDE: tl.constexpr, DIRECT: tl.constexpr,
-    W: tl.constexpr, ACC: tl.constexpr, REL_PREC: tl.constexpr,
+    W: tl.constexpr, ACC_DTYPE: tl.constexpr, REL_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Gather fallback: d_relq[i, OFF + y] += sum over this tile's keys with j_a = y of dS[i, j]."""
     c = (js // STRIDE) % KA
@@ -594,27 +542,147 @@ def _accumulate_drel_atomic(
         c0 = (js0 // STRIDE) % KA
         u = (c - c0 + KA) % KA
         w = tl.arange(0, W)
-        onehot = tl.where((u[:, None] == w[None, :]) & col_sp[:, None], 1.0, 0.0).to(ACC)
-        win = tl.dot(ds, onehot, input_precision=REL_PREC)
+        onehot = tl.where((u[:, None] == w[None, :]) & col_sp[:, None], 1.0, 0.0).to(ACC_DTYPE)
+        win = tl.dot(ds, onehot, input_precision=REL_PRECISION)
         y = (c0 + w) % KA
         mask = row_sp[:, None] & (w < KA)[None, :]
         tl.atomic_add(drel_rows[:, None] + OFF + y[None, :], win, mask=mask, sem="relaxed")
 
 
 @triton.jit
-def _dq_tile(
-    q, do, lse, delta, kb, vb, s_bias, row_in, col_in, qk_scale, DOT_PREC: tl.constexpr,
+def _store_window(drel_rows, row_sp, g, OFF: tl.constexpr, KA: tl.constexpr, W: tl.constexpr):
+    """Store a (BLOCK_M, W) register accumulator of d_relq to its KA columns OFF .. OFF + KA."""
+    w = tl.arange(0, W)
+    tl.store(drel_rows[:, None] + OFF + w[None, :], g.to(drel_rows.dtype.element_ty),
+             mask=row_sp[:, None] & (w < KA)[None, :])  # fmt: skip
+
+
+@triton.jit
+def _drel_aligned(ds, r, d2, g0, g1, K1: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr,
+                  USE0: tl.constexpr, USE1: tl.constexpr):  # fmt: skip
+    """d_relq of an aligned tile (key row r of the slow axes, one column block of the
+    fastest): dS adds into the column block's register accumulator d2, and its row sum into
+    the slow axes' (the tile's keys share their slow coordinates r % K1, r // K1)."""
+    d2 += ds
+    if USE1:
+        rs = tl.sum(ds, 1)[:, None]
+        g1 += tl.where(tl.arange(0, W1)[None, :] == r % K1, rs, 0.0)
+        if USE0:
+            g0 += tl.where(tl.arange(0, W0)[None, :] == r // K1, rs, 0.0)
+    return d2, g0, g1
+
+
+@triton.jit
+def _drel_general(
+    ds, js, start, col_in, row_sp, drel_rows, g0, g1, g2, oh0, oh1, oh2, FULL: tl.constexpr,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
+    OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr,
+    DIRECT0: tl.constexpr, DIRECT1: tl.constexpr, DIRECT2: tl.constexpr,
+    GW0: tl.constexpr, GW1: tl.constexpr, GW2: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, REL_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """dS of one tile (fp32) from the recomputed P: dS = P (dO V^T - delta)."""
-    s = tl.dot(q, tl.trans(kb), input_precision=DOT_PREC) * qk_scale + s_bias
+    """d_relq of a tile in key order: short axes (FULL) into the (BLOCK_M, W_a) register
+    accumulators g_a += dS @ onehot_a^T; otherwise atomics into d_relq."""
+    if FULL:
+        # d_relq_a += dS @ onehot_a^T (dS rounded to tf32 for 16-bit inputs)
+        if USE0:
+            g0 = tl.dot(
+                ds,
+                tl.trans(oh0.to(ACC_DTYPE)),
+                g0,
+                input_precision=REL_PRECISION,
+                out_dtype=ACC_DTYPE,
+            )
+        if USE1:
+            g1 = tl.dot(
+                ds,
+                tl.trans(oh1.to(ACC_DTYPE)),
+                g1,
+                input_precision=REL_PRECISION,
+                out_dtype=ACC_DTYPE,
+            )
+        if USE2:
+            g2 = tl.dot(
+                ds,
+                tl.trans(oh2.to(ACC_DTYPE)),
+                g2,
+                input_precision=REL_PRECISION,
+                out_dtype=ACC_DTYPE,
+            )
+    else:
+        col_sp = col_in
+        if USE0:
+            _accumulate_drel_atomic(
+                drel_rows, row_sp, ds, js, start, col_sp, OFF0, K0, K1 * K2, DIRECT0,
+                GW0, ACC_DTYPE, REL_PRECISION,
+            )  # fmt: skip
+        if USE1:
+            _accumulate_drel_atomic(
+                drel_rows, row_sp, ds, js, start, col_sp, OFF1, K1, K2, DIRECT1, GW1,
+                ACC_DTYPE, REL_PRECISION,
+            )  # fmt: skip
+        if USE2:
+            _accumulate_drel_atomic(
+                drel_rows, row_sp, ds, js, start, col_sp, OFF2, K2, 1, DIRECT2, GW2,
+                ACC_DTYPE, REL_PRECISION,
+            )  # fmt: skip
+    return g0, g1, g2
+
+
+@triton.jit
+def _dq_step(
+    q, q2, do, do2, dq, dq2, lse, delta, K, V, js, col_in, row_in, offs_d, d_in, offs_d2, d_in2,
+    skn, skd, svn, svd, qk_scale, rel_rows, row_sp, start, r0, r1, r2, oh0, oh1, oh2,
+    ALIGNED: tl.constexpr, FULL: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
+    OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+):  # fmt: skip
+    """One key tile of the dQ kernel (both of its loop orders): recompute P from the scores,
+    dS = P (dO V^T - delta), dQ += dS K (per head-dim chunk). Returns (dS, dq, dq2)."""
+    kb = tl.load(K + js[:, None] * skn + offs_d[None, :] * skd,
+                 mask=col_in[:, None] & d_in[None, :], other=0.0)  # fmt: skip
+    vb = tl.load(V + js[:, None] * svn + offs_d[None, :] * svd,
+                 mask=col_in[:, None] & d_in[None, :], other=0.0)  # fmt: skip
+    kt2 = 0
+    if SPLIT:
+        kb2 = tl.load(K + js[:, None] * skn + offs_d2[None, :] * skd,
+                      mask=col_in[:, None] & d_in2[None, :], other=0.0)  # fmt: skip
+        vb2 = tl.load(V + js[:, None] * svn + offs_d2[None, :] * svd,
+                      mask=col_in[:, None] & d_in2[None, :], other=0.0)  # fmt: skip
+        kt2 = tl.trans(kb2)
+    s = _scores(q, tl.trans(kb), q2, kt2, qk_scale, rel_rows, row_sp, start, js, col_in, r0, r1,
+                r2, oh0, oh1, oh2, ALIGNED, FULL, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2,
+                ACC_DTYPE, DOT_PRECISION, False, SPLIT)  # fmt: skip
     p = tl.where(row_in[:, None] & col_in[None, :], tl.exp2(s - lse[:, None]), 0.0)
-    dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PREC)
-    return p * (dp - delta[:, None])
+    dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    if SPLIT:
+        dp = tl.dot(do2, tl.trans(vb2), dp, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    ds = p * (dp - delta[:, None])
+    dq = tl.dot(ds.to(kb.dtype), kb, dq, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    if SPLIT:
+        dq2 = tl.dot(ds.to(kb2.dtype), kb2, dq2, input_precision=DOT_PRECISION,
+                     out_dtype=ACC_DTYPE)  # fmt: skip
+    return ds, dq, dq2
+
+
+@triton.jit
+def _dq_store(
+    dq, do, DQ, pid_bh, rows, row_in, offs_d, d_in, Nq, D, sm_scale,
+    RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):  # fmt: skip
+    """The dQ kernel's epilogue for the head-dim columns offs_d: scale, the residual's dO."""
+    dq = dq * sm_scale
+    if RESIDUAL:
+        dq += tl.where((rows >= RES_FROM)[:, None], do.to(ACC_DTYPE), 0.0)
+    tl.store(DQ + pid_bh * Nq * D + rows[:, None] * D + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_in[:, None] & d_in[None, :])  # fmt: skip
 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, REL, DO, LSE, DELTA, DS_CLS, DQ, DREL, DSLOW,
+    Q, K, V, REL, DO, LSE, DELTA, DS_CLS, DQ, DREL,
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -625,27 +693,27 @@ def _bwd_dq_kernel(
     USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
     OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KSUM: tl.constexpr,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, FULL: tl.constexpr,
-    DIRECT0: tl.constexpr, DIRECT1: tl.constexpr, DIRECT2: tl.constexpr,
+    ALIGN_OK: tl.constexpr, DIRECT0: tl.constexpr, DIRECT1: tl.constexpr, DIRECT2: tl.constexpr,
     GW0: tl.constexpr, GW1: tl.constexpr, GW2: tl.constexpr,
-    RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
-    REL_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    REL_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):  # fmt: skip
-    """dQ = scale * dS K (+ dO) and d_relq for one query block, looping over all key blocks.
+    """dQ = scale * dS K (+ dO) and d_relq for one query block, looping over all key blocks
+    (BLOCK_D2 > 0: the head dim in two chunks, as in the forward).
 
-    d_relq without atomics: aligned tiles (K2 % BLOCK_N == 0) loop over the fastest axis'
-    column blocks outside and the slow rows inside, so the fastest axis' d_relq block is a
-    register accumulator stored once, and each tile's row sum (the slow axes' share) is
-    stored to DSLOW (B H, Nq - cls, rows x column blocks) and summed by the launcher; short
-    axes (FULL) accumulate dS @ onehot_a^T in registers. Other shapes use atomics.
+    d_relq without atomics: aligned tiles (K2 % BLOCK_N == 0, slow axes <= 64) loop over the
+    fastest axis' column blocks outside and the slow rows inside, so the fastest axis' d_relq
+    block is a register accumulator stored once, and each tile's row sum (the slow axes'
+    share) is added to the (BLOCK_M, W_a) register accumulators of the slow axes; short axes
+    (FULL) accumulate dS @ onehot_a^T in registers. Other shapes use atomics.
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_m, pid_bh = _row_block(Nq, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     K += b * skb + h * skh
     V += b * svb + h * svh
-    ALIGNED: tl.constexpr = USE2 and (K2 % BLOCK_N == 0)
+    ALIGNED: tl.constexpr = USE2 and (K2 % BLOCK_N == 0) and ALIGN_OK
     NCB: tl.constexpr = K2 // BLOCK_N
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -656,8 +724,6 @@ def _bwd_dq_kernel(
     row_sp = row_in & (rows >= HAS_CLS)
     qd_mask = row_in[:, None] & d_in[None, :]
     NQS = Nq - HAS_CLS
-    row0 = pid_m * BLOCK_M - HAS_CLS
-    rel_bh = REL + pid_bh * NQS * KSUM
     row_off = (pid_bh * NQS + tl.maximum(rows - HAS_CLS, 0)) * KSUM
     rel_rows = REL + row_off
     drel_rows = DREL + row_off
@@ -674,129 +740,86 @@ def _bwd_dq_kernel(
     )
     lse = tl.load(LSE + pid_bh * Nq + rows, mask=row_in, other=0.0)
     delta = tl.load(DELTA + pid_bh * Nq + rows, mask=row_in, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
+    SPLIT: tl.constexpr = BLOCK_D2 > 0
+    q2, do2, dq2, offs_d2, d_in2 = 0, 0, 0, 0, 0
+    if SPLIT:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        d_in2 = offs_d2 < D
+        qd_mask2 = row_in[:, None] & d_in2[None, :]
+        q2 = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d2[None, :] * sqd,
+                     mask=qd_mask2, other=0.0)  # fmt: skip
+        do2 = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + offs_d2[None, :] * sdd,
+                      mask=qd_mask2, other=0.0)  # fmt: skip
+        dq2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=ACC_DTYPE)
     if HAS_CLS:
         kc = tl.load(K + offs_d * skd, mask=d_in, other=0.0)
         ds_c = tl.load(DS_CLS + pid_bh * Nq + rows, mask=row_in, other=0.0)
-        dq += ds_c[:, None] * kc.to(ACC)[None, :]
+        dq += ds_c[:, None] * kc.to(ACC_DTYPE)[None, :]
+        if SPLIT:
+            kc2 = tl.load(K + offs_d2 * skd, mask=d_in2, other=0.0)
+            dq2 += ds_c[:, None] * kc2.to(ACC_DTYPE)[None, :]
         K += skn
         V += svn
     NKS = Nk - HAS_CLS
+    g0 = tl.zeros([BLOCK_M, W0], dtype=ACC_DTYPE)
+    g1 = tl.zeros([BLOCK_M, W1], dtype=ACC_DTYPE)
+    g2 = tl.zeros([BLOCK_M, W2], dtype=ACC_DTYPE)
     if ALIGNED:
         NR = NKS // K2
-        slow_rows = DSLOW + (pid_bh * (Nq - HAS_CLS) + tl.maximum(rows - HAS_CLS, 0)) * NR * NCB
         for cb in range(NCB):
-            d2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+            d2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
             for r in range(0, NR):
                 start = r * K2 + cb * BLOCK_N
                 js = start + offs_n
-                kb = tl.load(K + js[:, None] * skn + offs_d[None, :] * skd, mask=d_in[None, :],
-                             other=0.0)  # fmt: skip
-                vb = tl.load(V + js[:, None] * svn + offs_d[None, :] * svd, mask=d_in[None, :],
-                             other=0.0)  # fmt: skip
-                bias = _LOG2E_C * _bias_aligned(
-                    rel_bh, NQS, row0, rel_rows, row_sp, start,
-                    K1, K2, USE0, USE1, OFF0, OFF1, OFF2, KSUM, ACC, BLOCK_M, BLOCK_N,
+                ds, dq, dq2 = _dq_step(
+                    q, q2, do, do2, dq, dq2, lse, delta, K, V, js, js < NKS, row_in, offs_d, d_in,
+                    offs_d2, d_in2, skn, skd, svn, svd, qk_scale, rel_rows, row_sp, start,
+                    0, 0, 0, 0, 0, 0, True, False, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2,
+                    ACC_DTYPE, DOT_PRECISION, SPLIT,
                 )  # fmt: skip
-                ds = _dq_tile(q, do, lse, delta, kb, vb, bias, row_in, js < NKS, qk_scale,
-                              DOT_PREC)  # fmt: skip
-                dq += tl.dot(ds.to(kb.dtype), kb, input_precision=DOT_PREC)
-                d2 += ds
-                if USE1:
-                    tl.store(slow_rows + r * NCB + cb, tl.sum(ds, 1), mask=row_sp)
-            tl.store(drel_rows[:, None] + OFF2 + cb * BLOCK_N + offs_n[None, :], d2,
-                     mask=row_sp[:, None])  # fmt: skip
+                d2, g0, g1 = _drel_aligned(ds, r, d2, g0, g1, K1, W0, W1, USE0, USE1)
+            tl.store(drel_rows[:, None] + OFF2 + cb * BLOCK_N + offs_n[None, :],
+                     d2.to(DREL.dtype.element_ty), mask=row_sp[:, None])  # fmt: skip
     else:
+        r0, r1, r2 = 0, 0, 0
+        if not FULL:
+            oh0, oh1, oh2 = 0, 0, 0
         if FULL:
             r0, r1, r2 = _rel_windows(rel_rows, row_sp, K0, K1, K2, W0, W1, W2, OFF0, OFF1, OFF2,
                                       USE0, USE1, USE2)  # fmt: skip
-            g0 = tl.zeros([BLOCK_M, W0], dtype=ACC)
-            g1 = tl.zeros([BLOCK_M, W1], dtype=ACC)
-            g2 = tl.zeros([BLOCK_M, W2], dtype=ACC)
         for start in range(0, NKS, BLOCK_N):
             js = start + offs_n
             col_in = js < NKS
-            kv_mask = col_in[:, None] & d_in[None, :]
-            kb = tl.load(K + js[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-            vb = tl.load(V + js[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
             if FULL:
-                oh0, oh1, oh2 = _onehots(js, kb.dtype, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2)
-                bias = _LOG2E_C * _bias_full(
-                    r0, r1, r2, oh0, oh1, oh2, USE0, USE1, USE2, ACC, DOT_PREC, BLOCK_M, BLOCK_N
-                )
-            elif USE2:
-                bias = _LOG2E_C * _bias_gather(
-                    rel_rows, row_sp, js, col_in, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, ACC
-                )
-            else:
-                bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-            ds = _dq_tile(q, do, lse, delta, kb, vb, bias, row_in, col_in, qk_scale, DOT_PREC)
-            dq += tl.dot(ds.to(kb.dtype), kb, input_precision=DOT_PREC)
-            if FULL:
-                # d_relq_a += dS @ onehot_a^T (dS rounded to tf32 for 16-bit inputs)
-                if USE0:
-                    g0 = tl.dot(
-                        ds, tl.trans(oh0.to(ACC)), g0, input_precision=REL_PREC, out_dtype=ACC
-                    )
-                if USE1:
-                    g1 = tl.dot(
-                        ds, tl.trans(oh1.to(ACC)), g1, input_precision=REL_PREC, out_dtype=ACC
-                    )
-                if USE2:
-                    g2 = tl.dot(
-                        ds, tl.trans(oh2.to(ACC)), g2, input_precision=REL_PREC, out_dtype=ACC
-                    )
-            else:
-                col_sp = col_in
-                if USE0:
-                    _accumulate_drel_atomic(
-                        drel_rows, row_sp, ds, js, start, col_sp, OFF0, K0, K1 * K2, DIRECT0,
-                        GW0, ACC, REL_PREC,
-                    )  # fmt: skip
-                if USE1:
-                    _accumulate_drel_atomic(
-                        drel_rows, row_sp, ds, js, start, col_sp, OFF1, K1, K2, DIRECT1, GW1,
-                        ACC, REL_PREC,
-                    )  # fmt: skip
-                if USE2:
-                    _accumulate_drel_atomic(
-                        drel_rows, row_sp, ds, js, start, col_sp, OFF2, K2, 1, DIRECT2, GW2,
-                        ACC, REL_PREC,
-                    )  # fmt: skip
-        if FULL:
-            if USE0:
-                w0 = tl.arange(0, W0)
-                tl.store(drel_rows[:, None] + OFF0 + w0[None, :], g0,
-                         mask=row_sp[:, None] & (w0 < K0)[None, :])  # fmt: skip
-            if USE1:
-                w1 = tl.arange(0, W1)
-                tl.store(drel_rows[:, None] + OFF1 + w1[None, :], g1,
-                         mask=row_sp[:, None] & (w1 < K1)[None, :])  # fmt: skip
-            if USE2:
-                w2 = tl.arange(0, W2)
-                tl.store(drel_rows[:, None] + OFF2 + w2[None, :], g2,
-                         mask=row_sp[:, None] & (w2 < K2)[None, :])  # fmt: skip
+                oh0, oh1, oh2 = _onehots(js, q.dtype, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2)
+            ds, dq, dq2 = _dq_step(
+                q, q2, do, do2, dq, dq2, lse, delta, K, V, js, col_in, row_in, offs_d, d_in,
+                offs_d2, d_in2, skn, skd, svn, svd, qk_scale, rel_rows, row_sp, start,
+                r0, r1, r2, oh0, oh1, oh2, False, FULL, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2,
+                ACC_DTYPE, DOT_PRECISION, SPLIT,
+            )  # fmt: skip
+            g0, g1, g2 = _drel_general(
+                ds, js, start, col_in, row_sp, drel_rows, g0, g1, g2, oh0, oh1, oh2, FULL,
+                K0, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, DIRECT0, DIRECT1, DIRECT2,
+                GW0, GW1, GW2, ACC_DTYPE, REL_PRECISION,
+            )  # fmt: skip
+    if ALIGNED or FULL:
+        if USE0:
+            _store_window(drel_rows, row_sp, g0, OFF0, K0, W0)
+        if USE1:
+            _store_window(drel_rows, row_sp, g1, OFF1, K1, W1)
+        if USE2 and not ALIGNED:
+            _store_window(drel_rows, row_sp, g2, OFF2, K2, W2)
 
-    dq = dq * sm_scale
-    if RESIDUAL:
-        dq += tl.where((rows >= RES_FROM)[:, None], do.to(ACC), 0.0)
-    tl.store(
-        DQ + pid_bh * Nq * D + rows[:, None] * D + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty),
-        mask=qd_mask,
-    )
+    _dq_store(dq, do, DQ, pid_bh, rows, row_in, offs_d, d_in, Nq, D, sm_scale, RESIDUAL, RES_FROM,
+              ACC_DTYPE)  # fmt: skip
+    if SPLIT:
+        _dq_store(dq2, do2, DQ, pid_bh, rows, row_in, offs_d2, d_in2, Nq, D, sm_scale, RESIDUAL,
+                  RES_FROM, ACC_DTYPE)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- launchers
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs must not silently drop to tf32: PyTorch's fp32 matmul does not.
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-
-
-def _block_d(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
 
 
 _FULL_MAX = 64  # axes up to this long keep their relq columns in registers (one-hot path)
@@ -827,6 +850,8 @@ def _geometry(n_tables: int, k_grid: Grid, has_cls: bool) -> dict:
         W1=widths[1],
         W2=widths[2],
         FULL=all(k <= _FULL_MAX for k, u in zip(k3, use) if u),
+        # the aligned path keeps the slow axes' d_relq in (BLOCK_M, W_a) registers
+        ALIGN_OK=all(k <= _FULL_MAX for k, u in zip(k3[:2], use[:2]) if u),
     )
 
 
@@ -844,21 +869,9 @@ def _dq_blocks() -> tuple[int, int, int, int]:
     compile gate; not autotuned: the slow-axis buffer is sized by BLOCK_N)."""
     if dispatch.interpreting():
         return 16, 16, 4, 1
-    # 64 x 32 with 8 warps: 245 registers, no spill at MAT stage 1 (64 x 64 spills 132 B);
-    # 32 divides every MAT key row (128, 64, 32), so the aligned path runs there.
-    return 64, 32, 8, 2
-
-
-def _relq_packed(
-    q: torch.Tensor, rel_tables: Sequence[torch.Tensor], q_grid: Grid, k_grid: Grid, has_cls: bool
-) -> torch.Tensor:
-    """relq of all axes side by side: (B, H, Nq - cls, sum_a ka), contiguous, q's dtype."""
-    B, H, _, _ = q.shape
-    if not len(rel_tables):
-        return q.new_zeros(1)
-    rels = _relq(q[:, :, int(has_cls) :], rel_tables, q_grid, k_grid)
-    nqs = math.prod(q_grid)
-    return torch.cat([r.reshape(B, H, nqs, -1) for r in rels], dim=-1).contiguous()
+    # 128 x 32 with 8 warps (64 rows per warpgroup, no duplicated warps): 253 registers, no
+    # spill at MAT stage 1; 32 divides every MAT key row (128, 64, 32): the aligned path.
+    return 128, 32, 8, 2
 
 
 def _launch_fwd(
@@ -872,29 +885,34 @@ def _launch_fwd(
     scale: float,
     residual: bool,
     residual_cls: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, o, rel): o is the output without the residual (an empty placeholder when
+    there is none: out is it) and rel the packed relq; both are saved for the backward."""
     B, H, Nq, D = q.shape
     res_from = int(has_cls and not residual_cls)
     Nk = k.shape[2]
     out = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
+    o_att = torch.empty_like(out) if residual else q.new_empty(0)
     lse = torch.empty((B, H, Nq), dtype=acc_dtype(q.dtype), device=q.device)
     if B * H == 0:
-        return out, lse
-    rel = _relq_packed(q, rel_tables, q_grid, k_grid, has_cls)
+        return out, lse, o_att, q.new_empty(1)
     geo = _geometry(len(rel_tables), k_grid, has_cls)
+    rel = _relq_packed(q, rel_tables, q_grid, k_grid, has_cls, geo)
 
     def grid(meta):
-        return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
+        return (triton.cdiv(Nq, meta["BLOCK_M"]) * B * H,)
+
+    bd1, bd2 = _block_d_split(D)
 
     _fwd_kernel[grid](
-        q, k, v, rel, out, lse,
+        q, k, v, rel, out, o_att if residual else out, lse,
         *q.stride(), *k.stride(), *v.stride(),
         H, B * H, Nq, Nk, D, scale * _LOG2E,
         **geo,
-        RESIDUAL=residual, RES_FROM=res_from, ACC=tl_acc_dtype(q.dtype),
-        DOT_PREC=_dot_precision(q.dtype), BLOCK_D=_block_d(D),
+        RESIDUAL=residual, RES_FROM=res_from, ACC_DTYPE=tl_acc_dtype(q.dtype),
+        DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=bd1, BLOCK_D2=bd2,
     )  # fmt: skip
-    return out, lse
+    return out, lse, o_att, rel
 
 
 def _launch_bwd(
@@ -903,8 +921,9 @@ def _launch_bwd(
     k: torch.Tensor,
     v: torch.Tensor,
     rel_tables: Sequence[torch.Tensor],
-    out: torch.Tensor,
+    o: torch.Tensor,
     lse: torch.Tensor,
+    rel: torch.Tensor,
     q_grid: Grid,
     k_grid: Grid,
     has_cls: bool,
@@ -912,6 +931,8 @@ def _launch_bwd(
     residual: bool,
     residual_cls: bool = True,
 ) -> list[torch.Tensor]:
+    """[dq, dk, dv, *d(tables)]; ``o`` is the attention output without the residual and
+    ``rel`` the forward's packed relq."""
     B, H, Nq, D = q.shape
     res_from = int(has_cls and not residual_cls)
     Nk = k.shape[2]
@@ -922,109 +943,70 @@ def _launch_bwd(
     if B * H == 0:
         return [dq, dk, dv, *[torch.zeros_like(t) for t in rel_tables]]
     block_d = _block_d(D)
-    ACC = tl_acc_dtype(q.dtype)
+    ACC_DTYPE = tl_acc_dtype(q.dtype)
     prec = _dot_precision(q.dtype)
 
     delta = torch.empty((B, H, Nq), dtype=acc, device=q.device)
-    ds_cls = torch.empty((B, H, Nq), dtype=acc, device=q.device) if has_cls else delta
-    p_cls = torch.empty((B, H, Nq), dtype=acc, device=q.device) if has_cls else delta
     block_m_delta = 16 if dispatch.interpreting() else 64
-    _bwd_delta_kernel[(triton.cdiv(Nq, block_m_delta), B * H)](
-        out, dout, q, k, v, lse, delta, ds_cls, p_cls,
-        *out.stride(), *dout.stride(), *q.stride(), *k.stride(), *v.stride(),
+    n_blocks_delta = triton.cdiv(Nq, block_m_delta)
+    ds_cls = torch.empty((B, H, Nq), dtype=acc, device=q.device) if has_cls else delta
+    dkv_cls = (
+        torch.empty((B, H, n_blocks_delta, 2, D), dtype=acc, device=q.device) if has_cls else delta
+    )
+    _bwd_delta_kernel[(n_blocks_delta * B * H,)](
+        o, dout, q, k, v, lse, delta, ds_cls, dkv_cls,
+        *o.stride(), *dout.stride(), *q.stride(), *k.stride(), *v.stride(),
         H, Nq, D, scale * _LOG2E,
-        HAS_CLS=bool(has_cls), RESIDUAL=residual, RES_FROM=res_from, ACC=ACC,
-        BLOCK_M=block_m_delta, BLOCK_D=block_d,
+        HAS_CLS=bool(has_cls), ACC_DTYPE=ACC_DTYPE, BLOCK_M=block_m_delta, BLOCK_D=block_d,
     )  # fmt: skip
+    if has_cls:
+        # The CLS key's dV, dK: the delta kernel's per-block shares, summed (B H x 2 x D rows).
+        part = dkv_cls.sum(2)
+        dv[:, :, 0] = part[:, :, 0].to(q.dtype)
+        dk[:, :, 0] = (part[:, :, 1] * scale).to(q.dtype)
 
-    rel = _relq_packed(q, rel_tables, q_grid, k_grid, has_cls)
     geo = _geometry(len(rel_tables), k_grid, has_cls)
+    bd1, bd2 = _block_d_split(D)
 
     def grid_n(meta):
-        return (triton.cdiv(Nk - int(has_cls), meta["BLOCK_N"]), B * H)
+        return (triton.cdiv(Nk - int(has_cls), meta["BLOCK_N"]) * B * H,)
 
     _bwd_dkdv_kernel[grid_n](
         q, k, v, rel, dout, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
         H, B * H, Nq, Nk, D, scale, scale * _LOG2E,
         **geo,
-        ACC=ACC, DOT_PREC=prec, BLOCK_D=block_d,
+        ACC_DTYPE=ACC_DTYPE, DOT_PRECISION=prec, BLOCK_D=bd1, BLOCK_D2=bd2,
     )  # fmt: skip
-    if has_cls:
-        # The CLS key's column (peeled off the kernels): dV = P^T dO, dK = scale dS^T Q, with
-        # P and dS rounded to the input dtype as in the kernels' matmuls.
-        dv[:, :, 0] = (p_cls.to(q.dtype).unsqueeze(2) @ dout).squeeze(2)
-        dk[:, :, 0] = ((ds_cls.to(q.dtype).unsqueeze(2) @ q).squeeze(2).to(acc) * scale).to(q.dtype)
 
     k3 = (1,) * (3 - len(k_grid)) + tuple(k_grid)
     block_m, block_n, warps, stages = _dq_blocks()
     windows = [_window(k3[a], math.prod(k3[a + 1 :]), block_n) for a in range(3)]
     nq_sp = math.prod(q_grid)
-    drel = torch.zeros((B, H, nq_sp, geo["KSUM"]), dtype=acc, device=q.device)
-    aligned = bool(geo["USE2"]) and k3[2] % block_n == 0
-    n_rows, n_cb = math.prod(k3[:2]), k3[2] // block_n
-    dslow = (
-        torch.empty((B, H, nq_sp, n_rows * n_cb), dtype=acc, device=q.device)
-        if aligned and geo["USE1"]
-        else drel
-    )
-    _bwd_dq_kernel[(triton.cdiv(Nq, block_m), B * H)](
-        q, k, v, rel, dout, lse, delta, ds_cls, dq, drel, dslow,
+    aligned = bool(geo["USE2"]) and k3[2] % block_n == 0 and geo["ALIGN_OK"]
+    if not len(rel_tables):
+        drel = q.new_empty(1)
+    elif aligned or geo["FULL"]:
+        # every column of every spatial row is stored once, rounded to q's dtype (as the
+        # reference rounds d_relq before its matmuls)
+        drel = torch.empty((B, H, nq_sp, geo["KSUM"]), dtype=q.dtype, device=q.device)
+    else:  # the gather path's atomics accumulate into zeros
+        drel = torch.zeros((B, H, nq_sp, geo["KSUM"]), dtype=acc, device=q.device)
+    _bwd_dq_kernel[(triton.cdiv(Nq, block_m) * B * H,)](
+        q, k, v, rel, dout, lse, delta, ds_cls, dq, drel,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
         H, Nq, Nk, D, scale, scale * _LOG2E,
         **geo,
         DIRECT0=windows[0][0], DIRECT1=windows[1][0], DIRECT2=windows[2][0],
         GW0=windows[0][1], GW1=windows[1][1], GW2=windows[2][1],
-        RESIDUAL=residual, RES_FROM=res_from, ACC=ACC, DOT_PREC=prec,
+        RESIDUAL=residual, RES_FROM=res_from, ACC_DTYPE=ACC_DTYPE, DOT_PRECISION=prec,
         # dS is rounded to tf32 (no underflow, 10-bit mantissa) for 16-bit inputs.
-        REL_PREC="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        REL_PRECISION="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd1, BLOCK_D2=bd2,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    del rel
-    if aligned and geo["USE1"]:
-        # Row sums of the aligned tiles: (.., K0 x K1 rows, column blocks) -> the slow axes.
-        slow = dslow.view(B, H, nq_sp, k3[0], k3[1], n_cb).sum(-1)
-        drel[..., geo["OFF1"] : geo["OFF1"] + k3[1]] = slow.sum(3)
-        if geo["USE0"]:
-            drel[..., geo["OFF0"] : geo["OFF0"] + k3[0]] = slow.sum(4)
-
     dtables = _relq_backward(drel, q, dq, rel_tables, q_grid, k_grid, has_cls, geo)
     return [dq, dk, dv, *dtables]
-
-
-def _relq_backward(
-    drel: torch.Tensor,
-    q: torch.Tensor,
-    dq: torch.Tensor,
-    rel_tables: Sequence[torch.Tensor],
-    q_grid: Grid,
-    k_grid: Grid,
-    has_cls: bool,
-    geo: dict,
-) -> list[torch.Tensor]:
-    """Chain rule through relq_a = q_i . R_a[dist_a(i_a, y)]: adds into dq, returns d(tables).
-
-    drel: (B, H, prod(q_grid), sum_a ka) in the accumulation dtype.
-    """
-    B, H, _, D = q.shape
-    cls = int(has_cls)
-    axes = _AXES[: len(q_grid)]
-    q_sp = q[:, :, cls:].reshape(B, H, *q_grid, D)
-    dq_sp = dq[:, :, cls:].view(B, H, *q_grid, D)
-    offs = [geo["OFF0"], geo["OFF1"], geo["OFF2"]][3 - len(q_grid) :]
-    dtables = []
-    for a, table in enumerate(rel_tables):
-        qa, ka = q_grid[a], k_grid[a]
-        idx = rel_pos_index(qa, ka, q.device)
-        g = drel[..., offs[a] : offs[a] + ka].reshape(B, H, *q_grid, ka).to(q.dtype)
-        r = table[idx]  # (qa, ka, D)
-        dq_sp += torch.einsum(f"bh{axes}k,{axes[a]}kd->bh{axes}d", g, r)
-        dr = torch.einsum(f"bh{axes}k,bh{axes}d->{axes[a]}kd", g, q_sp)
-        dt = torch.zeros(table.shape, dtype=drel.dtype, device=table.device)
-        dt.index_add_(0, idx.reshape(-1), dr.reshape(-1, D).to(drel.dtype))
-        dtables.append(dt.to(table.dtype))
-    return dtables
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -1042,15 +1024,24 @@ def _relpos_attention_fwd(
     scale: float,
     residual: bool,
     residual_cls: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton forward: (out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32/fp64, log2 units)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton forward: out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32/fp64 in log2 units,
+    and for the backward the output without the residual (0 elements without a residual) and
+    the packed relq (B, H, Nq - cls, sum_a ka) (1 element without tables)."""
     return _launch_fwd(q, k, v, rel_tables, q_grid, k_grid, has_cls, scale, residual, residual_cls)
 
 
 @_relpos_attention_fwd.register_fake
 def _(q, k, v, rel_tables, q_grid, k_grid, has_cls, scale, residual, residual_cls):
     B, H, Nq, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((B, H, Nq), dtype=acc_dtype(q.dtype))
+    ksum = _geometry(len(rel_tables), k_grid, has_cls)["KSUM"]
+    rel_shape = (B, H, Nq - int(has_cls), ksum) if len(rel_tables) and B * H else (1,)
+    return (
+        q.new_empty(q.shape),
+        q.new_empty((B, H, Nq), dtype=acc_dtype(q.dtype)),
+        q.new_empty(q.shape if residual else (0,)),
+        q.new_empty(rel_shape),
+    )
 
 
 @torch.library.custom_op("mmt_fast::relpos_attention_bwd", mutates_args=())
@@ -1060,8 +1051,9 @@ def _relpos_attention_bwd(
     k: torch.Tensor,
     v: torch.Tensor,
     rel_tables: list[torch.Tensor],
-    out: torch.Tensor,
+    o: torch.Tensor,
     lse: torch.Tensor,
+    rel: torch.Tensor,
     q_grid: list[int],
     k_grid: list[int],
     has_cls: bool,
@@ -1070,13 +1062,13 @@ def _relpos_attention_bwd(
     residual_cls: bool,
 ) -> list[torch.Tensor]:
     """Triton backward: [dq, dk, dv, *d(rel_tables)]."""
-    return _launch_bwd(
-        dout, q, k, v, rel_tables, out, lse, q_grid, k_grid, has_cls, scale, residual, residual_cls
-    )
+    return _launch_bwd(dout, q, k, v, rel_tables, o, lse, rel, q_grid, k_grid, has_cls, scale,
+                       residual, residual_cls)  # fmt: skip
 
 
 @_relpos_attention_bwd.register_fake
-def _(dout, q, k, v, rel_tables, out, lse, q_grid, k_grid, has_cls, scale, residual, residual_cls):
+def _(dout, q, k, v, rel_tables, o, lse, rel, q_grid, k_grid, has_cls, scale, residual,
+      residual_cls):  # fmt: skip
     return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)] + [
         t.new_empty(t.shape) for t in rel_tables
     ]
@@ -1084,15 +1076,18 @@ def _(dout, q, k, v, rel_tables, out, lse, q_grid, k_grid, has_cls, scale, resid
 
 def _setup_context(ctx, inputs, output):
     q, k, v, rel_tables, q_grid, k_grid, has_cls, scale, residual, residual_cls = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, *rel_tables)
+    out, lse, o_att, rel = output
+    # the backward's delta needs the output without the residual: out - q, rounded after the
+    # add, would lose precision as |q| grows
+    ctx.save_for_backward(q, k, v, o_att if residual else out, lse, rel, *rel_tables)
     ctx.args = (list(q_grid), list(k_grid), has_cls, scale, residual, residual_cls)
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, o_att, rel)
 
 
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, *rel_tables = ctx.saved_tensors
-    dq, dk, dv, *dtables = _relpos_attention_bwd(dout, q, k, v, rel_tables, out, lse, *ctx.args)
+def _backward(ctx, dout, _dlse, _do_att, _drel):
+    q, k, v, o, lse, rel, *rel_tables = ctx.saved_tensors
+    dout = aligned(dout)
+    dq, dk, dv, *dtables = _relpos_attention_bwd(dout, q, k, v, rel_tables, o, lse, rel, *ctx.args)
     return dq, dk, dv, dtables, None, None, None, None, None, None
 
 
@@ -1167,21 +1162,16 @@ def _check_inputs(
             raise ValueError(f"{p} {name} is on {t.device} but q is on {q.device}")
 
 
-def kernel_reasons(q: torch.Tensor) -> list[str]:
-    """Why the Triton kernel cannot run an input like ``q`` (beyond the device); [] if it can."""
-    reasons = []
-    if not dispatch.gpu_rules():
-        supported = [torch.float16, torch.float32, torch.float64]  # fp64: the tests' gradcheck
-    else:
-        supported = [torch.float16, torch.bfloat16]  # bf16 arithmetic is broken in the interpreter
-    if q.dtype == torch.float32 and dispatch.gpu_rules():
-        reasons.append(dispatch.FP32_ON_CUDA)
-    elif q.dtype not in supported:
-        names = ", ".join(str(d).removeprefix("torch.") for d in supported)
-        where = "on CUDA" if dispatch.gpu_rules() else "under the Triton interpreter"
-        reasons.append(f"dtype {q.dtype} is not supported {where} (supported: {names})")
+def triton_reasons(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_tables: Sequence[torch.Tensor] = ()
+) -> list[str]:
+    """Why the Triton path cannot run these (valid) inputs; [] when it can. (batch x heads has
+    no limit: the grids are one axis; the tables are made contiguous, being small.)"""
+    reasons = dispatch.device_reasons([q, k, v, *rel_tables])
     if q.shape[-1] > _MAX_HEAD_DIM:
         reasons.append(f"head dim {q.shape[-1]} > {_MAX_HEAD_DIM}")
+    reasons += dispatch.dtype_reasons(q.dtype, fp32_on_cuda=False)
+    reasons += dispatch.alignment_reasons({"q": q, "k": k, "v": v})
     return reasons
 
 
@@ -1212,12 +1202,13 @@ def relpos_attention(
     :func:`relpos_attention_ref`) is chosen by :func:`mmt_fast.kernels.dispatch.choose`.
     """
     _check_inputs(q, k, v, rel_tables, q_grid, k_grid, has_cls)
-    reasons = dispatch.device_reasons([q, k, v, *rel_tables]) + kernel_reasons(q)
-    if dispatch.choose(OP_NAME, reasons):
-        out, _ = _relpos_attention_fwd(
-            q,
-            k,
-            v,
+    # views the kernels' 16-byte alignment cannot take are copied (autograd sees the copy)
+    qa, ka, va = aligned(q), aligned(k), aligned(v)
+    if dispatch.choose(OP_NAME, triton_reasons(qa, ka, va, rel_tables)):
+        out, *_ = _relpos_attention_fwd(
+            qa,
+            ka,
+            va,
             list(rel_tables),
             [int(s) for s in q_grid],
             [int(s) for s in k_grid],

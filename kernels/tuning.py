@@ -101,6 +101,7 @@ def early_prune(configs_: list, named_args: dict, **kwargs) -> list:
     if limit is None or len(configs_) <= 1:
         return list(configs_)
     block_d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 128))
+    block_d += named_args.get("BLOCK_D2", kwargs.get("BLOCK_D2", 0))  # a second head-dim chunk
     first = next((v for v in named_args.values() if hasattr(v, "element_size")), None)
     itemsize = first.element_size() if first is not None else 2
     est = {id(c): shared_memory_estimate(c, block_d, itemsize) for c in configs_}
