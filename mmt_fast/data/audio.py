@@ -367,50 +367,28 @@ def open_audio(
     data: bytes | None = None,
     sidecar: tuple[str, bytes] | None = None,
 ) -> AudioSource:
-    """Open the audio of a clip: the sidecar ``<stem>.wav`` when it exists and reads,
-    else the file's own audio track (a failing sidecar never hides a good track).
+    """Open the audio of a clip: the sidecar ``<stem>.wav`` (or ``.flac``) when it exists
+    and reads, else the file's own audio track (a failing sidecar never hides a good track).
 
     From memory (shards): ``data`` holds the file's bytes and ``sidecar`` the
     sidecar's (extension, bytes) or None; ``path`` only names them in messages."""
-    if data is not None:
-        return _open_audio_bytes(path, sample_rate, data, sidecar)
-    wav = sidecar_wav(path)
+    if data is None:
+        wav = sidecar_wav(path)
+        side = None if wav is None else (wav, None)
+    else:
+        side = (
+            None if sidecar is None else (str(Path(path).with_suffix("." + sidecar[0])), sidecar[1])
+        )
     sidecar_error = None
-    if wav is not None:
+    if side is not None:
         try:
-            return _WavSource(wav, sample_rate)
+            return _WavSource(side[0], sample_rate, side[1])
         except BadClipError as e:
             sidecar_error = e
-    if not os.path.isfile(path):
+    if data is None and not os.path.isfile(path):
         if os.path.isdir(path):
             raise BadClipError(path, "is a folder, not a media file", "missing_file")
         raise BadClipError(path, "file does not exist", "missing_file")
-    if path.lower().endswith(".wav"):
-        return _WavSource(path, sample_rate)
-    try:
-        src = ContainerAudio(path, sample_rate)
-    except BadClipError as e:
-        if sidecar_error is not None:
-            raise BadClipError(
-                path, f"{sidecar_error.reason} ({wav}), and {e.reason}", sidecar_error.kind
-            ) from e
-        raise
-    if sidecar_error is not None:
-        log.warning("%s: using the file's own audio track", sidecar_error)
-    return src
-
-
-def _open_audio_bytes(
-    path: str, sample_rate: int, data: bytes, sidecar: tuple[str, bytes] | None
-) -> AudioSource:
-    """:func:`open_audio` over bytes in memory (same fallbacks)."""
-    sidecar_error = None
-    if sidecar is not None:
-        name = str(Path(path).with_suffix("." + sidecar[0]))
-        try:
-            return _WavSource(name, sample_rate, sidecar[1])
-        except BadClipError as e:
-            sidecar_error = e
     if path.lower().endswith((".wav", ".flac")):
         return _WavSource(path, sample_rate, data)
     try:
@@ -418,7 +396,7 @@ def _open_audio_bytes(
     except BadClipError as e:
         if sidecar_error is not None:
             raise BadClipError(
-                path, f"{sidecar_error.reason}, and {e.reason}", sidecar_error.kind
+                path, f"{sidecar_error.reason} ({side[0]}), and {e.reason}", sidecar_error.kind
             ) from e
         raise
     if sidecar_error is not None:
