@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchaudio
 import torchvision
-import yaml
+from config_helpers import as_overrides
 from helpers_media import flash_click_clip, synthetic_clip
 from test_train_resume import DEMO, _assert_same
 
@@ -172,8 +172,7 @@ def test_training_with_device_transforms_resumes_exactly(tmp_path):
 
     def cfg(out, **extra):
         d = {**o, "train.out_dir": str(out), **extra}
-        return load_config(DEMO, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
-                                  .removesuffix("...").strip() for k, v in d.items()])  # fmt: skip
+        return load_config(DEMO, as_overrides(d))
 
     ref = train(cfg(tmp_path / "ref"))
     assert ref["step"] == 8 and ref["last_val"]["num_clips"] == 4

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-import yaml
+from config_helpers import as_overrides
 from test_train_resume import DEMO, _assert_same
 from torch.utils.data import DataLoader
 
@@ -218,10 +218,7 @@ def _overrides(index, out, **extra):
         "schedule.warmup_steps": 2,
     }
     o.update(extra)
-    return [
-        f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-        for k, v in o.items()
-    ]
+    return as_overrides(o)
 
 
 def test_shard_training_resumes_exactly(packed, tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from config_helpers import as_overrides
 
 from mmt_fast.data.synthetic import make_synthetic
 from mmt_fast.train import load_checkpoint, load_config, train
@@ -55,10 +55,7 @@ def _overrides(manifest, out_dir, **extra):
         "schedule.warmup_steps": 2,
     }
     o.update(extra)
-    return [
-        f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-        for k, v in o.items()
-    ]
+    return as_overrides(o)
 
 
 def _wait_for_checkpoint(p, mgr, timeout=180):
