@@ -1,7 +1,7 @@
-"""Regenerate the README's result tables from the committed JSON files.
+"""Regenerate the result tables of README.md and docs/*.md from the committed JSON files.
 
-    python -m benchmarks.report            # rewrite README.md in place
-    python -m benchmarks.report --check    # exit 1 if README.md is out of date
+    python -m benchmarks.report            # rewrite README.md and docs/*.md in place
+    python -m benchmarks.report --check    # exit 1 if any of them is out of date
 
 Each table sits between ``<!-- BEGIN name -->`` and ``<!-- END name -->``
 markers; nothing in them is typed by hand.
@@ -295,21 +295,31 @@ def render(readme: str) -> str:
     return readme
 
 
+def documents() -> list[Path]:
+    """The files whose tables :func:`render` fills: README.md and every docs/*.md."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report")
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
-    path = ROOT / "README.md"
-    old = path.read_text()
-    new = render(old)
-    if args.check:
-        if old != new:
-            print(
-                "README.md tables are out of date: run python -m benchmarks.report", file=sys.stderr
-            )
-            return 1
-        return 0
-    path.write_text(new)
+    stale = []
+    for path in documents():
+        old = path.read_text()
+        new = render(old)
+        if old == new:
+            continue
+        if args.check:
+            stale.append(str(path.relative_to(ROOT)))
+        else:
+            path.write_text(new)
+    if stale:
+        print(
+            f"tables out of date in {', '.join(stale)}: run python -m benchmarks.report",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -1,9 +1,9 @@
-"""Every ```python block of the README runs.
+"""Every ```python block of the README and of the guides in docs/ runs.
 
 Blocks are executed in order, each in a fresh namespace, with the substitutions
-below applied (each must match the README, so that a changed snippet cannot
-silently escape them). They shrink inputs so the suite stays fast; the README
-says which.
+below applied (each must match some block, so that a changed snippet cannot
+silently escape them). They shrink inputs so the suite stays fast; the text
+beside each snippet says which.
 """
 
 import re
@@ -12,31 +12,42 @@ from pathlib import Path
 import pytest
 import torch
 
-README = Path(__file__).parents[1] / "README.md"
+ROOT = Path(__file__).parents[1]
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
-# (README text, text run by the test): the MAT snippet with 32 frames, not 1024
+# (documented text, text run by the test): the MAT snippet (docs/models.md) with
+# 32 frames, not 1024
 SUBSTITUTIONS = [("torch.randn(2, 1, 128, 1024)", "torch.randn(2, 1, 128, 32)")]
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```", README.read_text(), re.S | re.M)
+def python_blocks() -> list[tuple[str, str]]:
+    """(name, code) of every python block: ``FILE python block I``, I counted per file."""
+    blocks = []
+    for path in DOCUMENTS:
+        found = re.findall(r"^```python\n(.*?)^```", path.read_text(), re.S | re.M)
+        name = path.relative_to(ROOT)
+        blocks += [(f"{name} python block {i}", code) for i, code in enumerate(found)]
+    return blocks
 
 
 def test_substitutions_match_the_readme():
-    blocks = python_blocks()
-    assert blocks, "the README has python snippets"
+    blocks = [code for _, code in python_blocks()]
+    assert blocks, "the README and docs/ have python snippets"
     for old, _ in SUBSTITUTIONS:
-        assert any(old in b for b in blocks), f"stale substitution: {old!r} not in the README"
+        assert any(old in b for b in blocks), f"stale substitution: {old!r} in no snippet"
 
 
-@pytest.mark.parametrize("i", range(len(python_blocks())))
-def test_readme_python_block_runs(i):
-    code = python_blocks()[i]
+@pytest.mark.parametrize(
+    ("name", "code"),
+    python_blocks(),
+    ids=[n.replace(" python block ", ":") for n, _ in python_blocks()],
+)
+def test_readme_python_block_runs(name, code):
     for old, new in SUBSTITUTIONS:
         code = code.replace(old, new)
-    ns: dict = {"__name__": f"readme_block_{i}"}
+    ns: dict = {"__name__": "doc_block"}
     torch.manual_seed(0)
-    exec(compile(code, f"README.md python block {i}", "exec"), ns)
+    exec(compile(code, name, "exec"), ns)
     if "MAT" in ns and "mat" in ns:  # the MAT snippet: the shapes its comments give
         assert ns["logits"].shape == (2, 309)
         assert ns["cls"].shape == (2, 768)
