@@ -29,7 +29,7 @@ window, decode, resize/transform, audio decode, fbank) calls the stages one by
 one: ``before`` with the old loader's structure (each view seeks and decodes on
 its own at the file's size, frames resized as floats, the whole audio track),
 ``after`` with the current one. Results go to ``benchmarks/results/data_cpu.json`` (``--json`` to change);
-``python -m benchmarks.report`` puts them in the README.
+``python -m benchmarks.report`` puts them in docs/benchmarks.md.
 
 Prepared sources (``mmt-fast prepare``, :mod:`mmt_fast.data.prepare`): each
 source is also prepared once into ``--cache`` with the settings the paper's

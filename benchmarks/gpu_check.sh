@@ -46,7 +46,7 @@
 #         --platform manylinux_2_28_x86_64 -d .whl xformers==0.0.35
 # (xformers 0.0.35 declares torch>=2.10, so it leaves torch 2.11 in place; its own CUDA
 # extension is built for torch 2.10 and does not load beside 2.11, so
-# memory_efficient_attention runs PyTorch's CUTLASS kernel, "cutlassF-pt": see the README.)
+# memory_efficient_attention runs PyTorch's CUTLASS kernel, "cutlassF-pt": see docs/benchmarks.md.)
 # Output goes to $OUT (the device tool's folder) or benchmarks/results/; the full log
 # is $OUT/gpu_check.log. A summary of the stages is printed last.
 set -u

@@ -220,7 +220,7 @@ class TrainSection:
     multiscale encoders' first stage, where most activation memory sits); see
     ``mmt-fast plan`` for what each saves.
 
-    Clusters (see README "Running on a cluster"): ``ckpt_every_minutes`` writes
+    Clusters (see docs/cluster.md): ``ckpt_every_minutes`` writes
     a checkpoint when that much time has passed since the last one (beside
     ``ckpt_every`` steps; rank 0's clock decides). ``preempt_signals``: signals
     on which the run finishes the step in flight, saves a checkpoint and exits
