@@ -22,8 +22,6 @@ its heat, and the top-5 classes with their probabilities.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +33,7 @@ from torch import nn
 
 from mmt_fast.data import ClipRecord, collate_clips
 from mmt_fast.errors import ConfigError, DataError
-from mmt_fast.inference import LoadedRun, batch_transform, clip_dataset, load_run, model_inputs
+from mmt_fast.inference import LoadedRun, batch_transform, clip_dataset, model_inputs
 
 
 @dataclass
@@ -223,22 +221,3 @@ def plot_explanation(ex: Explanation, path: str | Path, title: str = "", frames:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def main(args: argparse.Namespace) -> int:
-    """``mmt-fast explain`` (arguments from :func:`mmt_fast.cli.build_parser`)."""
-    if args.frames < 1:
-        raise ConfigError(f"--frames must be >= 1, got {args.frames}")
-    if args.out is not None and Path(args.out).suffix.lower() != ".png":
-        raise ConfigError(f"--out {args.out}: use a .png file")
-    if not Path(args.clip).is_file():
-        raise DataError(f"--clip {args.clip}: no such file")
-    run = load_run(args.checkpoint, args.config, None, args.which)
-    ex = explain_clip(run, args.clip, args.target)
-    out = Path(args.out) if args.out else run.run_dir / f"explain_{Path(args.clip).stem}.png"
-    title = f"{Path(args.clip).name} ({run.checkpoint.path})"
-    plot_explanation(ex, out, title, args.frames)
-    for i, (n, p) in enumerate(ex.top(5)):
-        print(f"{i + 1}. {n}\t{p:.4f}")
-    print(f"[mmt-fast] Grad-CAM of {ex.class_names[ex.target]}; wrote {out}", file=sys.stderr)
-    return 0

@@ -22,7 +22,6 @@ counted per kind; they do not appear in the output.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import csv
 import io
@@ -32,7 +31,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from mmt_fast.data import ClipRecord, read_manifest
@@ -43,7 +41,6 @@ from mmt_fast.inference import (
     batch_transform,
     clip_dataset,
     clip_loader,
-    load_run,
     resolve_device,
     resolve_views,
     run_model,
@@ -216,40 +213,3 @@ def write_predictions(pred: Predictions, out: str | Path | None, top_k: int = 1)
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text)
     return text
-
-
-def main(args: argparse.Namespace) -> int:
-    """``mmt-fast predict`` (arguments from :func:`mmt_fast.cli.build_parser`)."""
-    if args.top_k < 1:
-        raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
-    if args.out is not None and Path(args.out).suffix.lower() not in (".csv", ".jsonl"):
-        raise ConfigError(f"--out {args.out}: use a .csv or .jsonl file")
-    if args.embeddings is not None and not str(args.embeddings).endswith(".npy"):
-        raise ConfigError(f"--embeddings {args.embeddings}: use a .npy file")
-    run = load_run(args.checkpoint, which=args.which)
-    records = collect_inputs(args.inputs, run.model.modalities)
-    pred = predict_clips(
-        run,
-        records,
-        views=args.views,
-        batch_size=args.batch_size,
-        device=args.device,
-        embeddings=args.embeddings is not None,
-        progress=not args.no_progress,
-    )
-    text = write_predictions(pred, args.out, args.top_k)
-    if args.out is None:
-        sys.stdout.write(text)
-    for path, kind, reason in pred.bad:
-        print(f"[mmt-fast] skipped {path}: {kind}: {reason}", file=sys.stderr)
-    msg = f"predicted {len(pred.records)} clips with {run.checkpoint.path}"
-    if pred.bad:
-        msg += f"; skipped {len(pred.bad)} bad files {pred.skipped}"
-    if args.out is not None:
-        msg += f"; wrote {args.out}"
-    if args.embeddings is not None:
-        Path(args.embeddings).parent.mkdir(parents=True, exist_ok=True)
-        np.save(args.embeddings, pred.embeddings.numpy().astype(np.float32))
-        msg += f", {args.embeddings} {tuple(pred.embeddings.shape)}"
-    print(f"[mmt-fast] {msg}", file=sys.stderr)
-    return 0
