@@ -260,4 +260,3 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     return 0
-
