@@ -188,7 +188,9 @@ def build_split_dataset(
     mc: MMTConfig,
 ):
     """The map-style dataset of ``split``: :class:`AVClipDataset` over ``records``, or for
-    ``data.format: webdataset`` :class:`~mmt_fast.data.shards.ShardClips` over the index."""
+    ``data.format: webdataset`` :class:`~mmt_fast.data.shards.ShardClips` over the split's
+    shard index (``data.<split>``), which holds its own records: ``records`` is then not
+    used (the caller reads them from the same index with :func:`read_records`)."""
     if data.format != "webdataset":
         return build_dataset(records, dc, classes, mc)
     from mmt_fast.data.shards import ShardClips
