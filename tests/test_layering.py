@@ -200,3 +200,21 @@ def test_the_cli_dispatches_every_command_module():
     tree = ast.parse((PKG / "cli.py").read_text())
     defs = [n.name for n in tree.body if isinstance(n, ast.FunctionDef)]
     assert set(defs) <= {"command_module", "build_parser", "_run", "error_exit_code", "main"}, defs
+
+
+def test_command_modules_import_only_the_standard_library_at_the_top():
+    """The parser is built from every command module, so ``mmt-fast --help`` imports them
+    all: at module level they import the standard library and mmt_fast.errors only (torch
+    and the library inside ``run``)."""
+    import sys
+
+    found = []
+    for me, imports in IMPORTS.items():
+        if not me.startswith("mmt_fast.commands") and me != "mmt_fast.cli":
+            continue
+        for t, _, w in imports:
+            top = t.split(".")[0]
+            ok = t == "mmt_fast.errors" or top == "__future__" or top in sys.stdlib_module_names
+            if w == "module" and not ok:
+                found.append(f"{me}: {t}")
+    assert not found, found
