@@ -56,9 +56,19 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}."
+# The project, editable: mmt_fast.kernels is the folder kernels/ (pyproject.toml maps the
+# name onto it; docs/design.md, "Layers"), which only an install provides when Python runs
+# from the repository root. Into a venv that sees the image's packages; setuptools>=77 for
+# the build comes from .whl when the image lacks it:
+#     pip download -q --no-deps -d .whl setuptools==80.9.0
+if ! "${PYTHON:-python3}" -c "import mmt_fast.kernels" >/dev/null 2>&1; then
+    python3 -m venv --system-site-packages --without-pip /tmp/mmt-venv &&
+        python3 -m pip --python /tmp/mmt-venv/bin/python install -q --no-index --no-deps \
+            --no-build-isolation -e . && PYTHON=/tmp/mmt-venv/bin/python
+fi
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}."
 export PYTHONUNBUFFERED=1
 export PYTHONWARNINGS="ignore::UserWarning"
 export MMT_FAST_KERNEL_CONFIGS="${MMT_FAST_KERNEL_CONFIGS:-pinned}"

@@ -29,34 +29,34 @@ from __future__ import annotations
 class MMTError(Exception):
     """Base of the errors that end a command with a one-line message.
 
-    ``exit_code`` and ``kind`` (the word in ``mmt-fast: <kind> error: ...``) are class
-    attributes, read from the class by the CLI (an instance may use the name ``kind``
-    for its own purpose, as :class:`~mmt_fast.data.errors.BadClipError` does).
+    ``exit_code`` and ``category`` (the word in ``mmt-fast: <category> error: ...``) are
+    class attributes, read by the CLI. (:class:`~mmt_fast.data.errors.BadClipError` has an
+    instance attribute ``kind``, the bad-clip kind: a different thing.)
     """
 
     exit_code = 1
-    kind = "error"
+    category = "error"
 
 
 class ConfigError(MMTError, ValueError):
     """A config value, override, argument, configured path or run folder is unusable."""
 
     exit_code = 2
-    kind = "config"
+    category = "config"
 
 
 class DataError(MMTError, ValueError):
     """The data cannot be used: an empty split, too many unusable clips, a bad manifest."""
 
     exit_code = 3
-    kind = "data"
+    category = "data"
 
 
 class TrainingError(MMTError, RuntimeError):
     """The run cannot continue: non-finite values, no valid batch, no loadable checkpoint."""
 
     exit_code = 4
-    kind = "runtime"
+    category = "runtime"
 
 
 class CheckpointError(TrainingError, ValueError):

@@ -1,10 +1,11 @@
-"""The one inference path: load a trained run, decode clips as in evaluation, run the
-model over them with multi-view averaging, and optionally record embeddings.
+"""Inference: load a trained run, decode clips as in evaluation, run the model over them
+(the loop of :mod:`mmt_fast.run.loop`: views averaged, embeddings recorded on request), and
+evaluate a checkpoint on a split (``mmt-fast evaluate``).
 
-Used by ``mmt-fast evaluate`` (:mod:`mmt_fast.train.run_eval`, and the trainer's
-validation through :func:`mmt_fast.train.evaluate.predict`), ``predict``,
-``analyze`` and ``explain`` (:mod:`mmt_fast.commands`); the commands import
-this module, not the trainer's internals.
+Used by the commands ``evaluate``, ``predict``, ``analyze`` and ``explain`` (through
+:mod:`mmt_fast.tools`); it builds on the run layer (:mod:`mmt_fast.run`: config,
+checkpoint, builders, metrics, the loop) and knows nothing of the trainer
+(:mod:`mmt_fast.train`), which builds on the same layer.
 
 - :func:`load_run`: a run folder, checkpoint folder or ``model.safetensors`` ->
   :class:`LoadedRun` (the config and class index saved with the checkpoint,
@@ -12,24 +13,21 @@ this module, not the trainer's internals.
 - :func:`clip_dataset` / :func:`clip_loader`: the clips decoded with the run's
   data settings in test mode (``V`` views: uniform temporal windows and a
   centre crop); unlabelled clips get placeholder targets.
-- :func:`run_model`: the evaluation loop. For each batch the views are folded
-  into the batch (:func:`model_inputs`), the model runs under :func:`autocast`,
-  and each clip's class probabilities are the mean over its views of the
-  softmax of the multimodal logits, ``p = 1/V sum_v softmax(z_v)``
-  (:func:`mmt_fast.train.metrics.average_views`). With ``record``, a
+- :func:`run_model` (from :mod:`mmt_fast.run.loop`): the evaluation loop. For each batch
+  the views are folded into the batch (:func:`model_inputs`), the model runs under
+  :func:`autocast`, and each clip's class probabilities are the mean over its views of the
+  softmax of the multimodal logits, ``p = 1/V sum_v softmax(z_v)``. With ``record``, a
   :class:`Recorder` keeps the embeddings named there, averaged over the views.
-
-This module sits between the library parts of :mod:`mmt_fast.train` (config,
-checkpoint, builders, metrics), which it uses, and the trainer and the
-commands, which use it.
+- :func:`evaluate_checkpoint`: a checkpoint on a labelled split, on every rank's share
+  under ``torchrun``; the report (top-1/top-5, per-class, EK action) written beside the
+  run's ``metrics.csv``.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,15 +36,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mmt_fast.config import MMTConfig
-from mmt_fast.data import AVClipDataset, BadItem, ClipRecord, DataConfig, collate_clips
-from mmt_fast.errors import ConfigError
-from mmt_fast.train import builders as B
-from mmt_fast.train.checkpoint import Checkpoint, load_checkpoint
-from mmt_fast.train.config import TrainConfig, check_paths, config_from_dict, load_config
-from mmt_fast.train.metrics import average_views
-
-#: what :class:`Recorder` can record (see there)
-RECORDABLE = ("audio", "video", "head")
+from mmt_fast.data import AVClipDataset, ClipRecord, collate_clips
+from mmt_fast.data.dataset import check_split
+from mmt_fast.errors import ConfigError, DataError
+from mmt_fast.run import builders as B
+from mmt_fast.run import distributed as D
+from mmt_fast.run.checkpoint import Checkpoint, load_checkpoint
+from mmt_fast.run.config import TrainConfig, config_from_dict, load_config
+from mmt_fast.run.evaluation import gather_predictions, report, summary, write_report
+from mmt_fast.run.loop import RECORDABLE, Outputs, Recorder, autocast, model_inputs, run_model
+from mmt_fast.run.sampling import ResumableSampler
 
 
 # ------------------------------------------------------------------ runs
@@ -123,61 +122,6 @@ def run_config(
     return cfg
 
 
-def read_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    """A training config file plus ``KEY=VALUE`` overrides; every failure to read or
-    validate it is a :class:`ConfigError` (exit code 2) naming the file."""
-    try:
-        return load_config(path, overrides)
-    except ConfigError:
-        raise
-    except FileNotFoundError as e:
-        raise ConfigError(f"config file {e.filename} does not exist") from e
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        raise ConfigError(f"{path}: {msg}") from e
-
-
-@dataclass
-class DataSetup:
-    """What a config says about its data, for commands that decode clips without a
-    trained run (``check-data``, ``prepare``): the records per split, the class index
-    (:func:`mmt_fast.train.builders.class_info`), the model config the clips are shaped
-    for, and the test-mode dataset config with ``views`` views."""
-
-    records: dict[str, list[ClipRecord]]
-    classes: dict
-    model_cfg: MMTConfig
-    dataset_cfg: DataConfig
-
-    def dataset_kwargs(self) -> dict:
-        """The class arguments of :class:`~mmt_fast.data.AVClipDataset` for these classes."""
-        from mmt_fast.data.manifests import ClassIndex
-
-        if self.classes["kind"] == "label":
-            return {"class_index": ClassIndex(self.classes["names"])}
-        return {
-            "num_verbs": self.model_cfg.heads["verb"],
-            "num_nouns": self.model_cfg.heads["noun"],
-        }
-
-
-def data_setup(
-    cfg: TrainConfig, splits: Iterable[str], views: int = 1, mode: str = "test"
-) -> DataSetup:
-    """The :class:`DataSetup` of ``splits`` (each must be configured, and the files the
-    config names must exist: ConfigError)."""
-    check_paths(cfg, tuple(splits), out_dir=False)
-    records = {s: split_records(cfg, s) for s in splits}
-    train = records.get("train") or B.read_records(cfg.data, "train")
-    classes = B.class_info(cfg.data, train or next(iter(records.values()), None))
-    mc = B.model_config(cfg, classes)
-    try:
-        dc = B.dataset_config(cfg.data, mc, mode, views)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    return DataSetup(records, classes, mc, dc)
-
-
 def load_run(
     checkpoint: str | Path,
     config: TrainConfig | str | Path | None = None,
@@ -229,14 +173,6 @@ def resolve_views(cfg: TrainConfig, split: str = "test", views: int | None = Non
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``device``, or CUDA when available, else the CPU."""
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def split_records(cfg: TrainConfig, split: str) -> list[ClipRecord]:
-    """The records of a configured split (``data.<split>``); ConfigError when it is not set."""
-    records = B.read_records(cfg.data, split)
-    if records is None:
-        raise ConfigError(f"data.{split} is not set in the config")
-    return records
 
 
 def with_placeholder_targets(records: list[ClipRecord], classes: dict) -> list[ClipRecord]:
@@ -300,180 +236,74 @@ def clip_loader(
     )
 
 
-# ------------------------------------------------------------------ the model
-def autocast(device: torch.device, amp: str):
-    """bf16 autocast on CUDA for ``amp`` in (auto, bf16); nothing on the CPU (unless bf16)."""
-    use = amp == "bf16" or (amp == "auto" and device.type == "cuda")
-    if not use:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+# ------------------------------------------------------------------ evaluate
+def evaluate_checkpoint(
+    config: TrainConfig | str | Path | None,
+    checkpoint: str | Path,
+    split: str = "test",
+    views: int | None = None,
+    out: str | Path | None = None,
+    which: str = "best",
+    plot: bool = True,
+    overrides: list[str] | None = None,
+) -> dict:
+    """Evaluate ``checkpoint`` (file, checkpoint folder or run folder) on ``split``.
 
-
-def model_inputs(batch: dict, modalities, device: torch.device) -> tuple[dict, int]:
-    """Inputs for ``model(**inputs)`` with views folded into the batch.
-
-    audio (B, 1, F, T) or (B, V, 1, F, T); video (B, 3, T, H, W) or (B, V, 3, T, H, W).
-    Returns the inputs ((B * V, ...) tensors) and V.
+    ``config``: None to use the config saved with the checkpoint (``overrides``
+    apply to it), or a YAML path / :class:`TrainConfig` whose model section must
+    match. The class index comes from the checkpoint. Writes ``out`` (default
+    ``RUN_DIR/eval_<split>.json``, beside ``metrics.csv``) and the confusion-matrix
+    plots beside it; returns the report (see :func:`mmt_fast.run.evaluation.report`).
     """
-    inputs, views = {}, 1
-    for m in modalities:
-        x = batch[m]
-        base = 4 if m == "audio" else 5
-        if x.ndim == base + 1:
-            views = x.shape[1]
-            x = x.flatten(0, 1)
-        inputs[m] = x.to(device, non_blocking=True)
-    return inputs, views
-
-
-class Recorder:
-    """Records embeddings during the forward passes of an MMT model (a context manager).
-
-    - ``audio``, ``video``: the encoder's CLS embedding after its final LayerNorm
-      (AST: the mean of the CLS and distillation tokens), (B, C): the encoder's
-      ``forward_features`` is wrapped on the instance (restored on exit);
-    - ``head``: the input of the classification head(s), taken by forward
-      pre-hooks; for MMT ``[LN(video CLS), LN(audio CLS)]`` after the
-      AVBottleneck (B, 2C), for one encoder its CLS, for ``avg`` fusion the two
-      branches' inputs concatenated in call order (audio, video).
-
-    :meth:`take` returns name -> the tensors recorded since the last call
-    (concatenated along the last axis), float32, detached.
-    """
-
-    def __init__(self, model: nn.Module, names: Iterable[str] = RECORDABLE) -> None:
-        core = model.module if hasattr(model, "module") else model
-        names = tuple(names)
-        unknown = [n for n in names if n not in RECORDABLE]
-        if unknown:
-            raise ValueError(f"cannot record {unknown}; expected some of {RECORDABLE}")
-        self.parts: dict[str, list[torch.Tensor]] = {}
-        self._wrapped: list[nn.Module] = []
-        self._handles = []
-        for name in core.modalities:
-            if name not in names:
-                continue
-            enc = getattr(core, f"{name}_encoder")
-            orig = enc.forward_features
-
-            def wrapper(x, _orig=orig, _name=name):
-                f = _orig(x)
-                self._add(_name, f.cls)
-                return f
-
-            enc.forward_features = wrapper
-            self._wrapped.append(enc)
-        if "head" in names:
-            for n in ("head", "head_video", "head_audio"):
-                if hasattr(core, n):
-                    hook = getattr(core, n).register_forward_pre_hook(self._head_hook)
-                    self._handles.append(hook)
-
-    def _add(self, name: str, x: torch.Tensor) -> None:
-        self.parts.setdefault(name, []).append(x.detach().float())
-
-    def _head_hook(self, module: nn.Module, args: tuple) -> None:
-        self._add("head", args[0])
-
-    def take(self) -> dict[str, torch.Tensor]:
-        out = {k: torch.cat(v, dim=-1) for k, v in self.parts.items()}
-        self.parts = {}
-        return out
-
-    def remove(self) -> None:
-        for enc in self._wrapped:
-            del enc.forward_features
-        for h in self._handles:
-            h.remove()
-        self._wrapped, self._handles = [], []
-
-    def __enter__(self) -> Recorder:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-
-@dataclass
-class Outputs:
-    """What :func:`run_model` returns, one row per clip in loader order.
-
-    ``probs``: head -> (N, C) view-averaged probabilities; ``targets``: head ->
-    (N,) the dataset's targets (placeholders for unlabelled clips); ``index``:
-    (N,) dataset indices; ``embeddings``: name -> (N, D) view-averaged float32
-    (the names recorded); ``skipped``: bad clips per kind; ``bad``: the bad
-    clips the loader returned (:class:`~mmt_fast.data.BadItem`).
-    """
-
-    probs: dict[str, torch.Tensor]
-    targets: dict[str, torch.Tensor]
-    index: torch.Tensor
-    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
-    skipped: dict[str, int] = field(default_factory=dict)
-    bad: list[BadItem] = field(default_factory=list)
-
-
-@torch.no_grad()
-def run_model(
-    model: nn.Module,
-    batches: Iterable[dict],
-    device: torch.device,
-    amp: str = "auto",
-    record: Iterable[str] = (),
-    transform: Callable[[dict, torch.device], dict] | None = None,
-) -> Outputs:
-    """The evaluation loop: ``model`` (on ``device``; a DDP wrapper is fine) in eval mode
-    over ``batches`` (from :func:`mmt_fast.data.collate_clips`), views averaged, the
-    ``record`` embeddings kept (see :class:`Recorder`); the model's mode is restored.
-    ``transform(batch, device)`` finishes each batch first (see :func:`batch_transform`)."""
-    core = model.module if hasattr(model, "module") else model
-    heads = dict(core.cfg.heads)
-    was_training = core.training
-    model.eval()
-    probs: dict[str, list[torch.Tensor]] = {h: [] for h in heads}
-    targets: dict[str, list[torch.Tensor]] = {h: [] for h in heads}
-    embeds: dict[str, list[torch.Tensor]] = {}
-    index: list[torch.Tensor] = []
-    skipped: collections.Counter = collections.Counter()
-    bad: list[BadItem] = []
-    record = tuple(record)
-    rec = Recorder(core, record) if record else contextlib.nullcontext()
+    run = load_run(checkpoint, config, overrides, which)
+    cfg, ck, classes = run.cfg, run.checkpoint, run.classes
+    info = D.setup(cfg.train.device)
     try:
-        with rec:
-            for batch in batches:
-                skipped.update(batch["skipped"])
-                bad += batch.get("bad", [])
-                b = batch["batch_size"]
-                if not b:
-                    continue
-                if transform is not None:
-                    batch = transform(batch, device)
-                inputs, v = model_inputs(batch, core.modalities, device)
-                with autocast(device, amp):
-                    out = model(**inputs)
-                for h in heads:
-                    probs[h].append(average_views(out.logits[h].float().view(b, v, -1)).cpu())
-                    targets[h].append(batch[h].cpu())
-                if record:
-                    for name, e in rec.take().items():
-                        embeds.setdefault(name, []).append(e.view(b, v, -1).mean(1).cpu())
-                index.append(batch["index"].cpu())
+        records = B.split_records(cfg, split)
+        model = run.model.to(info.device)
+        nv = resolve_views(cfg, split, views)
+        ds = clip_dataset(run, records, nv, split=split)
+        check_split(split, ds, cfg.data.max_bad_fraction)
+        sampler = ResumableSampler(len(ds), info.world_size, info.rank, shuffle=False, pad=False)
+        loader = B.make_loader(
+            ds,
+            cfg.data.eval_batch_size or cfg.train.batch_size,
+            cfg.data.num_workers,
+            sampler,
+            cfg.train.seed,
+            0,
+            drop_last=False,
+        )
+        pred = gather_predictions(
+            model,
+            loader,
+            info.device,
+            cfg.train.amp,
+            progress=info.is_main,
+            transform=batch_transform(ds),
+        )
+        if info.is_main:  # records dropped when the dataset was built (not seen by the loader)
+            for b in ds.dropped:
+                pred["skipped"][b.kind] = pred["skipped"].get(b.kind, 0) + 1
+        if len(pred["index"]) == 0:
+            raise DataError(
+                f"no clip of the {split} split could be evaluated (skipped {pred['skipped']})"
+            )
+        names = classes.get("names") if classes.get("kind") == "label" else None
+        res = report(pred, names)
+        res.update(checkpoint=str(ck.path), step=ck.step, split=split, views=nv)
+        if info.is_main:
+            dest = Path(out) if out else run.run_dir / f"eval_{split}.json"
+            files = write_report(res, dest, plot=plot)
+            print(f"[mmt-fast] {split}: {summary(res)}", file=sys.stderr)
+            print(f"[mmt-fast] wrote {', '.join(str(f) for f in files)}", file=sys.stderr)
+        return res
     finally:
-        model.train(was_training)
-    empty_long = torch.empty(0, dtype=torch.long)
-    return Outputs(
-        probs={h: torch.cat(p) if p else torch.empty(0, heads[h]) for h, p in probs.items()},
-        targets={h: torch.cat(t) if t else empty_long for h, t in targets.items()},
-        index=torch.cat(index) if index else empty_long,
-        embeddings={k: torch.cat(v) for k, v in embeds.items()},
-        skipped=dict(skipped),
-        bad=bad,
-    )
+        D.cleanup()
 
 
 __all__ = [
     "RECORDABLE",
-    "DataSetup",
     "LoadedRun",
     "Outputs",
     "Recorder",
@@ -482,14 +312,12 @@ __all__ = [
     "class_names",
     "clip_dataset",
     "clip_loader",
-    "data_setup",
+    "evaluate_checkpoint",
     "load_run",
     "model_inputs",
-    "read_config",
     "resolve_device",
     "resolve_views",
     "run_config",
     "run_model",
-    "split_records",
     "with_placeholder_targets",
 ]

@@ -81,7 +81,8 @@ def trained_synthetic(synthetic_320, tmp_path_factory):
     as in the demo config (8 epochs of 14 steps of 16 clips, decoded clips cached, seed 0,
     one thread, no validation, the final weights kept; ``data.test_views=1``), trained
     once per session and preset. About 20-30 s per tiny model on 2 cores."""
-    from mmt_fast.train import load_config, train
+    from mmt_fast.run import load_config
+    from mmt_fast.train import train
 
     runs: dict[str, TrainedRun] = {}
     m = str(synthetic_320 / "manifest.csv")

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from mmt_fast.cli import main
-from mmt_fast.commands.explain import CamLayer, grad_cam, upsample
 from mmt_fast.data.synthetic import MOTION_VECTORS, MOTIONS, render_clip
+from mmt_fast.tools.explain import CamLayer, grad_cam, upsample
 
 ROOT = Path(__file__).parents[1]
 DEMO = ROOT / "configs" / "demo_synthetic.yaml"
@@ -115,10 +115,10 @@ def test_analyze_scores_and_pictures(analysis, capsys):
 
 def test_single_modality_models_have_one_embedding(data_dir):
     """An audio-only model (untrained: the embeddings' existence and shapes, not their quality)."""
-    from mmt_fast.commands.analysis import embed_split
     from mmt_fast.inference import LoadedRun
-    from mmt_fast.train import builders as B
-    from mmt_fast.train import load_config
+    from mmt_fast.run import builders as B
+    from mmt_fast.run import load_config
+    from mmt_fast.tools.analysis import embed_split
 
     m = str(data_dir / "manifest.csv")
     ov = [f"data.train={m}", f"data.test={m}", "model.preset=MMT-tiny-audio", "data.test_views=2"]
@@ -136,7 +136,7 @@ def test_single_modality_models_have_one_embedding(data_dir):
 
 
 def test_ari_reference_on_known_partitions():
-    from mmt_fast.commands.analysis import cluster_scores
+    from mmt_fast.tools.analysis import cluster_scores
 
     labels = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
     assert cluster_scores(labels, np.array([2, 2, 2, 0, 0, 0, 1, 1, 1])) == {
@@ -279,8 +279,8 @@ def test_explain_command(run, data_dir, tmp_path, capsys):
 
 def test_explain_grad_cam_on_the_trained_model(run, data_dir):
     """The maps of the real encoders: finite, in [0, 1], of the input's size."""
-    from mmt_fast.commands.explain import explain_clip
     from mmt_fast.inference import load_run
+    from mmt_fast.tools.explain import explain_clip
 
     clip = sorted(data_dir.glob("clip_*.mp4"))[-1]
     ex = explain_clip(load_run(run), str(clip))

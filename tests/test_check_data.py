@@ -17,7 +17,7 @@ from mmt_fast.data.check import check_clips
 from mmt_fast.data.dataset import data_config
 from mmt_fast.data.manifests import read_manifest
 from mmt_fast.data.synthetic import make_synthetic
-from mmt_fast.train.checkpoint import CheckpointManager
+from mmt_fast.run.checkpoint import CheckpointManager
 
 DEMO = Path(__file__).parents[1] / "configs" / "demo_synthetic.yaml"
 

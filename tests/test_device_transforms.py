@@ -19,8 +19,9 @@ from mmt_fast.data.audio import normalize_fbank, spec_augment
 from mmt_fast.data.device_transforms import DeviceTransform, _draw
 from mmt_fast.data.synthetic import make_synthetic
 from mmt_fast.data.video import transform_frames
-from mmt_fast.train import load_checkpoint, load_config, train
-from mmt_fast.train.sampling import run_seeded
+from mmt_fast.run import load_checkpoint, load_config
+from mmt_fast.run.sampling import run_seeded
+from mmt_fast.train import train
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,7 @@ def test_exit_codes_by_class_not_by_name():
 
 
 def test_config_checks_raise_config_errors():
-    from mmt_fast.train.config import config_from_dict, parse_overrides
+    from mmt_fast.run.config import config_from_dict, parse_overrides
 
     with pytest.raises(errors.ConfigError, match=r"model\.init\.audio and model\.init\.ast"):
         config_from_dict({"model": {"init": {"audio": "a.pth", "ast": "b.pth"}}})
@@ -60,8 +60,8 @@ def test_run_config_overrides_are_config_errors(tmp_path):
     """Overrides of a run's saved config (``mmt-fast evaluate RUN KEY=VALUE``): an unknown
     key or a wrong type is a ConfigError naming it (before: a KeyError, exit code 4)."""
     from mmt_fast.inference import run_config
-    from mmt_fast.train.checkpoint import Checkpoint
-    from mmt_fast.train.config import load_config
+    from mmt_fast.run.checkpoint import Checkpoint
+    from mmt_fast.run.config import load_config
 
     saved = yaml.safe_dump(load_config(DEMO).to_dict())
     ck = Checkpoint(path=tmp_path, model={}, config=saved)

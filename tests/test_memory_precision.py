@@ -144,7 +144,7 @@ def test_activation_checkpointing_lowers_the_estimate():
 
 
 def test_trainer_config_field():
-    from mmt_fast.train.config import config_from_dict
+    from mmt_fast.run.config import config_from_dict
 
     cfg = config_from_dict({"train": {"activation_checkpointing": "stage1"}})
     assert cfg.train.activation_checkpointing == "stage1"

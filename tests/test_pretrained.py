@@ -36,8 +36,9 @@ from mmt_fast.pretrained import (
     load_pretrained,
     read_checkpoint,
 )
-from mmt_fast.train import load_config, train
-from mmt_fast.train.config import config_from_dict
+from mmt_fast.run import load_config
+from mmt_fast.run.config import config_from_dict
+from mmt_fast.train import train
 
 TOL = 1e-10
 DEMO = Path(__file__).parents[1] / "configs" / "demo_synthetic.yaml"

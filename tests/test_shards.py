@@ -21,9 +21,10 @@ from mmt_fast.data import AVClipDataset, collate_clips, data_config, read_manife
 from mmt_fast.data.shards import ShardClips, ShardIndex, ShardStream, iter_tar, write_shards
 from mmt_fast.data.synthetic import make_synthetic
 from mmt_fast.errors import DataError
-from mmt_fast.train import load_checkpoint, load_config, train
-from mmt_fast.train.checkpoint import CheckpointManager
-from mmt_fast.train.sampling import SeededDataset
+from mmt_fast.run import load_checkpoint, load_config
+from mmt_fast.run.checkpoint import CheckpointManager
+from mmt_fast.run.sampling import SeededDataset
+from mmt_fast.train import train
 
 
 @pytest.fixture(scope="module")

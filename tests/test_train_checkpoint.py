@@ -14,7 +14,7 @@ import torch
 
 from mmt_fast import create_model
 from mmt_fast.errors import CheckpointError
-from mmt_fast.train.checkpoint import (
+from mmt_fast.run.checkpoint import (
     CheckpointManager,
     load_checkpoint,
     model_state_for_saving,
@@ -138,7 +138,7 @@ def test_sigkill_during_saves_leaves_a_loadable_checkpoint(tmp_path):
     script.write_text(
         textwrap.dedent(f"""
         import torch, sys
-        from mmt_fast.train.checkpoint import CheckpointManager
+        from mmt_fast.run.checkpoint import CheckpointManager
         mgr = CheckpointManager({str(tmp_path / "ckpt")!r}, keep_last=2)
         big = torch.randn(4_000_000)  # 16 MB per file
         for step in range(1, 10_000):

@@ -27,8 +27,8 @@ import pytest
 import torch
 
 from mmt_fast.data.synthetic import make_synthetic
-from mmt_fast.train import load_checkpoint, load_config
-from mmt_fast.train.checkpoint import CheckpointManager
+from mmt_fast.run import load_checkpoint, load_config
+from mmt_fast.run.checkpoint import CheckpointManager
 
 DEMO = Path(__file__).parents[1] / "configs" / "demo_synthetic.yaml"
 STEPS = 6  # 16 train clips / 2 ranks / batch 2 = 4 micro-batches = 2 steps per epoch, 3 epochs
@@ -36,8 +36,9 @@ STEPS = 6  # 16 train clips / 2 ranks / batch 2 = 4 micro-batches = 2 steps per 
 RANK_SCRIPT = textwrap.dedent("""
     import hashlib, json, os, sys
     import torch
-    from mmt_fast.train import Trainer, load_config
-    from mmt_fast.train import distributed as D
+    from mmt_fast.run import load_config
+    from mmt_fast.train import Trainer
+    from mmt_fast.run import distributed as D
 
     cfg = load_config(sys.argv[1], sys.argv[3:])
     resume = sys.argv[2] == "resume"

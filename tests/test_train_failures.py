@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from mmt_fast.cli import main
 from mmt_fast.data.synthetic import make_synthetic
 from mmt_fast.errors import CheckpointError
-from mmt_fast.train.checkpoint import CheckpointManager, load_checkpoint, load_latest_loadable
+from mmt_fast.run.checkpoint import CheckpointManager, load_checkpoint, load_latest_loadable
 
 DEMO = Path(__file__).parents[1] / "configs" / "demo_synthetic.yaml"
 FAST = [

@@ -10,7 +10,7 @@ and the MMT-tiny run are the session's (tests/conftest.py), shared with
 tests/test_analysis.py.
 """
 
-from mmt_fast.train import evaluate_checkpoint
+from mmt_fast.inference import evaluate_checkpoint
 
 
 def _test_accuracy(run) -> float:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mmt_fast import create_model
-from mmt_fast.train import metrics as M
-from mmt_fast.train.evaluate import predict, report
+from mmt_fast.run import metrics as M
+from mmt_fast.run.evaluation import gather_predictions, report
 
 
 def _brute_topk(probs, targets, k):
@@ -84,8 +84,8 @@ def test_confusion_and_per_class_accuracy():
 
 
 @pytest.mark.parametrize("preset", ["MMT-tiny", "MMT-tiny-EK"])
-def test_predict_averages_views_of_the_real_model(preset):
-    """predict() folds (B, V, ...) views into the batch, averages the softmax per
+def test_gather_predictions_averages_views_of_the_real_model(preset):
+    """gather_predictions() folds (B, V, ...) views into the batch, averages the softmax per
     clip, and restores dataset order; compared with per-view forward passes."""
     torch.manual_seed(0)
     model = create_model(preset).eval()
@@ -102,7 +102,7 @@ def test_predict_averages_views_of_the_real_model(preset):
         b.update({h: t[idx] for h, t in targets.items()})
         b["skipped"] = {"corrupt_file": 1} if chunk[0] == 3 else {}
         batches.append(b)
-    pred = predict(model, batches, torch.device("cpu"))
+    pred = gather_predictions(model, batches, torch.device("cpu"))
     assert pred["index"].tolist() == [0, 1, 2, 3, 4]
     assert pred["skipped"] == {"corrupt_file": 1}
     with torch.no_grad():

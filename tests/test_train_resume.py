@@ -19,8 +19,9 @@ import torch
 from config_helpers import as_overrides
 
 from mmt_fast.data.synthetic import make_synthetic
-from mmt_fast.train import load_checkpoint, load_config, train
-from mmt_fast.train.checkpoint import CheckpointManager
+from mmt_fast.run import load_checkpoint, load_config
+from mmt_fast.run.checkpoint import CheckpointManager
+from mmt_fast.train import train
 
 DEMO = Path(__file__).parents[1] / "configs" / "demo_synthetic.yaml"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmt_fast.train.config import TrainConfig, config_from_dict, load_config
+from mmt_fast.run.config import TrainConfig, config_from_dict, load_config
 from mmt_fast.train.schedule import WarmupCosine, lr_factor
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
@@ -83,7 +83,7 @@ def test_config_rejects_bad_values(d, err):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_shipped_configs_parse_and_build_their_model_config(path):
-    from mmt_fast.train.builders import model_config
+    from mmt_fast.run.builders import model_config
 
     cfg = load_config(path)
     assert isinstance(cfg, TrainConfig)

@@ -1,6 +1,6 @@
 """``mmt-fast check-data``: find unusable clips of a training config's manifests.
 
-    mmt-fast check-data --config FILE [--split train val test] [--workers N]
+    mmt-fast check-data --config FILE [--split train --split val ...] [--workers N]
                         [--out report.json|report.csv] [--max-bad-fraction F] [KEY=VALUE ...]
 
 Every clip of each split is opened and test-decoded in parallel (the header,
@@ -18,17 +18,23 @@ import argparse
 import sys
 
 SPLITS = ("train", "val", "test")
+HELP = "test-decode every clip of a config's manifests; report the unusable ones"
+DESCRIPTION = (
+    "Open and test-decode every clip (header, first and last windows of video and audio) in "
+    "parallel; counts per bad-clip kind, a JSON/CSV report, exit code 3 when unusable clips "
+    "exceed --max-bad-fraction."
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="a training YAML (its data section is used)")
     p.add_argument(
         "--split",
-        nargs="+",
+        action="append",
         choices=SPLITS,
         default=None,
-        help="splits to check (default: every split the config names; KEY=VALUE overrides go "
-        "before this option)",
+        help="a split to check, repeatable: --split train --split val (default: every split "
+        "the config names)",
     )
     p.add_argument("--workers", type=int, default=4, help="decoding processes (0: in this process)")
     p.add_argument("--out", default=None, help="report of the unusable clips: .json or .csv")
@@ -42,10 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.root=/data")
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from mmt_fast.data.check import check_clips, summarize, write_report
     from mmt_fast.errors import ConfigError, DataError
-    from mmt_fast.inference import data_setup, read_config
+    from mmt_fast.run.builders import data_setup
+    from mmt_fast.run.config import read_config
 
     if args.workers < 0:
         raise ConfigError(f"--workers={args.workers}; expected >= 0")

@@ -17,9 +17,54 @@ from pathlib import Path
 
 from mmt_fast.errors import CheckpointError, ConfigError
 
+HELP = "convert a pretrained checkpoint (timm/SlowFast/torchvision MViTv2, AST, DeiT)"
+DESCRIPTION = (
+    "Map a public checkpoint onto an mmt-fast encoder and write it as safetensors (for "
+    "model.init.audio / model.init.video). Nothing is downloaded."
+)
 
-def main(args: argparse.Namespace) -> int:
-    """``mmt-fast convert`` (arguments from :func:`mmt_fast.cli.build_parser`)."""
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        choices=("timm-mvitv2", "slowfast", "torchvision", "ast"),
+        help="timm-mvitv2: timm mvitv2_* or MViT .pyth (ImageNet); slowfast: SlowFast MViTv2 "
+        ".pyth; torchvision: mvit_v2_s state dict; ast: AST checkpoints or DeiT",
+    )
+    p.add_argument("--checkpoint", required=True, help=".pth / .pyth / .safetensors file")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="target encoder preset (default: MAT for timm-mvitv2, MViTv2-B-16 for slowfast, "
+        "MViTv2-S-16 for torchvision, AST for ast)",
+    )
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        default=0,
+        help="head of the target (default 0: encoder only, as inside MMT; a checkpoint head "
+        "of the same size is copied)",
+    )
+    p.add_argument(
+        "--source-grid",
+        type=int,
+        nargs=2,
+        metavar=("F", "T"),
+        help="(frequency, time) patch grid of an AST checkpoint's position embeddings, when "
+        "neither 12 x 101 nor the model's own",
+    )
+    p.add_argument(
+        "--non-strict",
+        action="store_true",
+        help="keep the model's initialisation (listed) for tensors that do not fit, instead of failing",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    # imported here, not at the top, so that ``mmt-fast convert --help`` answers before torch
     from safetensors.torch import save_file
 
     from mmt_fast.config import ASTConfig, MultiscaleConfig, apply_overrides, get_config

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -211,10 +210,8 @@ def format_plan(preset: str, plans: dict[str, Plan], args: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="mmt-fast plan", description=__doc__.split("\n\n")[0])
-    add_arguments(ap)
-    return run(ap.parse_args(argv))
+HELP = "largest batch that fits a GPU (estimated, no GPU needed)"
+DESCRIPTION = None
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -263,9 +260,3 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     return 0
-
-
-if __name__ == "__main__":  # errors as the CLI reports them
-    from mmt_fast.cli import main as cli_main
-
-    raise SystemExit(cli_main(["plan", *sys.argv[1:]]))

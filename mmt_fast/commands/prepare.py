@@ -17,6 +17,13 @@ from pathlib import Path
 
 SPLITS = ("train", "val", "test")
 FORMATS = ("manifest", "vggsound", "kinetics_sounds", "epic_kitchens")
+HELP = "a prepared copy of a dataset: clips re-encoded at the training size, 16 kHz wavs"
+DESCRIPTION = (
+    "Re-encode the clips of a config's splits or a manifest once, for fast loading: video at "
+    "the training short side with short keyframe intervals and the source's timestamps, audio "
+    "as a 16 kHz mono wav beside it, Epic-Kitchens segments cut with a margin; a new manifest "
+    "and a report of the unusable inputs. Resumable."
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -99,7 +106,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _records_from_config(args):
     """(records with their split names set, the DataConfig of training, whether a split trains)."""
     from mmt_fast.errors import ConfigError
-    from mmt_fast.inference import data_setup, read_config
+    from mmt_fast.run.builders import data_setup
+    from mmt_fast.run.config import read_config
 
     cfg = read_config(args.config, args.overrides)
     data = cfg.data

@@ -45,35 +45,13 @@ from pathlib import Path
 
 import torch
 
-from mmt_fast.errors import ConfigError
-from mmt_fast.train import distributed as D
+from mmt_fast.run import distributed as D
+from mmt_fast.run.signals import parse_signal
 
 log = logging.getLogger("mmt_fast.train")
 
 PREEMPTED_EXIT_CODE = 75  # os.EX_TEMPFAIL: a temporary failure, the job may be retried
 MARKER = "preempted.json"
-
-
-def parse_signal(name: str) -> signal.Signals:
-    """``"SIGTERM"``, ``"TERM"`` or ``"15"`` -> ``signal.SIGTERM`` (ConfigError otherwise)."""
-    s = str(name).strip().upper()
-    try:
-        if s.isdigit():
-            return signal.Signals(int(s))
-        return signal.Signals[s if s.startswith("SIG") else f"SIG{s}"]
-    except (KeyError, ValueError):
-        raise ConfigError(
-            f"train.preempt_signals: {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)"
-        ) from None
-
-
-def check_signals(names) -> None:
-    for n in names:
-        sig = parse_signal(n)
-        if sig in (signal.SIGKILL, signal.SIGSTOP):
-            raise ConfigError(f"train.preempt_signals: {sig.name} cannot be caught")
-        if sig == signal.SIGINT:
-            raise ConfigError("train.preempt_signals: SIGINT (Ctrl-C) stays an interruption")
 
 
 class StopWatch:
@@ -169,7 +147,7 @@ class StopWatch:
 
 def write_marker(out_dir: Path, info: dict) -> Path:
     """``out_dir/preempted.json``: why and where the run stopped (read by job scripts)."""
-    from mmt_fast.train.checkpoint import write_json_atomic
+    from mmt_fast.run.checkpoint import write_json_atomic
 
     p = Path(out_dir) / MARKER
     write_json_atomic(p, {**info, "exit_code": PREEMPTED_EXIT_CODE, "pid": os.getpid()})

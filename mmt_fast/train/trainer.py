@@ -41,20 +41,21 @@ from mmt_fast.data.device_transforms import DeviceTransform
 from mmt_fast.data.errors import BAD_KINDS
 from mmt_fast.errors import ConfigError, DataError, TrainingError
 from mmt_fast.models.checkpointing import set_activation_checkpointing
-from mmt_fast.train import builders as B
-from mmt_fast.train import distributed as D
-from mmt_fast.train.checkpoint import (
+from mmt_fast.run import builders as B
+from mmt_fast.run import distributed as D
+from mmt_fast.run.checkpoint import (
     CheckpointManager,
     load_latest_loadable,
     model_state_for_saving,
     rng_state,
     set_rng_state,
 )
-from mmt_fast.train.config import TrainConfig, check_paths
-from mmt_fast.train.evaluate import autocast, model_inputs, predict, report, summary
+from mmt_fast.run.config import TrainConfig, check_paths
+from mmt_fast.run.evaluation import gather_predictions, report, summary
+from mmt_fast.run.loop import autocast, model_inputs
+from mmt_fast.run.sampling import CachedDataset, ResumableSampler, SeededDataset, derive_seed
 from mmt_fast.train.logger import MetricLogger
 from mmt_fast.train.preemption import StopWatch, clear_marker, worker_ignores, write_marker
-from mmt_fast.train.sampling import CachedDataset, ResumableSampler, SeededDataset, derive_seed
 from mmt_fast.train.schedule import WarmupCosine
 
 log = logging.getLogger("mmt_fast.train")
@@ -467,7 +468,9 @@ class Trainer:
             drop_last=False,
             worker_init_fn=worker_ignores(self.cfg.train.preempt_signals),
         )
-        pred = predict(self.model, loader, self.device, self.cfg.train.amp, transform=self.val_tf)
+        pred = gather_predictions(
+            self.model, loader, self.device, self.cfg.train.amp, transform=self.val_tf
+        )
         if len(pred["index"]) == 0:
             raise DataError(
                 f"validation after epoch {self.epoch - 1}: no clip of the val split could be "

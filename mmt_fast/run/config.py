@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from mmt_fast.errors import ConfigError
+from mmt_fast.run.signals import check_signals
 
 INIT_FORMATS = ("auto", "mmt-fast", "timm-mvitv2", "slowfast", "torchvision", "ast")
 
@@ -255,7 +256,6 @@ class TrainSection:
 
     def __post_init__(self) -> None:
         from mmt_fast.models.checkpointing import check_mode
-        from mmt_fast.train.preemption import check_signals
 
         check_signals(self.preempt_signals)
         if self.ckpt_every_minutes is not None:
@@ -477,3 +477,17 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
             if p and not Path(p).is_absolute() and not Path(p).exists() and (base / p).exists():
                 setattr(section, name, str(base / p))
     return cfg
+
+
+def read_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """A training config file plus ``KEY=VALUE`` overrides, as the commands read it: every
+    failure to read or validate it is a :class:`ConfigError` (exit code 2) naming the file."""
+    try:
+        return load_config(path, overrides)
+    except ConfigError:
+        raise
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file {e.filename} does not exist") from e
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise ConfigError(f"{path}: {msg}") from e

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,10 +23,10 @@ from mmt_fast.data import (
     read_manifest,
     read_vggsound,
 )
-from mmt_fast.errors import DataError
+from mmt_fast.errors import ConfigError, DataError
 from mmt_fast.registry import build
-from mmt_fast.train.config import DataSection, InitSection, TrainConfig
-from mmt_fast.train.sampling import ResumableSampler, SeededDataset, derive_seed
+from mmt_fast.run.config import DataSection, InitSection, TrainConfig, check_paths
+from mmt_fast.run.sampling import ResumableSampler, SeededDataset, derive_seed
 
 
 def _tuples(x):
@@ -187,7 +188,9 @@ def build_split_dataset(
     mc: MMTConfig,
 ):
     """The map-style dataset of ``split``: :class:`AVClipDataset` over ``records``, or for
-    ``data.format: webdataset`` :class:`~mmt_fast.data.shards.ShardClips` over the index."""
+    ``data.format: webdataset`` :class:`~mmt_fast.data.shards.ShardClips` over the split's
+    shard index (``data.<split>``), which holds its own records: ``records`` is then not
+    used (the caller reads them from the same index with :func:`read_records`)."""
     if data.format != "webdataset":
         return build_dataset(records, dc, classes, mc)
     from mmt_fast.data.shards import ShardClips
@@ -242,3 +245,50 @@ def _fork_ok() -> bool:
     import multiprocessing as mp
 
     return "fork" in mp.get_all_start_methods()
+
+
+def split_records(cfg: TrainConfig, split: str) -> list[ClipRecord]:
+    """The records of a configured split (``data.<split>``); ConfigError when it is not set."""
+    records = read_records(cfg.data, split)
+    if records is None:
+        raise ConfigError(f"data.{split} is not set in the config")
+    return records
+
+
+@dataclass
+class DataSetup:
+    """What a config says about its data, for commands that decode clips without a
+    trained run (``check-data``, ``prepare``): the records per split, the class index
+    (:func:`class_info`), the model config the clips are shaped for, and the test-mode
+    dataset config with ``views`` views."""
+
+    records: dict[str, list[ClipRecord]]
+    classes: dict
+    model_cfg: MMTConfig
+    dataset_cfg: DataConfig
+
+    def dataset_kwargs(self) -> dict:
+        """The class arguments of :class:`~mmt_fast.data.AVClipDataset` for these classes."""
+        if self.classes["kind"] == "label":
+            return {"class_index": ClassIndex(self.classes["names"])}
+        return {
+            "num_verbs": self.model_cfg.heads["verb"],
+            "num_nouns": self.model_cfg.heads["noun"],
+        }
+
+
+def data_setup(
+    cfg: TrainConfig, splits: Iterable[str], views: int = 1, mode: str = "test"
+) -> DataSetup:
+    """The :class:`DataSetup` of ``splits`` (each must be configured, and the files the
+    config names must exist: ConfigError)."""
+    check_paths(cfg, tuple(splits), out_dir=False)
+    records = {s: split_records(cfg, s) for s in splits}
+    train = records.get("train") or read_records(cfg.data, "train")
+    classes = class_info(cfg.data, train or next(iter(records.values()), None))
+    mc = model_config(cfg, classes)
+    try:
+        dc = dataset_config(cfg.data, mc, mode, views)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    return DataSetup(records, classes, mc, dc)

@@ -1,4 +1,5 @@
-"""Evaluation: multi-view prediction across ranks, accuracy reports, ``mmt-fast evaluate``.
+"""Evaluation across ranks: multi-view predictions gathered from every rank, accuracy reports
+(for the trainer's validation and ``mmt-fast evaluate``).
 
 Each clip's prediction is the mean over its test views of the softmax of the
 multimodal logits (``output.logits``, p_AV). Single-label data: top-1/top-5,
@@ -6,9 +7,7 @@ per-class and mean-class accuracy, the confusion matrix (JSON and a plot).
 Epic-Kitchens (verb + noun heads): verb, noun and action top-1/top-5, where the
 action prediction is joint over the two heads (see :mod:`metrics`). Under
 ``torchrun`` every rank predicts its share (the loop is
-:func:`mmt_fast.inference.run_model`) and rank 0 assembles the results.
-``autocast`` and ``model_inputs`` are :mod:`mmt_fast.inference`'s, re-exported
-for the trainer.
+:func:`mmt_fast.run.loop.run_model`) and the results are gathered on every rank.
 """
 
 from __future__ import annotations
@@ -20,15 +19,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmt_fast.inference import autocast, model_inputs, run_model
-from mmt_fast.train import distributed as D
-from mmt_fast.train import metrics as M
+from mmt_fast.run import distributed as D
+from mmt_fast.run import metrics as M
+from mmt_fast.run.loop import run_model
 
-__all__ = ["autocast", "model_inputs", "predict", "report", "summary", "write_report"]
+__all__ = ["gather_predictions", "report", "summary", "write_report"]
 
 
 @torch.no_grad()
-def predict(
+def gather_predictions(
     model: nn.Module,
     loader,
     device: torch.device,
@@ -36,7 +35,7 @@ def predict(
     progress: bool = False,
     transform=None,
 ) -> dict:
-    """Run ``model`` over ``loader`` (:func:`mmt_fast.inference.run_model`: views averaged);
+    """Run ``model`` over ``loader`` (:func:`mmt_fast.run.loop.run_model`: views averaged);
     returns (on every rank, gathered from all ranks)
     ``{"probs": {head: (N, C)}, "targets": {head: (N,)}, "index": (N,), "skipped": {kind: n}}``
     sorted by dataset index, duplicates (sampler padding) removed. ``transform(batch, device)``,
@@ -71,7 +70,7 @@ def predict(
 
 
 def report(pred: dict, class_names: list[str] | None = None) -> dict:
-    """Accuracy report from :func:`predict`'s output (percentages).
+    """Accuracy report from :func:`gather_predictions`' output (percentages).
 
     Keys: ``top1``/``top5`` (the ``label`` head, or the action for verb/noun),
     ``heads`` (per head: top-k, per-class accuracy, confusion matrix),

@@ -25,7 +25,6 @@ points coloured by class name) and prints the table.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -44,8 +43,8 @@ from mmt_fast.inference import (
     resolve_device,
     resolve_views,
     run_model,
-    split_records,
 )
+from mmt_fast.run.builders import split_records
 
 EMBEDDINGS = ("audio", "video", "fused")
 
@@ -235,19 +234,3 @@ def analyze(
     print(format_table(res))
     print(f"[mmt-fast] wrote {', '.join(str(f) for f in files)}", file=sys.stderr)
     return res
-
-
-def main(args: argparse.Namespace) -> int:
-    """``mmt-fast analyze`` (arguments from :func:`mmt_fast.cli.build_parser`)."""
-    analyze(
-        args.checkpoint,
-        args.config,
-        args.split,
-        args.out,
-        args.views,
-        args.which,
-        args.device,
-        args.seed,
-        plot=not args.no_plot,
-    )
-    return 0
