@@ -1,7 +1,8 @@
 """Small helpers shared by the fused ops (torch and triton only)."""
 
 import torch
-import triton.language as tl
+
+from ._triton import tl
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -13,11 +13,10 @@ import math
 from collections.abc import Sequence
 
 import torch
-import triton
-import triton.language as tl
 
 from . import dispatch
 from ._common import acc_dtype, tl_acc_dtype
+from ._triton import tl, triton
 
 _LOG2E = 1.4426950408889634
 _LOG2E_C = tl.constexpr(_LOG2E)

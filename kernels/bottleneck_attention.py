@@ -31,11 +31,10 @@ fake implementations, and the public entry point :func:`bottleneck_attention`.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from . import dispatch, tuning
 from ._common import aligned, tl_acc_dtype
+from ._triton import tl, triton
 
 OP_NAME = "bottleneck_attention"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

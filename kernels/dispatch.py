@@ -25,6 +25,8 @@ from contextlib import contextmanager
 
 import torch
 
+from . import _triton
+
 ENV_VAR = "MMT_FAST_KERNELS"
 _MODES = ("auto", "triton", "reference")
 _last_refusal: dict[str, list[str]] = {}
@@ -197,6 +199,8 @@ def choose(op: str, reasons: Sequence[str]) -> bool:
     if m == "reference":
         _last_refusal[op] = [f"{ENV_VAR}=reference"]
         return False
+    if not _triton.AVAILABLE and _shape_only == 0:
+        reasons = [f"Triton cannot be imported ({_triton.IMPORT_ERROR})", *reasons]
     if reasons:
         _last_refusal[op] = list(reasons)
         if m == "triton":

@@ -50,11 +50,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from . import dispatch, tuning
 from ._common import aligned, tl_acc_dtype
+from ._triton import tl, triton
 
 OP_NAME = "pooled_qkv"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -91,8 +91,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from . import dispatch, tuning
 from ._common import acc_dtype, aligned, tl_acc_dtype
@@ -109,6 +107,7 @@ from ._relq import (  # the relq kernels and the per-tile bias helpers
     _scores,
     rel_pos_index,
 )
+from ._triton import tl, triton
 
 OP_NAME = "relpos_attention"
 _MAX_HEAD_DIM = 256

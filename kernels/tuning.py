@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import os
 
-import triton
-
 from . import dispatch
+from ._triton import triton
 
 ENV_VAR = "MMT_FAST_KERNEL_CONFIGS"
 _MODES = ("autotune", "pinned")
