@@ -37,6 +37,15 @@ def _tuples(x):
 
 
 # ------------------------------------------------------------------ records
+def _no_split_column(split: str, path: str, shared: list[str]) -> DataError:
+    return DataError(
+        f"data.{split}={path!r} has no 'split' column but also serves "
+        f"{', '.join('data.' + s for s in shared)}: every row would be used for each "
+        "(test clips trained on). Add a split column (train/val/test) or give one "
+        "manifest per split"
+    )
+
+
 def read_records(data: DataSection, split: str) -> list[ClipRecord] | None:
     """The records of ``split`` (``train``/``val``/``test``), None when not configured."""
     path = getattr(data, split)
@@ -53,12 +62,7 @@ def read_records(data: DataSection, split: str) -> list[ClipRecord] | None:
         if name is not None and any(r.split for r in recs):
             recs = [r for r in recs if r.split == name]
         elif name is not None and shared and recs:
-            raise DataError(
-                f"data.{split}={path!r} has no 'split' column but also serves "
-                f"{', '.join('data.' + s for s in shared)}: every row would be used for each "
-                "(test clips trained on). Add a split column (train/val/test) or give one "
-                "manifest per split"
-            )
+            raise _no_split_column(split, path, shared)
     elif data.format == "vggsound":
         recs = read_vggsound(path, root or Path(path).parent, split=name)
     elif data.format == "kinetics_sounds":
@@ -77,6 +81,8 @@ def read_records(data: DataSection, split: str) -> list[ClipRecord] | None:
 
         index = ShardIndex.load(path)
         recs = [index.record(i) for i in index.select(name)]
+        if name is not None and shared and recs and not index.has_splits():
+            raise _no_split_column(split, path, shared)
     else:
         recs = read_epic_kitchens(path, root or Path(path).parent)
     if not recs:
