@@ -313,7 +313,10 @@ def test_prepare_from_a_config(tmp_path, capsys):
                      "--no-progress", *over]) == 0  # fmt: skip
     err = capsys.readouterr().err
     # the tiny preset: 32 px crops -> decode short side round(32 * 320 / 224) = 46 px
-    assert "short side 46 px, keyframe every 4 frames" in err and "data.format=manifest" in err
+    assert (
+        "short side 46 px, smaller sources kept at their size; keyframe every 4 frames" in err
+        and "data.format=manifest" in err
+    )
     assert "3 B-frames between references" in err  # the config's stride 4
     src = {r.clip_id: r for r in read_manifest(man)}
     new = read_manifest(out / "manifest.csv")
