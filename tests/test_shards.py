@@ -186,7 +186,10 @@ def test_bad_clips_are_counted_per_kind(packed):
     batch = collate_clips(list(st))
     # 17 records in the shards (16 clips + the corrupt file); the missing row is not
     assert batch["skipped"] == {"corrupt_file": 1} and batch["batch_size"] == 16
-    assert batch["bad"][0].path.endswith("broken.mp4")
+    bad, ix = batch["bad"][0], st.clips.index
+    sample = next(s for s in ix.samples if s["meta"]["path"].endswith("broken.mp4"))
+    assert bad.path == f"{ix.shard_path(sample['shard'])}:{sample['key']}"  # the shard named
+    assert bad.reason.endswith(f"(packed from {sample['meta']['path']})")
 
 
 def test_too_few_shards_is_refused(packed):

@@ -207,3 +207,76 @@ def test_shards_without_splits_serving_train_and_test_are_refused(clips, tmp_pat
         assert rc == 3 and "data error" in line and "no 'split' column" in line, line
         lines[fmt] = line.replace(str(path), "PATH")
     assert lines["webdataset"] == lines["manifest"]
+
+
+def _shard_keys(index, tmp_path):
+    keys = {f"data.{s}": str(index) for s in ("train", "val", "test")}
+    keys |= {"data.val_split": "train", "data.test_split": "train"}
+    return [f"{k}={v}" for k, v in keys.items()] + [
+        "data.format=webdataset", "data.cache=false", f"train.out_dir={tmp_path / 'run'}",
+        "train.progress=false", "data.num_workers=0",
+    ]  # fmt: skip
+
+
+def _check_data(index, tmp_path, capsys, *extra):
+    rc = main(["check-data", "--config", str(DEMO), "--workers", "0", "--no-progress",
+               *_shard_keys(index, tmp_path), *extra])  # fmt: skip
+    return rc, capsys.readouterr().err
+
+
+def test_check_data_reads_the_shards_not_the_sources(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    for n, rgb in COLOURS.items():
+        solid_clip(src / f"{n}.mp4", rgb, num_frames=8)
+    index = write_shards(_manifest(src / "m.csv", COLOURS), tmp_path / "sh", max_shard_bytes=1,
+                         progress=False)  # fmt: skip
+    shutil.rmtree(src)  # the shards hold the clips: training and check-data need no source
+    rc, err = _check_data(index, tmp_path, capsys, "--split", "train")
+    assert rc == 0 and "train: 6 clips, 0 unusable" in err, err
+
+
+def test_damaged_shard_is_named_by_check_data(clips, tmp_path, capsys):
+    out, index = _copy(clips[3], tmp_path)
+    s = index.samples[4]
+    path = index.shard_path(s["shard"])
+    data = bytearray(path.read_bytes())
+    data[s["members"]["mp4"][0] + 300] ^= 0xFF  # same size: only the hash tells
+    path.write_bytes(bytes(data))
+    rc, err = _check_data(out, tmp_path, capsys, "--split", "train")
+    line = err.strip().splitlines()[-1]
+    assert rc == 3 and "train: 6 clips, 1 unusable (corrupt_file 1)" in err, err
+    assert f"first: {path}: shard {path}: its SHA-256" in line, line
+
+
+@pytest.mark.parametrize("which", ["train", "val"])
+def test_truncated_shard_is_named_by_check_data_and_training(clips, tmp_path, capsys, which):
+    """The same one-line data error (exit 3) from check-data and from training, whether the
+    damaged shard is the training set's or the validation set's."""
+    out, _ = _copy(clips[3], tmp_path)
+    val = tmp_path / "val"
+    shutil.copytree(clips[3], val)
+    damaged = ShardIndex.load(out if which == "train" else val).shard_path(3)
+    damaged.write_bytes(damaged.read_bytes()[:5000])
+    keys = [*_shard_keys(out, tmp_path), f"data.val={val}"]
+    want = f"data error: shard {damaged} holds 5000 bytes"
+    rc, err = _check_data(out, tmp_path, capsys, f"data.val={val}")
+    assert rc == 3 and want in err.strip().splitlines()[-1], err
+    rc = main(["train", "--config", str(DEMO), *keys])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 3 and want in line, line
+
+
+def test_shard_damaged_mid_run_is_one_line_from_a_loader_worker(clips, tmp_path):
+    """A shard truncated after the index was loaded: the DataLoader worker's ShardError
+    reaches the main process as a ShardError with the original one-line message."""
+    from torch.utils.data import DataLoader
+
+    out, index = _copy(clips[3], tmp_path)
+    dc = data_config("tiny", modalities="video")
+    stream = ShardStream(ShardClips(out, None, dc, class_index=NAMES), 0, 1, 1, shuffle=False)
+    path = index.shard_path(0)
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(ShardError) as e:
+        list(DataLoader(stream, batch_size=1, num_workers=1, collate_fn=lambda b: b))
+    assert str(e.value).startswith(f"shard {path} holds 5000 bytes") and "\n" not in str(e.value)

@@ -390,9 +390,10 @@ class ShardIndex:
     split: str | None = None  # the split packed (None: every row, each with its own split)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> ShardIndex:
+    def load(cls, path: str | os.PathLike, check_sizes: bool = True) -> ShardIndex:
         """Read ``path`` (the index file, or the folder holding ``index.json``) and check
-        that every shard it names is there with the size it records (one ``stat`` each)."""
+        that every shard it names is there with the size it records (one ``stat`` each;
+        ``check_sizes=False``: not yet, for a caller that reports each shard)."""
         p = Path(path)
         if p.is_dir():
             p = p / INDEX_NAME
@@ -410,7 +411,7 @@ class ShardIndex:
         if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("version") != VERSION:
             raise DataError(f"{p} is not an {FORMAT} index of version {VERSION}")
         index = cls(p.parent, d["shards"], d["samples"], d.get("missing", []), d.get("split"))
-        for i in range(len(index.shards)):
+        for i in range(len(index.shards) if check_sizes else 0):
             index.check_size(i)
         return index
 
@@ -595,17 +596,32 @@ class ShardClips(Dataset):
             raise ShardError(f"shard {path} cannot be read: {e}") from e
         return self.load_parts(i, parts)
 
+    def name_of(self, i: int) -> str:
+        """Item ``i`` as messages name it: ``<shard file>:<sample key>``."""
+        s = self.index.samples[self.sample_of[i]]
+        return f"{self.index.shard_path(s['shard'])}:{s['key']}"
+
     def load_parts(self, i: int, parts: dict[str, bytes]) -> dict | BadItem:
-        """Item ``i`` from its members' bytes (``parts``), with the base's bad-clip handling."""
+        """Item ``i`` from its members' bytes (``parts``), with the base's bad-clip handling;
+        a bad clip is named by its shard and key, the reason ends with its source file."""
         meta = self.index.samples[self.sample_of[i]]["meta"]
         try:
-            media = _media(meta, parts)
-        except BadClipError as e:
-            if self.base.config.on_error == "raise":
-                raise
-            self.base.skip_counts[e.kind] += 1
-            return BadItem(i, e.path, e.kind, e.reason)
-        return self.base.load(i, media)
+            try:
+                item = self.base.load(i, _media(meta, parts))
+            except BadClipError as e:
+                if self.base.config.on_error == "raise":
+                    raise
+                self.base.skip_counts[e.kind] += 1
+                item = BadItem(i, e.path, e.kind, e.reason)
+        except BadClipError as e:  # data.on_error: raise
+            raise BadClipError(
+                self.name_of(i), f"{e.reason} (packed from {meta['path']})", e.kind
+            ) from e
+        if isinstance(item, BadItem):
+            return item._replace(
+                path=self.name_of(i), reason=f"{item.reason} (packed from {meta['path']})"
+            )
+        return item
 
     def __getattr__(self, name: str):
         if name in ("base", "index"):
