@@ -4,6 +4,7 @@ output path (never counted as bad sources); a worker killed mid-run ends it non-
 naming the clip it was preparing, instead of hanging."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -108,3 +109,48 @@ def test_killed_worker_stops_prepare_naming_the_clip(tmp_path):
     assert proc.returncode == 4, err.decode()
     assert "prepare worker process died" in line and victim in line, line
     assert not (out / "manifest.csv").exists()
+
+
+def _garble_audio(src: Path, dst: Path) -> Path:
+    """``src`` remuxed with every audio packet replaced by random bytes of its size."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    with av.open(str(src)) as i, av.open(str(dst), "w", format="mp4") as o:
+        vi, ai = i.streams.video[0], i.streams.audio[0]
+        vo, ao = o.add_stream_from_template(vi), o.add_stream_from_template(ai)
+        for p in i.demux(vi, ai):
+            if p.dts is None:
+                continue
+            if p.stream is ai:
+                q = av.Packet(rng.integers(0, 256, p.size, dtype=np.uint8).tobytes())
+                q.pts, q.dts, q.time_base, q.duration = p.pts, p.dts, p.time_base, p.duration
+                q.stream = ao
+                o.mux(q)
+            else:
+                p.stream = vo
+                o.mux(p)
+    return dst
+
+
+def test_unreadable_audio_keeps_the_clip_for_video(tmp_path):
+    """A source whose audio track cannot be decoded (its packets garbled): kept without
+    audio, the reason in the report; video-only training loads it, audio training counts
+    it no_audio."""
+    from mmt_fast.data import AVClipDataset, data_config, read_manifest
+
+    man = _sources(tmp_path / "src", 2, duration=1.0)
+    c1 = tmp_path / "src" / "c1.mp4"
+    _garble_audio(c1, tmp_path / "garbled.mp4").replace(c1)
+    out = tmp_path / "out"
+    assert _prepare(man, out, "--workers", "1") == 0
+    report = json.loads((out / "prepare_report.json").read_text())
+    assert report["unusable_counts"] == {} and report["records_written"] == 2
+    (kept,) = report["warnings"]["no_audio"]
+    assert kept["path"].endswith("c1.mp4") and "cannot decode audio" in kept["reason"]
+    recs = read_manifest(out / "manifest.csv")
+    video = AVClipDataset(recs, data_config("tiny", mode="test", modalities="video"))
+    assert all(isinstance(video[i], dict) for i in range(2))
+    av = AVClipDataset(recs, data_config("tiny", mode="test", on_error="skip"))
+    assert isinstance(av[0], dict) and av[1].kind == "no_audio"

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from mmt_fast.data import AVClipDataset, collate_clips, data_config, read_manifest
 from mmt_fast.data.shards import ShardClips, ShardIndex, ShardStream, iter_tar, write_shards
 from mmt_fast.data.synthetic import make_synthetic
-from mmt_fast.errors import DataError
+from mmt_fast.errors import ConfigError, DataError
 from mmt_fast.train import load_checkpoint, load_config, train
 from mmt_fast.train.checkpoint import CheckpointManager
 from mmt_fast.train.sampling import SeededDataset
@@ -69,17 +69,36 @@ def test_layout_and_index(packed):
         assert json.loads(seq["json"])["label"] == recs[i].label
 
 
-def test_rows_sharing_a_file_are_refused(packed, tmp_path):
-    manifest, _ = packed
-    rows = list(csv.DictReader(open(manifest)))[:2]
-    rows[1]["path"] = rows[0]["path"]  # two segments of one file
-    with open(tmp_path / "m.csv", "w", newline="") as f:
+def _write_rows(path, rows):
+    with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    with pytest.raises(DataError, match="1 files serve several rows"):
-        write_shards(tmp_path / "m.csv", tmp_path / "out", root=manifest.parent, progress=False)
+    return path
+
+
+def test_segments_sharing_a_file_are_refused(packed, tmp_path):
+    manifest, _ = packed
+    rows = list(csv.DictReader(open(manifest)))[:2]
+    rows[1]["path"] = rows[0]["path"]  # two segments of one file
+    rows = [{**r, "start_s": t0, "end_s": t1} for r, (t0, t1) in zip(rows, [(0, 0.5), (0.5, 1)])]
+    with pytest.raises(DataError, match="1 files serve several segments"):
+        write_shards(_write_rows(tmp_path / "m.csv", rows), tmp_path / "out",
+                     root=manifest.parent, progress=False)  # fmt: skip
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_rows_of_one_clip_are_packed_each(packed, tmp_path):
+    """Rows of the same file and times with other targets (prepare's manifest when records
+    share a cut) are packed, each with its own copy and its own metadata."""
+    manifest, _ = packed
+    rows = list(csv.DictReader(open(manifest)))[:2]
+    rows[1] = {**rows[1], "path": rows[0]["path"], "label": "other"}
+    ix = ShardIndex.load(write_shards(_write_rows(tmp_path / "m.csv", rows), tmp_path / "out",
+                                      root=manifest.parent, progress=False))  # fmt: skip
+    a, b = ix.read_sample(0), ix.read_sample(1)
+    assert a["mp4"] == b["mp4"] == (manifest.parent / rows[0]["path"]).read_bytes()
+    assert [json.loads(x["json"])["label"] for x in (a, b)] == [rows[0]["label"], "other"]
 
 
 def test_bad_index_is_refused(tmp_path):
@@ -246,7 +265,7 @@ def test_shard_training_resumes_exactly(packed, tmp_path):
     res = train(load_config(DEMO, _train_overrides(index, out, **{"train.stop_at_step": 7})))
     assert res["interrupted"] and CheckpointManager(out / "checkpoints").steps()[-1] == 6
     # mid-epoch, the worker count is part of the stream's order: a different one is refused
-    with pytest.raises(ValueError, match="same count"):
+    with pytest.raises(ConfigError, match="same count"):
         train(load_config(DEMO, _train_overrides(index, out, **{"data.num_workers": 2})), True)
     # num_workers 0 and 1 are the same single stream: resume in a worker process
     res2 = train(

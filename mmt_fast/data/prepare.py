@@ -44,7 +44,12 @@ record's target, clip id and split, with segment times shifted by ``offset_s``
 (the source time of the cut's first frame). ``prepare_report.json`` lists the
 unusable inputs per kind (:data:`mmt_fast.data.errors.BAD_KINDS`; they are left
 out of the manifest and never stop the batch), the clips without audio (kept,
-``no_audio``), counts, and the disk use.
+``no_audio``; also a clip whose audio track or sidecar cannot be read, with the
+reason: its video still serves video-only training, and audio training counts
+it ``no_audio``), counts, and the disk use. An output that cannot be written
+(no space, read-only, no permission, a file where a folder should be) is not an
+unusable input: it stops the run at once with a
+:class:`~mmt_fast.errors.StorageError` naming the path.
 
 Choosing the settings (:func:`settings_for`): the short side is what the
 training transform decodes at (``DataConfig.decode_short_side``: 320 px for the
@@ -445,6 +450,18 @@ def _write_audio(job: Job, tmp: Path, settings: PrepareSettings, offset_s: float
     return {"samples": hi - lo, "start_s": start_s}
 
 
+def _audio_or_why(job: Job, tmp: Path, settings: PrepareSettings, offset_s: float):
+    """(audio, None), or (None, why) when the source's audio cannot be read: the clip is
+    kept without audio (video-only training uses it; audio training counts it
+    ``no_audio``), the reason goes to the report."""
+    try:
+        return _write_audio(job, tmp, settings, offset_s), None
+    except StorageError:
+        raise
+    except Exception as e:
+        return None, e.reason if isinstance(e, BadClipError) else _err_msg(e)
+
+
 def _verify(job: Job, mp4: Path, wav: Path | None, video: dict, audio: dict | None) -> None:
     """Decode the outputs with the loader's decoders; BadClipError naming what differs."""
     import soundfile
@@ -515,7 +532,7 @@ def prepare_clip(job: Job, out_dir: Path, settings: PrepareSettings) -> dict:
     tmp_mp4, tmp_wav = mp4.with_name(mp4.name + tag), wav.with_name(wav.name + tag)
     try:
         video = _encode_video(job, tmp_mp4, settings)
-        audio = _write_audio(job, tmp_wav, settings, video["offset_s"])
+        audio, audio_error = _audio_or_why(job, tmp_wav, settings, video["offset_s"])
         _verify(job, tmp_mp4, tmp_wav if audio else None, video, audio)
         _install(tmp_mp4, mp4, tmp_wav if audio else None, wav)
     finally:
@@ -537,6 +554,7 @@ def prepare_clip(job: Job, out_dir: Path, settings: PrepareSettings) -> dict:
         "duration_s": float(times[-1] + (np.median(np.diff(times)) if len(times) > 1 else 0.0)),
         "audio": audio,
         "warnings": [] if audio is not None else ["no_audio"],
+        "audio_error": audio_error,
         "seconds": time.perf_counter() - t0,
     }
     _atomic_write(meta_path, json.dumps(meta, indent=1))
@@ -714,6 +732,8 @@ def _report(records, rows, jobs, results, settings, out_dir, n_before, t0) -> di
             )
         elif "no_audio" in r.get("warnings", ()):
             no_audio.append({"path": job.src, "clip_ids": job.clip_ids})
+            if r.get("audio_error"):  # an audio track or sidecar that cannot be read
+                no_audio[-1]["reason"] = r["audio_error"]
     good = [results[i] for i in range(len(jobs)) if results[i]["status"] != "bad"]
     src_bytes = sum(
         os.path.getsize(j.src) for j in {j.src: j for j in jobs}.values() if os.path.isfile(j.src)

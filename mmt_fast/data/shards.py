@@ -86,7 +86,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from mmt_fast.data.seeding import derive_seed, run_seeded
-from mmt_fast.errors import DataError
+from mmt_fast.errors import ConfigError, DataError
 
 from .dataset import AVClipDataset, BadItem, DataConfig, Media
 from .errors import BadClipError, ShardError
@@ -154,12 +154,18 @@ def _records_to_pack(manifest: Path, root: Path | None, split: str | None) -> li
     records = read_manifest(manifest, root, split=split)
     if not records:
         raise DataError(f"{manifest} has no clips" + (f" in split {split!r}" if split else ""))
-    shared = [p for p, n in collections.Counter(r.path for r in records).items() if n > 1]
-    if shared:  # a shard sample holds its whole file: segments of one video would copy it
+    # a shard sample holds its whole file: segments of one long video would each copy it.
+    # Rows of one clip (the same file and times, other ids or targets, as prepare's
+    # manifest has when records share a cut) store it once per row, as separate files would
+    cuts = collections.defaultdict(set)
+    for r in records:
+        cuts[r.path].add((r.start_s, r.end_s))
+    shared = [p for p, c in cuts.items() if len(c) > 1]
+    if shared:
         raise DataError(
-            f"{manifest}: {len(shared)} files serve several rows (e.g. {shared[0]}); each row "
-            "would store the whole file again. Cut the segments into clips of their own first "
-            "(`mmt-fast prepare`) and pack its manifest"
+            f"{manifest}: {len(shared)} files serve several segments (e.g. {shared[0]}); each "
+            "row would store the whole file again. Cut the segments into clips of their own "
+            "first (`mmt-fast prepare`) and pack its manifest"
         )
     return records
 
@@ -334,7 +340,7 @@ def write_shards(
     (one writer per ``out_dir`` at a time).
     """
     if max_shard_bytes <= 0:
-        raise ValueError(f"max_shard_bytes={max_shard_bytes}; expected > 0")
+        raise ConfigError(f"max_shard_bytes={max_shard_bytes}; expected > 0")
     manifest, out_dir = Path(manifest), Path(out_dir)
     records = _records_to_pack(manifest, root, split)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -674,7 +680,9 @@ class ShardStream(IterableDataset):
         shuffle: bool = True,
     ) -> None:
         if shuffle_buffer < 1 or batch_size < 1:
-            raise ValueError("shuffle_buffer and batch_size must be >= 1")
+            raise ConfigError(
+                f"shuffle_buffer={shuffle_buffer} and batch_size={batch_size}: both must be >= 1"
+            )
         self.clips, self.seed, self.batch_size = clips, seed, batch_size
         self.workers = max(num_workers, 1)
         self.world_size, self.rank = world_size, rank
@@ -801,7 +809,7 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker, n = (0, 1) if info is None else (info.id, info.num_workers)
         if n != self.workers:
-            raise RuntimeError(
+            raise ConfigError(
                 f"ShardStream planned for {self.workers} DataLoader worker(s), runs in {n}"
             )
         # a fresh DataLoader starts its round robin at worker 0: after k batches, worker
