@@ -182,8 +182,14 @@ def test_stream_splits_ranks_and_workers(packed):
         assert not shards[0] & shards[1]
         plans.append((plan, shards))
     assert not (plans[0][1][0] | plans[0][1][1]) & (plans[1][1][0] | plans[1][1][1])
-    st.set_epoch(2)
-    assert st.epoch_indices() != plans[1][0] or st._slot_shards(2) != sorted(plans[1][1][0])
+    slots = {}
+    for epoch in (1, 2):
+        st.set_epoch(epoch)
+        slots[epoch] = [st._slot_shards(s) for s in range(4)]
+        # every shard is read once per epoch, by one of the 4 streams
+        assert sorted(x for sl in slots[epoch] for x in sl) == list(range(len(st.shard_items)))
+    assert slots[2] != slots[1]  # a new permutation of the shards ...
+    assert st.epoch_indices() != plans[1][0]  # ... and a new order for this rank
     st.set_epoch(1)
     assert st.epoch_indices() == plans[1][0]
 

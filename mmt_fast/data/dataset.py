@@ -92,7 +92,7 @@ class DataConfig:
     decoder_resize: bool = True  # decode frames at a reduced size (see video.decode_size)
     audio_span: bool = True  # decode only the audio the windows cover (False: the whole track)
     train_short_side: int | None = None  # None: round(crop_size * 320 / 224)
-    device_transforms: bool = False  # items: uint8 frames + raw fbank (see device_transforms.py)
+    device_transforms: bool = False  # items: uint8 frames + 16 kHz wave (see device_transforms.py)
 
     def __post_init__(self) -> None:
         checks = {
@@ -350,6 +350,13 @@ class AVClipDataset(Dataset):
             if not cfg.audio_span:
                 lo, hi = src.start_sample, src.num_samples
             src = A.preload(src, lo, hi)
+            if cfg.device_transforms:  # the fbank too is computed on the device, batched
+                waves = [A.window_wave(src, ws, a0, a1, cfg.target_length) for ws in wss]
+                w, span = (torch.stack(t) for t in zip(*waves))
+                item["audio"], item["audio_span"] = w[:, None], span
+                if len(wss) == 1:
+                    item["audio"], item["audio_span"] = item["audio"][0], span[0]
+                wss = []
             specs = []
             fbanks: dict[float, torch.Tensor] = {}  # views whose windows were clamped alike
             for ws in wss:
@@ -358,13 +365,11 @@ class AVClipDataset(Dataset):
                         src, ws, a0, a1, cfg.target_length, cfg.num_mel_bins
                     )
                 spec = fbanks[ws].t().unsqueeze(0)  # (1, F, T); never modified in place
-                if cfg.device_transforms:  # SpecAugment, normalisation: on the device
-                    specs.append(spec.contiguous())
-                    continue
                 if cfg.train:
                     spec = A.spec_augment(spec, cfg.freqm, cfg.timem)
                 specs.append(A.normalize_fbank(spec, cfg.audio_mean, cfg.audio_std).contiguous())
-            item["audio"] = specs[0] if len(specs) == 1 else torch.stack(specs)
+            if specs:
+                item["audio"] = specs[0] if len(specs) == 1 else torch.stack(specs)
         for k, v in self._targets[index].items():
             item[k] = torch.tensor(v, dtype=torch.int64)
         item["index"] = torch.tensor(index, dtype=torch.int64)
