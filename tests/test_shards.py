@@ -308,3 +308,19 @@ def test_shard_training_ddp_resumes_exactly(packed, tmp_path):
     assert [r["step"] for r in ref + res] == [4, 4, 4, 4]
     assert not set(ref[0]["sampler"]) & set(ref[1]["sampler"])  # disjoint shards per rank
     assert ref[0]["hash"] == ref[1]["hash"] == res[0]["hash"] == res[1]["hash"]
+
+
+def test_records_choose_the_samples(packed):
+    """ShardClips(records=...) serves those records' samples in their order (as
+    builders.build_split_dataset passes them); a record not in the split is an error."""
+    _, index_path = packed
+    ix = ShardIndex.load(index_path)
+    dc = data_config("tiny", mode="test", modalities="audio", on_error="skip")
+    recs = [ix.record(5), ix.record(2)]
+    clips = ShardClips(ix, None, dc, recs)
+    assert clips.sample_of == [5, 2] and [r.clip_id for r in clips.records] == [
+        ix.samples[5]["meta"]["clip_id"], ix.samples[2]["meta"]["clip_id"]]  # fmt: skip
+    whole = ShardClips(ix, None, dc)
+    assert torch.equal(clips[0]["audio"], whole[5]["audio"])
+    with pytest.raises(DataError, match="is not a sample of split"):
+        ShardClips(ix, "val", dc, recs)

@@ -59,7 +59,8 @@ the sampling window (16 frames for 16 frames at stride 4), so reaching a random
 window costs at most 15 extra frames (3 reference pictures with B-frames);
 ``bframes`` is the sampling stride minus one, so every stride-th frame is a
 reference and the others are decoded only when a window samples them: a
-61-frame window at stride 4 decodes 16-32 pictures instead of 61-76.
+61-frame window at stride 4 decodes 16-40 pictures (over every window start)
+instead of 61-76.
 
 Clips of format 1 (before the B-frames; no container comment) still load, through
 decord as any other video; since the format is part of each clip's key, running

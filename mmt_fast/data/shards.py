@@ -567,7 +567,9 @@ class ShardClips(Dataset):
     ``skip_counts``, ``config``, ...) are those of the wrapped
     :class:`AVClipDataset` (``self.base``); rows that were missing when the shards
     were written are in ``dropped`` and ``skip_counts`` as ``missing_file``.
-    ``sample_of[i]`` is the index position of item ``i``.
+    ``sample_of[i]`` is the index position of item ``i``. ``records``: the clips to
+    serve, each a sample of the split (``ShardIndex.record``), in their order
+    (default: every sample of the split); a record that is not one is a DataError.
     """
 
     def __init__(
@@ -575,10 +577,13 @@ class ShardClips(Dataset):
         index: ShardIndex | str | os.PathLike,
         split: str | None,
         config: DataConfig,
+        records: list[ClipRecord] | None = None,
         **dataset_kw,
     ) -> None:
         self.index = index if isinstance(index, ShardIndex) else ShardIndex.load(index)
         positions = self.index.select(split)
+        if records is not None:
+            positions = self._positions_of(records, positions, split)
         records = [self.index.record(p) for p in positions]
         self.base = AVClipDataset(records, config, **dataset_kw)
         self.base.in_memory = True  # paths only name the clips: no file checks
@@ -589,6 +594,21 @@ class ShardClips(Dataset):
             if split is None or not has_split or m.get("split") == split:
                 self.base.dropped.append(BadItem(-1, m["path"], "missing_file", m["reason"]))
                 self.base.skip_counts["missing_file"] += 1
+
+    def _positions_of(self, records: list[ClipRecord], positions: list[int], split) -> list[int]:
+        free = collections.defaultdict(list)  # identical rows (one clip, packed twice) in order
+        for p in positions:
+            free[_record_key(self.index.record(p))].append(p)
+        out = []
+        for r in records:
+            todo = free.get(_record_key(r))
+            if not todo:
+                raise DataError(
+                    f"{r.path} (clip {r.clip_id!r}) is not a sample of split {split!r} of "
+                    f"{self.index.root / INDEX_NAME}"
+                )
+            out.append(todo.pop(0))
+        return out
 
     def __len__(self) -> int:
         return len(self.base)
@@ -633,6 +653,10 @@ class ShardClips(Dataset):
         if name in ("base", "index"):
             raise AttributeError(name)
         return getattr(self.base, name)
+
+
+def _record_key(r: ClipRecord) -> tuple:
+    return (r.path, r.clip_id, r.label, r.verb, r.noun, r.start_s, r.end_s)
 
 
 def _buffered(items: Iterator, rng: random.Random, size: int) -> Iterator:

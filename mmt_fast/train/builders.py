@@ -193,18 +193,18 @@ def build_split_dataset(
     mc: MMTConfig,
 ):
     """The map-style dataset of ``split``: :class:`AVClipDataset` over ``records``, or for
-    ``data.format: webdataset`` :class:`~mmt_fast.data.shards.ShardClips` over the index."""
+    ``data.format: webdataset`` :class:`~mmt_fast.data.shards.ShardClips` serving those
+    ``records`` (samples of the split's index) from the shards."""
     if data.format != "webdataset":
         return build_dataset(records, dc, classes, mc)
     from mmt_fast.data.shards import ShardClips
 
     name = getattr(data, f"{split}_split")
     if classes["kind"] == "label":
-        return ShardClips(getattr(data, split), name, dc, class_index=ClassIndex(classes["names"]))
-    heads = mc.heads
-    return ShardClips(
-        getattr(data, split), name, dc, num_verbs=heads["verb"], num_nouns=heads["noun"]
-    )
+        kw = {"class_index": ClassIndex(classes["names"])}
+    else:
+        kw = {"num_verbs": mc.heads["verb"], "num_nouns": mc.heads["noun"]}
+    return ShardClips(getattr(data, split), name, dc, records, **kw)
 
 
 def make_loader(
