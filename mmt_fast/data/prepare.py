@@ -372,6 +372,7 @@ def _encode_video(job: Job, tmp: Path, settings: PrepareSettings) -> dict:
     with src:
         st = src.streams.video[0]
         st.codec_context.thread_count = 1
+        tb, origin = st.time_base, st.start_time or 0  # (read before the container closes)
         try:
             dst = av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"})
         except OSError as e:
@@ -397,8 +398,8 @@ def _encode_video(job: Job, tmp: Path, settings: PrepareSettings) -> dict:
     oh, ow = enc.size
     upright = (ow, oh) if enc.rotation in (90, 270) else (oh, ow)  # what decord returns
     return {
-        "offset_s": float((enc.first - (st.start_time or 0)) * st.time_base),
-        "times": np.asarray(enc.pts_out, np.float64) * float(st.time_base),
+        "offset_s": float((enc.first - origin) * tb),
+        "times": np.asarray(enc.pts_out, np.float64) * float(tb),
         "height": upright[0],
         "width": upright[1],
         "rotation": enc.rotation,
