@@ -324,3 +324,20 @@ def test_records_choose_the_samples(packed):
     assert torch.equal(clips[0]["audio"], whole[5]["audio"])
     with pytest.raises(DataError, match="is not a sample of split"):
         ShardClips(ix, "val", dc, recs)
+
+
+def test_check_shards_counts_like_the_folder(packed):
+    """check_shards over the shards: the corrupt clip named by its shard and key, the row
+    missing at packing time counted, 16 + 1 + 1 clips in all (what check_clips reports for
+    the manifest's files, named by their paths)."""
+    from mmt_fast.data.check import check_clips, check_shards
+
+    manifest, index_path = packed
+    dc = data_config("tiny", modalities="audio")
+    n, probs = check_shards(index_path, None, dc, workers=0, progress=False)
+    ref = check_clips(read_manifest(manifest), dc, workers=0, progress=False)
+    assert n == 18 and sorted(p.kind for p in probs) == sorted(p.kind for p in ref)
+    ix = ShardIndex.load(index_path)
+    (bad,) = [p for p in probs if p.kind == "corrupt_file"]
+    s = next(s for s in ix.samples if s["meta"]["path"].endswith("broken.mp4"))
+    assert bad.path == f"{ix.shard_path(s['shard'])}:{s['key']}"

@@ -195,7 +195,11 @@ def check_shards(
         problems.append(ClipProblem(order[pos], clips.name_of(k), kind, reason))
     for d in clips.dropped:  # rows missing at packing time, unknown labels
         problems.append(ClipProblem(-1, d.path, d.kind, d.reason))
-    return len(positions) + len(clips.dropped), sorted(problems, key=lambda q: q.index)
+    has_split = index.has_splits()  # rows missing at packing time count as clips too
+    n_missing = sum(
+        1 for m in index.missing if split is None or not has_split or m.get("split") == split
+    )
+    return len(positions) + n_missing, sorted(problems, key=lambda q: q.index)
 
 
 def summarize(problems: Sequence[ClipProblem], total: int) -> dict:
