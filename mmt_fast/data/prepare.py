@@ -678,6 +678,8 @@ def _run_all(jobs: list[Job], out_dir: Path, settings: PrepareSettings, workers:
     finally:
         if bar is not None:
             bar.close()
+    with contextlib.suppress(OSError):  # empty unless a worker died
+        (out_dir / RUNNING_DIR).rmdir()
     return results, counts["done_before"]
 
 
