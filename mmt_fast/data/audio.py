@@ -48,6 +48,8 @@ import numpy as np
 import torch
 import torchaudio
 
+from mmt_fast.errors import ConfigError
+
 from .errors import BadClipError
 
 log = logging.getLogger(__name__)
@@ -430,7 +432,7 @@ def window_start(
     if align == "center":
         return ws
     if align != "shift":
-        raise ValueError(f"align must be 'shift' or 'center', got {align!r}")
+        raise ConfigError(f"align must be 'shift' or 'center', got {align!r}")
     lo, hi = sorted((clip_start_s, clip_end_s - span_s))
     return min(max(ws, lo), hi)
 

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mmt_fast.errors import DataError
+from mmt_fast.errors import ConfigError, DataError
 
 from . import audio as A
 from . import video as Vd
@@ -104,11 +104,11 @@ class DataConfig:
         }
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"DataConfig.{name}={getattr(self, name)!r}; expected {allowed}")
+                raise ConfigError(f"DataConfig.{name}={getattr(self, name)!r}; expected {allowed}")
         if min(self.num_frames, self.stride, self.crop_size, self.num_views) < 1:
-            raise ValueError("num_frames, stride, crop_size and num_views must be >= 1")
+            raise ConfigError("num_frames, stride, crop_size and num_views must be >= 1")
         if self.target_length < 1 or self.num_mel_bins < 1:
-            raise ValueError("target_length and num_mel_bins must be >= 1")
+            raise ConfigError("target_length and num_mel_bins must be >= 1")
 
     @property
     def train(self) -> bool:
@@ -187,7 +187,7 @@ class AVClipDataset(Dataset):
         records = list(records)
         kinds = {"label" if r.label is not None else "verb_noun" for r in records}
         if len(kinds) > 1:
-            raise ValueError("records mix single labels and verb/noun targets")
+            raise DataError("records mix single labels and verb/noun targets")
         self.target_kind = kinds.pop() if kinds else "label"
         if self.target_kind == "label" and class_index is None:
             class_index = ClassIndex.from_labels(r.label for r in records)

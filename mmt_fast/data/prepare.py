@@ -90,7 +90,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmt_fast.errors import StorageError, TrainingError
+from mmt_fast.errors import ConfigError, StorageError, TrainingError
 
 from . import audio as A
 from . import video as Vd
@@ -129,17 +129,17 @@ class PrepareSettings:
 
     def __post_init__(self) -> None:
         if self.short_side < 2 or self.gop < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"short_side ({self.short_side}) must be >= 2 and gop ({self.gop}) >= 1"
             )
         if not 0 <= self.bframes <= 16:
-            raise ValueError(f"bframes={self.bframes} must lie in [0, 16] (x264's limit)")
+            raise ConfigError(f"bframes={self.bframes} must lie in [0, 16] (x264's limit)")
         if not (math.isfinite(self.margin_s) and self.margin_s >= 0):
-            raise ValueError(f"margin_s={self.margin_s} must be a finite number >= 0")
+            raise ConfigError(f"margin_s={self.margin_s} must be a finite number >= 0")
         if not 0 <= self.crf <= 51:
-            raise ValueError(f"crf={self.crf} must lie in [0, 51]")
+            raise ConfigError(f"crf={self.crf} must lie in [0, 51]")
         if self.audio_subtype not in ("PCM_16", "PCM_24", "FLOAT", "FLAC"):
-            raise ValueError(
+            raise ConfigError(
                 f"audio_subtype={self.audio_subtype!r}; expected PCM_16, PCM_24, FLOAT or FLAC"
             )
 
