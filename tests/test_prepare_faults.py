@@ -108,6 +108,7 @@ def test_killed_worker_stops_prepare_naming_the_clip(tmp_path):
     line = err.decode().strip().splitlines()[-1]
     assert proc.returncode == 4, err.decode()
     assert "prepare worker process died" in line and victim in line, line
+    assert line.count("(pid ") <= 2, line  # the dead worker's and the other one's
     assert not (out / "manifest.csv").exists()
 
 

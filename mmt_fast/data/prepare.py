@@ -604,7 +604,9 @@ def _init_worker() -> None:
 
 
 def _running(out_dir: Path) -> str:
-    """The clips whose markers are left (being prepared when a worker died)."""
+    """The clips whose markers are left: those being prepared when a worker died (the
+    pool stops the others with SIGTERM, which leaves their markers too: a worker stuck
+    in C code must still stop, so no handler delays it)."""
     names = []
     for m in sorted((out_dir / RUNNING_DIR).glob("*"), key=lambda p: p.name):
         with contextlib.suppress(OSError, ValueError, IndexError):
@@ -629,9 +631,11 @@ def _run_pool(tasks: list, workers: int, done: Callable[[int, dict], None], out_
         for f in as_completed(futures):
             done(*f.result())
     except BrokenProcessPool as e:
+        pool.shutdown(wait=True)  # every worker stopped: no marker changes any more
         raise TrainingError(
-            f"a prepare worker process died (killed: out of memory, or a signal) while "
-            f"preparing {_running(out_dir)}; finished clips are kept: run prepare "
+            "a prepare worker process died (killed: out of memory, or a signal); the clips "
+            f"being prepared then, one of them by that worker: {_running(out_dir)}; finished "
+            "clips are kept: run prepare "
             "again to resume (with fewer --workers if memory ran out)"
         ) from e
     finally:
