@@ -583,8 +583,9 @@ def _run_job(args) -> tuple[int, dict]:
     except (StorageError, MemoryError):
         raise
     except OSError as e:
-        if e.errno in _OUTPUT_ERRNOS:  # an output step not wrapped above (mkdir, rename)
-            raise _write_failed(Path(e.filename or out_dir), e) from e
+        name = Path(os.path.abspath(e.filename)) if isinstance(e.filename, str) else None
+        if e.errno in _OUTPUT_ERRNOS and name and name.is_relative_to(out_dir.absolute()):
+            raise _write_failed(name, e) from e  # an output step not wrapped in prepare_clip
         return i, {"status": "bad", "kind": "decode_error", "reason": f"{type(e).__name__}: {e}"}
     except Exception as e:  # one clip never stops the batch
         return i, {"status": "bad", "kind": "decode_error", "reason": f"{type(e).__name__}: {e}"}
