@@ -17,18 +17,22 @@ reused between runs, never committed):
 The content is moving, textured (noise over gradients and shapes), so the
 codec does real work. One process, one decoding thread, ``torch`` on one
 thread: the figure is clips/s **per DataLoader worker** (``AVClipDataset[i]``,
-median over items of the CPU time per clip: on a shared machine the wall time
-also counts other people's work; a worker with a core to itself gets the CPU
-figure). ``after`` is the current code; ``before`` is the code of
+the median over :data:`ITEMS` items per row (9 training and 5 test items with
+``--quick``, after one warm-up item) of the CPU time per clip; the median wall
+time is recorded beside it: on a shared machine it also counts other people's
+work, and a worker with a core to itself gets the CPU figure). The JSON's
+``env`` names the CPU model; CPU time per item differs between CPU models and
+with the machine's load (``load_average``), so compare rows of one file.
+``after`` is the current code; ``before`` is the code of
 git revision ``--before`` (default: the commit before the loader was made
 faster; ``git archive REF mmt_fast`` into a temporary folder, run in a child
 process on the same items); when that revision is not available, ``before``
 is the current code with the old settings (``decoder_resize: false``,
-``audio_span: false``). The per-stage breakdown (probe/open, seek to the
-window, decode, resize/transform, audio decode, fbank) calls the stages one by
-one: ``before`` with the old loader's structure (each view seeks and decodes on
-its own at the file's size, frames resized as floats, the whole audio track),
-``after`` with the current one. Results go to ``benchmarks/results/data_cpu.json`` (``--json`` to change);
+``audio_span: false``). The per-stage breakdown runs ``AVClipDataset[0]`` itself
+and adds up the CPU time of the functions it calls per stage
+(:func:`stage_clock`: probe/open, decode (seeking included), resize/transform,
+audio decode, fbank, and ``other`` for the rest), for the current code with
+the old and the new settings. Results go to ``benchmarks/results/data_cpu.json`` (``--json`` to change);
 ``python -m benchmarks.report`` puts them in docs/benchmarks.md.
 
 Prepared sources (``mmt-fast prepare``, :mod:`mmt_fast.data.prepare`): each
@@ -36,12 +40,11 @@ source is also prepared once into ``--cache`` with the settings the paper's
 recipe gives (training: short side 320, a keyframe every 16 frames, 3
 non-reference B-frames between reference frames; test-only: short side 224) and
 timed the same way (the loader decodes them with ``video.PacketReader``, which
-skips the B-frames no sampled frame needs; in the stage breakdown its ``seek``
-is 0: reaching the window from the keyframe is part of ``decode``): training
+skips the B-frames no sampled frame needs): training
 items from the 320 px copies, 5-view test items from the 224 px copies, with the CPU transforms and with
-``data.device_transforms`` (the loader stops after decoding and the fbank; the
-crop, normalisation and SpecAugment that then run on the training device are
-not counted). ``rows`` in the JSON has one entry per (source, mode, prepared,
+``data.device_transforms`` (the loader stops after decoding and copying the
+audio window's samples; the fbank, crop, normalisation and SpecAugment that then
+run on the training device are not counted). ``rows`` in the JSON has one entry per (source, mode, prepared,
 code, device_transforms) with ``clips_per_s`` (per worker).
 
 The demand side (``demand`` in the JSON): the clips/s a GPU consumes when
@@ -57,9 +60,12 @@ worker's training clips/s.
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import dataclasses
 import datetime as _dt
 import fractions
+import functools
 import json
 import os
 import platform
@@ -183,8 +189,7 @@ def time_items(paths: list[Path], mode: str, pipeline: str, items: int) -> dict:
     recs = [ClipRecord(str(p), p.stem, label="x") for p in paths]
     ds = AVClipDataset(recs, _config(mode, pipeline))
     torch.manual_seed(0)
-    if mode == "train":
-        ds[0]  # warm-up: imports, page cache
+    ds[0]  # warm-up: imports, page cache
     wall, cpu = [], []
     for i in range(items):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -203,109 +208,98 @@ def time_items(paths: list[Path], mode: str, pipeline: str, items: int) -> dict:
 
 _clock = time.process_time  # CPU seconds: a shared machine's load does not inflate them
 
+# the functions AVClipDataset's loading code calls, per stage (module, attribute)
+STAGES = {
+    "probe_open": (("video", "open_clip"), ("video", "open_video"), ("video", "frame_times")),
+    "decode": (("video", "decode_frames"),),
+    "resize_transform": (("video", "transform_frames"),),
+    "audio_decode": (("audio", "open_audio"), ("audio", "preload")),
+    "fbank": (("audio", "window_fbank"), ("audio", "window_wave"), ("audio", "spec_augment"),
+              ("audio", "normalize_fbank")),
+}  # fmt: skip
+
+
+@contextlib.contextmanager
+def stage_clock():
+    """Within the block, the functions of :data:`STAGES` add their CPU time to the dict
+    yielded (outermost calls only: a stage calling another is counted once), so that
+    the dataset's own code is timed, not a copy of it."""
+    import importlib
+
+    totals: dict[str, float] = collections.defaultdict(float)
+    depth = [0]
+    saved = []
+
+    def timed(stage, fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            if depth[0]:
+                return fn(*args, **kwargs)
+            depth[0] += 1
+            c0 = _clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[stage] += _clock() - c0
+                depth[0] -= 1
+
+        return call
+
+    for stage, targets in STAGES.items():
+        for mod_name, attr in targets:
+            mod = importlib.import_module(f"mmt_fast.data.{mod_name}")
+            if hasattr(mod, attr):  # (an older revision may lack one)
+                saved.append((mod, attr, getattr(mod, attr)))
+                setattr(mod, attr, timed(stage, getattr(mod, attr)))
+    try:
+        yield totals
+    finally:
+        for mod, attr, fn in saved:
+            setattr(mod, attr, fn)
+
 
 def breakdown(path: Path, mode: str, pipeline: str, reps: int) -> dict[str, float]:
-    """Median seconds per item of each stage, called one by one with the current code.
-
-    ``before`` follows the old loader's structure (each view seeks and decodes on its own,
-    frames at the file's size, the whole audio track decoded); ``after`` the current one
-    (one ascending pass over every view's frames at the reduced size, the audio of the
-    windows only)."""
+    """Median CPU seconds per item of each stage of ``AVClipDataset[0]`` on ``path`` (the
+    dataset's own code, timed by :func:`stage_clock`), plus ``other`` (the rest of the item:
+    indexing, targets, stacking)."""
     import torch
 
-    from mmt_fast.data import audio as A
-    from mmt_fast.data import video as Vd
+    from mmt_fast.data import AVClipDataset, ClipRecord
 
-    cfg = _config(mode, pipeline)
-    names = ("probe_open", "seek", "decode", "resize_transform", "audio_decode", "fbank")
-    stages: dict[str, list[float]] = {k: [] for k in names}
+    ds = AVClipDataset([ClipRecord(str(path), path.stem, label="x")], _config(mode, pipeline))
+    per: dict[str, list[float]] = {k: [] for k in (*STAGES, "other")}
     torch.manual_seed(0)
     for _ in range(reps):
-        t = {k: 0.0 for k in names}
-        c0 = _clock()
-        info, reader = Vd.open_clip(str(path))  # reader: a prepared clip (PyAV, packets)
-        size = None
-        if cfg.decoder_resize:
-            size = Vd.decode_size(
-                info.height, info.width, cfg.crop_size, cfg.train, cfg.decode_short_side
-            )
-        if reader is not None:
-            vr, reader.size = reader, size
-        else:
-            vr = Vd.open_video(str(path), 1, size)
-        times = Vd.frame_times(vr)
-        t["probe_open"] += _clock() - c0
-        n, L = len(times) - 1, cfg.window_frames
-        starts = Vd.window_starts(n, L, cfg.train, cfg.views)
-        idx = [Vd.frame_indices(0, n, s, cfg.num_frames, cfg.stride) for s in starts]
-        groups = [[i] for i in idx] if pipeline == "before" else [[np.concatenate(idx)]]
-        views = []
-        for g in groups:
+        with stage_clock() as t:
             c0 = _clock()
-            if reader is None:  # (the packet reader reaches the window inside its decode)
-                vr.seek_accurate(int(g[0].min()))  # keyframe, then decode up to the first frame
-            c1 = _clock()
-            views.append(Vd.decode_frames(vr, g[0], str(path)))
-            c2 = _clock()
-            t["seek"] += c1 - c0 if reader is None else 0.0
-            t["decode"] += c2 - c1
-        frames = torch.cat(views)
-        if pipeline == "before":
-            frames = frames.float()  # the old transform converted to float before resizing
-        c0 = _clock()
-        for k in range(len(starts)):
-            Vd.transform_frames(
-                frames[k * cfg.num_frames : (k + 1) * cfg.num_frames],
-                cfg.crop_size,
-                cfg.train,
-                cfg.mean,
-                cfg.std,
-                cfg.train_scale,
-                cfg.train_ratio,
-                cfg.flip_prob,
-            )
-        t["resize_transform"] += _clock() - c0
-        del vr, views, frames
-        c0 = _clock()
-        src = A.open_audio(str(path))
-        span = A.window_samples(cfg.target_length) / cfg.sample_rate
-        centres = [Vd.window_centre(times, s, L) for s in starts]
-        wss = [A.window_start(c, span, 0.0, src.duration, cfg.audio_align) for c in centres]
-        sr, n_win = cfg.sample_rate, A.window_samples(cfg.target_length)
-        lo, hi = round(min(wss) * sr), round(max(wss) * sr) + n_win
-        if pipeline == "before":
-            lo, hi = src.start_sample, src.num_samples
-        src = A.preload(src, lo, hi)
-        t["audio_decode"] += _clock() - c0
-        c0 = _clock()
-        for ws in wss:
-            fb = A.window_fbank(src, ws, 0.0, src.duration, cfg.target_length, cfg.num_mel_bins)
-            spec = fb.t().unsqueeze(0)
-            if cfg.train:
-                spec = A.spec_augment(spec, cfg.freqm, cfg.timem)
-            A.normalize_fbank(spec)
-        t["fbank"] += _clock() - c0
-        for k in names:
-            stages[k].append(t[k])
-    return {k: float(np.median(v)) for k, v in stages.items()}
+            item = ds[0]
+            total = _clock() - c0
+        assert isinstance(item, dict), item
+        for k in STAGES:
+            per[k].append(t.get(k, 0.0))
+        per["other"].append(max(total - sum(t.values()), 0.0))
+    return {k: float(np.median(v)) for k, v in per.items()}
+
+
+ITEMS = {True: {"train": 9, "test": 5}, False: {"train": 20, "test": 8}}  # per row: quick / full
+
+
+def _line(key: str, r: dict) -> str:
+    return (
+        f"  {key:32s} {r['clips_per_s']:7.2f} clips/s per worker ({r['median_cpu_s'] * 1e3:.0f} "
+        f"ms CPU, {r['median_wall_s'] * 1e3:.0f} ms wall per clip; median of {r['items']})"
+    )
 
 
 def measure(cache: Path, quick: bool, pipelines: list[str]) -> dict:
-    per_kind = 2
-    src = sources(cache, quick, per_kind)
-    items = {"train": 3 if quick else 12, "test": 1 if quick else 5}
+    src = sources(cache, quick, 2)
     res: dict = {}
     for kind, paths in src.items():
         for mode in ("train", "test"):
             for pipe in pipelines:
-                r = time_items(paths, mode, pipe, items[mode])
                 key = f"{kind}/{mode}/{pipe}"
-                res[key] = r
-                print(
-                    f"  {key:28s} {r['clips_per_s']:7.2f} clips/s per worker "
-                    f"({r['median_cpu_s'] * 1000:.0f} ms CPU/clip)",
-                    file=sys.stderr,
-                )
+                res[key] = time_items(paths, mode, pipe, ITEMS[quick][mode])
+                print(_line(key, res[key]), file=sys.stderr)
     return res
 
 
@@ -495,7 +489,7 @@ def workers_per_gpu(clips_per_s_per_worker: float, gpu_clips_per_s: float = 40.0
     return gpu_clips_per_s / clips_per_s_per_worker
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer items, a 60 s long clip")
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "mmt_fast_bench_data"))
@@ -508,65 +502,59 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--gpu-clips-per-s", type=float, default=40.0)
     p.add_argument("--_items-only", default=None, help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    import torch
+    return p.parse_args(argv)
 
-    torch.set_num_threads(1)
-    cache = Path(a.cache)
-    if a._items_only:  # a child timing another revision's code
-        res = measure(cache, a.quick, ["ref"])
-        Path(a._items_only).write_text(json.dumps(res))
-        return 0
-    t_start = time.perf_counter()
-    load0 = os.getloadavg()
-    print("[data bench] sources", file=sys.stderr)
-    sources(cache, a.quick, 2)
-    print("[data bench] clips/s per worker (one process, one thread)", file=sys.stderr)
-    items = measure(cache, a.quick, ["after"])
-    before_is = "old settings of the current code"
+
+def _measure_before(a: argparse.Namespace, cache: Path, items: dict) -> str:
+    """Add the ``before`` rows to ``items``; what ``before`` is."""
     if a.before:
         print(f"[data bench] clips/s per worker with the code of {a.before}", file=sys.stderr)
         try:
             ref = measure_ref(a.before, cache, a.quick)
             items.update({k.replace("/ref", "/before"): v for k, v in ref.items()})
-            before_is = f"git revision {a.before}"
+            return f"git revision {a.before}"
         except (subprocess.CalledProcessError, OSError) as e:
             print(f"  cannot time {a.before} ({e}); using the old settings", file=sys.stderr)
-    if before_is.startswith("old"):
-        items.update(measure(cache, a.quick, ["before"]))
-    print("[data bench] time per clip by stage (ms)", file=sys.stderr)
-    src = sources(cache, a.quick, 2)
+    items.update(measure(cache, a.quick, ["before"]))
+    return "old settings of the current code"
+
+
+def _measure_stages(src: dict, reps: int) -> dict:
+    print("[data bench] CPU time per clip by stage (ms)", file=sys.stderr)
     stages: dict = {}
-    reps = 1 if a.quick else 3
-    n_items = {"train": 3 if a.quick else 12, "test": 1 if a.quick else 5}
     for kind, paths in src.items():
         for mode in ("train", "test"):
             for pipe in ("before", "after"):
                 b = breakdown(paths[0], mode, pipe, reps)
                 stages[f"{kind}/{mode}/{pipe}"] = b
-                print(
-                    f"  {kind}/{mode}/{pipe:6s} "
-                    + " ".join(f"{k} {v * 1000:.0f}" for k, v in b.items()),
-                    file=sys.stderr,
-                )
+                print(f"  {kind}/{mode}/{pipe:6s} " + _stage_text(b), file=sys.stderr)
+    return stages
+
+
+def _stage_text(b: dict) -> str:
+    return " ".join(f"{k} {v * 1000:.0f}" for k, v in b.items())
+
+
+def _measure_prepared(cache: Path, src: dict, quick: bool, items: dict, stages: dict) -> dict:
+    """Time the prepared copies (plain and with device transforms); the prepare seconds."""
     print("[data bench] prepared sources (mmt-fast prepare)", file=sys.stderr)
     prepared, prepare_s = {}, {}
     for mode in ("train", "test"):
         prepared[mode], prepare_s[mode] = prepared_sources(cache, src, mode)
     for kind in src:
         for mode in ("train", "test"):
-            paths = prepared[mode][kind]
-            key = f"{kind}/{mode}/prepared"
-            items[key] = time_items(paths, mode, "after", n_items[mode])
-            stages[key] = breakdown(paths[0], mode, "after", reps)
-            items[key + "+device"] = time_items(paths, mode, "device", n_items[mode])
-            print(
-                f"  {key:28s} {items[key]['clips_per_s']:7.2f} clips/s per worker "
-                f"({items[key]['median_cpu_s'] * 1000:.0f} ms CPU/clip; "
-                f"{items[key + '+device']['clips_per_s']:.2f} with device transforms); "
-                + " ".join(f"{k} {v * 1000:.0f}" for k, v in stages[key].items()),
-                file=sys.stderr,
-            )
+            paths, key = prepared[mode][kind], f"{kind}/{mode}/prepared"
+            items[key] = time_items(paths, mode, "after", ITEMS[quick][mode])
+            items[key + "+device"] = time_items(paths, mode, "device", ITEMS[quick][mode])
+            stages[key] = breakdown(paths[0], mode, "after", 1 if quick else 3)
+            stages[key + "+device"] = breakdown(paths[0], mode, "device", 1 if quick else 3)
+            print(_line(key, items[key]), file=sys.stderr)
+            print(_line(key + "+device", items[key + "+device"]), file=sys.stderr)
+            print(f"    stages: {_stage_text(stages[key])}", file=sys.stderr)
+    return prepare_s
+
+
+def _rows(src: dict, items: dict) -> list[dict]:
     rows = []
     for kind in src:
         for mode in ("train", "test"):
@@ -581,6 +569,10 @@ def main(argv: list[str] | None = None) -> int:
                     "clips_per_s": r["clips_per_s"], "median_cpu_s": r["median_cpu_s"],
                     "median_wall_s": r["median_wall_s"], "items": r["items"],
                 })  # fmt: skip
+    return rows
+
+
+def _demand(rows: list[dict]) -> list[dict]:
     print("[data bench] GPU demand", file=sys.stderr)
     import torch
 
@@ -608,6 +600,10 @@ def main(argv: list[str] | None = None) -> int:
             "transforms",
             file=sys.stderr,
         )
+    return demand
+
+
+def _summary(src: dict, items: dict, gpu_clips_per_s: float, before_is: str) -> dict:
     summary = {}
     for kind in src:
         for mode in ("train", "test"):
@@ -615,17 +611,12 @@ def main(argv: list[str] | None = None) -> int:
             f = items[f"{kind}/{mode}/after"]["clips_per_s"]
             pr = items[f"{kind}/{mode}/prepared"]["clips_per_s"]
             prd = items[f"{kind}/{mode}/prepared+device"]["clips_per_s"]
-            row = {
-                "before": b,
-                "after": f,
-                "speedup": f / b,
-                "prepared": pr,
-                "prepared_speedup": pr / f,
-                "prepared_device_transforms": prd,
-                "workers_per_gpu": workers_per_gpu(f, a.gpu_clips_per_s),
-            }
-            summary[f"{kind}/{mode}"] = row
-    print(f"\nclips/s per worker; before = {before_is}", file=sys.stderr)
+            summary[f"{kind}/{mode}"] = {
+                "before": b, "after": f, "speedup": f / b, "prepared": pr,
+                "prepared_speedup": pr / f, "prepared_device_transforms": prd,
+                "workers_per_gpu": workers_per_gpu(f, gpu_clips_per_s),
+            }  # fmt: skip
+    print(f"\nclips/s per worker (CPU time); before = {before_is}", file=sys.stderr)
     print(
         "| source / mode | before | after | speed-up | prepared | vs after | + device transforms |",
         file=sys.stderr,
@@ -637,47 +628,58 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['prepared_device_transforms']:.2f} |",
             file=sys.stderr,
         )
-    print(f"load average (1, 5, 15 min): {load0} at the start, {os.getloadavg()} at the end",
+    return summary
+
+
+def _settings(a: argparse.Namespace) -> dict:
+    return {
+        "num_frames": 16, "stride": 4, "crop": 224, "fbank": [128, 1024], "test_views": 5,
+        "quick": a.quick, "items": ITEMS[a.quick], "torch_threads": 1, "decode_threads": 1,
+        "gpu_clips_per_s": a.gpu_clips_per_s,
+    }  # fmt: skip
+
+
+def _sources_info(quick: bool) -> dict:
+    return {
+        k: {"width": v[0], "height": v[1], "fps": v[2],
+            "seconds": QUICK_SECONDS.get(k, v[3]) if quick else v[3], "keyframe_s": v[4],
+            "audio_hz": v[5]}
+        for k, v in KINDS.items()
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parse(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    cache = Path(a.cache)
+    if a._items_only:  # a child timing another revision's code
+        Path(a._items_only).write_text(json.dumps(measure(cache, a.quick, ["ref"])))
+        return 0
+    t_start, load0 = time.perf_counter(), os.getloadavg()
+    print("[data bench] sources", file=sys.stderr)
+    src = sources(cache, a.quick, 2)
+    print("[data bench] clips/s per worker (one process, one thread)", file=sys.stderr)
+    items = measure(cache, a.quick, ["after"])
+    before_is = _measure_before(a, cache, items)
+    stages = _measure_stages(src, 1 if a.quick else 3)
+    prepare_s = _measure_prepared(cache, src, a.quick, items, stages)
+    rows = _rows(src, items)
+    demand = _demand(rows)
+    summary = _summary(src, items, a.gpu_clips_per_s, before_is)
+    load1 = os.getloadavg()
+    print(f"load average (1, 5, 15 min): {load0} at the start, {load1} at the end",
           file=sys.stderr)  # fmt: skip
     out = {
-        "env": _env(),
-        "settings": {
-            "num_frames": 16,
-            "stride": 4,
-            "crop": 224,
-            "fbank": [128, 1024],
-            "test_views": 5,
-            "quick": a.quick,
-            "torch_threads": 1,
-            "decode_threads": 1,
-            "gpu_clips_per_s": a.gpu_clips_per_s,
-        },
-        "sources": {
-            k: {
-                "width": v[0],
-                "height": v[1],
-                "fps": v[2],
-                "seconds": QUICK_SECONDS.get(k, v[3]) if a.quick else v[3],
-                "keyframe_s": v[4],
-                "audio_hz": v[5],
-            }
-            for k, v in KINDS.items()
-        },
-        "rows": rows,
-        "demand": demand,
-        "prepared_settings": {
-            "short_side": PREPARED,
-            "gop": 16,
-            "bframes": 3,
-            "prepare_seconds": prepare_s,
-        },
-        "load_average": {"start": load0, "end": os.getloadavg()},
-        "clips_per_s_per_worker": items,
-        "stages_s": stages,
-        "before_is": before_is,
-        "summary": summary,
+        "env": _env(), "settings": _settings(a), "sources": _sources_info(a.quick),
+        "rows": rows, "demand": demand,
+        "prepared_settings": {"short_side": PREPARED, "gop": 16, "bframes": 3,
+                              "prepare_seconds": prepare_s},
+        "load_average": {"start": load0, "end": load1}, "clips_per_s_per_worker": items,
+        "stages_s": stages, "before_is": before_is, "summary": summary,
         "seconds": time.perf_counter() - t_start,
-    }
+    }  # fmt: skip
     dest = Path(a.json) if a.json else Path(__file__).parent / "results" / "data_cpu.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(out, indent=1) + "\n")

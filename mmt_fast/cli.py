@@ -28,8 +28,9 @@ or MMT_FAST_DEBUG=1, prints the traceback too) and an exit code that says who
 must act: 2 config (a value, override, argument, path or the run folder), 3
 data (an empty or unusable split, a bad manifest, a bad clip under
 data.on_error: raise), 4 runtime (non-finite loss, no valid batch, damaged
-checkpoints, any other failure), 130 interrupted. The classes are those of
-mmt_fast.errors (``exit_code``, ``category``); every command raises them and only main()
+checkpoints, any other failure), 5 I/O (an output that cannot be written: no
+space, read-only, a file where a folder should be), 130 interrupted. The classes are those
+of mmt_fast.errors (``exit_code``, ``category``); every command raises them and only main()
 turns them into the message and the exit code. ``train`` exits with 75 when a preemption
 signal (``train.preempt_signals``: SIGTERM, SIGUSR1) stopped it after writing a
 checkpoint: requeue the job and resume.

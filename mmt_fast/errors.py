@@ -10,6 +10,7 @@ class (never by name) to one line on stderr and an exit code:
 | :class:`~mmt_fast.data.errors.BadClipError` | 3 | one clip (a ``DataError``; raised under ``data.on_error: raise``) |
 | :class:`TrainingError` | 4 | the run itself: non-finite loss or gradients, no valid batch |
 | :class:`CheckpointError` | 4 | a checkpoint that cannot be read or does not fit the model |
+| :class:`StorageError` | 5 | an output that cannot be written: no space, read-only, no permission, a file where a folder should be |
 
 Any other exception reaching the CLI is a runtime failure (exit code 4, the
 message prefixed with the exception's type); an interrupt exits with 130.
@@ -64,4 +65,20 @@ class CheckpointError(TrainingError, ValueError):
     (the message names the file)."""
 
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "MMTError", "TrainingError"]
+class StorageError(MMTError):
+    """An output cannot be written (no space left, a read-only filesystem, no permission, a
+    file where a folder should be); the message names the path. Not the data's fault: a
+    command stops at once rather than count the clips it could not write as bad."""
+
+    exit_code = 5
+    category = "I/O"
+
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "MMTError",
+    "StorageError",
+    "TrainingError",
+]

@@ -296,6 +296,10 @@ def evaluate_checkpoint(
             dest = Path(out) if out else run.run_dir / f"eval_{split}.json"
             files = write_report(res, dest, plot=plot)
             print(f"[mmt-fast] {split}: {summary(res)}", file=sys.stderr)
+            print(
+                f"[mmt-fast] checkpoint: {ck.path} (step {ck.step}; --which {which})",
+                file=sys.stderr,
+            )
             print(f"[mmt-fast] wrote {', '.join(str(f) for f in files)}", file=sys.stderr)
         return res
     finally:

@@ -27,12 +27,37 @@ def test_source_and_breakdown(tmp_path):
         assert (v.codec_context.width, v.codec_context.height) == (640, 360)
         assert v.average_rate == 25 and v.frames == 25
         assert a.codec_context.sample_rate == 44100 and a.codec_context.channels == 2
-    for pipeline in ("before", "after"):
+    for pipeline in ("before", "after", "device"):
         st = bench.breakdown(path, "test", pipeline, reps=1)
-        assert set(st) == {"probe_open", "seek", "decode", "resize_transform", "audio_decode",
-                           "fbank"} and min(st.values()) >= 0  # fmt: skip
-    r = bench.time_items([path], "train", "after", items=1)
-    assert r["clips_per_s"] > 0 and bench.workers_per_gpu(2.0, 40.0) == 20.0
+        assert set(st) == {"probe_open", "decode", "resize_transform", "audio_decode", "fbank",
+                           "other"} and min(st.values()) >= 0  # fmt: skip
+        # the dataset's own calls were timed: each stage it runs took time
+        assert min(st["probe_open"], st["decode"], st["audio_decode"], st["fbank"]) > 0
+        assert (st["resize_transform"] > 0) == (pipeline != "device"), (pipeline, st)
+    r = bench.time_items([path], "train", "after", items=3)
+    assert r["items"] == 3 and r["clips_per_s"] == pytest.approx(1 / r["median_cpu_s"])
+    assert r["median_wall_s"] > 0 and bench.workers_per_gpu(2.0, 40.0) == 20.0
+
+
+def test_stage_clock_counts_nested_calls_once(tmp_path):
+    """open_video calls frame_times inside: the probe stage gets the outer call's time
+    once (not more than the whole call took); the functions are restored afterwards."""
+    import time
+
+    from helpers_media import synthetic_clip
+
+    from mmt_fast.data import video as Vd
+
+    path = str(synthetic_clip(tmp_path / "c.mp4", duration=1.0))
+    before = Vd.open_video
+    with bench.stage_clock() as t:
+        assert Vd.open_video is not before
+        c0 = time.process_time()
+        for _ in range(20):
+            Vd.frame_times(Vd.open_video(path))
+        whole = time.process_time() - c0
+    assert Vd.open_video is before and set(t) == {"probe_open"}
+    assert 0 < t["probe_open"] <= whole
 
 
 def test_prepared_sources_and_demand(tmp_path):
@@ -53,9 +78,13 @@ def test_prepared_sources_and_demand(tmp_path):
     r = bench.time_items(out["360p-10s"], "test", "after", items=1)
     assert r["clips_per_s"] > 0
     st = bench.breakdown(out["360p-10s"][0], "test", "after", reps=1)  # the packet reader
-    assert st["seek"] == 0 and st["decode"] > 0
-    (h200, a100) = bench.demand_estimates({"MMT": 159.552})
-    # 159.552 GMACs forward -> 6 x 159.552 GFLOP per training clip (forward + backward)
-    assert h200["clips_per_s"] == pytest.approx(790e12 * 0.30 / (6 * 159.552e9))  # ~248
-    assert a100["clips_per_s"] == pytest.approx(312e12 * 0.35 / (6 * 159.552e9))  # ~114
-    assert "estimate" in h200["method"] and h200["tflop_per_clip"] == pytest.approx(0.957, abs=1e-3)
+    assert st["decode"] > 0 and st["resize_transform"] > 0
+    for row in bench.demand_estimates({"MMT": 159.552}):
+        # 159.552 GMACs forward (the paper's MMT) -> 6 x 159.552 GFLOP per training clip
+        # (forward + backward at 2 FLOPs per multiply-add); the rate is the stated fraction
+        # of the stated peak over it, whatever those assumptions are
+        assert row["tflop_per_clip"] == pytest.approx(0.957, abs=1e-3)
+        assert row["clips_per_s"] * row["tflop_per_clip"] == pytest.approx(
+            row["peak_tflops"] * row["mfu"]
+        )
+        assert 0 < row["mfu"] <= 1 and f"{row['mfu']:.0%} MFU" in row["method"]

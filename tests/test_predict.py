@@ -77,7 +77,7 @@ def test_train_terminal_lines(run):
     # tqdm.write clears the bar's line first: the message never follows bar text
     assert all(err[i - 1] in "\r\n" for i in vals), err
     assert "[mmt-fast] epoch 1/2: val" in err and "[mmt-fast] epoch 2/2: val" in err
-    assert "(epoch 2/2)" in err
+    assert "(after epoch 2/2)" in err
     epochs = {r["epoch"] for r in csv.DictReader(open(out / "metrics.csv"))}
     assert epochs == {"1", "2"}
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from mmt_fast.data import AVClipDataset, ClipRecord, DataConfig, read_manifest
 from mmt_fast.data import video as Vd
-from mmt_fast.data.prepare import PrepareSettings, finished, plan_jobs, prepare_dataset
+from mmt_fast.data.prepare import PrepareSettings, finished_meta, plan_jobs, prepare_dataset
 from mmt_fast.data.synthetic import render_clip, write_clip
 
 FPS, SECONDS = 25, 4.0  # 100 frames
@@ -33,10 +33,10 @@ def prepared(tmp_path_factory):
     (job,), _ = plan_jobs([rec], settings.margin_s)
     meta_path = d / "out" / f"{job.name}.json"
     meta = json.loads(meta_path.read_text())
-    assert finished(job, d / "out", settings) is not None and meta["key"]["version"] == 2
+    assert finished_meta(job, d / "out", settings) is not None and meta["key"]["version"] == 2
     old = {**meta, "key": {**meta["key"], "version": 1}}
     meta_path.write_text(json.dumps(old))
-    assert finished(job, d / "out", settings) is None
+    assert finished_meta(job, d / "out", settings) is None
     meta_path.write_text(json.dumps(meta))
     return src, read_manifest(d / "out" / "manifest.csv")[0].path
 

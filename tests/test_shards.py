@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from mmt_fast.data import AVClipDataset, collate_clips, data_config, read_manifest
 from mmt_fast.data.shards import ShardClips, ShardIndex, ShardStream, iter_tar, write_shards
 from mmt_fast.data.synthetic import make_synthetic
-from mmt_fast.errors import DataError
+from mmt_fast.errors import ConfigError, DataError
 from mmt_fast.run import load_checkpoint, load_config
 from mmt_fast.run.checkpoint import CheckpointManager
 from mmt_fast.run.sampling import SeededDataset
@@ -70,17 +70,36 @@ def test_layout_and_index(packed):
         assert json.loads(seq["json"])["label"] == recs[i].label
 
 
-def test_rows_sharing_a_file_are_refused(packed, tmp_path):
-    manifest, _ = packed
-    rows = list(csv.DictReader(open(manifest)))[:2]
-    rows[1]["path"] = rows[0]["path"]  # two segments of one file
-    with open(tmp_path / "m.csv", "w", newline="") as f:
+def _write_rows(path, rows):
+    with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    with pytest.raises(DataError, match="1 files serve several rows"):
-        write_shards(tmp_path / "m.csv", tmp_path / "out", root=manifest.parent, progress=False)
+    return path
+
+
+def test_segments_sharing_a_file_are_refused(packed, tmp_path):
+    manifest, _ = packed
+    rows = list(csv.DictReader(open(manifest)))[:2]
+    rows[1]["path"] = rows[0]["path"]  # two segments of one file
+    rows = [{**r, "start_s": t0, "end_s": t1} for r, (t0, t1) in zip(rows, [(0, 0.5), (0.5, 1)])]
+    with pytest.raises(DataError, match="1 files serve several segments"):
+        write_shards(_write_rows(tmp_path / "m.csv", rows), tmp_path / "out",
+                     root=manifest.parent, progress=False)  # fmt: skip
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_rows_of_one_clip_are_packed_each(packed, tmp_path):
+    """Rows of the same file and times with other targets (prepare's manifest when records
+    share a cut) are packed, each with its own copy and its own metadata."""
+    manifest, _ = packed
+    rows = list(csv.DictReader(open(manifest)))[:2]
+    rows[1] = {**rows[1], "path": rows[0]["path"], "label": "other"}
+    ix = ShardIndex.load(write_shards(_write_rows(tmp_path / "m.csv", rows), tmp_path / "out",
+                                      root=manifest.parent, progress=False))  # fmt: skip
+    a, b = ix.read_sample(0), ix.read_sample(1)
+    assert a["mp4"] == b["mp4"] == (manifest.parent / rows[0]["path"]).read_bytes()
+    assert [json.loads(x["json"])["label"] for x in (a, b)] == [rows[0]["label"], "other"]
 
 
 def test_bad_index_is_refused(tmp_path):
@@ -164,8 +183,14 @@ def test_stream_splits_ranks_and_workers(packed):
         assert not shards[0] & shards[1]
         plans.append((plan, shards))
     assert not (plans[0][1][0] | plans[0][1][1]) & (plans[1][1][0] | plans[1][1][1])
-    st.set_epoch(2)
-    assert st.epoch_indices() != plans[1][0] or st._slot_shards(2) != sorted(plans[1][1][0])
+    slots = {}
+    for epoch in (1, 2):
+        st.set_epoch(epoch)
+        slots[epoch] = [st._slot_shards(s) for s in range(4)]
+        # every shard is read once per epoch, by one of the 4 streams
+        assert sorted(x for sl in slots[epoch] for x in sl) == list(range(len(st.shard_items)))
+    assert slots[2] != slots[1]  # a new permutation of the shards ...
+    assert st.epoch_indices() != plans[1][0]  # ... and a new order for this rank
     st.set_epoch(1)
     assert st.epoch_indices() == plans[1][0]
 
@@ -187,7 +212,10 @@ def test_bad_clips_are_counted_per_kind(packed):
     batch = collate_clips(list(st))
     # 17 records in the shards (16 clips + the corrupt file); the missing row is not
     assert batch["skipped"] == {"corrupt_file": 1} and batch["batch_size"] == 16
-    assert batch["bad"][0].path.endswith("broken.mp4")
+    bad, ix = batch["bad"][0], st.clips.index
+    sample = next(s for s in ix.samples if s["meta"]["path"].endswith("broken.mp4"))
+    assert bad.path == f"{ix.shard_path(sample['shard'])}:{sample['key']}"  # the shard named
+    assert bad.reason.endswith(f"(packed from {sample['meta']['path']})")
 
 
 def test_too_few_shards_is_refused(packed):
@@ -244,7 +272,7 @@ def test_shard_training_resumes_exactly(packed, tmp_path):
     res = train(load_config(DEMO, _train_overrides(index, out, **{"train.stop_at_step": 7})))
     assert res["interrupted"] and CheckpointManager(out / "checkpoints").steps()[-1] == 6
     # mid-epoch, the worker count is part of the stream's order: a different one is refused
-    with pytest.raises(ValueError, match="same count"):
+    with pytest.raises(ConfigError, match="same count"):
         train(load_config(DEMO, _train_overrides(index, out, **{"data.num_workers": 2})), True)
     # num_workers 0 and 1 are the same single stream: resume in a worker process
     res2 = train(
@@ -281,3 +309,36 @@ def test_shard_training_ddp_resumes_exactly(packed, tmp_path):
     assert [r["step"] for r in ref + res] == [4, 4, 4, 4]
     assert not set(ref[0]["sampler"]) & set(ref[1]["sampler"])  # disjoint shards per rank
     assert ref[0]["hash"] == ref[1]["hash"] == res[0]["hash"] == res[1]["hash"]
+
+
+def test_records_choose_the_samples(packed):
+    """ShardClips(records=...) serves those records' samples in their order (as
+    builders.build_split_dataset passes them); a record not in the split is an error."""
+    _, index_path = packed
+    ix = ShardIndex.load(index_path)
+    dc = data_config("tiny", mode="test", modalities="audio", on_error="skip")
+    recs = [ix.record(5), ix.record(2)]
+    clips = ShardClips(ix, None, dc, recs)
+    assert clips.sample_of == [5, 2] and [r.clip_id for r in clips.records] == [
+        ix.samples[5]["meta"]["clip_id"], ix.samples[2]["meta"]["clip_id"]]  # fmt: skip
+    whole = ShardClips(ix, None, dc)
+    assert torch.equal(clips[0]["audio"], whole[5]["audio"])
+    with pytest.raises(DataError, match="is not a sample of split"):
+        ShardClips(ix, "val", dc, recs)
+
+
+def test_check_shards_counts_like_the_folder(packed):
+    """check_shards over the shards: the corrupt clip named by its shard and key, the row
+    missing at packing time counted, 16 + 1 + 1 clips in all (what check_clips reports for
+    the manifest's files, named by their paths)."""
+    from mmt_fast.data.check import check_clips, check_shards
+
+    manifest, index_path = packed
+    dc = data_config("tiny", modalities="audio")
+    n, probs = check_shards(index_path, None, dc, workers=0, progress=False)
+    ref = check_clips(read_manifest(manifest), dc, workers=0, progress=False)
+    assert n == 18 and sorted(p.kind for p in probs) == sorted(p.kind for p in ref)
+    ix = ShardIndex.load(index_path)
+    (bad,) = [p for p in probs if p.kind == "corrupt_file"]
+    s = next(s for s in ix.samples if s["meta"]["path"].endswith("broken.mp4"))
+    assert bad.path == f"{ix.shard_path(s['shard'])}:{s['key']}"

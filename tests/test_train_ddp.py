@@ -210,10 +210,14 @@ def test_ddp_signal_to_one_rank_stops_both(setup, tmp_path):
     cfg_path, ref = setup
     out = tmp_path / "sig"
     mgr = CheckpointManager(out / "checkpoints")
-    p, log = _start(_cli(cfg_path, f"train.out_dir={out}"), tmp_path, "sig")
+    # no periodic step checkpoints: the only ones are the epoch ends (steps 2, 4) and the
+    # preemption's, so a checkpoint past the last one written before the signal is its
+    p, log = _start(_cli(cfg_path, f"train.out_dir={out}", "train.ckpt_every=100"), tmp_path,
+                    "sig")  # fmt: skip
     try:
         rank1 = _worker_pid(p.pid, 1)
-        _wait_for_checkpoint(p, mgr)  # step 1
+        _wait_for_checkpoint(p, mgr)  # the end of epoch 1: step 2
+        before = mgr.steps()[-1]
         os.kill(rank1, signal.SIGUSR1)  # rank 1 alone: rank 0 writes the checkpoint
         p.wait(timeout=120)
     finally:
@@ -225,7 +229,7 @@ def test_ddp_signal_to_one_rank_stops_both(setup, tmp_path):
     marker = json.loads((out / "preempted.json").read_text())
     stop = marker["step"]
     assert "preempted by SIGUSR1 (received by rank 1)" in text, text[-3000:]
-    assert 1 <= stop < STEPS and mgr.steps()[-1] == stop
+    assert before == 2 and before < stop < STEPS and mgr.steps()[-1] == stop
     # both workers exit with 75 (torchrun, whose workers did not succeed, exits with 1)
     assert p.returncode == 1 and text.count("exitcode  : 75") == 2, text[-3000:]
     # continue without --resume: train.auto_resume

@@ -5,7 +5,10 @@
 
 Every clip of each split is opened and test-decoded in parallel (the header,
 the first and last sampling windows of the video, the audio under them: see
-:func:`mmt_fast.data.check.check_clips`), with a progress bar. A line per
+:func:`mmt_fast.data.check.check_clips`), with a progress bar. With
+``data.format: webdataset`` the shards are checked instead of the files they
+were packed from (:func:`mmt_fast.data.check.check_shards`): each shard's size
+and SHA-256 against the index, each sample decoded from the shard's bytes. A line per
 split gives the counts per bad-clip kind; ``--out`` writes the unusable clips
 (JSON with a per-split summary, or CSV). Exit code 0 when no split has more
 unusable clips than ``--max-bad-fraction`` (default 0: none), else 3 (a data
@@ -49,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmt_fast.data.check import check_clips, summarize, write_report
+    from mmt_fast.data.check import check_clips, check_shards, summarize, write_report
     from mmt_fast.errors import ConfigError, DataError
     from mmt_fast.run.builders import data_setup
     from mmt_fast.run.config import read_config
@@ -71,20 +74,21 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     failed = []
     for s in splits:
-        recs = records[s]
-        probs = check_clips(
-            recs, dc, workers=args.workers, progress=not args.no_progress, desc=s, **kw
-        )
-        results[s] = (len(recs), probs)
-        info = summarize(probs, len(recs))
-        kinds = ", ".join(f"{k} {n}" for k, n in info["per_kind"].items())
+        opts = {"workers": args.workers, "progress": not args.no_progress, "desc": s, **kw}
+        if d.format == "webdataset":  # the shards' bytes, as training reads them
+            n, probs = check_shards(getattr(d, s), getattr(d, f"{s}_split"), dc, **opts)
+        else:
+            n, probs = len(records[s]), check_clips(records[s], dc, **opts)
+        results[s] = (n, probs)
+        info = summarize(probs, n)
+        kinds = ", ".join(f"{k} {c}" for k, c in info["per_kind"].items())
         print(
-            f"{s}: {len(recs)} clips, {len(probs)} unusable" + (f" ({kinds})" if kinds else ""),
+            f"{s}: {n} clips, {len(probs)} unusable" + (f" ({kinds})" if kinds else ""),
             file=sys.stderr,
             flush=True,
         )
-        if len(probs) > args.max_bad_fraction * len(recs):
-            failed.append(f"{s} {len(probs)}/{len(recs)} {info['per_kind']}")
+        if len(probs) > args.max_bad_fraction * n:
+            failed.append(f"{s} {len(probs)}/{n} {info['per_kind']}")
     if args.out:
         path = write_report(args.out, results)
         print(f"report: {path}", file=sys.stderr)

@@ -213,7 +213,8 @@ def run(args: argparse.Namespace) -> int:
     )
     workers = args.workers or min(os.cpu_count() or 1, 8)
     print(
-        f"prepare: {len(records)} records -> {out} (short side {settings.short_side} px, keyframe "
+        f"prepare: {len(records)} records -> {out} (short side {settings.short_side} px, smaller "
+        f"sources kept at their size; keyframe "
         f"every {settings.gop} frames, {settings.bframes} B-frames between references, "
         f"margin {settings.margin_s} s, {workers} workers)",
         file=sys.stderr,

@@ -48,6 +48,8 @@ import numpy as np
 import torch
 import torchaudio
 
+from mmt_fast.errors import ConfigError
+
 from .errors import BadClipError
 
 log = logging.getLogger(__name__)
@@ -430,7 +432,7 @@ def window_start(
     if align == "center":
         return ws
     if align != "shift":
-        raise ValueError(f"align must be 'shift' or 'center', got {align!r}")
+        raise ConfigError(f"align must be 'shift' or 'center', got {align!r}")
     lo, hi = sorted((clip_start_s, clip_end_s - span_s))
     return min(max(ws, lo), hi)
 
@@ -465,6 +467,70 @@ def window_fbank(
     if n > 0:
         out[off : off + n] = fb[:n]
     return out
+
+
+def window_wave(
+    src: AudioSource, ws_s: float, clip_start_s: float, clip_end_s: float, target_length: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What :func:`window_fbank` computes its fbank from, for :func:`batched_fbank` on the
+    training device: ``(wave, span)`` with ``wave`` (N,) float32, N =
+    :func:`window_samples`, holding the window's ``L`` usable samples at its start (zeros
+    after), and ``span`` = ``(L, offset)`` int64: the fbank frames of those samples go
+    to frames ``offset, offset + 1, ...`` of the window (L < 400: no audio, all zeros)."""
+    sr = src.sample_rate
+    n_win = window_samples(target_length)
+    ws = round(ws_s * sr)
+    a = max(ws, round(clip_start_s * sr), src.start_sample, 0)
+    b = min(ws + n_win, round(clip_end_s * sr), src.num_samples)
+    wave = torch.zeros(n_win)
+    n = 0
+    if b - a >= WIN:
+        x = torch.from_numpy(np.ascontiguousarray(src.read(a, b), dtype=np.float32))
+        n = x.numel()
+        wave[:n] = x
+    return wave, torch.tensor([n if n >= WIN else 0, round((a - ws) / HOP)], dtype=torch.int64)
+
+
+def batched_fbank(
+    wave: torch.Tensor,
+    span: torch.Tensor,
+    target_length: int,
+    num_mel_bins: int = 128,
+    sample_rate: int = SAMPLE_RATE,
+) -> torch.Tensor:
+    """:func:`window_fbank` for a batch, on ``wave``'s device: (B, N) waves and (B, 2) spans
+    of :func:`window_wave` -> (B, target_length, num_mel_bins).
+
+    The operations of ``torchaudio.compliance.kaldi.fbank`` with :func:`fbank`'s options
+    (whose single-waveform API cannot batch), on all windows at once: the mean of each
+    clip's usable samples removed; 25 ms frames every 10 ms; each frame's mean removed;
+    pre-emphasis 0.97; a symmetric Hann window; the power spectrum of the frame
+    zero-padded to 512; torchaudio's mel banks (20 Hz to Nyquist); ``log(max(e, eps))``.
+    Frames past the usable samples, or before the offset, are zeros as in
+    :func:`window_fbank`. Equal to it within float32 rounding (tested).
+    """
+    from torchaudio.compliance.kaldi import get_mel_banks
+
+    dev, B, N = wave.device, wave.shape[0], wave.shape[1]
+    wave = wave.float()
+    length, offset = span[:, 0].to(dev), span[:, 1].to(dev)
+    usable = torch.arange(N, device=dev) < length[:, None]
+    mean = (wave * usable).sum(1) / length.clamp(min=1)
+    x = (wave - mean[:, None]) * usable
+    frames = x.unfold(1, WIN, HOP)  # (B, M, 400)
+    frames = frames - frames.mean(-1, keepdim=True)
+    prev = torch.cat([frames[..., :1], frames[..., :-1]], -1)
+    frames = (frames - 0.97 * prev) * torch.hann_window(WIN, periodic=False, device=dev)
+    spec = torch.fft.rfft(frames, n=512).abs().pow(2.0)  # (B, M, 257)
+    banks = get_mel_banks(num_mel_bins, 512, float(sample_rate), 20.0, 0.0, 100.0, -500.0, 1.0)[0]
+    banks = torch.nn.functional.pad(banks.to(dev, torch.float32), (0, 1))  # (F, 257)
+    mel = torch.matmul(spec, banks.T)
+    mel = torch.clamp_min(mel, torch.finfo(torch.float32).eps).log()  # (B, M, F)
+    count = torch.where(length >= WIN, 1 + (length - WIN) // HOP, 0)
+    src_t = torch.arange(target_length, device=dev)[None] - offset[:, None]  # (B, T)
+    ok = (src_t >= 0) & (src_t < count[:, None])
+    idx = src_t.clamp(0, mel.shape[1] - 1)[..., None].expand(B, target_length, num_mel_bins)
+    return torch.gather(mel, 1, idx) * ok[..., None]
 
 
 def spec_augment(spec: torch.Tensor, freqm: int, timem: int) -> torch.Tensor:

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mmt_fast.errors import DataError
+from mmt_fast.errors import ConfigError, DataError
 
 from . import audio as A
 from . import video as Vd
@@ -92,7 +92,7 @@ class DataConfig:
     decoder_resize: bool = True  # decode frames at a reduced size (see video.decode_size)
     audio_span: bool = True  # decode only the audio the windows cover (False: the whole track)
     train_short_side: int | None = None  # None: round(crop_size * 320 / 224)
-    device_transforms: bool = False  # items: uint8 frames + raw fbank (see device_transforms.py)
+    device_transforms: bool = False  # items: uint8 frames + 16 kHz wave (see device_transforms.py)
 
     def __post_init__(self) -> None:
         checks = {
@@ -104,11 +104,11 @@ class DataConfig:
         }
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"DataConfig.{name}={getattr(self, name)!r}; expected {allowed}")
+                raise ConfigError(f"DataConfig.{name}={getattr(self, name)!r}; expected {allowed}")
         if min(self.num_frames, self.stride, self.crop_size, self.num_views) < 1:
-            raise ValueError("num_frames, stride, crop_size and num_views must be >= 1")
+            raise ConfigError("num_frames, stride, crop_size and num_views must be >= 1")
         if self.target_length < 1 or self.num_mel_bins < 1:
-            raise ValueError("target_length and num_mel_bins must be >= 1")
+            raise ConfigError("target_length and num_mel_bins must be >= 1")
 
     @property
     def train(self) -> bool:
@@ -187,7 +187,7 @@ class AVClipDataset(Dataset):
         records = list(records)
         kinds = {"label" if r.label is not None else "verb_noun" for r in records}
         if len(kinds) > 1:
-            raise ValueError("records mix single labels and verb/noun targets")
+            raise DataError("records mix single labels and verb/noun targets")
         self.target_kind = kinds.pop() if kinds else "label"
         if self.target_kind == "label" and class_index is None:
             class_index = ClassIndex.from_labels(r.label for r in records)
@@ -265,6 +265,61 @@ class AVClipDataset(Dataset):
             log.warning("skipping bad clip: %s", err)
         return BadItem(index, err.path, err.kind, err.reason)
 
+    def _load_audio(self, rec: ClipRecord, media: Media | None, centres) -> dict:
+        """``{"audio": ...}`` of one item: the fbank of each view's window (normalised,
+        SpecAugment in training), or with ``device_transforms`` the windows' samples and
+        spans (``audio_span``) for the device; ``centres``: the video windows' centres
+        (None: audio only)."""
+        cfg = self.config
+        data = media.data if media is not None else None
+        if cfg.modalities == "audio" and not str(rec.path).lower().endswith(".wav"):
+            if data is None and os.path.isdir(rec.path):
+                raise BadClipError(rec.path, "is a folder, not a media file", "missing_file")
+        for name, v in (("start", rec.start_s), ("end", rec.end_s)):
+            if v is not None and not (math.isfinite(v) and v >= 0):
+                raise BadClipError(
+                    rec.path, f"{name} {v} s is not a finite time >= 0", "bad_segment"
+                )
+        if media is None:
+            src = A.open_audio(rec.path, cfg.sample_rate)
+        else:
+            src = A.open_audio(rec.path, cfg.sample_rate, media.data, media.sidecar)
+        a0 = rec.start_s or 0.0
+        a1 = min(rec.end_s if rec.end_s is not None else float("inf"), src.duration)
+        if a1 <= a0:
+            raise BadClipError(
+                rec.path,
+                f"segment [{a0}, {rec.end_s}) s has no audio (audio lasts {src.duration:.2f} s)",
+                "bad_segment",
+            )
+        span = A.window_samples(cfg.target_length) / cfg.sample_rate
+        if centres is not None:
+            wss = [A.window_start(c, span, a0, a1, cfg.audio_align) for c in centres]
+        else:
+            wss = self._audio_only_starts(a0, a1, span)
+        # one read covers every view (test views overlap); the rest of a long track is skipped
+        sr, n_win = cfg.sample_rate, A.window_samples(cfg.target_length)
+        lo, hi = round(max(min(wss), a0) * sr), round(min(max(wss) * sr + n_win, a1 * sr))
+        if not cfg.audio_span:
+            lo, hi = src.start_sample, src.num_samples
+        src = A.preload(src, lo, hi)
+        if cfg.device_transforms:  # the fbank too is computed on the device, batched
+            waves = [A.window_wave(src, ws, a0, a1, cfg.target_length) for ws in wss]
+            w, span = (torch.stack(t) for t in zip(*waves))
+            if len(wss) == 1:
+                return {"audio": w[0, None], "audio_span": span[0]}
+            return {"audio": w[:, None], "audio_span": span}
+        specs = []
+        fbanks: dict[float, torch.Tensor] = {}  # views whose windows were clamped alike
+        for ws in wss:
+            if ws not in fbanks:
+                fbanks[ws] = A.window_fbank(src, ws, a0, a1, cfg.target_length, cfg.num_mel_bins)
+            spec = fbanks[ws].t().unsqueeze(0)  # (1, F, T); never modified in place
+            if cfg.train:
+                spec = A.spec_augment(spec, cfg.freqm, cfg.timem)
+            specs.append(A.normalize_fbank(spec, cfg.audio_mean, cfg.audio_std).contiguous())
+        return {"audio": specs[0] if len(specs) == 1 else torch.stack(specs)}
+
     def _load(self, index: int, rec: ClipRecord, media: Media | None = None) -> dict:
         cfg = self.config
         data = media.data if media is not None else None
@@ -319,52 +374,7 @@ class AVClipDataset(Dataset):
                 item["video_size"] = torch.tensor(decoded.shape[1:3], dtype=torch.int64)
             centres = [Vd.window_centre(times, f0 + s, L) for s in starts]
         if cfg.modalities in ("av", "audio"):
-            if cfg.modalities == "audio" and not str(rec.path).lower().endswith(".wav"):
-                if data is None and os.path.isdir(rec.path):
-                    raise BadClipError(rec.path, "is a folder, not a media file", "missing_file")
-            for name, v in (("start", rec.start_s), ("end", rec.end_s)):
-                if v is not None and not (math.isfinite(v) and v >= 0):
-                    raise BadClipError(
-                        rec.path, f"{name} {v} s is not a finite time >= 0", "bad_segment"
-                    )
-            if media is None:
-                src = A.open_audio(rec.path, cfg.sample_rate)
-            else:
-                src = A.open_audio(rec.path, cfg.sample_rate, media.data, media.sidecar)
-            a0 = rec.start_s or 0.0
-            a1 = min(rec.end_s if rec.end_s is not None else float("inf"), src.duration)
-            if a1 <= a0:
-                raise BadClipError(
-                    rec.path,
-                    f"segment [{a0}, {rec.end_s}) s has no audio (audio lasts {src.duration:.2f} s)",
-                    "bad_segment",
-                )
-            span = A.window_samples(cfg.target_length) / cfg.sample_rate
-            if centres is not None:
-                wss = [A.window_start(c, span, a0, a1, cfg.audio_align) for c in centres]
-            else:
-                wss = self._audio_only_starts(a0, a1, span)
-            # one read covers every view (test views overlap); the rest of a long track is skipped
-            sr, n_win = cfg.sample_rate, A.window_samples(cfg.target_length)
-            lo, hi = round(max(min(wss), a0) * sr), round(min(max(wss) * sr + n_win, a1 * sr))
-            if not cfg.audio_span:
-                lo, hi = src.start_sample, src.num_samples
-            src = A.preload(src, lo, hi)
-            specs = []
-            fbanks: dict[float, torch.Tensor] = {}  # views whose windows were clamped alike
-            for ws in wss:
-                if ws not in fbanks:
-                    fbanks[ws] = A.window_fbank(
-                        src, ws, a0, a1, cfg.target_length, cfg.num_mel_bins
-                    )
-                spec = fbanks[ws].t().unsqueeze(0)  # (1, F, T); never modified in place
-                if cfg.device_transforms:  # SpecAugment, normalisation: on the device
-                    specs.append(spec.contiguous())
-                    continue
-                if cfg.train:
-                    spec = A.spec_augment(spec, cfg.freqm, cfg.timem)
-                specs.append(A.normalize_fbank(spec, cfg.audio_mean, cfg.audio_std).contiguous())
-            item["audio"] = specs[0] if len(specs) == 1 else torch.stack(specs)
+            item.update(self._load_audio(rec, media, centres))
         for k, v in self._targets[index].items():
             item[k] = torch.tensor(v, dtype=torch.int64)
         item["index"] = torch.tensor(index, dtype=torch.int64)

@@ -1,13 +1,18 @@
 """The per-pixel transforms on the training device, batched (``data.device_transforms``).
 
-With ``DataConfig.device_transforms`` the loader stops after decoding and the
-fbank: items carry ``video`` as uint8 frames ``(T, h, w, 3)`` (``(V, T, h, w, 3)``
-with test views) at the decoded size plus ``video_size`` = ``(h, w)``, and
-``audio`` as the unnormalised fbank ``(1, F, Tt)``; :func:`collate_clips` pads
-frames of different sizes to the batch's largest. :class:`DeviceTransform` then
-does on the device, for a whole batch, what :func:`video.transform_frames`,
-:func:`audio.spec_augment` and :func:`audio.normalize_fbank` do per clip on the
-CPU:
+With ``DataConfig.device_transforms`` the loader stops after decoding: items
+carry ``video`` as uint8 frames ``(T, h, w, 3)`` (``(V, T, h, w, 3)`` with test
+views) at the decoded size plus ``video_size`` = ``(h, w)``, and ``audio`` as the
+window's 16 kHz samples ``(1, N)`` (``(V, 1, N)``) plus ``audio_span`` = (usable
+samples, first fbank frame) (:func:`audio.window_wave`); :func:`collate_clips`
+pads frames of different sizes to the batch's largest. :class:`DeviceTransform`
+then does on the device, for a whole batch, what :func:`audio.window_fbank`,
+:func:`video.transform_frames`, :func:`audio.spec_augment` and
+:func:`audio.normalize_fbank` do per clip on the CPU:
+
+- the Kaldi fbank of every window at once (:func:`audio.batched_fbank`: the
+  operations of ``torchaudio.compliance.kaldi.fbank``, whose one-waveform API
+  cannot batch), equal to the CPU path's within float32 rounding;
 
 - training: the random resized crop (torchvision's algorithm,
   :func:`video.random_resized_crop_box`), the resize to ``S x S`` (bilinear,
@@ -22,8 +27,10 @@ Randomness: the parameters of clip ``i`` in epoch ``e`` are drawn on the CPU
 from the generators seeded by ``(seed, e, i, 5)``, in the CPU path's order (crop
 box, flip, frequency mask, time mask), so they depend only on the clip and the
 epoch, and exact resume holds as for the CPU path. Under the same RNG state the
-draws, and on the CPU the outputs, are bit-identical to the CPU path's (tested);
-the test-time transform is deterministic and identical on the CPU.
+draws are the CPU path's, and on the CPU the video outputs are bit-identical to
+its (tested); the audio differs by the batched fbank's float32 rounding (about
+1e-5 of the fbank's range), so a run with device transforms is not bit-identical
+to one without.
 
 Batching: normalisation, flips and SpecAugment are single batched operations;
 the resize runs once per group of clips with the same crop (test: the same
@@ -39,6 +46,7 @@ import collections
 
 import torch
 
+from .audio import batched_fbank
 from .dataset import DataConfig
 from .video import random_resized_crop_box, resize_frames
 
@@ -79,11 +87,10 @@ class DeviceTransform:
         if not self.config.train:
             return [{} for _ in batch["index"]]
         sizes = batch.get("video_size")
+        f, t = self.config.num_mel_bins, self.config.target_length  # the fbank's shape
         out = []
         for b, i in enumerate(batch["index"].tolist()):
             h, w = (0, 0) if sizes is None else sizes[b].tolist()
-            fb = batch.get("audio")
-            f, t = (0, 0) if fb is None else fb.shape[-2:]
             s = derive_seed(self.seed, epoch, i, 5)
             out.append(run_seeded(s, _draw, self.config, h, w, f, t))
         return out
@@ -101,7 +108,8 @@ class DeviceTransform:
         if "video" in batch:
             out["video"] = self.video(batch["video"], batch["video_size"], params, device)
         if "audio" in batch:
-            out["audio"] = self.audio(batch["audio"], params, device)
+            out["audio"] = self.audio(batch["audio"], params, device, batch.get("audio_span"))
+            out.pop("audio_span", None)
         return out
 
     # ------------------------------------------------------------------ video
@@ -151,9 +159,23 @@ class DeviceTransform:
         return out if views else out[:, 0]
 
     # ------------------------------------------------------------------ audio
-    def audio(self, spec: torch.Tensor, params: list[dict], device: torch.device) -> torch.Tensor:
-        """Unnormalised fbank (B, [V,] 1, F, Tt) -> SpecAugment (training) and AST normalisation."""
+    def fbank(self, wave: torch.Tensor, span: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """16 kHz windows (B, [V,] 1, N) and their spans (B, [V,] 2) -> the unnormalised
+        fbank (B, [V,] 1, F, Tt), computed on ``device`` for all of them at once."""
         cfg = self.config
+        lead = wave.shape[:-2]
+        w = wave.to(device, non_blocking=True).reshape(-1, wave.shape[-1])
+        fb = batched_fbank(w, span.reshape(-1, 2), cfg.target_length, cfg.num_mel_bins,
+                           cfg.sample_rate)  # fmt: skip
+        return fb.transpose(1, 2).reshape(*lead, 1, cfg.num_mel_bins, cfg.target_length)
+
+    def audio(self, spec: torch.Tensor, params: list[dict], device: torch.device,
+              span: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Unnormalised fbank (B, [V,] 1, F, Tt), or the waves (B, [V,] 1, N) and ``span``
+        of the loader's items -> SpecAugment (training) and AST normalisation."""
+        cfg = self.config
+        if span is not None:
+            spec = self.fbank(spec, span, device)
         x = spec.to(device, non_blocking=True).float()
         if cfg.train:
             B, (F, Tt) = x.shape[0], x.shape[-2:]

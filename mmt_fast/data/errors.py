@@ -53,3 +53,19 @@ class BadClipError(DataError):
 
     def __reduce__(self):  # picklable across DataLoader worker processes
         return (type(self), (self.path, self.reason, self.kind))
+
+
+class ShardError(DataError):
+    """A shard that does not match its index: missing, of another size, damaged, or holding
+    another set's samples (the message names the shard file).
+
+    Raised in a DataLoader worker, it reaches the main process re-raised by PyTorch as
+    ``ShardError("Caught ShardError in DataLoader worker process 0.\\nOriginal Traceback
+    ...")``; the message is then cut back to the original one line.
+    """
+
+    def __init__(self, message: str) -> None:
+        if "\nOriginal Traceback" in message:
+            last = message.strip().splitlines()[-1]
+            message = last.split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)

@@ -53,7 +53,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mmt_fast.errors import DataError
+from mmt_fast.errors import ConfigError, DataError
 
 from .errors import BadClipError
 
@@ -140,7 +140,7 @@ class ClassIndex:
         names = [str(n) for n in names]
         dup = [n for n, c in collections.Counter(names).items() if c > 1]
         if dup:
-            raise ValueError(f"duplicate class names: {dup[:5]}")
+            raise DataError(f"duplicate class names: {dup[:5]}")
         self._names = names
         self._index = {n: i for i, n in enumerate(names)}
 
@@ -280,7 +280,7 @@ def read_kinetics_sounds(
         split: keep only rows of this split (official format only).
     """
     if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     root = Path(root)
     allowed = set(classes) if classes is not None else None
     with open(csv_path, newline="", encoding="utf-8-sig") as f:

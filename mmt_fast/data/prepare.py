@@ -44,7 +44,12 @@ record's target, clip id and split, with segment times shifted by ``offset_s``
 (the source time of the cut's first frame). ``prepare_report.json`` lists the
 unusable inputs per kind (:data:`mmt_fast.data.errors.BAD_KINDS`; they are left
 out of the manifest and never stop the batch), the clips without audio (kept,
-``no_audio``), counts, and the disk use.
+``no_audio``; also a clip whose audio track or sidecar cannot be read, with the
+reason: its video still serves video-only training, and audio training counts
+it ``no_audio``), counts, and the disk use. An output that cannot be written
+(no space, read-only, no permission, a file where a folder should be) is not an
+unusable input: it stops the run at once with a
+:class:`~mmt_fast.errors.StorageError` naming the path.
 
 Choosing the settings (:func:`settings_for`): the short side is what the
 training transform decodes at (``DataConfig.decode_short_side``: 320 px for the
@@ -54,7 +59,8 @@ the sampling window (16 frames for 16 frames at stride 4), so reaching a random
 window costs at most 15 extra frames (3 reference pictures with B-frames);
 ``bframes`` is the sampling stride minus one, so every stride-th frame is a
 reference and the others are decoded only when a window samples them: a
-61-frame window at stride 4 decodes 16-32 pictures instead of 61-76.
+61-frame window at stride 4 decodes 16-40 pictures (over every window start)
+instead of 61-76.
 
 Clips of format 1 (before the B-frames; no container comment) still load, through
 decord as any other video; since the format is part of each clip's key, running
@@ -66,7 +72,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import csv
+import errno
 import hashlib
+import io
 import json
 import math
 import multiprocessing as mp
@@ -75,10 +83,14 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from mmt_fast.errors import ConfigError, StorageError, TrainingError
 
 from . import audio as A
 from . import video as Vd
@@ -117,17 +129,17 @@ class PrepareSettings:
 
     def __post_init__(self) -> None:
         if self.short_side < 2 or self.gop < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"short_side ({self.short_side}) must be >= 2 and gop ({self.gop}) >= 1"
             )
         if not 0 <= self.bframes <= 16:
-            raise ValueError(f"bframes={self.bframes} must lie in [0, 16] (x264's limit)")
+            raise ConfigError(f"bframes={self.bframes} must lie in [0, 16] (x264's limit)")
         if not (math.isfinite(self.margin_s) and self.margin_s >= 0):
-            raise ValueError(f"margin_s={self.margin_s} must be a finite number >= 0")
+            raise ConfigError(f"margin_s={self.margin_s} must be a finite number >= 0")
         if not 0 <= self.crf <= 51:
-            raise ValueError(f"crf={self.crf} must lie in [0, 51]")
+            raise ConfigError(f"crf={self.crf} must lie in [0, 51]")
         if self.audio_subtype not in ("PCM_16", "PCM_24", "FLOAT", "FLAC"):
-            raise ValueError(
+            raise ConfigError(
                 f"audio_subtype={self.audio_subtype!r}; expected PCM_16, PCM_24, FLOAT or FLAC"
             )
 
@@ -198,7 +210,7 @@ def _source_key(job: Job, settings: PrepareSettings) -> dict:
     }
 
 
-def finished(job: Job, out_dir: Path, settings: PrepareSettings) -> dict | None:
+def finished_meta(job: Job, out_dir: Path, settings: PrepareSettings) -> dict | None:
     """The metadata of a finished clip that matches its source and ``settings``, else None."""
     meta_path = out_dir / f"{job.name}.json"
     try:
@@ -227,115 +239,170 @@ def _err_msg(e: BaseException) -> str:
     return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
 
 
+def _write_failed(path: Path, e: BaseException) -> StorageError:
+    """The error for a failed write of an output file (full disk, read-only, no permission,
+    a file where a folder should be): it stops the whole run, never one clip."""
+    why = _err_msg(e)
+    if not isinstance(e, OSError):  # libsndfile says only "System error"
+        with contextlib.suppress(OSError):
+            st = os.statvfs(path.parent)
+            if st.f_bavail == 0 or st.f_favail == 0:
+                why = f"No space left on device ({why})"
+    return StorageError(f"cannot write {path}: {why}")
+
+
+class _Encoder:
+    """Re-encodes the kept frames of one cut into ``dst`` (see the module docstring): sizes
+    and the display rotation from the first frame; frames held back ``bframes`` deep so the
+    last ones can be sent as P-frames; packet durations kept (the last frame's ends the clip)."""
+
+    def __init__(self, dst, st, settings: PrepareSettings, job: Job) -> None:
+        import av
+
+        self.dst, self.job, self.settings, self.tb = dst, job, settings, st.time_base
+        rate = st.average_rate or st.guessed_rate or 25
+        self.vs = dst.add_stream("libx264", rate=rate)
+        self.vs.pix_fmt = "yuv420p"
+        self.vs.codec_context.time_base = self.tb
+        self.first = self.size = None
+        self.rotation = 0
+        self.pts_out: list[int] = []
+        self.durations: dict[int, int] = {}
+        self.pending: collections.deque = collections.deque()  # frames not yet sent to x264
+        self.picture_type = av.video.frame.PictureType
+        self.configure(settings.bframes)
+
+    def configure(self, bframes: int) -> None:  # before the first frame is encoded
+        # B-frames in a fixed pattern (no adaptive placement), none used as a
+        # reference (no B-pyramid), closed GOPs: the loader skips the unneeded ones
+        g, s = str(self.settings.gop), self.settings
+        self.bframes = bframes
+        self.vs.options = {
+            "preset": s.preset, "crf": str(s.crf), "g": g, "keyint_min": g, "sc_threshold": "0",
+            "bf": str(bframes), "tune": "fastdecode", "threads": "1",
+            "x264-params": "b-pyramid=none:b-adapt=0:open-gop=0",
+        }  # fmt: skip
+        self.dst.metadata["comment"] = (
+            f"{Vd.PREPARED_TAG} format {FORMAT_VERSION}: H.264, GOP {s.gop}, "
+            f"{bframes} non-reference B-frames"
+        )
+
+    def _start(self, fr) -> None:
+        """Sizes from the first stored frame; its display rotation kept."""
+        self.first = fr.pts
+        self.size = output_size(fr.height, fr.width, self.settings.short_side)
+        self.vs.height, self.vs.width = self.size
+        self.rotation = round(fr.rotation or 0) % 360
+        if self.rotation:
+            self.vs.set_display_rotation(self.rotation)
+            # decord reads rotated clips (it turns them upright): no B-frames, whose
+            # reordering changes the last frame's end as decord reads it
+            self.configure(0)
+
+    def add(self, fr) -> None:
+        if self.first is None:
+            self._start(fr)
+        pts = fr.pts - self.first
+        oh, ow = self.size
+        # (reformat returns the frame itself when nothing changes: set pts after reading)
+        out = fr.reformat(width=ow, height=oh, format="yuv420p", interpolation="AREA")
+        if fr.duration:  # the last frame's duration ends the clip's time axis
+            self.durations[pts] = fr.duration
+        out.pts, out.time_base = pts, self.tb
+        out.pict_type = self.picture_type.NONE
+        self.pts_out.append(pts)
+        self.pending.append(out)
+        if len(self.pending) > self.bframes:
+            self._send(self.pending.popleft())
+
+    def finish(self) -> None:
+        # the last frames as P-frames: the last frame shown is then the last one stored,
+        # whose sample duration (its packet's) the muxer keeps: the clip's end time
+        while self.pending:
+            out = self.pending.popleft()
+            out.pict_type = self.picture_type.P
+            self._send(out)
+        self._send(None)
+
+    def _send(self, frame) -> None:
+        for p in self.vs.encode(frame):
+            if p.pts in self.durations:
+                p.duration = self.durations.pop(p.pts)
+            try:
+                self.dst.mux(p)
+            except OSError as e:  # PyAV's write errors are OSErrors (ENOSPC, EIO, ...)
+                raise _write_failed(Path(self.dst.name), e) from e
+
+
+def _frames_in_cut(src, st, job: Job):
+    """The source frames of ``job``'s cut, in order (BadClipError for missing or
+    non-increasing timestamps)."""
+    c0, c1 = job.cut if job.cut is not None else (None, None)
+    eps = 1e-6
+    tb, origin = st.time_base, st.start_time or 0
+    if c0:  # to the keyframe before the cut
+        src.seek(origin + int(c0 / tb), stream=st, backward=True)
+    prev = None
+    for fr in src.decode(st):
+        if fr.pts is None:
+            raise BadClipError(job.src, "a video frame has no timestamp", "corrupt_file")
+        t = float((fr.pts - origin) * tb)
+        if c0 is not None and t < c0 - eps:
+            continue
+        if c1 is not None and t >= c1 - eps:
+            break
+        if prev is not None and fr.pts <= prev:
+            raise BadClipError(
+                job.src, f"video timestamps do not increase at {t:.3f} s", "corrupt_file"
+            )
+        prev = fr.pts
+        yield fr
+
+
 def _encode_video(job: Job, tmp: Path, settings: PrepareSettings) -> dict:
-    """Decode the cut with PyAV, scale, re-encode to ``tmp``; the kept frames' times."""
+    """Decode the cut with PyAV, scale, re-encode to ``tmp``; the kept frames' times.
+    BadClipError for the source's faults, StorageError for the output's."""
     import av
 
     Vd.probe_video(job.src)  # missing, folder, no video, MPEG-TS: BadClipError
-    oh = ow = rotation = None
-    c0_cut, c1_cut = job.cut if job.cut is not None else (None, None)
-    eps = 1e-6
-    pts_out: list[int] = []
     try:
-        with av.open(job.src) as src, av.open(str(tmp), "w", format="mp4",
-                                              options={"movflags": "+faststart"}) as dst:  # fmt: skip
-            st = src.streams.video[0]
-            st.codec_context.thread_count = 1
-            tb = st.time_base
-            origin = st.start_time or 0
-            rate = st.average_rate or st.guessed_rate or 25
-            vs = dst.add_stream("libx264", rate=rate)
-            vs.pix_fmt = "yuv420p"
-            vs.codec_context.time_base = tb
-            g = str(settings.gop)
-
-            def configure(bframes: int) -> None:  # before the first frame is encoded
-                # B-frames in a fixed pattern (no adaptive placement), none used as a
-                # reference (no B-pyramid), closed GOPs: the loader skips the unneeded ones
-                vs.options = {
-                    "preset": settings.preset, "crf": str(settings.crf), "g": g,
-                    "keyint_min": g, "sc_threshold": "0", "bf": str(bframes),
-                    "tune": "fastdecode", "threads": "1",
-                    "x264-params": "b-pyramid=none:b-adapt=0:open-gop=0",
-                }  # fmt: skip
-                dst.metadata["comment"] = (
-                    f"{Vd.PREPARED_TAG} format {FORMAT_VERSION}: H.264, GOP {settings.gop}, "
-                    f"{bframes} non-reference B-frames"
-                )
-
-            bframes = settings.bframes
-            configure(bframes)
-            if c0_cut:  # to the keyframe before the cut
-                src.seek(origin + int(c0_cut / tb), stream=st, backward=True)
-            first = prev = None
-            durations: dict[int, int] = {}
-            pending: collections.deque = collections.deque()  # frames not yet sent to x264
-
-            def mux(p) -> None:
-                if p.pts in durations:
-                    p.duration = durations.pop(p.pts)
-                dst.mux(p)
-
-            for fr in src.decode(st):
-                if fr.pts is None:
-                    raise BadClipError(job.src, "a video frame has no timestamp", "corrupt_file")
-                t = float((fr.pts - origin) * tb)
-                if c0_cut is not None and t < c0_cut - eps:
-                    continue
-                if c1_cut is not None and t >= c1_cut - eps:
-                    break
-                if prev is not None and fr.pts <= prev:
-                    raise BadClipError(
-                        job.src, f"video timestamps do not increase at {t:.3f} s", "corrupt_file"
-                    )
-                prev = fr.pts
-                if first is None:  # sizes from the stored frame; its display rotation kept
-                    first = fr.pts
-                    oh, ow = output_size(fr.height, fr.width, settings.short_side)
-                    vs.width, vs.height = ow, oh
-                    rotation = round(fr.rotation or 0) % 360
-                    if rotation:
-                        vs.set_display_rotation(rotation)
-                        # decord reads rotated clips (it turns them upright): no B-frames,
-                        # whose reordering changes the last frame's end as decord reads it
-                        bframes = 0
-                        configure(bframes)
-                pts = fr.pts - first
-                # (reformat returns the frame itself when nothing changes: set pts after reading)
-                out = fr.reformat(width=ow, height=oh, format="yuv420p", interpolation="AREA")
-                if fr.duration:  # the last frame's duration ends the clip's time axis
-                    durations[pts] = fr.duration
-                out.pts, out.time_base = pts, tb
-                out.pict_type = av.video.frame.PictureType.NONE
-                pts_out.append(pts)
-                pending.append(out)
-                if len(pending) > bframes:
-                    for p in vs.encode(pending.popleft()):
-                        mux(p)
-            # the last frames as P-frames: the last frame shown is then the last one stored,
-            # whose sample duration (its packet's) the muxer keeps: the clip's end time
-            while pending:
-                out = pending.popleft()
-                out.pict_type = av.video.frame.PictureType.P
-                for p in vs.encode(out):
-                    mux(p)
-            for p in vs.encode():
-                mux(p)
-    except BadClipError:
-        raise
+        src = av.open(job.src)
     except Exception as e:
-        raise BadClipError(
-            job.src, f"cannot decode or re-encode the video: {_err_msg(e)}", "corrupt_file"
-        ) from e
-    if not pts_out:
+        raise BadClipError(job.src, f"cannot open the video: {_err_msg(e)}", "corrupt_file") from e
+    with src:
+        st = src.streams.video[0]
+        st.codec_context.thread_count = 1
+        tb, origin = st.time_base, st.start_time or 0  # (read before the container closes)
+        try:
+            dst = av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"})
+        except OSError as e:
+            raise _write_failed(tmp, e) from e
+        try:
+            enc = _Encoder(dst, st, settings, job)
+            for fr in _frames_in_cut(src, st, job):
+                enc.add(fr)
+            enc.finish()
+        except (BadClipError, StorageError):
+            raise
+        except Exception as e:
+            raise BadClipError(
+                job.src, f"cannot decode or re-encode the video: {_err_msg(e)}", "corrupt_file"
+            ) from e
+        finally:
+            try:
+                dst.close()  # the trailer and the faststart rewrite: output side
+            except OSError as e:
+                raise _write_failed(tmp, e) from e
+    if not enc.pts_out:
         raise BadClipError(job.src, f"no video frame in the cut {job.cut} s", "bad_segment")
-    upright = (ow, oh) if rotation in (90, 270) else (oh, ow)  # what decord returns
+    oh, ow = enc.size
+    upright = (ow, oh) if enc.rotation in (90, 270) else (oh, ow)  # what decord returns
     return {
-        "offset_s": float((first - origin) * tb),
-        "times": np.asarray(pts_out, np.float64) * float(tb),
+        "offset_s": float((enc.first - origin) * tb),
+        "times": np.asarray(enc.pts_out, np.float64) * float(tb),
         "height": upright[0],
         "width": upright[1],
-        "rotation": rotation,
+        "rotation": enc.rotation,
     }
 
 
@@ -358,21 +425,43 @@ def _write_audio(job: Job, tmp: Path, settings: PrepareSettings, offset_s: float
         return None
     start_s = (lo - k0) / sr
     chunk = 60 * sr
-    with soundfile.SoundFile(
-        str(tmp),
-        "w",
-        samplerate=sr,
-        channels=1,
-        subtype="PCM_16" if settings.audio_subtype == "FLAC" else settings.audio_subtype,
-        format="FLAC" if settings.audio_subtype == "FLAC" else "WAV",
-    ) as f:
+    flac = settings.audio_subtype == "FLAC"
+    try:
+        f = soundfile.SoundFile(
+            str(tmp), "w", samplerate=sr, channels=1, format="FLAC" if flac else "WAV",
+            subtype="PCM_16" if flac else settings.audio_subtype,
+        )  # fmt: skip
+    except Exception as e:  # soundfile reports a write error as "System error"
+        raise _write_failed(tmp, e) from e
+    try:
         if lo > k0:
             f.comment = f"{A.WAV_START_TAG}{start_s:.6f}"
         for a in range(lo, hi, chunk):
-            f.write(np.clip(src.read(a, min(a + chunk, hi)), -1.0, 1.0))
+            x = np.clip(src.read(a, min(a + chunk, hi)), -1.0, 1.0)  # the source's side
+            try:
+                f.write(x)
+            except Exception as e:
+                raise _write_failed(tmp, e) from e
+    finally:
+        try:
+            f.close()  # the header's sizes: output side
+        except Exception as e:
+            raise _write_failed(tmp, e) from e
     with contextlib.suppress(Exception):
         src.close()
     return {"samples": hi - lo, "start_s": start_s}
+
+
+def _audio_or_why(job: Job, tmp: Path, settings: PrepareSettings, offset_s: float):
+    """(audio, None), or (None, why) when the source's audio cannot be read: the clip is
+    kept without audio (video-only training uses it; audio training counts it
+    ``no_audio``), the reason goes to the report."""
+    try:
+        return _write_audio(job, tmp, settings, offset_s), None
+    except StorageError:
+        raise
+    except Exception as e:
+        return None, e.reason if isinstance(e, BadClipError) else _err_msg(e)
 
 
 def _verify(job: Job, mp4: Path, wav: Path | None, video: dict, audio: dict | None) -> None:
@@ -410,10 +499,24 @@ def _verify(job: Job, mp4: Path, wav: Path | None, video: dict, audio: dict | No
         ) from e
 
 
+def _install(tmp_mp4: Path, mp4: Path, tmp_wav: Path | None, wav: Path) -> None:
+    """Move the verified outputs into place (a stale sidecar would be read as this audio)."""
+    try:
+        os.replace(tmp_mp4, mp4)
+        for stale in (mp4.with_suffix(".wav"), mp4.with_suffix(".flac")):
+            if stale != wav or tmp_wav is None:
+                with contextlib.suppress(FileNotFoundError):
+                    stale.unlink()
+        if tmp_wav is not None:
+            os.replace(tmp_wav, wav)
+    except OSError as e:
+        raise _write_failed(Path(e.filename or mp4), e) from e
+
+
 def prepare_clip(job: Job, out_dir: Path, settings: PrepareSettings) -> dict:
     """Prepare one clip (resumable, atomic, verified); its metadata. BadClipError if unusable."""
     out_dir = Path(out_dir)
-    meta = finished(job, out_dir, settings)
+    meta = finished_meta(job, out_dir, settings)
     if meta is not None:
         return {**meta, "status": "done_before"}
     if not os.path.isfile(job.src):
@@ -423,20 +526,17 @@ def prepare_clip(job: Job, out_dir: Path, settings: PrepareSettings) -> dict:
     mp4 = out_dir / f"{job.name}.mp4"
     ext = ".flac" if settings.audio_subtype == "FLAC" else ".wav"
     wav, meta_path = mp4.with_suffix(ext), mp4.with_suffix(".json")
-    mp4.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mp4.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _write_failed(mp4.parent, e) from e
     tag = f".tmp-{os.getpid()}"
     tmp_mp4, tmp_wav = mp4.with_name(mp4.name + tag), wav.with_name(wav.name + tag)
     try:
         video = _encode_video(job, tmp_mp4, settings)
-        audio = _write_audio(job, tmp_wav, settings, video["offset_s"])
+        audio, audio_error = _audio_or_why(job, tmp_wav, settings, video["offset_s"])
         _verify(job, tmp_mp4, tmp_wav if audio else None, video, audio)
-        os.replace(tmp_mp4, mp4)
-        for stale in (mp4.with_suffix(".wav"), mp4.with_suffix(".flac")):
-            if stale != wav or audio is None:  # a stale sidecar would be read as this audio
-                with contextlib.suppress(FileNotFoundError):
-                    stale.unlink()
-        if audio is not None:
-            os.replace(tmp_wav, wav)
+        _install(tmp_mp4, mp4, tmp_wav if audio else None, wav)
     finally:
         for t in (tmp_mp4, tmp_wav):
             with contextlib.suppress(FileNotFoundError):
@@ -456,28 +556,136 @@ def prepare_clip(job: Job, out_dir: Path, settings: PrepareSettings) -> dict:
         "duration_s": float(times[-1] + (np.median(np.diff(times)) if len(times) > 1 else 0.0)),
         "audio": audio,
         "warnings": [] if audio is not None else ["no_audio"],
+        "audio_error": audio_error,
         "seconds": time.perf_counter() - t0,
     }
-    tmp_meta = meta_path.with_name(meta_path.name + tag)
-    tmp_meta.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp_meta, meta_path)
+    _atomic_write(meta_path, json.dumps(meta, indent=1))
     return {**meta, "status": "prepared"}
 
 
+RUNNING_DIR = ".prepare-running"  # one marker per clip being prepared: "<job> <pid>"
+
+
 def _run_job(args) -> tuple[int, dict]:
+    """Prepare job ``i`` in a worker: its result, a bad clip as a result; a StorageError
+    propagates (it stops the run). A marker file names the clip while it runs, so that
+    the parent can name it if this process dies."""
     i, job, out_dir, settings = args
+    marker = out_dir / RUNNING_DIR / f"{i}"
+    try:
+        marker.write_text(f"{job.src} {os.getpid()}")
+    except OSError as e:
+        raise _write_failed(marker, e) from e
     try:
         return i, prepare_clip(job, out_dir, settings)
     except BadClipError as e:
         return i, {"status": "bad", "kind": e.kind, "reason": e.reason}
+    except (StorageError, MemoryError):
+        raise
+    except OSError as e:
+        name = Path(os.path.abspath(e.filename)) if isinstance(e.filename, str) else None
+        if e.errno in _OUTPUT_ERRNOS and name and name.is_relative_to(out_dir.absolute()):
+            raise _write_failed(name, e) from e  # an output step not wrapped in prepare_clip
+        return i, {"status": "bad", "kind": "decode_error", "reason": f"{type(e).__name__}: {e}"}
     except Exception as e:  # one clip never stops the batch
         return i, {"status": "bad", "kind": "decode_error", "reason": f"{type(e).__name__}: {e}"}
+    finally:
+        with contextlib.suppress(OSError):
+            marker.unlink()
+
+
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                  errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.EFBIG}  # fmt: skip
 
 
 def _init_worker() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+def _running(out_dir: Path) -> str:
+    """The clips whose markers are left: those being prepared when a worker died (the
+    pool stops the others with SIGTERM, which leaves their markers too: a worker stuck
+    in C code must still stop, so no handler delays it)."""
+    names = []
+    for m in sorted((out_dir / RUNNING_DIR).glob("*"), key=lambda p: p.name):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            src, pid = m.read_text().rsplit(" ", 1)
+            names.append(f"{src} (pid {pid})")
+    return ", ".join(names) or "unknown"
+
+
+def _run_pool(tasks: list, workers: int, done: Callable[[int, dict], None], out_dir: Path):
+    """Run ``tasks`` in ``workers`` processes, calling ``done`` as each finishes. A dead
+    worker (SIGKILL, the out-of-memory killer) stops the run with a TrainingError naming
+    the clips that were being prepared; a StorageError stops it at once."""
+    # not fork: a decord reader inherited from this process and freed in a child
+    # hangs it (see dataset._release_frames); the fork server starts clean
+    methods = mp.get_all_start_methods()
+    ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if ctx.get_start_method() == "forkserver":  # workers fork from a server that imported us
+        ctx.set_forkserver_preload([__name__])
+    pool = ProcessPoolExecutor(min(workers, len(tasks)), ctx, initializer=_init_worker)
+    try:
+        futures = [pool.submit(_run_job, t) for t in tasks]
+        for f in as_completed(futures):
+            done(*f.result())
+    except BrokenProcessPool as e:
+        pool.shutdown(wait=True)  # every worker stopped: no marker changes any more
+        raise TrainingError(
+            "a prepare worker process died (killed: out of memory, or a signal); the clips "
+            f"being prepared then, one of them by that worker: {_running(out_dir)}; finished "
+            "clips are kept: run prepare "
+            "again to resume (with fewer --workers if memory ran out)"
+        ) from e
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_all(jobs: list[Job], out_dir: Path, settings: PrepareSettings, workers: int,
+             progress: bool) -> tuple[dict[int, dict], int]:  # fmt: skip
+    """Every job's result ({job: result}) and how many were finished before."""
+    try:
+        (out_dir / RUNNING_DIR).mkdir(parents=True, exist_ok=True)
+        (out_dir / "clips").mkdir(exist_ok=True)
+    except OSError as e:
+        raise _write_failed(Path(e.filename or out_dir), e) from e
+    for stale in [*(out_dir / "clips").glob("*.tmp-*"), *(out_dir / RUNNING_DIR).glob("*")]:
+        with contextlib.suppress(OSError):  # left by an interrupted run
+            stale.unlink()
+    results: dict[int, dict] = {}
+    tasks = [(i, j, out_dir, settings) for i, j in enumerate(jobs)]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=len(jobs), unit="clip", desc="prepare", file=sys.stderr, dynamic_ncols=True
+        )
+    counts = collections.Counter()
+
+    def done(i: int, r: dict) -> None:
+        results[i] = r
+        counts[r["status"]] += 1
+        if bar is not None:
+            bar.set_postfix(unusable=counts["bad"], done_before=counts["done_before"],
+                            refresh=False)  # fmt: skip
+            bar.update()
+
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            _init_worker()
+            for t in tasks:
+                done(*_run_job(t))
+        else:
+            _run_pool(tasks, workers, done, out_dir)
+    finally:
+        if bar is not None:
+            bar.close()
+    with contextlib.suppress(OSError):  # empty unless a worker died
+        (out_dir / RUNNING_DIR).rmdir()
+    return results, counts["done_before"]
 
 
 # ------------------------------------------------------------------ a dataset
@@ -491,70 +699,16 @@ def _fmt_bytes(n: float) -> str:
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def prepare_dataset(
-    records: Sequence[ClipRecord],
-    out_dir: str | os.PathLike,
-    settings: PrepareSettings,
-    workers: int = 1,
-    progress: bool = True,
-    log: Callable[[str], None] | None = None,
-) -> dict:
-    """Prepare every record into ``out_dir`` (see the module docstring); returns the report.
-
-    ``records[i].split`` goes to the manifest's split column. Unusable inputs are
-    reported, never raised; ``workers`` processes share the clips. One run at a time
-    per ``out_dir`` (temporary files of an interrupted run are removed at the start).
-    """
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    jobs, which = plan_jobs(records, settings.margin_s)
-    for stale in (out_dir / "clips").glob("*.tmp-*"):  # left by an interrupted run
-        with contextlib.suppress(OSError):
-            stale.unlink()
-    results: dict[int, dict] = {}
-    tasks = [(i, j, out_dir, settings) for i, j in enumerate(jobs)]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=len(jobs), unit="clip", desc="prepare", file=sys.stderr, dynamic_ncols=True
-        )
-    n_bad = n_before = 0
-
-    def done(i: int, r: dict) -> None:
-        nonlocal n_bad, n_before
-        results[i] = r
-        n_bad += r["status"] == "bad"
-        n_before += r["status"] == "done_before"
-        if bar is not None:
-            bar.set_postfix(unusable=n_bad, done_before=n_before, refresh=False)
-            bar.update()
-
     try:
-        if workers <= 1 or len(jobs) <= 1:
-            _init_worker()
-            for t in tasks:
-                done(*_run_job(t))
-        else:
-            # not fork: a decord reader inherited from this process and freed in a child
-            # hangs it (see dataset._release_frames); the fork server starts clean
-            methods = mp.get_all_start_methods()
-            method = "forkserver" if "forkserver" in methods else "spawn"
-            with mp.get_context(method).Pool(min(workers, len(jobs)), _init_worker) as pool:
-                for i, r in pool.imap_unordered(_run_job, tasks, chunksize=1):
-                    done(i, r)
-    finally:
-        if bar is not None:
-            bar.close()
-    # the manifest: one row per usable record, in the input order
-    rows, unusable, no_audio = [], {}, []
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise _write_failed(path, e) from e
+
+
+def _manifest_rows(records, which, jobs, results) -> list[dict]:
+    """One manifest row per usable record, in the input order."""
+    rows = []
     for rec, ji in zip(records, which):
         r, job = results[ji], jobs[ji]
         if r["status"] == "bad":
@@ -574,6 +728,11 @@ def prepare_dataset(
             "end_s": "" if end is None else f"{end:.6f}",
             "split": rec.split or "", "source": rec.path, "offset_s": f"{off:.6f}" if job.cut else "",
         })  # fmt: skip
+    return rows
+
+
+def _report(records, rows, jobs, results, settings, out_dir, n_before, t0) -> dict:
+    unusable, no_audio = {}, []
     for i, job in enumerate(jobs):
         r = results[i]
         if r["status"] == "bad":
@@ -582,19 +741,17 @@ def prepare_dataset(
             )
         elif "no_audio" in r.get("warnings", ()):
             no_audio.append({"path": job.src, "clip_ids": job.clip_ids})
-    import io
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, MANIFEST_COLUMNS, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    _atomic_write(out_dir / MANIFEST_NAME, buf.getvalue())
+            if r.get("audio_error"):  # an audio track or sidecar that cannot be read
+                no_audio[-1]["reason"] = r["audio_error"]
     good = [results[i] for i in range(len(jobs)) if results[i]["status"] != "bad"]
-    out_bytes = sum(s for r in good for s in r["files"].values())
     src_bytes = sum(
         os.path.getsize(j.src) for j in {j.src: j for j in jobs}.values() if os.path.isfile(j.src)
     )
-    report = {
+
+    def files(*ends):
+        return sum(s for r in good for f, s in r["files"].items() if f.endswith(ends))
+
+    return {
         "out_dir": str(out_dir),
         "manifest": MANIFEST_NAME,
         "settings": asdict(settings),
@@ -607,25 +764,61 @@ def prepare_dataset(
         "unusable": dict(sorted(unusable.items())),
         "warnings": {"no_audio": no_audio},
         "bytes": {
-            "prepared": out_bytes,
-            "video": sum(s for r in good for f, s in r["files"].items() if f.endswith(".mp4")),
-            "audio": sum(
-                s for r in good for f, s in r["files"].items() if f.endswith((".wav", ".flac"))
-            ),
+            "prepared": files(""),
+            "video": files(".mp4"),
+            "audio": files(".wav", ".flac"),
             "sources": src_bytes,
         },
         "seconds": time.perf_counter() - t0,
     }
+
+
+def prepare_dataset(
+    records: Sequence[ClipRecord],
+    out_dir: str | os.PathLike,
+    settings: PrepareSettings,
+    workers: int = 1,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Prepare every record into ``out_dir`` (see the module docstring); returns the report.
+
+    ``records[i].split`` goes to the manifest's split column. Unusable inputs are
+    reported, never raised; ``workers`` processes share the clips. One run at a time
+    per ``out_dir`` (temporary files of an interrupted run are removed at the start).
+    An output that cannot be written (no space, read-only, no permission, a file where
+    a folder should be) raises :class:`~mmt_fast.errors.StorageError` naming it, at
+    once; a worker that dies raises :class:`~mmt_fast.errors.TrainingError` naming the
+    clips being prepared.
+    """
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _write_failed(out_dir, e) from e
+    t0 = time.perf_counter()
+    jobs, which = plan_jobs(records, settings.margin_s)
+    results, n_before = _run_all(jobs, out_dir, settings, workers, progress)
+    rows = _manifest_rows(records, which, jobs, results)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, MANIFEST_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    _atomic_write(out_dir / MANIFEST_NAME, buf.getvalue())
+    report = _report(records, rows, jobs, results, settings, out_dir, n_before, t0)
     _atomic_write(out_dir / REPORT_NAME, json.dumps(report, indent=1) + "\n")
+    b = report["bytes"]
     bad_txt = ", ".join(f"{k} {v}" for k, v in report["unusable_counts"].items()) or "none"
+    no_audio = report["warnings"]["no_audio"]
     log(
         f"prepared {report['prepared']} clips, {n_before} finished before, unusable: {bad_txt}"
         + (f", without audio (kept): {len(no_audio)}" if no_audio else "")
         + f" ({report['seconds']:.1f} s); report: {out_dir / REPORT_NAME}"
     )
     log(
-        f"disk: {_fmt_bytes(out_bytes)} in {out_dir} (video {_fmt_bytes(report['bytes']['video'])}, "
-        f"audio {_fmt_bytes(report['bytes']['audio'])}; sources {_fmt_bytes(src_bytes)}); "
+        f"disk: {_fmt_bytes(b['prepared'])} in {out_dir} (video {_fmt_bytes(b['video'])}, "
+        f"audio {_fmt_bytes(b['audio'])}; sources {_fmt_bytes(b['sources'])}); "
         f"manifest: {out_dir / MANIFEST_NAME} ({len(rows)} rows)"
     )
     return report

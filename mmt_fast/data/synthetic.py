@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mmt_fast.errors import ConfigError
+
 from .manifests import ClassIndex
 
 MOTIONS: tuple[str, ...] = ("right", "left", "down", "up")
@@ -100,7 +102,7 @@ def factorize(num_classes: int) -> tuple[int, int]:
         if nv >= 2 and num_classes % nv == 0 and 2 <= num_classes // nv <= 4:
             na = num_classes // nv
             return max(nv, na), min(nv, na)
-    raise ValueError(f"num_classes={num_classes} must be n_video * n_audio with both in 2..4")
+    raise ConfigError(f"num_classes={num_classes} must be n_video * n_audio with both in 2..4")
 
 
 def render_clip(
@@ -167,7 +169,7 @@ def make_synthetic(
     rounds of ``num_classes`` so each split is balanced too.
     """
     if size % 2:
-        raise ValueError("size must be even (yuv420p)")
+        raise ConfigError("size must be even (yuv420p)")
     n_video, n_audio = factorize(num_classes)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,15 @@ def _tuples(x):
 
 
 # ------------------------------------------------------------------ records
+def _no_split_column(split: str, path: str, shared: list[str]) -> DataError:
+    return DataError(
+        f"data.{split}={path!r} has no 'split' column but also serves "
+        f"{', '.join('data.' + s for s in shared)}: every row would be used for each "
+        "(test clips trained on). Add a split column (train/val/test) or give one "
+        "manifest per split"
+    )
+
+
 def read_records(data: DataSection, split: str) -> list[ClipRecord] | None:
     """The records of ``split`` (``train``/``val``/``test``), None when not configured."""
     path = getattr(data, split)
@@ -54,12 +63,7 @@ def read_records(data: DataSection, split: str) -> list[ClipRecord] | None:
         if name is not None and any(r.split for r in recs):
             recs = [r for r in recs if r.split == name]
         elif name is not None and shared and recs:
-            raise DataError(
-                f"data.{split}={path!r} has no 'split' column but also serves "
-                f"{', '.join('data.' + s for s in shared)}: every row would be used for each "
-                "(test clips trained on). Add a split column (train/val/test) or give one "
-                "manifest per split"
-            )
+            raise _no_split_column(split, path, shared)
     elif data.format == "vggsound":
         recs = read_vggsound(path, root or Path(path).parent, split=name)
     elif data.format == "kinetics_sounds":
@@ -78,6 +82,8 @@ def read_records(data: DataSection, split: str) -> list[ClipRecord] | None:
 
         index = ShardIndex.load(path)
         recs = [index.record(i) for i in index.select(name)]
+        if name is not None and shared and recs and not index.has_splits():
+            raise _no_split_column(split, path, shared)
     else:
         recs = read_epic_kitchens(path, root or Path(path).parent)
     if not recs:
@@ -188,20 +194,18 @@ def build_split_dataset(
     mc: MMTConfig,
 ):
     """The map-style dataset of ``split``: :class:`AVClipDataset` over ``records``, or for
-    ``data.format: webdataset`` :class:`~mmt_fast.data.shards.ShardClips` over the split's
-    shard index (``data.<split>``), which holds its own records: ``records`` is then not
-    used (the caller reads them from the same index with :func:`read_records`)."""
+    ``data.format: webdataset`` :class:`~mmt_fast.data.shards.ShardClips` serving those
+    ``records`` (samples of the split's index) from the shards."""
     if data.format != "webdataset":
         return build_dataset(records, dc, classes, mc)
     from mmt_fast.data.shards import ShardClips
 
     name = getattr(data, f"{split}_split")
     if classes["kind"] == "label":
-        return ShardClips(getattr(data, split), name, dc, class_index=ClassIndex(classes["names"]))
-    heads = mc.heads
-    return ShardClips(
-        getattr(data, split), name, dc, num_verbs=heads["verb"], num_nouns=heads["noun"]
-    )
+        kw = {"class_index": ClassIndex(classes["names"])}
+    else:
+        kw = {"num_verbs": mc.heads["verb"], "num_nouns": mc.heads["noun"]}
+    return ShardClips(getattr(data, split), name, dc, records, **kw)
 
 
 def make_loader(

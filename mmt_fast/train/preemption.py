@@ -23,6 +23,14 @@ second signal (or a third) arriving during the save changes nothing: the
 checkpoint is finished and the process exits as after the first. Once a run
 has stopped for a signal, the signals are ignored until the process exits.
 
+Start-up (reading the data, building the model, loading a checkpoint) comes
+before the training loop and its :class:`StopWatch`: :class:`StartupGuard`
+covers it. A handled signal then stops start-up at once (there is nothing to
+save yet), the marker is written with ``"step": null`` and the command exits
+with 75 as after a checkpoint; a signal between the end of start-up and the
+loop is recorded and handed to the loop's :class:`StopWatch`, which stops after
+the first step.
+
 Under DDP each rank checks the flag after every step with one all-reduce of a
 few numbers (the stop flag, the "checkpoint is due" flag of
 ``train.ckpt_every_minutes`` decided by rank 0's clock, and the trainer's
@@ -35,10 +43,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -80,6 +88,8 @@ class StopWatch:
         if self.signals and threading.current_thread() is not threading.main_thread():
             log.warning("not in the main thread: preemption signals are not handled")
             return self
+        self.received.extend(_PENDING)  # arrived after start-up, before this loop
+        _PENDING.clear()
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handler)
         return self
@@ -145,6 +155,49 @@ class StopWatch:
         return stop > 0, due > 0, counts
 
 
+_PENDING: list[str] = []  # signals recorded by a StartupGuard after start-up
+
+
+class StartupPreempted(BaseException):
+    """Raised by :class:`StartupGuard`'s handler in the main thread (a BaseException, so
+    that no ``except Exception`` on the way swallows it); ``args[0]`` is the signal name."""
+
+
+class StartupGuard:
+    """Preemption signals before the training loop: ``with guard:`` around start-up makes
+    a handled signal raise :class:`StartupPreempted` at once; on leaving, the handlers
+    only record (for the loop's :class:`StopWatch`) until :meth:`restore`."""
+
+    def __init__(self, signals=()) -> None:
+        self.signals = [parse_signal(s) for s in signals]
+        self._previous: dict[signal.Signals, object] = {}
+
+    def _raise(self, signum, frame) -> None:
+        raise StartupPreempted(signal.Signals(signum).name)
+
+    @staticmethod
+    def _record(signum, frame) -> None:
+        _PENDING.append(signal.Signals(signum).name)
+
+    def __enter__(self) -> StartupGuard:
+        _PENDING.clear()
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._raise)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig in self._previous:
+            signal.signal(sig, self._record if exc[0] is None else signal.SIG_IGN)
+
+    def restore(self) -> None:
+        """Put the signal handlers back as they were before :meth:`__enter__`."""
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)  # type: ignore[arg-type]
+        self._previous.clear()
+        _PENDING.clear()
+
+
 def write_marker(out_dir: Path, info: dict) -> Path:
     """``out_dir/preempted.json``: why and where the run stopped (read by job scripts)."""
     from mmt_fast.run.checkpoint import write_json_atomic
@@ -154,13 +207,24 @@ def write_marker(out_dir: Path, info: dict) -> Path:
     return p
 
 
+def preempted_at_startup(out_dir: str | Path, sig: str, rank: int) -> dict:
+    """The summary of a run stopped by ``sig`` before its first step (nothing to save);
+    rank 0 writes the marker so that a job script requeues it."""
+    reason = f"{sig} (received by rank {rank} during start-up)"
+    if rank == 0:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        write_marker(Path(out_dir), {"signal": reason, "step": None, "checkpoint": None})
+        print(
+            f"[mmt-fast] preempted by {reason}: stopped before the first step, nothing to "
+            "save; start it again (exit code 75)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return {"preempted": reason, "interrupted": True, "step": None}
+
+
 def clear_marker(out_dir: Path) -> None:
     (Path(out_dir) / MARKER).unlink(missing_ok=True)
-
-
-def read_marker(out_dir: Path) -> dict | None:
-    p = Path(out_dir) / MARKER
-    return json.loads(p.read_text()) if p.is_file() else None
 
 
 def _ignore(signals: tuple[int, ...], worker_id: int) -> None:

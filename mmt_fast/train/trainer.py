@@ -55,7 +55,15 @@ from mmt_fast.run.evaluation import gather_predictions, report, summary
 from mmt_fast.run.loop import autocast, model_inputs
 from mmt_fast.run.sampling import CachedDataset, ResumableSampler, SeededDataset, derive_seed
 from mmt_fast.train.logger import MetricLogger
-from mmt_fast.train.preemption import StopWatch, clear_marker, worker_ignores, write_marker
+from mmt_fast.train.preemption import (
+    StartupGuard,
+    StartupPreempted,
+    StopWatch,
+    clear_marker,
+    preempted_at_startup,
+    worker_ignores,
+    write_marker,
+)
 from mmt_fast.train.schedule import WarmupCosine
 
 log = logging.getLogger("mmt_fast.train")
@@ -297,14 +305,14 @@ class Trainer:
     def _load_state(self, ck) -> None:
         s = ck.state
         if s.get("world_size") != self.dist.world_size and s.get("batch_in_epoch", 0):
-            raise ValueError(
+            raise ConfigError(
                 f"{ck.path} was written mid-epoch by {s.get('world_size')} processes; resume "
                 f"with the same number (now {self.dist.world_size}) or from an end-of-epoch checkpoint"
             )
         saved_workers = s.get("sampler", {}).get("workers")
         now_workers = self.sampler.state_dict().get("workers")
         if saved_workers != now_workers and s.get("batch_in_epoch", 0):
-            raise ValueError(
+            raise ConfigError(
                 f"{ck.path} was written mid-epoch while streaming shards with {saved_workers} "
                 f"DataLoader worker(s) per process; resume with data.num_workers giving the "
                 f"same count (now {now_workers}) or from an end-of-epoch checkpoint"
@@ -741,9 +749,11 @@ class Trainer:
 
             (self.out_dir / "train_summary.json").write_text(json.dumps(result, indent=1) + "\n")
             n_bad = len(bad)
+            mid = 0 < self.batch_in_epoch < self.batches_per_epoch  # self.epoch: 0-based
+            where = f"in epoch {self.epoch + 1}" if mid else f"after epoch {self.epoch}"
             self._print(
                 f"{'stopped' if interrupted else 'done'} at step {self.step}/{self.total_steps} "
-                f"(epoch {self.epoch}/{self.planned_epochs}) in {elapsed:.1f} s; "
+                f"({where}/{self.planned_epochs}) in {elapsed:.1f} s; "
                 + (
                     f"skipped {n_bad} bad clips {result['skipped_clips']} "
                     f"({sum(skipped.values())} times; list in train_summary.json)"
@@ -782,9 +792,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     threads = torch.get_num_threads()
     det = torch.are_deterministic_algorithms_enabled()
     det_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    guard = StartupGuard(cfg.train.preempt_signals)
+    result: dict = {}
     try:
-        return Trainer(cfg, resume=resume).fit()
+        with guard:  # a preemption signal before the first step: exit 75 all the same
+            trainer = Trainer(cfg, resume=resume)
+        result = trainer.fit()
+        return result
+    except StartupPreempted as e:
+        result = preempted_at_startup(cfg.train.out_dir, e.args[0], D.rank())
+        return result
     finally:
+        if not result.get("preempted"):  # a stopped run ignores the signals until it exits
+            guard.restore()
         D.cleanup()
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(det, warn_only=det_warn)
