@@ -373,7 +373,7 @@ def _fuse_chains(trace: list[Op]) -> list[tuple[str, int, int, Op | None]]:
         made = {s for o in chain for s, _ in o.outputs}
         read = {s: b for o in chain for s, b in o.inputs if s not in made}
         written = 0
-        for k, o in enumerate(chain):
+        for o in chain:
             for s, b in o.outputs:
                 later = [r for r in readers[s] if r >= j or r < i]
                 if later or not readers[s]:
