@@ -110,7 +110,10 @@ def step_model_table(data: dict) -> str:
         f"Model, not a measurement: one training step traced on FakeTensors "
         f"(`benchmarks/results/{data['_file']}`, {data['date'][:10]}, torch {data['torch']}), "
         "each op at its roofline; fused attention ops at the compile gate's model time. "
-        "H200: " + data["gpus"]["H200"]["source"] + "; A100: " + data["gpus"]["A100"]["source"]
+        "H200: "
+        + data["gpus"]["H200"]["source"]
+        + "; A100: "
+        + data["gpus"]["A100"]["source"]
         + ".",
         "",
         "| model | category | eager GFLOP | eager GB | eager ms | selective ms | fused ms |",
@@ -138,7 +141,8 @@ def step_model_table(data: dict) -> str:
                 f"{v[k][gpu]['step_ms']:.1f} ({v[k][gpu]['clips_per_s']:.0f})" for k in variants
             ]
             lines.append(
-                f"| {name} | {m['batch']} | {gpu} | " + " | ".join(cells)
+                f"| {name} | {m['batch']} | {gpu} | "
+                + " | ".join(cells)
                 + f" | {v['eager'][gpu]['dominant']} |"
             )
     return "\n".join(lines)

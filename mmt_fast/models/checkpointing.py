@@ -46,6 +46,7 @@ the same matmul FLOPs.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -121,19 +122,17 @@ def _reentered_modes() -> list:
     return [m for m in stack if getattr(m, "reenter_on_recompute", False)]
 
 
-def _recompute_modes() -> tuple[
-    contextlib.AbstractContextManager, contextlib.AbstractContextManager
-]:
-    """Contexts for the forward pass and the recomputation (full recomputation)."""
-    return contextlib.nullcontext(), _entered(_reentered_modes())
-
-
-def _selective_modes() -> tuple[
-    contextlib.AbstractContextManager, contextlib.AbstractContextManager
-]:
-    """Contexts for the forward pass and the recomputation under :func:`selective_policy`."""
+def _contexts(
+    selective: bool,
+) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """``checkpoint``'s ``context_fn``: contexts for the forward pass and the
+    recomputation; the selective policy's pair of dispatch modes as they are (which
+    torch.compile requires) unless a function mode must be re-entered too."""
+    reentered = _reentered_modes()
+    if not selective:
+        return contextlib.nullcontext(), _entered(reentered)
     forward, recompute = create_selective_checkpoint_contexts(selective_policy)
-    return forward, _entered([*_reentered_modes(), recompute])
+    return (forward, _entered([*reentered, recompute])) if reentered else (forward, recompute)
 
 
 def run_block(module: nn.Module, block: nn.Module, index: int, *args: Any) -> Any:
@@ -142,7 +141,9 @@ def run_block(module: nn.Module, block: nn.Module, index: int, *args: Any) -> An
     selective policy when ``module.checkpoint_selective``)."""
     if module.training and index in getattr(module, "checkpoint_blocks", ()):
         selective = getattr(module, "checkpoint_selective", False)
-        contexts = _selective_modes if selective else _recompute_modes
+        if not selective and not _reentered_modes():
+            return checkpoint(block, *args, use_reentrant=False)
+        contexts = functools.partial(_contexts, selective)
         return checkpoint(block, *args, use_reentrant=False, context_fn=contexts)
     return block(*args)
 
