@@ -43,7 +43,10 @@ def _loss_and_grads(model, fn, name, inputs):
 
 @pytest.mark.parametrize(
     "name, mode",
-    [("MAT-tiny", "selective"), pytest.param("MMT-tiny", "selective", marks=pytest.mark.slow)],
+    [
+        pytest.param("MAT-tiny", "selective", marks=pytest.mark.slow),
+        pytest.param("MMT-tiny", "selective", marks=pytest.mark.slow),
+    ],
 )
 def test_fullgraph_forward_backward_equals_eager(name, mode):
     """float64: the compiled step's loss and every gradient equal the eager ones, up to
