@@ -39,7 +39,7 @@ Per block that keeps its input (``checkpoint`` holds it), the outputs of its
 linear layers (qkv, proj, fc1, fc2) and the attention output; the backward
 recomputes the rest from them, one block at a time. Measured with the memory
 estimate (``python -m benchmarks.flops_memory``): MAT with the fused ops, batch
-64, fp16 autocast, 20.86 GiB without checkpointing, 11.02 GiB selective, with
+64, fp16 autocast, 19.96 GiB without checkpointing, 11.02 GiB selective, with
 the same matmul FLOPs.
 """
 
