@@ -49,12 +49,15 @@ code, device_transforms) with ``clips_per_s`` (per worker).
 
 The demand side (``demand`` in the JSON): the clips/s a GPU consumes when
 training each model preset. With CUDA, measured (forward + backward in bf16
-autocast, batch 8, after warm-up); without, computed from the forward
-multiply-adds per clip (``benchmarks/results/flops_memory_cpu.json``, fvcore's
-count) as ``3 x 2 x MACs`` FLOPs per training clip (forward + backward at 2
-FLOPs per multiply-add) at a stated MFU: H200 790 TFLOP/s bf16 dense at 30%,
-A100 312 at 35% (labelled estimates). Workers per GPU = that rate / one
-worker's training clips/s.
+autocast, batch 8, after warm-up); without, read from the step model
+(``benchmarks/results/step_model.json``, :mod:`benchmarks.step_model`: one
+training step traced op by op, each at its roofline on an H200 or A100, with
+element-wise chains fused as a compiler would: the fastest step it models, so
+the most clips/s the loader must supply); presets it does not model (AST) fall
+back to the forward multiply-adds per clip (``flops_memory_cpu.json``) as
+``3 x 2 x MACs`` FLOPs per training clip at a stated MFU (H200 790 TFLOP/s bf16
+dense at 30%, A100 312 at 35%). Workers per GPU = that rate / one worker's
+training clips/s.
 """
 
 from __future__ import annotations
@@ -409,6 +412,28 @@ def demand_estimates(gmacs: dict[str, float]) -> list[dict]:
     return rows
 
 
+def demand_from_step_model(path: Path | None = None) -> list[dict]:
+    """Clips/s per GPU from the step model's JSON (its ``fused`` variant), for the presets
+    it models; the rest from :func:`demand_estimates`."""
+    path = path or Path(__file__).parent / "results" / "step_model.json"
+    models = json.loads(path.read_text())["models"] if path.exists() else {}
+    rows, rest = [], {}
+    gmacs = _gmacs_from_results()
+    for preset, model in DEMAND_PRESETS.items():
+        if model not in models:
+            if preset in gmacs:
+                rest[preset] = gmacs[preset]
+            continue
+        m = models[model]["variants"]["fused"]
+        for gpu in GPUS:
+            rows.append({
+                "preset": preset, "gpu": gpu, "clips_per_s": m[gpu]["clips_per_s"],
+                "step_ms": m[gpu]["step_ms"], "batch": models[model]["batch"],
+                "method": f"step model ({path.name}: roofline per op, element-wise fused)",
+            })  # fmt: skip
+    return rows + demand_estimates(rest)
+
+
 def _gmacs_from_results() -> dict[str, float]:
     res = json.loads((Path(__file__).parent / "results" / "flops_memory_cpu.json").read_text())
     by_model = {r["model"]: r["gflops"] for r in res["rows"]}
@@ -579,7 +604,7 @@ def _demand(rows: list[dict]) -> list[dict]:
     if torch.cuda.is_available():
         demand = measure_gpu(list(DEMAND_PRESETS))
     else:
-        demand = demand_estimates(_gmacs_from_results())
+        demand = demand_from_step_model()
     rate = {
         (r["source"], r["mode"], r["prepared"], r["code"], r["device_transforms"]): r["clips_per_s"]
         for r in rows

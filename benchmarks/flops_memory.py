@@ -28,6 +28,7 @@ import torch
 
 import mmt_fast
 from mmt_fast import create_model
+from mmt_fast.models.checkpointing import set_activation_checkpointing
 from mmt_fast.profiling import (
     PRECISIONS,
     count_flops,
@@ -64,6 +65,38 @@ MODELS = {
         46.2,
         "the same model as MAT, with the fused Triton ops",
     ),
+    "MAT (kernels, stage1)": (
+        "MAT",
+        {},
+        {"x": AUDIO},
+        52.0,
+        46.2,
+        "MAT (kernels), first-stage blocks recomputed",
+    ),
+    "MAT (kernels, blocks)": (
+        "MAT",
+        {},
+        {"x": AUDIO},
+        52.0,
+        46.2,
+        "MAT (kernels), every block recomputed",
+    ),
+    "MAT (kernels, selective)": (
+        "MAT",
+        {},
+        {"x": AUDIO},
+        52.0,
+        46.2,
+        "MAT (kernels), selective recomputation (matmul outputs kept)",
+    ),
+    "AST (SDPA, selective)": (
+        "AST",
+        {"attn_impl": "sdpa"},
+        {"x": AUDIO},
+        87.0,
+        131.0,
+        "AST (SDPA) with the same selective recomputation",
+    ),
     "MViTv2-B-16": (
         "MViTv2-B-16",
         {},
@@ -87,20 +120,40 @@ MEMORY = {
     "AST (SDPA)": (8, 2, None),
     "MAT": (64, 16, 16.8),
     "MAT (kernels)": (64, 16, None),
+    "MAT (kernels, stage1)": (64, 16, None),
+    "MAT (kernels, blocks)": (64, 16, None),
+    "MAT (kernels, selective)": (64, 16, None),
+    "AST (SDPA, selective)": (8, 2, None),
 }
-KERNEL_ROWS = {"MAT (kernels)"}  # rows whose fused ops take the Triton path (or its fake)
+# rows whose fused ops take the Triton path (or its fake)
+KERNEL_ROWS = {n for n in MEMORY if n.startswith("MAT (kernels")}
+# activation checkpointing per row (mmt_fast.models.checkpointing); "none" otherwise
+CHECKPOINTING = {
+    "MAT (kernels, stage1)": "stage1",
+    "MAT (kernels, blocks)": "blocks",
+    "MAT (kernels, selective)": "selective",
+    "AST (SDPA, selective)": "selective",
+}
+# the rows whose recomputation cost is traced (benchmarks.step_model): MAT (kernels) per mode
+MODE_ROWS = ("MAT (kernels)", "MAT (kernels, stage1)", "MAT (kernels, blocks)",
+             "MAT (kernels, selective)")  # fmt: skip
 PAPER_RATIO = 9.8
 # per-sample ratios reported: (numerator, denominator)
 RATIOS = (
     ("AST", "MAT"),
     ("AST", "MAT (kernels)"),
     ("AST (SDPA)", "MAT (kernels)"),
+    ("AST", "MAT (kernels, selective)"),
+    ("AST (SDPA, selective)", "MAT (kernels, selective)"),
 )
 
 
 def _build(name: str):
     preset, overrides = MODELS[name][0], MODELS[name][1]
-    return lambda: create_model(preset, num_classes=NUM_CLASSES, **overrides)
+    mode = CHECKPOINTING.get(name, "none")
+    return lambda: set_activation_checkpointing(
+        create_model(preset, num_classes=NUM_CLASSES, **overrides), mode
+    )
 
 
 # encoders whose FLOPs are read off the MMT count (fvcore's per-module totals)
@@ -196,6 +249,63 @@ def _point(bs: int, res) -> dict:
     }
 
 
+def step_cost(name: str) -> dict[str, float]:
+    """One traced training step of ``name`` at its headline batch in the paper's precision
+    (:func:`benchmarks.step_model.trace_step`, FakeTensors): its FLOPs (2 per
+    multiply-add, all ops and the matmuls alone) and the bytes its ops read and write."""
+    from benchmarks.step_model import totals, trace_step
+
+    preset, overrides, shapes = MODELS[name][0], MODELS[name][1], MODELS[name][2]
+    step = trace_step(
+        preset, MEMORY[name][0], shapes, CHECKPOINTING.get(name, "none"),
+        PAPER_PRECISION, name in KERNEL_ROWS, **overrides,
+    )  # fmt: skip
+    t = totals(step)
+    return {
+        "step_tflop": t["flops"] / 1e12,
+        "step_matmul_tflop": t["matmul_flops"] / 1e12,
+        "step_gb": t["bytes"] / 1e9,
+    }
+
+
+def mode_rows(rows: list[dict], costs: dict[str, dict]) -> list[dict]:
+    """MAT (kernels) per checkpointing mode: peak, per sample, and what the recomputation
+    adds per step over no checkpointing (FLOPs, matmul FLOPs, bytes)."""
+    by_name = {r["model"]: r for r in rows}
+    base = costs[MODE_ROWS[0]]
+    out = []
+    for name in MODE_ROWS:
+        r, c = by_name[name], costs[name]
+        out.append(
+            {
+                "model": name,
+                "checkpointing": CHECKPOINTING.get(name, "none"),
+                "batch_size": r["batch_size"],
+                "peak_memory_gb": r["peak_memory_gb"],
+                "per_sample_gb": r["per_sample_gb"],
+                **c,
+                "extra_tflop": c["step_tflop"] - base["step_tflop"],
+                "extra_matmul_tflop": c["step_matmul_tflop"] - base["step_matmul_tflop"],
+                "extra_gb": c["step_gb"] - base["step_gb"],
+            }
+        )
+    return out
+
+
+MODE_HEAD = (
+    f"{'MAT (kernels), batch 64':<26}{'mode':>10}{'peak GiB':>10}{'GiB/sample':>12}"
+    f"{'step TFLOP':>12}{'+TFLOP':>9}{'+matmul':>9}{'step GB':>9}{'+GB':>8}"
+)
+
+
+def format_mode_row(r: dict) -> str:
+    return (
+        f"{r['model']:<26}{r['checkpointing']:>10}{r['peak_memory_gb']:>10.2f}"
+        f"{r['per_sample_gb']:>12.3f}{r['step_tflop']:>12.2f}{r['extra_tflop']:>+9.2f}"
+        f"{r['extra_matmul_tflop']:>+9.2f}{r['step_gb']:>9.1f}{r['extra_gb']:>+8.1f}"
+    )
+
+
 def affine(points: list[dict]) -> tuple[float, float]:
     """(fixed GiB, GiB per sample) of the line through the two points."""
     (b0, m0), (b1, m1) = ((p["batch_size"], p["peak_memory_gb"]) for p in points)
@@ -226,6 +336,10 @@ def plot(
         "AST (SDPA)": "tab:orange",
         "MAT": "tab:blue",
         "MAT (kernels)": "tab:green",
+        "MAT (kernels, stage1)": "tab:olive",
+        "MAT (kernels, blocks)": "tab:cyan",
+        "MAT (kernels, selective)": "tab:purple",
+        "AST (SDPA, selective)": "tab:brown",
     }
     bmax = 64
     for name, pts in points.items():
@@ -292,14 +406,14 @@ def _fmt(x: float | None, nd: int = 1) -> str:
 
 
 HEAD = (
-    f"{'model':<14}{'params M':>9}{'paper':>7}{'dev':>8}{'GFLOPs':>9}{'paper':>8}{'dev':>8}"
+    f"{'model':<26}{'params M':>9}{'paper':>7}{'dev':>8}{'GFLOPs':>9}{'paper':>8}{'dev':>8}"
     f"{'batch':>7}{'peak GiB':>10}{'GiB/sample':>12}  memory"
 )
 
 
 def format_row(r: dict) -> str:
     return (
-        f"{r['model']:<14}{_fmt(r['params_m']):>9}{_fmt(r['paper_params_m']):>7}"
+        f"{r['model']:<26}{_fmt(r['params_m']):>9}{_fmt(r['paper_params_m']):>7}"
         f"{_pct(r['params_m'], r['paper_params_m']):>8}{_fmt(r['gflops']):>9}"
         f"{_fmt(r['paper_gflops']):>8}{_pct(r['gflops'], r['paper_gflops']):>8}"
         f"{_fmt(r['batch_size'], 0) if r['batch_size'] else '-':>7}"
@@ -411,6 +525,19 @@ def main(argv: list[str] | None = None) -> int:
             )
         rows.append(row)
         print(f"{format_row(row)}   [{time.time() - t:.0f} s]", flush=True)
+    modes: list[dict] = []
+    if not args.no_memory and head == PAPER_PRECISION:
+        costs = {n: step_cost(n) for n in MODE_ROWS}
+        modes = mode_rows(rows, costs)
+        print(
+            "\nactivation checkpointing (mmt_fast.models.checkpointing), one traced step in "
+            f"{PRECISION_LABEL[head]}: FLOPs 2 per multiply-add, GB read + written by its ops; "
+            "+: what the recomputation adds"
+        )
+        print(MODE_HEAD)
+        print("-" * len(MODE_HEAD))
+        for r in modes:
+            print(format_mode_row(r))
     elapsed = time.time() - t0
 
     all_ratios = {p: ratios(pts) for p, pts in memory.items() if pts}
@@ -420,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
             f"paper {PAPER_RATIO}x (AST 20.6 GB / 8 vs MAT 16.8 GB / 64):"
         )
         for pair, r in all_ratios[head].items():
-            print(f"  {pair:<28} {r:5.2f}x")
+            print(f"  {pair:<50} {r:5.2f}x")
         for prec in precisions[1:]:
             line = ", ".join(f"{k} {v:.2f}x" for k, v in all_ratios[prec].items())
             print(f"  {PRECISION_LABEL[prec]}: {line}")
@@ -440,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
             "per_sample_memory_ratios": all_ratios,
             "paper_per_sample_memory_ratio": PAPER_RATIO,
             "memory_points": memory.get(head, {}),
+            "checkpointing_modes": modes,
             "memory": memory,
             "paper_sources": {k: v[5] for k, v in MODELS.items()},
         }

@@ -35,6 +35,9 @@
 #      is left of the budget.
 #   6. flops-memory: benchmarks.flops_memory --device cuda, in what is left, when fvcore
 #      imports.
+#   7. step: one whole training step of MAT, MViTv2-B and MMT timed (eager, selective,
+#      torch.compile) with torch.profiler per category (benchmarks.step_gpu), in what is
+#      left.  -> step_gpu.json, beside the step model's step_model.json
 # The kernels run with MMT_FAST_KERNEL_CONFIGS=pinned (one config per kernel, chosen by
 # the compile gate; no autotuning). The compile time that costs is printed first, read
 # from benchmarks/results/compile_gate.json when the compile gate has written it.
@@ -77,7 +80,7 @@ LOG="$OUT/gpu_check.log"
 declare -a SUMMARY=()
 T0=$SECONDS
 BUDGET=${BUDGET:-340}  # seconds for all stages (the header and the summary aside)
-STAGES=${STAGES:-"timings flex pytest-gpu train-memory pytest-cuda flops-memory"}
+STAGES=${STAGES:-"timings flex pytest-gpu train-memory pytest-cuda flops-memory step"}
 RC_LAST=0
 
 wanted() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -168,6 +171,9 @@ else
     stage flops-memory 120 40 "$PY" -m benchmarks.flops_memory --device cuda \
         --json "$OUT/flops_memory.json" --plot "$OUT/memory_vs_batch.png"
 fi
+
+# 7. The whole training step (eager, selective, compile), in whatever is left.
+stage step 120 40 "$PY" -m benchmarks.step_gpu --out "$OUT" --budget-s 80
 
 if [ -f "$OUT/kernels.json" ]; then
     "$PY" -m benchmarks.kernels --summary "$OUT/kernels.json" 2>&1 | tee -a "$LOG"

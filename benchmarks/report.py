@@ -81,6 +81,70 @@ def flops_memory_table(data: dict) -> str:
             lines.append(
                 f"| {pair} | " + " | ".join(f"{ratios[p][pair]:.2f}x" for p in precs) + " |"
             )
+    modes = data.get("checkpointing_modes") or []
+    if modes:
+        lines += [
+            "",
+            f"Activation checkpointing, {modes[0]['model']} at batch {modes[0]['batch_size']} "
+            f"({_PREC.get(head, head)}, {method}); one traced training step: TFLOP at 2 per "
+            "multiply-add, GB read + written by its ops; + is what the recomputation adds:",
+            "",
+            "| row | mode | peak (GiB) | GiB / sample | step TFLOP | + TFLOP | + matmul TFLOP "
+            "| step GB | + GB |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in modes:
+            lines.append(
+                f"| {r['model']} | {r['checkpointing']} | {r['peak_memory_gb']:.2f} "
+                f"| {r['per_sample_gb']:.3f} | {r['step_tflop']:.2f} | {r['extra_tflop']:+.2f} "
+                f"| {r['extra_matmul_tflop']:+.2f} | {r['step_gb']:.1f} | {r['extra_gb']:+.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def step_model_table(data: dict) -> str:
+    """benchmarks/step_model.py: per model, category and variant, H200 milliseconds;
+    then step time and clips/s per GPU."""
+    variants = ("eager", "selective", "fused")
+    lines = [
+        f"Model, not a measurement: one training step traced on FakeTensors "
+        f"(`benchmarks/results/{data['_file']}`, {data['date'][:10]}, torch {data['torch']}), "
+        "each op at its roofline; fused attention ops at the compile gate's model time. "
+        "H200: "
+        + data["gpus"]["H200"]["source"]
+        + "; A100: "
+        + data["gpus"]["A100"]["source"]
+        + ".",
+        "",
+        "| model | category | eager GFLOP | eager GB | eager ms | selective ms | fused ms |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in data["models"].items():
+        v = m["variants"]
+        cats = v["eager"]["H200"]["categories"]
+        for c, x in cats.items():
+            ms = [v[k]["H200"]["categories"].get(c, {}).get("ms") for k in variants]
+            lines.append(
+                f"| {name} (batch {m['batch']}) | {c} | {x['flops'] / 1e9:.0f} "
+                f"| {x['bytes'] / 1e9:.1f} | " + " | ".join(_f(t, 2) for t in ms) + " |"
+            )
+    lines += [
+        "",
+        "| model | batch | GPU | eager ms (clips/s) | selective ms (clips/s) | fused ms (clips/s) "
+        "| dominant (eager) |",
+        "|---|---:|---|---:|---:|---:|---|",
+    ]
+    for name, m in data["models"].items():
+        v = m["variants"]
+        for gpu in data["gpus"]:
+            cells = [
+                f"{v[k][gpu]['step_ms']:.1f} ({v[k][gpu]['clips_per_s']:.0f})" for k in variants
+            ]
+            lines.append(
+                f"| {name} | {m['batch']} | {gpu} | "
+                + " | ".join(cells)
+                + f" | {v['eager'][gpu]['dominant']} |"
+            )
     return "\n".join(lines)
 
 
@@ -279,6 +343,7 @@ SECTIONS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "kernel_model": ("compile_gate.json", kernel_model_table),
     "data_loader": ("data_cpu.json", data_loader_table),
     "mmt_flops": ("mmt_flops_readings.json", mmt_flops_table),
+    "step_model": ("step_model.json", step_model_table),
 }
 
 

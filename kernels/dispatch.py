@@ -189,6 +189,17 @@ def use(value: str) -> Iterator[None]:
             os.environ[ENV_VAR] = old
 
 
+def _record(op: str, reasons: list[str] | None) -> None:
+    """Remember why ``op`` was refused (None: it was not). Skipped while torch.compile
+    traces: a traced activation-checkpoint region may not change module state."""
+    if torch.compiler.is_compiling():
+        return
+    if reasons is None:
+        _last_refusal.pop(op, None)
+    else:
+        _last_refusal[op] = reasons
+
+
 def choose(op: str, reasons: Sequence[str]) -> bool:
     """Decide the path for one call of ``op``.
 
@@ -197,19 +208,19 @@ def choose(op: str, reasons: Sequence[str]) -> bool:
     """
     m = mode()
     if m == "reference":
-        _last_refusal[op] = [f"{ENV_VAR}=reference"]
+        _record(op, [f"{ENV_VAR}=reference"])
         return False
     if not _triton.AVAILABLE and _shape_only == 0:
         reasons = [f"Triton cannot be imported ({_triton.IMPORT_ERROR})", *reasons]
     if reasons:
-        _last_refusal[op] = list(reasons)
+        _record(op, list(reasons))
         if m == "triton":
             lines = "\n  - ".join(reasons)
             raise KernelUnsupportedError(
                 f"{op}: {ENV_VAR}=triton but the Triton kernel cannot run this input:\n  - {lines}"
             )
         return False
-    _last_refusal.pop(op, None)
+    _record(op, None)
     return True
 
 

@@ -1023,23 +1023,25 @@ def _relpos_attention_fwd(
     scale: float,
     residual: bool,
     residual_cls: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton forward: out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32/fp64 in log2 units,
-    and for the backward the output without the residual (0 elements without a residual) and
-    the packed relq (B, H, Nq - cls, sum_a ka) (1 element without tables)."""
-    return _launch_fwd(q, k, v, rel_tables, q_grid, k_grid, has_cls, scale, residual, residual_cls)
+    and for the backward the output without the residual (0 elements without a residual).
+    The packed relq the kernel reads is not returned: the backward rebuilds it from q and the
+    tables (one small matmul per axis), so that neither autograd nor a selective-checkpoint
+    cache (which keeps every output of a saved op) holds it."""
+    out, lse, o_att, _rel = _launch_fwd(
+        q, k, v, rel_tables, q_grid, k_grid, has_cls, scale, residual, residual_cls
+    )
+    return out, lse, o_att
 
 
 @_relpos_attention_fwd.register_fake
 def _(q, k, v, rel_tables, q_grid, k_grid, has_cls, scale, residual, residual_cls):
     B, H, Nq, _ = q.shape
-    ksum = _geometry(len(rel_tables), k_grid, has_cls)["KSUM"]
-    rel_shape = (B, H, Nq - int(has_cls), ksum) if len(rel_tables) and B * H else (1,)
     return (
         q.new_empty(q.shape),
         q.new_empty((B, H, Nq), dtype=acc_dtype(q.dtype)),
         q.new_empty(q.shape if residual else (0,)),
-        q.new_empty(rel_shape),
     )
 
 
@@ -1052,7 +1054,6 @@ def _relpos_attention_bwd(
     rel_tables: list[torch.Tensor],
     o: torch.Tensor,
     lse: torch.Tensor,
-    rel: torch.Tensor,
     q_grid: list[int],
     k_grid: list[int],
     has_cls: bool,
@@ -1060,13 +1061,15 @@ def _relpos_attention_bwd(
     residual: bool,
     residual_cls: bool,
 ) -> list[torch.Tensor]:
-    """Triton backward: [dq, dk, dv, *d(rel_tables)]."""
+    """Triton backward: [dq, dk, dv, *d(rel_tables)]; rebuilds the packed relq first."""
+    geo = _geometry(len(rel_tables), k_grid, has_cls)
+    rel = _relq_packed(q, rel_tables, q_grid, k_grid, has_cls, geo)
     return _launch_bwd(dout, q, k, v, rel_tables, o, lse, rel, q_grid, k_grid, has_cls, scale,
                        residual, residual_cls)  # fmt: skip
 
 
 @_relpos_attention_bwd.register_fake
-def _(dout, q, k, v, rel_tables, o, lse, rel, q_grid, k_grid, has_cls, scale, residual,
+def _(dout, q, k, v, rel_tables, o, lse, q_grid, k_grid, has_cls, scale, residual,
       residual_cls):  # fmt: skip
     return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)] + [
         t.new_empty(t.shape) for t in rel_tables
@@ -1075,18 +1078,18 @@ def _(dout, q, k, v, rel_tables, o, lse, rel, q_grid, k_grid, has_cls, scale, re
 
 def _setup_context(ctx, inputs, output):
     q, k, v, rel_tables, q_grid, k_grid, has_cls, scale, residual, residual_cls = inputs
-    out, lse, o_att, rel = output
+    out, lse, o_att = output
     # the backward's delta needs the output without the residual: out - q, rounded after the
     # add, would lose precision as |q| grows
-    ctx.save_for_backward(q, k, v, o_att if residual else out, lse, rel, *rel_tables)
+    ctx.save_for_backward(q, k, v, o_att if residual else out, lse, *rel_tables)
     ctx.args = (list(q_grid), list(k_grid), has_cls, scale, residual, residual_cls)
-    ctx.mark_non_differentiable(lse, o_att, rel)
+    ctx.mark_non_differentiable(lse, o_att)
 
 
-def _backward(ctx, dout, _dlse, _do_att, _drel):
-    q, k, v, o, lse, rel, *rel_tables = ctx.saved_tensors
+def _backward(ctx, dout, _dlse, _do_att):
+    q, k, v, o, lse, *rel_tables = ctx.saved_tensors
     dout = aligned(dout)
-    dq, dk, dv, *dtables = _relpos_attention_bwd(dout, q, k, v, rel_tables, o, lse, rel, *ctx.args)
+    dq, dk, dv, *dtables = _relpos_attention_bwd(dout, q, k, v, rel_tables, o, lse, *ctx.args)
     return dq, dk, dv, dtables, None, None, None, None, None, None
 
 

@@ -1,8 +1,8 @@
 """Transformer layers shared by every encoder of mmt-fast.
 
 All attention, pooling and relative-position code of the models lives here,
-and reaches the three fused ops of :mod:`kernels` (each dispatching to its
-Triton kernel or its PyTorch reference, see ``kernels/dispatch.py``):
+and reaches the three fused ops of :mod:`mmt_fast.kernels` (each dispatching to its
+Triton kernel or its PyTorch reference, see :mod:`mmt_fast.kernels.dispatch`):
 
 - :class:`MultiScaleAttention` / :class:`MultiScaleBlock`: MViTv2's pooling
   attention (MAT, Eq. 1-2, and the video MViTv2-B), with decomposed relative
@@ -115,6 +115,20 @@ def pool_tokens(
     new_grid = tuple(spatial.shape[2:])
     spatial = spatial.reshape(B, H, D, -1).transpose(2, 3)
     return torch.cat([cls_tok, spatial], dim=2) if sp else spatial, new_grid
+
+
+def residual_add(out: torch.Tensor, q: torch.Tensor, has_cls: bool, residual_cls: bool):
+    """Residual pooling: out + q, (B, H, Nq, D); the CLS row gets no "+ q" when
+    ``has_cls and not residual_cls``.
+
+    Done here rather than inside the fused attention op (which can add it too) so
+    that the op has one output the backward needs: under selective recomputation
+    (:mod:`mmt_fast.models.checkpointing`) the op's output is kept and this add is
+    recomputed, instead of keeping both the output and the output before the add.
+    """
+    if has_cls and not residual_cls:
+        return torch.cat([out[:, :, :1], out[:, :, 1:] + q[:, :, 1:]], dim=2)
+    return out + q
 
 
 class MultiScaleAttention(nn.Module):
@@ -235,9 +249,10 @@ class MultiScaleAttention(nn.Module):
             k_grid,
             self.has_cls,
             self.scale,
-            self.residual_pooling,
-            residual_cls=self.residual_cls,
+            residual=False,
         )
+        if self.residual_pooling:
+            out = residual_add(out, q, self.has_cls, self.residual_cls)
         out = out.transpose(1, 2).reshape(B, -1, self.dim_out)
         return self.proj(out), q_grid
 

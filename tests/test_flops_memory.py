@@ -100,14 +100,16 @@ def test_benchmark_cli_writes_json_and_plot(tmp_path, monkeypatch, capsys):
             "AST (SDPA)": ("AST-tiny", {"attn_impl": "sdpa"}, tiny, 87.0, 131.0, "t"),
             "MAT": ("MAT-tiny", {}, tiny, 52.0, 46.2, "t"),
             "MAT (kernels)": ("MAT-tiny", {}, tiny, 52.0, 46.2, "t"),
+            "MAT (kernels, selective)": ("MAT-tiny", {}, tiny, 52.0, 46.2, "t"),
         },
     )
     monkeypatch.setattr(
         fm,
         "MEMORY",
         {"AST": (8, 2, 20.6), "AST (SDPA)": (8, 2, None), "MAT": (8, 2, 16.8),
-         "MAT (kernels)": (8, 2, None)},
+         "MAT (kernels)": (8, 2, None), "MAT (kernels, selective)": (8, 2, None)},
     )  # fmt: skip
+    monkeypatch.setattr(fm, "MODE_ROWS", ("MAT (kernels)", "MAT (kernels, selective)"))
     # shapes only: the fused ops' fake implementations run, not the interpreter
     # (whose bf16 refusal would otherwise stop the forced Triton path)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -117,7 +119,9 @@ def test_benchmark_cli_writes_json_and_plot(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "ESTIMATED" in printed and "GiB" in printed and " GB " not in printed.split("paper")[0]
     data = json.loads(out.read_text())
-    assert [r["model"] for r in data["rows"]] == ["AST", "AST (SDPA)", "MAT", "MAT (kernels)"]
+    assert [r["model"] for r in data["rows"]] == [
+        "AST", "AST (SDPA)", "MAT", "MAT (kernels)", "MAT (kernels, selective)"
+    ]  # fmt: skip
     assert data["precision"] == "fp16" and set(data["memory"]) == {"fp16", "fp32", "bf16"}
     rows = {r["model"]: r for r in data["rows"]}
     row = rows["MAT"]
@@ -130,8 +134,14 @@ def test_benchmark_cli_writes_json_and_plot(tmp_path, monkeypatch, capsys):
     for name in rows:  # 16-bit activations take less than fp32 ones
         assert mem["bf16"][name][-1]["peak_memory_gb"] < mem["fp32"][name][-1]["peak_memory_gb"]
     assert set(data["per_sample_memory_ratios"]["fp16"]) == {
-        "AST / MAT", "AST / MAT (kernels)", "AST (SDPA) / MAT (kernels)"
+        "AST / MAT", "AST / MAT (kernels)", "AST (SDPA) / MAT (kernels)",
+        "AST / MAT (kernels, selective)",
     }  # fmt: skip
+    # selective recomputation: less memory, no extra matmul FLOPs, more bytes moved
+    none, sel = data["checkpointing_modes"]
+    assert (none["checkpointing"], sel["checkpointing"]) == ("none", "selective")
+    assert sel["peak_memory_gb"] < none["peak_memory_gb"]
+    assert sel["extra_matmul_tflop"] == 0 and sel["extra_gb"] > 0 and none["extra_gb"] == 0
     assert png.stat().st_size > 10_000
     # the README table is generated from this JSON
     from benchmarks.report import flops_memory_table
@@ -139,6 +149,7 @@ def test_benchmark_cli_writes_json_and_plot(tmp_path, monkeypatch, capsys):
     data["_file"] = "r.json"
     table = flops_memory_table(data)
     assert "| MAT (kernels) |" in table and "fp16 autocast" in table and "bf16 autocast" in table
+    assert "| MAT (kernels, selective) | selective |" in table
 
 
 def test_flops_read_off_the_mmt_trace_equal_their_own_count():

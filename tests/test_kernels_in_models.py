@@ -76,6 +76,29 @@ def test_mmt_with_kernels_matches_reference():
     assert_same(ref, got)
 
 
+@pytest.mark.slow
+@cpu_kernels
+def test_selective_checkpointing_through_the_fused_ops():
+    """Selective recomputation with the Triton path (interpreted): the fused ops' outputs
+    come from the policy's cache or the recomputation, the gradients are those of no
+    checkpointing (fp32, drop path on: its masks are replayed)."""
+    from mmt_fast.models.checkpointing import set_activation_checkpointing
+
+    torch.manual_seed(0)
+    one_stage = dict(input_size=(16, 32), depths=(2,), embed_dim=(8,), num_heads=(1,),
+                     stride_q=((1, 1),), stride_kv=((2, 2),))  # fmt: skip
+    mat = MAT(num_classes=5, cfg=mat_tiny(**one_stage, drop_path_rate=0.3))
+    x = torch.randn(2, 1, 16, 32)
+    torch.manual_seed(1)
+    ref = loss_and_grads(mat, x, None, "triton")
+    set_activation_checkpointing(mat, "selective")
+    assert mat.checkpoint_selective and mat.checkpoint_blocks == {0, 1}
+    torch.manual_seed(1)
+    got = loss_and_grads(mat, x, None, "triton")
+    assert dispatch.last_refusal("relpos_attention") == []
+    assert_same(ref, got, rtol=0, atol=0)
+
+
 class RelPosModule(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -92,7 +92,15 @@ def test_ast_sdpa_equals_eager_and_stores_no_score_matrix():
 
 
 @pytest.mark.parametrize(
-    "name, mode", [("MAT-tiny", "stage1"), ("AST-tiny", "blocks"), ("MMT-tiny", "blocks")]
+    "name, mode",
+    [
+        ("MAT-tiny", "stage1"),
+        ("AST-tiny", "blocks"),
+        ("MMT-tiny", "blocks"),
+        ("MAT-tiny", "selective"),
+        ("AST-tiny", "selective"),
+        ("MMT-tiny", "selective"),
+    ],
 )
 def test_activation_checkpointing_keeps_gradients(name, mode):
     """Same loss and gradients (float64, drop-path on: the RNG is replayed)."""
@@ -136,11 +144,36 @@ def test_activation_checkpointing_lowers_the_estimate():
         m: estimate_train_memory(build(m), SHAPES, 16, 10, precision="bf16").breakdown[
             "activations"
         ]
-        for m in ("none", "stage1", "blocks")
+        for m in ("none", "stage1", "blocks", "selective")
     }
     assert est["blocks"] < est["stage1"] < est["none"]
+    assert est["blocks"] < est["selective"] < est["none"]
     with pytest.raises(ValueError, match="activation checkpointing"):
         set_activation_checkpointing(_mat(), "all")
+
+
+def test_selective_policy_saves_matmuls_and_fused_attention_only():
+    """What one selective block keeps: the outputs of its projections (addmm) and
+    of the fused rel-pos attention, nothing element-wise, and never the pooling."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from mmt_fast.models.checkpointing import selective_policy
+
+    aten = torch.ops.aten
+    save, recompute = CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_RECOMPUTE
+    x = torch.empty(2, 8, 4, 4)
+    assert selective_policy(None, aten.addmm.default) == save
+    assert selective_policy(None, aten.mm.default) == save
+    assert selective_policy(None, torch.ops.mmt_fast.relpos_attention_fwd.default) == save
+    assert selective_policy(None, torch.ops.mmt_fast.bottleneck_attention_fwd.default) == save
+    assert selective_policy(None, torch.ops.mmt_fast.pooled_qkv_fwd.default) == recompute
+    dense = (x, None, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
+    depthwise = (x, None, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 8)
+    assert selective_policy(None, aten.convolution.default, *dense) == save
+    assert selective_policy(None, aten.convolution.default, *depthwise) == recompute
+    for op in (aten.native_layer_norm.default, aten.gelu.default, aten.add.Tensor,
+               aten._to_copy.default, aten.mul.Tensor):  # fmt: skip
+        assert selective_policy(None, op) == recompute
 
 
 def test_trainer_config_field():
@@ -148,6 +181,8 @@ def test_trainer_config_field():
 
     cfg = config_from_dict({"train": {"activation_checkpointing": "stage1"}})
     assert cfg.train.activation_checkpointing == "stage1"
+    cfg = config_from_dict({"train": {"activation_checkpointing": "selective"}})
+    assert cfg.train.activation_checkpointing == "selective"
     with pytest.raises(ValueError, match="activation checkpointing"):
         config_from_dict({"train": {"activation_checkpointing": "yes"}})
 

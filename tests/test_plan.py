@@ -53,6 +53,25 @@ def test_plan_finds_the_largest_batch_and_agrees_with_memtracker(capsys):
     assert sum(inf.result.breakdown.values()) == inf.result.peak_bytes
 
 
+def test_plan_with_selective_checkpointing_fits_more(capsys):
+    """``mmt-fast plan --checkpointing selective``: a training batch that does not fit
+    without checkpointing fits with it."""
+    from mmt_fast import create_model
+    from mmt_fast.cli import main
+
+    argv = ["plan", "--model", "MAT-tiny", "--gpu-mem", "6MiB", "--reserve", "0",
+            "--precision", "fp16", "--checkpointing", "selective", "--num-classes", "5"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "checkpointing selective" in out
+    b = int(out.split("training: largest batch per process ")[1].split(",")[0])
+    plain = estimate_train_memory(
+        lambda: create_model("MAT-tiny", num_classes=5), {"x": (1, 32, 64)}, b, 5,
+        kernels=True, precision="fp16",
+    )  # fmt: skip
+    assert plain.peak_bytes > 6 * MiB
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

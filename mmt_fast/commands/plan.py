@@ -1,7 +1,7 @@
 """``mmt-fast plan``: the largest batch per process that fits a GPU's memory.
 
     mmt-fast plan --model MMT --gpu-mem 40GiB [--precision bf16] [--kernels auto|reference]
-                  [--checkpointing none|blocks|stage1] [--reserve 1GiB]
+                  [--checkpointing none|blocks|stage1|selective] [--reserve 1GiB]
 
 Every figure is an *estimate* from shapes alone (FakeTensorMode, see
 :mod:`mmt_fast.profiling`: :func:`~mmt_fast.profiling.estimate_step_memory` and
@@ -224,7 +224,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         choices=("auto", "reference"),
         help="auto: the fused Triton ops where they apply (as on CUDA); reference: eager PyTorch",
     )
-    ap.add_argument("--checkpointing", default="none", choices=("none", "blocks", "stage1"))
+    ap.add_argument(
+        "--checkpointing",
+        default="none",
+        choices=("none", "blocks", "stage1", "selective"),
+        help="activation checkpointing (train.activation_checkpointing): selective keeps "
+        "the matmul outputs and recomputes the rest, blocks recomputes whole blocks",
+    )
     ap.add_argument("--reserve", default="1GiB", help="kept free for the CUDA context etc.")
     ap.add_argument("--num-classes", type=int, default=None)
     ap.add_argument("--max-batch", type=int, default=4096)

@@ -12,7 +12,7 @@ from torch import nn
 
 from mmt_fast.config import ASTConfig, apply_overrides, ast_b
 from mmt_fast.layers import Block, drop_path_rates, init_weights
-from mmt_fast.models.checkpointing import blocks_to_checkpoint, run_block
+from mmt_fast.models.checkpointing import apply_mode, run_block
 from mmt_fast.models.mvit import EncoderFeatures
 
 
@@ -38,6 +38,7 @@ class AST(nn.Module):
             for i in range(cfg.depth)
         )
         self.checkpoint_blocks: frozenset[int] = frozenset()
+        self.checkpoint_selective = False
         self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.num_features = d
         self.head = (
@@ -73,7 +74,7 @@ class AST(nn.Module):
     def _set_checkpointing(self, mode: str) -> None:
         """See :mod:`mmt_fast.models.checkpointing`; one resolution, so every
         block is in the first stage."""
-        self.checkpoint_blocks = blocks_to_checkpoint([0] * len(self.blocks), mode)
+        apply_mode(self, [0] * len(self.blocks), mode)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x).cls

@@ -35,14 +35,16 @@ class AVBottleneck(nn.Module):
         self.video_blocks = nn.ModuleList(block() for _ in range(cfg.num_blocks))
         self.audio_blocks = nn.ModuleList(block() for _ in range(cfg.num_blocks))
         self.checkpoint_blocks: frozenset[int] = frozenset()
+        self.checkpoint_selective = False
         init_weights(self)
         nn.init.trunc_normal_(self.tokens, std=0.02)
 
     def _set_checkpointing(self, mode: str) -> None:
-        """``blocks`` checkpoints every fusion block; ``stage1`` none of them
-        (they run on the encoders' final, small token sets)."""
-        on = check_mode(mode) == "blocks"
+        """``blocks`` and ``selective`` checkpoint every fusion block; ``stage1`` none
+        of them (they run on the encoders' final, small token sets)."""
+        on = check_mode(mode) in ("blocks", "selective")
         self.checkpoint_blocks = frozenset(range(2 * self.cfg.num_blocks)) if on else frozenset()
+        self.checkpoint_selective = mode == "selective"
 
     def forward(self, video: torch.Tensor, audio: torch.Tensor):
         for name, t in (("video", video), ("audio", audio)):

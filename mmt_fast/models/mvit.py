@@ -15,7 +15,7 @@ from torch import nn
 
 from mmt_fast.config import MultiscaleConfig, apply_overrides, mat_b, mvitv2_b_16
 from mmt_fast.layers import MultiScaleBlock, drop_path_rates, init_weights, pooled_grid
-from mmt_fast.models.checkpointing import blocks_to_checkpoint, run_block
+from mmt_fast.models.checkpointing import apply_mode, run_block
 
 Grid = tuple[int, ...]
 
@@ -85,6 +85,7 @@ class MultiscaleEncoder(nn.Module):
                 dim = cfg.embed_dim[s]
         self.num_features = dim
         self.checkpoint_blocks: frozenset[int] = frozenset()
+        self.checkpoint_selective = False
         self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps)
         self.head_drop = nn.Dropout(cfg.head_dropout)
         self.head = nn.Linear(dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
@@ -133,8 +134,9 @@ class MultiscaleEncoder(nn.Module):
         return self.head(self.head_drop(self.embed(x)))
 
     def _set_checkpointing(self, mode: str) -> None:
-        """See :mod:`mmt_fast.models.checkpointing` (``none``, ``blocks``, ``stage1``)."""
-        self.checkpoint_blocks = blocks_to_checkpoint(self.stage_of_block, mode)
+        """See :mod:`mmt_fast.models.checkpointing` (``none``, ``blocks``, ``stage1``,
+        ``selective``)."""
+        apply_mode(self, self.stage_of_block, mode)
 
     def token_grids(self) -> list[Grid]:
         """The token grid after the patch embedding and after each block."""

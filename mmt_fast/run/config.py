@@ -217,9 +217,17 @@ class TrainSection:
     (counted in ``train_summary.json``; the run stops after ``max_nonfinite``
     skipped updates in a row).
     ``activation_checkpointing``: ``none``, ``blocks`` (recompute every
-    block's activations in the backward pass) or ``stage1`` (only the
-    multiscale encoders' first stage, where most activation memory sits); see
-    ``mmt-fast plan`` for what each saves.
+    block's activations in the backward pass), ``stage1`` (only the
+    multiscale encoders' first stage, where most activation memory sits) or
+    ``selective`` (every block keeps its matmul and fused-attention outputs and
+    recomputes norms, activations, casts and adds: about half the memory of
+    ``none`` without extra matmul FLOPs); see ``mmt-fast plan`` for what each
+    saves. ``compile``: run the training step's forward and backward through
+    ``torch.compile`` (the fused ops stay opaque custom ops; compilation takes
+    the first step; checkpoints keep the plain model's names, so a run resumes
+    with it on or off). Off by default until timed on a GPU. ``compile_backend``:
+    torch.compile's backend (``inductor``; ``aot_eager`` traces and checks the same
+    graphs without generating code, in seconds on a CPU).
 
     Clusters (see docs/cluster.md): ``ckpt_every_minutes`` writes
     a checkpoint when that much time has passed since the last one (beside
@@ -250,6 +258,8 @@ class TrainSection:
     nonfinite: str = "stop"
     max_nonfinite: int = 10
     activation_checkpointing: str = "none"
+    compile: bool = False
+    compile_backend: str = "inductor"
     ckpt_every_minutes: float | None = None
     preempt_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
     auto_resume: bool = False
@@ -263,6 +273,8 @@ class TrainSection:
             _check("train.ckpt_every_minutes", v, math.isfinite(v) and v > 0, "> 0 or null")
 
         check_mode(self.activation_checkpointing)
+        if not self.compile_backend or not isinstance(self.compile_backend, str):
+            raise ConfigError(f"train.compile_backend={self.compile_backend!r}; expected a name")
         if self.amp not in ("auto", "bf16", "none"):
             raise ConfigError(f"train.amp={self.amp!r}; expected auto, bf16 or none")
         if self.nonfinite not in ("stop", "skip"):

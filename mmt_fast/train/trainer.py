@@ -91,6 +91,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class _Loop:
+    """State of :meth:`Trainer.fit` across steps: how it ends, step times, and the
+    window of steps since the last log line."""
+
+    def __init__(self) -> None:
+        self.interrupted = False
+        self.preempted = False
+        self.step_times: list[float] = []
+        self.window_parts: collections.defaultdict = collections.defaultdict(float)
+        self.reset_window()
+
+    def reset_window(self) -> None:
+        self.window_clips, self.window_n = 0, 0
+        self.window_t0 = time.perf_counter()
+        self.window_parts.clear()
+
+    def add(self, parts: dict, clips: int) -> None:
+        """One micro-batch's loss parts and good clips."""
+        self.window_clips += clips
+        for k, v in parts.items():
+            self.window_parts[k] += v
+        self.window_n += bool(parts)
+
+
 class Trainer:
     """Builds everything from a :class:`TrainConfig`; :meth:`fit` runs the loop.
 
@@ -102,9 +126,28 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
         self.cfg = cfg
-        t = cfg.train
         self._bar = None  # the progress bar while fit() runs (messages go above it)
-        check_paths(cfg, ("train", "val") if t.eval_every > 0 else ("train",))
+        self._setup_process()
+        ck, resume_from = self._find_checkpoint(resume)
+        self._warn_shared_store()
+        base_train = self._build_data(ck, resume_from)
+        self._plan_steps(base_train)
+        self._build_model(ck)
+        self._init_loop_state(base_train)
+        seed_everything(derive_seed(cfg.train.seed, self.dist.rank, 1))
+        if ck is not None:
+            self._load_state(ck)
+        self.logger = MetricLogger(self.out_dir, self.dist.is_main, cfg.train.tensorboard)
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            clear_marker(self.out_dir)  # a preempted run continues (or a new one starts)
+            (self.out_dir / "config.yaml").write_text(cfg.to_yaml())
+            self._announce(base_train, ck, resume_from)
+
+    def _setup_process(self) -> None:
+        """Paths, the process group, threads, determinism, the checkpoint manager."""
+        t = self.cfg.train
+        check_paths(self.cfg, ("train", "val") if t.eval_every > 0 else ("train",))
         self.dist = D.setup(t.device)
         self.device = self.dist.device
         if t.torch_threads:
@@ -115,8 +158,11 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         self.out_dir = Path(t.out_dir)
         self.ckpt = CheckpointManager(self.out_dir / "checkpoints", t.keep_last)
+
+    def _find_checkpoint(self, resume: bool):
+        """The checkpoint to resume from (None for a fresh start) and its path."""
         how = "--resume" if resume else "train.auto_resume"
-        resume = resume or t.auto_resume
+        resume = resume or self.cfg.train.auto_resume
         if not resume and self.ckpt.latest() is not None:
             raise ConfigError(
                 f"{self.ckpt.dir} already holds checkpoints: pass --resume (or set "
@@ -131,8 +177,9 @@ class Trainer:
             )
         if resume and ck is None and self.dist.is_main:
             self._print(f"{how}: no checkpoint in {self.ckpt.dir}, so this run starts from step 0")
-        resume_from = ck.path if ck is not None else None
+        return ck, (ck.path if ck is not None else None)
 
+    def _warn_shared_store(self) -> None:
         if (
             self.dist.is_main
             and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
@@ -144,7 +191,10 @@ class Trainer:
                 "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"
             )
 
-        # --- data
+    def _build_data(self, ck, resume_from):
+        """Records, classes, the model config and the train/val datasets and sampler;
+        returns the training split's base dataset."""
+        cfg, t = self.cfg, self.cfg.train
         self.train_records = B.read_records(cfg.data, "train")
         if self.train_records is None:
             raise ConfigError("data.train is not set")
@@ -176,25 +226,34 @@ class Trainer:
                 base_train, t.seed, t.batch_size, cfg.data.num_workers, w, r,
                 shuffle_buffer=cfg.data.shuffle_buffer,
             )  # fmt: skip
+            self.sampler = self.train_set
         else:
             src = CachedDataset(base_train) if cfg.data.cache else base_train
             self.train_set = SeededDataset(src, t.seed)
+            self.sampler = ResumableSampler(len(self.train_set), w, r, shuffle=True, seed=t.seed)
+        self._build_val(dev_tf)
+        return base_train
+
+    def _build_val(self, dev_tf: bool) -> None:
+        cfg = self.cfg
         self.val_set = None
-        if self.val_records is not None:
-            dc_val = B.dataset_config(cfg.data, self.model_cfg, "test", cfg.data.val_views, dev_tf)
-            self.val_tf = DeviceTransform(dc_val) if dev_tf else None
-            self.val_set = B.build_split_dataset(
-                cfg.data, "val", self.val_records, dc_val, self.classes, self.model_cfg
-            )
-        if self.val_set is not None:
-            check_split("val", self.val_set, cfg.data.max_bad_fraction)
-            if cfg.data.cache:
-                self.val_set = CachedDataset(self.val_set)
-        if stream:
-            self.sampler = self.train_set
+        if self.val_records is None:
+            return
+        dc_val = B.dataset_config(cfg.data, self.model_cfg, "test", cfg.data.val_views, dev_tf)
+        self.val_tf = DeviceTransform(dc_val) if dev_tf else None
+        self.val_set = B.build_split_dataset(
+            cfg.data, "val", self.val_records, dc_val, self.classes, self.model_cfg
+        )
+        check_split("val", self.val_set, cfg.data.max_bad_fraction)
+        if cfg.data.cache:
+            self.val_set = CachedDataset(self.val_set)
+
+    def _plan_steps(self, base_train) -> None:
+        """Micro-batches per epoch, steps per epoch and the planned total."""
+        t, w = self.cfg.train, self.dist.world_size
+        if self.sampler is self.train_set:
             per_rank = self.train_set.samples_per_rank
         else:
-            self.sampler = ResumableSampler(len(self.train_set), w, r, shuffle=True, seed=t.seed)
             per_rank = len(self.sampler.epoch_indices())
         self.batches_per_epoch = per_rank // t.batch_size
         if self.batches_per_epoch == 0:
@@ -206,7 +265,12 @@ class Trainer:
         if t.max_steps is not None:
             self.total_steps = min(self.total_steps, t.max_steps)
 
-        # --- model, optimizer, schedule (same init on every rank)
+    def _build_model(self, ck) -> None:
+        """Model, AdamW (fused on CUDA), schedule, DDP and torch.compile (same init on
+        every rank). ``self.core`` is the plain model (checkpoints hold its state dict,
+        so names never carry DDP's or torch.compile's prefix); ``self.model`` is what
+        the training step calls."""
+        cfg, t = self.cfg, self.cfg.train
         seed_everything(t.seed)
         init = cfg.model.init if ck is None else None  # a resumed run has its own weights
         model = B.build_model(self.model_cfg, init, self._print if self.dist.is_main else None)
@@ -218,6 +282,7 @@ class Trainer:
             lr=cfg.optim.lr,
             betas=cfg.optim.betas,
             eps=cfg.optim.eps,
+            fused=self.device.type == "cuda" or None,
         )
         sc = cfg.schedule
         warm = sc.warmup_steps
@@ -227,11 +292,18 @@ class Trainer:
             self.optimizer, self.total_steps, warm, sc.min_lr_ratio, sc.warmup_start_ratio
         )
         self.model: nn.Module = model
+        self._ddp: DDP | None = None
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DDP(model, device_ids=ids)
+            self.model = self._ddp = DDP(model, device_ids=ids)
+        self._eval_model = self.model  # validation runs eagerly
+        # compiled at the call site (the model's code stays eager): forward and backward
+        # of the training step; compilation happens on the first step
+        self._compiling = t.compile
+        if t.compile:
+            self.model = torch.compile(self.model, backend=t.compile_backend)
 
-        # --- loop state
+    def _init_loop_state(self, base_train) -> None:
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -254,28 +326,23 @@ class Trainer:
         self.bad_seen: collections.Counter = collections.Counter()  # ... since start, per kind
         self._postfix: dict[str, str] = {}
         self._watch: StopWatch | None = None
-        seed_everything(derive_seed(t.seed, r, 1))
-        if ck is not None:
-            self._load_state(ck)
-        self.logger = MetricLogger(self.out_dir, self.dist.is_main, t.tensorboard)
-        if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            clear_marker(self.out_dir)  # a preempted run continues (or a new one starts)
-            (self.out_dir / "config.yaml").write_text(cfg.to_yaml())
-            n_par = sum(p.numel() for p in model.parameters())
-            self._print(
-                f"model {cfg.model.preset} ({n_par / 1e6:.2f} M params, heads {self.model_cfg.heads}, "
-                f"inputs {model.modalities}); {len(base_train)} train clips"
-                + (f", {len(self.val_set)} val clips" if self.val_set is not None else "")
-                + f"; {w} process(es) on {self.device}; {self.steps_per_epoch} steps/epoch, "
-                f"{self.total_steps} steps ({self.planned_epochs} epochs) planned"
-                + (f"; resumed from {resume_from} (step {self.step})" if ck is not None else "")
-                + (
-                    f"; elastic restart {os.environ['TORCHELASTIC_RESTART_COUNT']}"
-                    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0")
-                    else ""
-                )
+
+    def _announce(self, base_train, ck, resume_from) -> None:
+        cfg, w = self.cfg, self.dist.world_size
+        n_par = sum(p.numel() for p in self.core.parameters())
+        self._print(
+            f"model {cfg.model.preset} ({n_par / 1e6:.2f} M params, heads {self.model_cfg.heads}, "
+            f"inputs {self.core.modalities}); {len(base_train)} train clips"
+            + (f", {len(self.val_set)} val clips" if self.val_set is not None else "")
+            + f"; {w} process(es) on {self.device}; {self.steps_per_epoch} steps/epoch, "
+            f"{self.total_steps} steps ({self.planned_epochs} epochs) planned"
+            + (f"; resumed from {resume_from} (step {self.step})" if ck is not None else "")
+            + (
+                f"; elastic restart {os.environ['TORCHELASTIC_RESTART_COUNT']}"
+                if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0")
+                else ""
             )
+        )
 
     @property
     def planned_epochs(self) -> int:
@@ -414,12 +481,23 @@ class Trainer:
             batch = self.train_tf(batch, self.device, self.epoch)
         inputs, _ = model_inputs(batch, self.core.modalities, self.device)
         targets = {h: batch[h].to(self.device) for h in self.model_cfg.heads}
-        ctx = self.model.no_sync() if self.dist.enabled and not sync else contextlib.nullcontext()
+        ctx = (
+            self._ddp.no_sync() if self._ddp is not None and not sync else contextlib.nullcontext()
+        )
+        compiling, t0 = self._compiling, time.perf_counter()
+        if compiling and self.dist.is_main:
+            self._print("torch.compile: compiling the model (forward and backward) on this step...")
         with ctx:
             with autocast(self.device, self.cfg.train.amp):
                 out = self.model(**inputs)
                 loss, parts = self.core.loss(out, targets)
             (loss * scale).backward()
+        if compiling:
+            self._compiling = False
+            if self.dist.is_main:
+                self._print(
+                    f"torch.compile: compiled; the first step took {time.perf_counter() - t0:.1f} s"
+                )
         if n and not math.isfinite(float(loss.detach())):
             self._bad_loss = float(loss.detach())
         self.good_clips += n
@@ -477,7 +555,7 @@ class Trainer:
             worker_init_fn=worker_ignores(self.cfg.train.preempt_signals),
         )
         pred = gather_predictions(
-            self.model, loader, self.device, self.cfg.train.amp, transform=self.val_tf
+            self._eval_model, loader, self.device, self.cfg.train.amp, transform=self.val_tf
         )
         if len(pred["index"]) == 0:
             raise DataError(
@@ -509,140 +587,143 @@ class Trainer:
     def fit(self) -> dict:
         """Train to ``total_steps`` (or ``stop_at_step``); returns a summary dict."""
         t = self.cfg.train
-        bar = None
-        if self.dist.is_main and t.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(
-                total=self.total_steps,
-                initial=self.step,
-                unit="step",
-                dynamic_ncols=True,
-                file=sys.stderr,
-                desc=f"epoch {self.epoch + 1}/{self.planned_epochs}",
-            )
-            self._bar = bar
-        interrupted = False
-        preempted = False
+        self._bar = self._make_bar()
+        loop = _Loop()
         watch = StopWatch(t.preempt_signals, t.ckpt_every_minutes)
         self._watch = watch
-        window_clips, window_t0 = 0, time.perf_counter()
-        window_parts: collections.defaultdict = collections.defaultdict(float)
-        window_n = 0
         started = time.perf_counter()
-        step_times: list[float] = []
         try:
-            watch.__enter__()
-            if self._val_pending and self.val_set is not None:  # preempted before validating
-                self._validate_epoch(self.epoch)
-            while self.step < self.total_steps and not interrupted:
-                self.sampler.set_epoch(self.epoch, skip=self.batch_in_epoch * t.batch_size)
-                loader = B.make_loader(
-                    self.train_set,
-                    t.batch_size,
-                    self.cfg.data.num_workers,
-                    self.sampler,
-                    t.seed,
-                    self.epoch,
-                    drop_last=True,
-                    pin_memory=self.device.type == "cuda",
-                    worker_init_fn=worker_ignores(t.preempt_signals),
-                )
-                it = iter(loader)
-                self.model.train()
-                self._epoch_good = 0
-                self._epoch_bad = 0
-                epoch_start_batch = self.batch_in_epoch
-                while self.batch_in_epoch < self.batches_per_epoch and self.step < self.total_steps:
-                    t0 = time.perf_counter()
-                    n_micro = min(t.grad_accum, self.batches_per_epoch - self.batch_in_epoch)
-                    for j in range(n_micro):
-                        parts, n = self._micro_step(next(it), 1.0 / n_micro, j == n_micro - 1)
-                        window_clips += n
-                        for k, v in parts.items():
-                            window_parts[k] += v
-                        window_n += bool(parts)
-                    gn = self._optimizer_step()
-                    self.step += 1
-                    self.batch_in_epoch += n_micro
-                    step_times.append(time.perf_counter() - t0)
-                    if bar is not None:
-                        bar.update(1)
-                    if self.step % t.log_every == 0 or self.step == self.total_steps:
-                        dt = time.perf_counter() - window_t0
-                        cps = window_clips * self.dist.world_size / max(dt, 1e-9)
-                        vals = {f"train/{k}": v / max(window_n, 1) for k, v in window_parts.items()}
-                        vals.update(
-                            {"train/lr": self.scheduler.get_last_lr()[0], "train/clips_per_s": cps}
-                        )
-                        if gn is not None:
-                            vals["train/grad_norm"] = gn
-                        self.logger.log(self.step, self.epoch + 1, vals)
-                        if bar is not None:
-                            self._postfix.update(
-                                loss=f"{vals.get('train/total', float('nan')):.3f}",
-                                clips_s=f"{cps:.1f}",
-                                lr=f"{vals['train/lr']:.2e}",
-                            )
-                            bar.set_postfix(self._postfix)
-                        window_clips, window_t0, window_n = 0, time.perf_counter(), 0
-                        window_parts.clear()
-                    # one collective per step: a signal (any rank) or a due time-based save
-                    # ... which also sums the clips that failed to load, per kind
-                    stop, due, bad = watch.poll(
-                        self.device, [self._step_bad.get(k, 0) for k in KINDS]
-                    )
-                    self._step_bad.clear()
-                    if any(bad):
-                        self._count_bad(bad)
-                    preempted = stop and self.step < self.total_steps
-                    if self.batch_in_epoch >= self.batches_per_epoch:
-                        break  # end of epoch: handled below (its checkpoint covers `due`)
-                    if (t.ckpt_every and self.step % t.ckpt_every == 0) or due or preempted:
-                        self.save()
-                    if preempted:
-                        interrupted = True
-                        break
-                    if self.step == self.total_steps:
-                        break
-                    if t.stop_at_step is not None and self.step >= t.stop_at_step:
-                        interrupted = True
-                        break
-                del it, loader
-                if self.batch_in_epoch > epoch_start_batch:
-                    self._check_progress(f"epoch {self.epoch}")
-                if interrupted:
-                    break
-                if self.batch_in_epoch >= self.batches_per_epoch:
-                    if self._end_epoch(validate=not preempted):
-                        preempted = True  # a signal came before the validation
-                    if preempted:
-                        interrupted = True
-                        break
-                    if bar is not None and self.step < self.total_steps:
-                        bar.set_description(f"epoch {self.epoch + 1}/{self.planned_epochs}")
-                    if t.stop_at_step is not None and self.step >= t.stop_at_step:
-                        interrupted = self.step < self.total_steps
-                elif self.step >= self.total_steps:
-                    self.save()  # max_steps reached mid-epoch
+            with watch:
+                if self._val_pending and self.val_set is not None:  # preempted before validating
+                    self._validate_epoch(self.epoch)
+                while self.step < self.total_steps and not loop.interrupted:
+                    self._run_epoch(loop)
         finally:
-            watch.__exit__()
             self._watch = None
-            if bar is not None:
-                bar.close()
+            if self._bar is not None:
+                self._bar.close()
             self._bar = None
         elapsed = time.perf_counter() - started
-        if step_times:
+        if loop.step_times:
             n = torch.tensor([float(self.good_clips)])
             if D.is_dist():
                 n = D.all_reduce_sum(n.to(self.device)).cpu()
             if n.item() == 0:
                 self._epoch_good = 0
                 self._check_progress("training")
-        result = self._finish(
-            interrupted, elapsed, step_times, watch.stop_reason if preempted else None
+        reason = watch.stop_reason if loop.preempted else None
+        return self._finish(loop.interrupted, elapsed, loop.step_times, reason)
+
+    def _make_bar(self):
+        t = self.cfg.train
+        if not (self.dist.is_main and t.progress):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+            desc=f"epoch {self.epoch + 1}/{self.planned_epochs}",
         )
-        return result
+
+    def _run_epoch(self, loop: _Loop) -> None:
+        """The rest of the current epoch (or until a stop), then its end: checkpoint and
+        validation, or the checkpoint of a run that reached ``max_steps`` mid-epoch."""
+        t = self.cfg.train
+        self.sampler.set_epoch(self.epoch, skip=self.batch_in_epoch * t.batch_size)
+        loader = B.make_loader(
+            self.train_set,
+            t.batch_size,
+            self.cfg.data.num_workers,
+            self.sampler,
+            t.seed,
+            self.epoch,
+            drop_last=True,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=worker_ignores(t.preempt_signals),
+        )
+        it = iter(loader)
+        self.model.train()
+        self._epoch_good = 0
+        self._epoch_bad = 0
+        epoch_start_batch = self.batch_in_epoch
+        while self.batch_in_epoch < self.batches_per_epoch and self.step < self.total_steps:
+            if self._train_step(it, loop):
+                break
+        del it, loader
+        if self.batch_in_epoch > epoch_start_batch:
+            self._check_progress(f"epoch {self.epoch}")
+        if not loop.interrupted:
+            self._close_epoch(loop)
+
+    def _train_step(self, it, loop: _Loop) -> bool:
+        """One optimizer step (``grad_accum`` micro-batches), its logging, the stop
+        watch's poll and a checkpoint when one is due; True when the epoch's loop ends."""
+        t = self.cfg.train
+        t0 = time.perf_counter()
+        n_micro = min(t.grad_accum, self.batches_per_epoch - self.batch_in_epoch)
+        for j in range(n_micro):
+            parts, n = self._micro_step(next(it), 1.0 / n_micro, j == n_micro - 1)
+            loop.add(parts, n)
+        gn = self._optimizer_step()
+        self.step += 1
+        self.batch_in_epoch += n_micro
+        loop.step_times.append(time.perf_counter() - t0)
+        if self._bar is not None:
+            self._bar.update(1)
+        if self.step % t.log_every == 0 or self.step == self.total_steps:
+            self._log_window(loop, gn)
+        # one collective per step: a signal (any rank) or a due time-based save
+        # ... which also sums the clips that failed to load, per kind
+        stop, due, bad = self._watch.poll(self.device, [self._step_bad.get(k, 0) for k in KINDS])
+        self._step_bad.clear()
+        if any(bad):
+            self._count_bad(bad)
+        loop.preempted = stop and self.step < self.total_steps
+        if self.batch_in_epoch >= self.batches_per_epoch:
+            return True  # end of epoch: handled by _close_epoch (its checkpoint covers `due`)
+        if (t.ckpt_every and self.step % t.ckpt_every == 0) or due or loop.preempted:
+            self.save()
+        if loop.preempted or (t.stop_at_step is not None and self.step >= t.stop_at_step):
+            loop.interrupted = True
+            return True
+        return self.step == self.total_steps
+
+    def _log_window(self, loop: _Loop, gn: float | None) -> None:
+        """Log the steps since the last log line (loss parts, lr, clips/s, gradient norm)."""
+        dt = time.perf_counter() - loop.window_t0
+        cps = loop.window_clips * self.dist.world_size / max(dt, 1e-9)
+        vals = {f"train/{k}": v / max(loop.window_n, 1) for k, v in loop.window_parts.items()}
+        vals.update({"train/lr": self.scheduler.get_last_lr()[0], "train/clips_per_s": cps})
+        if gn is not None:
+            vals["train/grad_norm"] = gn
+        self.logger.log(self.step, self.epoch + 1, vals)
+        if self._bar is not None:
+            self._postfix.update(
+                loss=f"{vals.get('train/total', float('nan')):.3f}",
+                clips_s=f"{cps:.1f}",
+                lr=f"{vals['train/lr']:.2e}",
+            )
+            self._bar.set_postfix(self._postfix)
+        loop.reset_window()
+
+    def _close_epoch(self, loop: _Loop) -> None:
+        t = self.cfg.train
+        if self.batch_in_epoch >= self.batches_per_epoch:
+            if self._end_epoch(validate=not loop.preempted):
+                loop.preempted = True  # a signal came before the validation
+            if loop.preempted:
+                loop.interrupted = True
+                return
+            if self._bar is not None and self.step < self.total_steps:
+                self._bar.set_description(f"epoch {self.epoch + 1}/{self.planned_epochs}")
+            if t.stop_at_step is not None and self.step >= t.stop_at_step:
+                loop.interrupted = self.step < self.total_steps
+        elif self.step >= self.total_steps:
+            self.save()  # max_steps reached mid-epoch
 
     def _count_bad(self, bad: list[float]) -> None:
         """Show this step's unusable clips (all ranks) at once and stop as soon as the
