@@ -438,7 +438,7 @@ def _parse_precisions(value: str) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.flops_memory", description=__doc__.split("\n\n")[0]
     )
@@ -461,16 +461,101 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--replot", type=Path, metavar="JSON", help="only redraw --plot from a saved --json file"
     )
+    return parser
+
+
+def _replot(source: Path, out: Path) -> int:
+    data = json.loads(source.read_text())
+    cpu = data["device"].startswith("cpu")
+    label = "estimated, no GPU" if cpu else "measured on " + data["device"]
+    plot(data["memory_points"], out, label, data.get("precision", "fp32"))
+    print(f"wrote {out}")
+    return 0
+
+
+def _print_header(device: str, device_name: str, head: str, memory: bool) -> None:
+    print(f"mmt-fast {mmt_fast.__version__} | torch {torch.__version__} | device: {device_name}")
+    print("FLOPs: fvcore, 1 multiply-add = 1 FLOP, batch 1, attention counted.")
+    if memory:
+        how = (
+            "measured with torch.cuda.max_memory_allocated"
+            if device == "cuda"
+            else "ESTIMATED, not measured: no GPU here, so one step is traced on shapes only "
+            "(FakeTensorMode) with CUDA's autocast policy"
+        )
+        print(
+            f"Memory: peak of one AdamW training step, {PRECISION_LABEL[head]}, fp32 weights, "
+            f"GiB = 2^30 bytes; {how}."
+        )
+    print()
+    print(HEAD)
+    print("-" * len(HEAD), flush=True)
+
+
+def _model_rows(device: str, precisions: list[str], memory_rows: bool):
+    """One row per model (FLOPs, params and, with ``memory_rows``, the memory of the head
+    precision), printed as each completes; and every precision's memory points."""
+    head = precisions[0]
+    rows: list[dict] = []
+    cache: dict = {}
+    memory: dict[str, dict[str, list[dict]]] = {p: {} for p in precisions}
+    for name in MODELS:
+        t = time.time()
+        row = flops_row(name, cache)
+        if name in MEMORY and memory_rows:
+            per_prec = memory_points(name, device, precisions)
+            for prec, pts in per_prec.items():
+                memory[prec][name] = pts
+            top = per_prec[head][-1]
+            row.update(
+                precision=head,
+                batch_size=top["batch_size"],
+                peak_memory_gb=top["peak_memory_gb"],
+                per_sample_gb=top["peak_memory_gb"] / top["batch_size"],
+                memory_method=f"{top['method']}, {PRECISION_LABEL[head]}",
+            )
+        rows.append(row)
+        print(f"{format_row(row)}   [{time.time() - t:.0f} s]", flush=True)
+    return rows, memory
+
+
+def _checkpointing_modes(rows: list[dict], head: str) -> list[dict]:
+    costs = {n: step_cost(n) for n in MODE_ROWS}
+    modes = mode_rows(rows, costs)
+    print(
+        "\nactivation checkpointing (mmt_fast.models.checkpointing), one traced step in "
+        f"{PRECISION_LABEL[head]}: FLOPs 2 per multiply-add, GB read + written by its ops; "
+        "+: what the recomputation adds"
+    )
+    print(MODE_HEAD)
+    print("-" * len(MODE_HEAD))
+    for r in modes:
+        print(format_mode_row(r))
+    return modes
+
+
+def _print_ratios(all_ratios: dict, precisions: list[str], method: str) -> None:
+    head = precisions[0]
+    if head not in all_ratios:
+        return
+    print(
+        f"\nper-sample training memory ({method}, {PRECISION_LABEL[head]}), "
+        f"paper {PAPER_RATIO}x (AST 20.6 GB / 8 vs MAT 16.8 GB / 64):"
+    )
+    for pair, r in all_ratios[head].items():
+        print(f"  {pair:<50} {r:5.2f}x")
+    for prec in precisions[1:]:
+        line = ", ".join(f"{k} {v:.2f}x" for k, v in all_ratios[prec].items())
+        print(f"  {PRECISION_LABEL[prec]}: {line}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.replot:
         if not args.plot:
             parser.error("--replot needs --plot PATH")
-        data = json.loads(args.replot.read_text())
-        cpu = data["device"].startswith("cpu")
-        label = "estimated, no GPU" if cpu else "measured on " + data["device"]
-        plot(data["memory_points"], args.plot, label, data.get("precision", "fp32"))
-        print(f"wrote {args.plot}")
-        return 0
+        return _replot(args.replot, args.plot)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -486,71 +571,16 @@ def main(argv: list[str] | None = None) -> int:
     precisions: list[str] = args.precision
     head = precisions[0]
     method = "measured" if device == "cuda" else "estimated"
-
-    print(f"mmt-fast {mmt_fast.__version__} | torch {torch.__version__} | device: {device_name}")
-    print("FLOPs: fvcore, 1 multiply-add = 1 FLOP, batch 1, attention counted.")
-    if not args.no_memory:
-        how = (
-            "measured with torch.cuda.max_memory_allocated"
-            if device == "cuda"
-            else "ESTIMATED, not measured: no GPU here, so one step is traced on shapes only "
-            "(FakeTensorMode) with CUDA's autocast policy"
-        )
-        print(
-            f"Memory: peak of one AdamW training step, {PRECISION_LABEL[head]}, fp32 weights, "
-            f"GiB = 2^30 bytes; {how}."
-        )
-    print()
-    print(HEAD)
-    print("-" * len(HEAD), flush=True)
+    _print_header(device, device_name, head, not args.no_memory)
 
     t0 = time.time()
-    rows: list[dict] = []
-    cache: dict = {}
-    memory: dict[str, dict[str, list[dict]]] = {p: {} for p in precisions}
-    for name in MODELS:
-        t = time.time()
-        row = flops_row(name, cache)
-        if name in MEMORY and not args.no_memory:
-            per_prec = memory_points(name, device, precisions)
-            for prec, pts in per_prec.items():
-                memory[prec][name] = pts
-            top = per_prec[head][-1]
-            row.update(
-                precision=head,
-                batch_size=top["batch_size"],
-                peak_memory_gb=top["peak_memory_gb"],
-                per_sample_gb=top["peak_memory_gb"] / top["batch_size"],
-                memory_method=f"{top['method']}, {PRECISION_LABEL[head]}",
-            )
-        rows.append(row)
-        print(f"{format_row(row)}   [{time.time() - t:.0f} s]", flush=True)
+    rows, memory = _model_rows(device, precisions, not args.no_memory)
     modes: list[dict] = []
     if not args.no_memory and head == PAPER_PRECISION:
-        costs = {n: step_cost(n) for n in MODE_ROWS}
-        modes = mode_rows(rows, costs)
-        print(
-            "\nactivation checkpointing (mmt_fast.models.checkpointing), one traced step in "
-            f"{PRECISION_LABEL[head]}: FLOPs 2 per multiply-add, GB read + written by its ops; "
-            "+: what the recomputation adds"
-        )
-        print(MODE_HEAD)
-        print("-" * len(MODE_HEAD))
-        for r in modes:
-            print(format_mode_row(r))
+        modes = _checkpointing_modes(rows, head)
     elapsed = time.time() - t0
-
     all_ratios = {p: ratios(pts) for p, pts in memory.items() if pts}
-    if head in all_ratios:
-        print(
-            f"\nper-sample training memory ({method}, {PRECISION_LABEL[head]}), "
-            f"paper {PAPER_RATIO}x (AST 20.6 GB / 8 vs MAT 16.8 GB / 64):"
-        )
-        for pair, r in all_ratios[head].items():
-            print(f"  {pair:<50} {r:5.2f}x")
-        for prec in precisions[1:]:
-            line = ", ".join(f"{k} {v:.2f}x" for k, v in all_ratios[prec].items())
-            print(f"  {PRECISION_LABEL[prec]}: {line}")
+    _print_ratios(all_ratios, precisions, method)
     print(f"\n[{elapsed:.0f} s in all]")
 
     if args.json:
