@@ -348,6 +348,50 @@ def _ast_source_grid(
 # ----------------------------------------------------------------------------- fitting
 
 
+def _adapt(
+    key: str,
+    have: torch.Tensor,
+    want: torch.Tensor,
+    model: nn.Module,
+    report: ConversionReport,
+    source_grid: tuple[int, int] | None,
+) -> torch.Tensor | None:
+    """``have`` reshaped to ``want``'s shape by one of the rules above (recorded in
+    ``report``), or None when no rule applies."""
+    a, b = tuple(have.shape), tuple(want.shape)
+    if key == "patch_embed.weight" and a[1] == 3 and b[1] == 1 and a[:1] + a[2:] == b[:1] + b[2:]:
+        report.adapted.append((key, "RGB kernels summed into one channel", a, b))
+        return have.sum(dim=1, keepdim=True)
+    if ".attn.rel_pos." in key and len(a) == 2 and a[1] == b[1]:
+        report.adapted.append((key, "rel-pos table interpolated linearly", a, b))
+        return interpolate_rel_table(have, b[0])
+    if hasattr(model, "dist_token") and key == "pos_embed" and a[0] == 1 and a[2] == b[2]:
+        dst = tuple(model.cfg.patch_grid)
+        grid = _ast_source_grid(a[1] - 2, dst, source_grid)
+        report.adapted.append((key, f"AST position embeddings {grid} -> {dst}", a, b))
+        return adapt_ast_pos_embed(have, grid, dst)
+    return None
+
+
+def _unused(
+    src: StateDict, used: set[str], report: ConversionReport, strict: bool, from_ast: bool
+) -> list[str]:
+    """Record the checkpoint's tensors the model has no place for; the problems (strict)."""
+    problems = []
+    for key in sorted(set(src) - used):
+        if from_ast and key.startswith(("head.", "head_dist.")):
+            report.dropped.append((key, "DeiT's ImageNet classifiers (AST uses its mlp_head)"))
+        elif key.startswith(("head.", "mlp_head.")):
+            report.dropped.append((key, "the model has no classifier head"))
+        elif key == "cls_token":
+            report.dropped.append((key, "the model has no CLS token"))
+        elif strict:
+            problems.append(f"not in the model: {key} {tuple(src[key].shape)}")
+        else:
+            report.dropped.append((key, "not in the model (strict=False)"))
+    return problems
+
+
 def _fit(
     src: StateDict,
     model: nn.Module,
@@ -364,7 +408,6 @@ def _fit(
     if depth[0] != depth[1]:
         problems.append(f"the checkpoint has {depth[0]} blocks, the model {depth[1]}")
     used: set[str] = set()
-    is_ast = hasattr(model, "dist_token")
     from_ast = report.source == "ast"  # AST / DeiT names: mlp_head, DeiT's head and head_dist
 
     def use(key: str, value: torch.Tensor) -> None:
@@ -389,44 +432,28 @@ def _fit(
             use(key, have)
             report.copied.append(key)
             continue
-        a, b = tuple(have.shape), tuple(want.shape)
-        if (
-            key == "patch_embed.weight"
-            and a[1] == 3
-            and b[1] == 1
-            and a[:1] + a[2:] == b[:1] + b[2:]
-        ):
-            use(key, have.sum(dim=1, keepdim=True))
-            report.adapted.append((key, "RGB kernels summed into one channel", a, b))
-        elif ".attn.rel_pos." in key and len(a) == 2 and a[1] == b[1]:
-            use(key, interpolate_rel_table(have, b[0]))
-            report.adapted.append((key, "rel-pos table interpolated linearly", a, b))
-        elif is_ast and key == "pos_embed" and a[0] == 1 and a[2] == b[2]:
-            dst = tuple(model.cfg.patch_grid)
-            grid = _ast_source_grid(a[1] - 2, dst, source_grid)
-            use(key, adapt_ast_pos_embed(have, grid, dst))
-            report.adapted.append((key, f"AST position embeddings {grid} -> {dst}", a, b))
+        adapted = _adapt(key, have, want, model, report, source_grid)
+        if adapted is not None:
+            use(key, adapted)
         elif key.startswith("head."):
+            a, b = tuple(have.shape), tuple(want.shape)
             report.kept.append((key, f"the checkpoint's head has shape {a}, the model's {b}"))
             report.dropped.append((src_key, "a head of another class count"))
             out[key] = want
         elif strict:
-            problems.append(f"shape of {key}: checkpoint {a}, model {b}")
+            problems.append(
+                f"shape of {key}: checkpoint {tuple(have.shape)}, model {tuple(want.shape)}"
+            )
         else:
-            report.kept.append((key, f"shape {a} in the checkpoint, {b} in the model"))
+            report.kept.append(
+                (
+                    key,
+                    f"shape {tuple(have.shape)} in the checkpoint, {tuple(want.shape)} in the model",
+                )
+            )
             out[key] = want
 
-    for key in sorted(set(src) - used):
-        if from_ast and key.startswith(("head.", "head_dist.")):
-            report.dropped.append((key, "DeiT's ImageNet classifiers (AST uses its mlp_head)"))
-        elif key.startswith(("head.", "mlp_head.")):
-            report.dropped.append((key, "the model has no classifier head"))
-        elif key == "cls_token":
-            report.dropped.append((key, "the model has no CLS token"))
-        elif strict:
-            problems.append(f"not in the model: {key} {tuple(src[key].shape)}")
-        else:
-            report.dropped.append((key, "not in the model (strict=False)"))
+    problems += _unused(src, used, report, strict, from_ast)
     if problems:
         n = len(problems)
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {n - 20} more" if n > 20 else "")
