@@ -74,6 +74,31 @@ def fusion_gflops(module: nn.Module, n_video: int, n_audio: int, dim: int) -> fl
     return count_flops(module, inputs)["total"] / 1e9
 
 
+def _tokens(enc: MultiscaleEncoder, stage: int) -> int:
+    """Tokens of ``enc``'s ``stage`` (CLS included)."""
+    first = next(i for i, s in enumerate(enc.stage_of_block) if s == stage)
+    grid = enc.token_grids()[first + 1]
+    n = 1
+    for g in grid:
+        n *= g
+    return n + int(enc.cfg.use_cls_token)
+
+
+def _video_32_frames(cfg, audio_tokens: int) -> dict:
+    """The reading where "16 frames" means 16 temporal tokens: a 32-frame clip."""
+    bc = cfg.bottleneck
+    v32 = dataclasses.replace(cfg.video, input_size=(32, *cfg.video.input_size[1:]))
+    enc32 = MultiscaleEncoder(v32)
+    video32 = count_flops(enc32, (torch.randn(1, 3, *v32.input_size),))["total"] / 1e9
+    nv32 = _tokens(enc32, 3)
+    return {
+        "reading": '"16 frames" = 16 temporal tokens (32-frame clip)',
+        "avbottleneck_tokens": f"video {nv32}, audio {audio_tokens}",
+        "video_encoder": video32,
+        "fusion": fusion_gflops(_Fusion(bc), nv32, audio_tokens, bc.dim),
+    }
+
+
 def readings(progress=print) -> dict:
     t0 = time.time()
     mmt = create_model("MMT")
@@ -87,17 +112,9 @@ def readings(progress=print) -> dict:
     rest = total - audio - video - avb
     progress(f"MMT traced: {total:.1f} GFLOPs [{time.time() - t0:.0f} s]")
 
-    def tokens(enc: MultiscaleEncoder, stage: int) -> int:
-        first = next(i for i, s in enumerate(enc.stage_of_block) if s == stage)
-        grid = enc.token_grids()[first + 1]
-        n = 1
-        for g in grid:
-            n *= g
-        return n + int(enc.cfg.use_cls_token)
-
     bc = cfg.bottleneck
-    nv, na = tokens(mmt.video_encoder, 3), tokens(mmt.audio_encoder, 3)
-    nv3, na3 = tokens(mmt.video_encoder, 2), tokens(mmt.audio_encoder, 2)
+    nv, na = _tokens(mmt.video_encoder, 3), _tokens(mmt.audio_encoder, 3)
+    nv3, na3 = _tokens(mmt.video_encoder, 2), _tokens(mmt.audio_encoder, 2)
     rows = [
         {
             "reading": "literal (default): final tokens, K = 4 pairs, 16 input frames",
@@ -132,19 +149,8 @@ def readings(progress=print) -> dict:
             "fusion": fusion_gflops(_Joint(bc), nv, na, bc.dim),
         }
     )
-    v32 = dataclasses.replace(cfg.video, input_size=(32, *cfg.video.input_size[1:]))
-    enc32 = MultiscaleEncoder(v32)
-    video32 = count_flops(enc32, (torch.randn(1, 3, *v32.input_size),))["total"] / 1e9
-    nv32 = tokens(enc32, 3)
+    rows.append(_video_32_frames(cfg, na))
     progress(f"32-frame video encoder counted [{time.time() - t0:.0f} s]")
-    rows.append(
-        {
-            "reading": '"16 frames" = 16 temporal tokens (32-frame clip)',
-            "avbottleneck_tokens": f"video {nv32}, audio {na}",
-            "video_encoder": video32,
-            "fusion": fusion_gflops(_Fusion(bc), nv32, na, bc.dim),
-        }
-    )
     for r in rows:
         r["audio_encoder"] = audio
         r["rest"] = rest
