@@ -62,8 +62,8 @@ def test_ref_matches_concat_formulation(Nm: int, L: int) -> None:
 )
 @pytest.mark.parametrize(
     ("B", "H", "Nm", "L", "D"),
-    [(2, 2, 37, 4, 24), (1, 3, 21, 1, 16), (2, 1, 3, 4, 24)],
-    ids=["odd-Nm-L4", "L1-3heads", "Nm-lt-L"],
+    [(2, 2, 37, 4, 24), (1, 3, 21, 1, 16), (2, 1, 3, 4, 24), (1, 2, 45, 4, 48), (1, 1, 70, 3, 96)],
+    ids=["odd-Nm-L4", "L1-3heads", "Nm-lt-L", "head-dim-32+16", "head-dim-64+32"],
 )
 def test_kernel_vs_fp64(force_triton, dtype, B, H, Nm, L, D) -> None:
     inputs = _inputs(B, H, Nm, L, D)
