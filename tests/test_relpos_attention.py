@@ -28,6 +28,8 @@ CASES = {
     "2d_5x7_over_3x4_cls": (1, 2, (5, 7), (3, 4), True, 24),
     "2d_1x13": (1, 1, (1, 13), (1, 13), False, 16),
     "2d_3x20_direct_axis": (1, 1, (3, 20), (3, 20), True, 16),
+    # Head dim 48 = 32 + 16 in chunks; 20 keys on an axis: the table gradient's key-as-M path.
+    "2d_2x20_head_dim_32+16": (1, 1, (2, 20), (1, 20), True, 48),
     "2d_3x2_over_7x5": (2, 1, (3, 2), (7, 5), False, 8),
     "3d_2x3x3_over_1x2x2_cls": (2, 2, (2, 3, 3), (1, 2, 2), True, 16),
     "3d_2x3x3_over_1x2x2": (1, 1, (2, 3, 3), (1, 2, 2), False, 40),
