@@ -508,9 +508,10 @@ def _relq_backward(
                 drel, ax["table"], ax["idx"], dq, H, B * H, Nq, nqs, D, *sizes, OFF=ax["OFF"],
                 BLOCK_D=bd, D_OFF=d_off, **meta,
             )  # fmt: skip
-        # (b, h) split into chunks so that about 256 programs run; their shares are summed
+        # (b, h) split into chunks so that about four programs per SM run (528 on 132 SMs);
+        # their shares are summed
         n_yb = triton.cdiv(ka, block_y)
-        per_chunk = triton.cdiv(B * H, min(B * H, triton.cdiv(256, qa * n_yb)))
+        per_chunk = triton.cdiv(B * H, min(B * H, triton.cdiv(4 * 132, qa * n_yb)))
         chunks = triton.cdiv(B * H, per_chunk)
         dr = torch.empty((chunks, qa, ka, D), dtype=acc, device=q.device)
         # the key columns as M where they fill a warpgroup's 64 rows (the head dim unpadded,
