@@ -439,12 +439,17 @@ def _compile_one(launch: Launch, cfg: dict, arch: int) -> dict[str, Any]:
                 wgmma_serialized="C7515" in log, needs_tensor_core="tt.dot" in compiled.asm["ttir"], compile_s=round(seconds, 2))  # fmt: skip
 
 
-def _job(case_name: str, dtype_name: str, launch_index: int, cfg_index: int, arch: int) -> dict:
-    """Worker: rebuild the launch in this process (functions do not pickle) and compile."""
+@functools.cache
+def _worker_launches(case_name: str, dtype_name: str) -> list[Launch]:
+    """A case's launches, captured once per worker process (they are read, never changed)."""
     import torch
 
-    case = _cases()[case_name]
-    launch = launches_for(case, getattr(torch, dtype_name))[launch_index]
+    return launches_for(_cases()[case_name], getattr(torch, dtype_name))
+
+
+def _job(case_name: str, dtype_name: str, launch_index: int, cfg_index: int, arch: int) -> dict:
+    """Worker: rebuild the launch in this process (functions do not pickle) and compile."""
+    launch = _worker_launches(case_name, dtype_name)[launch_index]
     cfg = launch.configs[cfg_index]
     try:
         return _compile_one(launch, cfg, arch)
