@@ -25,7 +25,8 @@
 #      (python -m benchmarks.kernels --merge), where the targets against FlexAttention are
 #      evaluated.
 #   3. pytest-gpu: every test marked gpu that CUDA makes run: the kernels' GPU tests
-#      (tests/test_relpos_attention.py, test_pooled_qkv.py, test_bottleneck_attention.py),
+#      (tests/test_relpos_attention.py, test_pooled_qkv.py, test_bottleneck_attention.py,
+#      test_kernel_runtime_checks.py: real launches with batch x heads = 70000),
 #      the memory estimator against a measured CUDA peak (tests/test_plan.py) and the
 #      autocast policy against torch's CUDA autocast (tests/test_memory_precision.py).
 #   4. train-memory: one MAT training step at batch 64, MMT_FAST_KERNELS=reference vs
@@ -153,7 +154,7 @@ fi
 stage pytest-gpu 70 30 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfEs \
     tests/test_relpos_attention.py tests/test_pooled_qkv.py \
     tests/test_bottleneck_attention.py tests/test_kernels_in_models.py \
-    tests/test_plan.py tests/test_memory_precision.py
+    tests/test_kernel_runtime_checks.py tests/test_plan.py tests/test_memory_precision.py
 
 # 4. MAT training-step memory, MMT_FAST_KERNELS=reference vs triton.
 stage train-memory 50 30 "$PY" -m benchmarks.kernels --train-memory --out "$OUT"
@@ -161,7 +162,8 @@ stage train-memory 50 30 "$PY" -m benchmarks.kernels --train-memory --out "$OUT"
 # 5. The kernel tests not marked gpu, on CUDA (the README's pytest on a GPU machine).
 stage pytest-cuda 90 30 "$PY" -m pytest -q -m "not gpu" -p no:cacheprovider -rfEs \
     tests/test_relpos_attention.py tests/test_pooled_qkv.py \
-    tests/test_bottleneck_attention.py tests/test_kernels_in_models.py
+    tests/test_bottleneck_attention.py tests/test_kernels_in_models.py \
+    tests/test_kernel_runtime_checks.py
 
 # 6. The paper's FLOPs/memory table, memory measured on the GPU. Needs fvcore, which
 #    the H200 image lacks (carry .whl, see the top); runs in whatever is left.

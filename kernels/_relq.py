@@ -275,7 +275,7 @@ def _group_rows(g, x, QA, INNER):
 def _relq_kernel(
     Q, TABLE, IDX, REL,
     sqb, sqh, sqn, sqd,
-    H, NQS, D, QA, KA, INNER, G,
+    H, BH, NQS, D, QA, KA, INNER, G,
     HAS_CLS: tl.constexpr, OFF: tl.constexpr, KSUM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):  # fmt: skip
@@ -283,19 +283,21 @@ def _relq_kernel(
     (BLOCK_R, D) @ (D, BLOCK_Y) against the gathered table rows (two, over head-dim chunks
     [0, BLOCK_D) and [BLOCK_D, BLOCK_D + BLOCK_D2) when BLOCK_D2 > 0), stored at columns
     OFF + y of the packed relq (BH, NQS, KSUM)."""
+    # BLOCK_R of the (b, h, row) pairs with axis coordinate x, flattened: a group of fewer
+    # rows than BLOCK_R (32 on MAT's frequency axis) is not padded to a block
     pid = tl.program_id(0)
-    n_rb = tl.cdiv(G, BLOCK_R)
-    rb = pid % n_rb
-    x = (pid // n_rb) % QA
-    bh = (pid // n_rb // QA).to(tl.int64)
-    g = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    g_in = g < G
+    n_fb = tl.cdiv(BH * G, BLOCK_R)
+    x = pid // n_fb
+    f = (pid % n_fb).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    g_in = f < BH * G
+    bh = f // G
+    g = f % G
     i = _group_rows(g, x, QA, INNER)
     y = tl.program_id(1) * BLOCK_Y + tl.arange(0, BLOCK_Y)
     y_in = y < KA
     d = tl.arange(0, BLOCK_D)
     d_in = d < D
-    q_rows = Q + (bh // H) * sqb + (bh % H) * sqh + (i + HAS_CLS)[:, None] * sqn
+    q_rows = Q + ((bh // H) * sqb + (bh % H) * sqh + (i + HAS_CLS) * sqn)[:, None]
     q = tl.load(q_rows + d[None, :] * sqd, mask=g_in[:, None] & d_in[None, :], other=0.0)
     t_rows = tl.load(IDX + x * KA + y, mask=y_in, other=0)
     tt = tl.load(TABLE + t_rows[None, :] * D + d[:, None], mask=d_in[:, None] & y_in[None, :],
@@ -315,7 +317,7 @@ def _relq_kernel(
 @triton.jit
 def _relq_dq_kernel(
     DREL, TABLE, IDX, DQ,
-    H, Nq, NQS, D, QA, KA, INNER, G,
+    H, BH, Nq, NQS, D, QA, KA, INNER, G,
     HAS_CLS: tl.constexpr, OFF: tl.constexpr, KSUM: tl.constexpr, ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Y: tl.constexpr,
     BLOCK_D: tl.constexpr, D_OFF: tl.constexpr,
@@ -324,13 +326,15 @@ def _relq_dq_kernel(
     for BLOCK_R rows with axis coordinate x and head-dim columns D_OFF .. D_OFF + BLOCK_D
     (d_relq rounded to q's dtype, as PyTorch's own path); dq (BH, Nq, D) contiguous, updated
     in place."""
+    # BLOCK_R of the (b, h, row) pairs with axis coordinate x, flattened: a group of fewer
+    # rows than BLOCK_R (32 on MAT's frequency axis) is not padded to a block
     pid = tl.program_id(0)
-    n_rb = tl.cdiv(G, BLOCK_R)
-    rb = pid % n_rb
-    x = (pid // n_rb) % QA
-    bh = (pid // n_rb // QA).to(tl.int64)
-    g = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    g_in = g < G
+    n_fb = tl.cdiv(BH * G, BLOCK_R)
+    x = pid // n_fb
+    f = (pid % n_fb).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    g_in = f < BH * G
+    bh = f // G
+    g = f % G
     i = _group_rows(g, x, QA, INNER)
     d = D_OFF + tl.arange(0, BLOCK_D)
     d_in = d < D
@@ -357,11 +361,17 @@ def _relq_table_kernel(
     H, BH, NQS, D, QA, KA, INNER, G, bh_per_chunk,
     HAS_CLS: tl.constexpr, OFF: tl.constexpr, KSUM: tl.constexpr, ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Y: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr, Y_AS_M: tl.constexpr,
 ):  # fmt: skip
     """The table's share: dR_a[x, y] = sum over (b, h) in this chunk and the rows with axis
     coordinate x of d_relq_a[i, y] q_i, reduced in registers; one (BLOCK_Y, D) block of
-    DR (chunks, QA, KA, D) per program (the launcher sums the few chunks, then index_adds)."""
+    DR (chunks, QA, KA, D) per program (the launcher sums the few chunks, then index_adds).
+
+    The matmul's K runs over the (b, h, row) pairs of the chunk, flattened: BLOCK_R rows at a
+    time whatever the group size G (a group of 32 rows is not padded to 64). Y_AS_M: dR =
+    d_relq^T Q with the key columns as M and the head dim as N, in chunks [0, BLOCK_D) and
+    [BLOCK_D, BLOCK_D + BLOCK_D2) (96 = 64 + 32, no padding); else dR^T = Q^T d_relq with the
+    head dim (BLOCK_D, padded) as M, for axes of fewer than a warpgroup's 64 keys."""
     pid = tl.program_id(0)
     n_yb = tl.cdiv(KA, BLOCK_Y)
     yb = pid % n_yb
@@ -369,26 +379,44 @@ def _relq_table_kernel(
     chunk = tl.program_id(1)
     y = yb * BLOCK_Y + tl.arange(0, BLOCK_Y)
     y_in = y < KA
-    d = tl.arange(0, BLOCK_D)
-    d_in = d < D
-    # transposed, dR^T = Q^T d_relq: the head dim (BLOCK_D) is the matmul's M
-    acc = tl.zeros([BLOCK_D, BLOCK_Y], dtype=ACC_DTYPE)
+    d1 = tl.arange(0, BLOCK_D)
+    d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+    if Y_AS_M:
+        acc1 = tl.zeros([BLOCK_Y, BLOCK_D], dtype=ACC_DTYPE)
+    else:
+        acc1 = tl.zeros([BLOCK_D, BLOCK_Y], dtype=ACC_DTYPE)
+    acc2 = tl.zeros([BLOCK_Y, BLOCK_D2], dtype=ACC_DTYPE)  # unused unless SPLIT and Y_AS_M
     bh0 = (chunk * bh_per_chunk).to(tl.int64)
-    for t in range(0, tl.minimum(bh_per_chunk, BH - bh0)):
-        bh = bh0 + t
-        q_bh = Q + (bh // H) * sqb + (bh % H) * sqh
-        for g0 in range(0, G, BLOCK_R):
-            g = g0 + tl.arange(0, BLOCK_R)
-            g_in = g < G
-            i = _group_rows(g, x, QA, INNER)
-            gr = tl.load(DREL + (bh * NQS + i)[:, None] * KSUM + OFF + y[None, :],
-                         mask=g_in[:, None] & y_in[None, :], other=0.0)  # fmt: skip
-            qt = tl.load(q_bh + (i + HAS_CLS)[None, :] * sqn + d[:, None] * sqd,
-                         mask=d_in[:, None] & g_in[None, :], other=0.0)  # fmt: skip
-            acc = tl.dot(qt, gr.to(qt.dtype), acc, input_precision=DOT_PRECISION,
-                         out_dtype=ACC_DTYPE)  # fmt: skip
-    tl.store(DR + ((chunk * QA + x) * KA + y)[None, :] * D + d[:, None], acc,
-             mask=d_in[:, None] & y_in[None, :])  # fmt: skip
+    n_rows = tl.minimum(bh_per_chunk, BH - bh0) * G
+    for f0 in range(0, n_rows, BLOCK_R):
+        f = f0 + tl.arange(0, BLOCK_R)
+        f_in = f < n_rows
+        bh = bh0 + f // G
+        i = _group_rows(f % G, x, QA, INNER)
+        q_rows = Q + (bh // H) * sqb + (bh % H) * sqh + (i + HAS_CLS) * sqn
+        gr = tl.load(DREL + (bh * NQS + i)[:, None] * KSUM + OFF + y[None, :],
+                     mask=f_in[:, None] & y_in[None, :], other=0.0)  # fmt: skip
+        if Y_AS_M:
+            q1 = tl.load(q_rows[:, None] + d1[None, :] * sqd,
+                         mask=f_in[:, None] & (d1 < D)[None, :], other=0.0)  # fmt: skip
+            grt = tl.trans(gr.to(q1.dtype))
+            acc1 = tl.dot(grt, q1, acc1, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            if SPLIT:
+                q2 = tl.load(q_rows[:, None] + d2[None, :] * sqd,
+                             mask=f_in[:, None] & (d2 < D)[None, :], other=0.0)  # fmt: skip
+                acc2 = tl.dot(grt, q2, acc2, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        else:
+            qt = tl.load(q_rows[None, :] + d1[:, None] * sqd,
+                         mask=(d1 < D)[:, None] & f_in[None, :], other=0.0)  # fmt: skip
+            acc1 = tl.dot(qt, gr.to(qt.dtype), acc1, input_precision=DOT_PRECISION,
+                          out_dtype=ACC_DTYPE)  # fmt: skip
+    out = DR + ((chunk * QA + x) * KA + y) * D
+    if Y_AS_M:
+        tl.store(out[:, None] + d1[None, :], acc1, mask=y_in[:, None] & (d1 < D)[None, :])
+        if SPLIT:
+            tl.store(out[:, None] + d2[None, :], acc2, mask=y_in[:, None] & (d2 < D)[None, :])
+    else:
+        tl.store(out[None, :] + d1[:, None], acc1, mask=(d1 < D)[:, None] & y_in[None, :])
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -436,10 +464,10 @@ def _relq_packed(
     bd1, bd2 = _block_d_split(D)
     for ax in _axes(q, rel_tables, q_grid, k_grid, geo):
         block_r, block_y, warps = _relq_blocks(ax["KA"])
-        grid = (B * H * ax["QA"] * triton.cdiv(ax["G"], block_r), triton.cdiv(ax["KA"], block_y))
+        grid = (ax["QA"] * triton.cdiv(B * H * ax["G"], block_r), triton.cdiv(ax["KA"], block_y))
         _relq_kernel[grid](
             q, ax["table"], ax["idx"], rel, *q.stride(),
-            H, nqs, D, ax["QA"], ax["KA"], ax["INNER"], ax["G"],
+            H, B * H, nqs, D, ax["QA"], ax["KA"], ax["INNER"], ax["G"],
             HAS_CLS=int(has_cls), OFF=ax["OFF"], KSUM=geo["KSUM"],
             DOT_PRECISION=_dot_precision(q.dtype), BLOCK_R=block_r, BLOCK_Y=block_y,
             BLOCK_D=bd1, BLOCK_D2=bd2, num_warps=warps, num_stages=2,
@@ -471,23 +499,28 @@ def _relq_backward(
         meta = dict(HAS_CLS=int(has_cls), KSUM=geo["KSUM"], ACC_DTYPE=tl_acc_dtype(q.dtype),
                     DOT_PRECISION=_dot_precision(q.dtype), BLOCK_R=block_r, BLOCK_Y=block_y,
                     num_warps=warps, num_stages=2)  # fmt: skip
-        qa, ka, n_rb = ax["QA"], ax["KA"], triton.cdiv(ax["G"], block_r)
+        qa, ka, n_fb = ax["QA"], ax["KA"], triton.cdiv(B * H * ax["G"], block_r)
         sizes = (qa, ka, ax["INNER"], ax["G"])
         # one launch per head-dim chunk (its columns are independent): no padding of 96 to 128
         for d_off, bd in chunks_d:
-            _relq_dq_kernel[(B * H * qa * n_rb,)](
-                drel, ax["table"], ax["idx"], dq, H, Nq, nqs, D, *sizes, OFF=ax["OFF"],
+            _relq_dq_kernel[(qa * n_fb,)](
+                drel, ax["table"], ax["idx"], dq, H, B * H, Nq, nqs, D, *sizes, OFF=ax["OFF"],
                 BLOCK_D=bd, D_OFF=d_off, **meta,
             )  # fmt: skip
-        # (b, h) split into chunks so that about 256 programs run; their shares are summed
+        # (b, h) split into chunks so that about four programs per SM run (528 on 132 SMs);
+        # their shares are summed
         n_yb = triton.cdiv(ka, block_y)
-        per_chunk = triton.cdiv(B * H, min(B * H, triton.cdiv(256, qa * n_yb)))
+        per_chunk = triton.cdiv(B * H, min(B * H, triton.cdiv(4 * 132, qa * n_yb)))
         chunks = triton.cdiv(B * H, per_chunk)
         dr = torch.empty((chunks, qa, ka, D), dtype=acc, device=q.device)
-        # (the head dim is this matmul's M: one padded block, for whole warpgroups)
+        # the key columns as M where they fill a warpgroup's 64 rows (the head dim unpadded,
+        # as N); else the head dim as M, one padded block
+        y_as_m = block_y >= 64 or (dispatch.interpreting() and ka > block_y)
+        table_d = dict(BLOCK_D=bd1, BLOCK_D2=max(bd2, 16), SPLIT=bd2 > 0) if y_as_m else (
+            dict(BLOCK_D=_block_d(D), BLOCK_D2=16, SPLIT=False))  # fmt: skip
         _relq_table_kernel[(qa * n_yb, chunks)](
             drel, q, dr, *q.stride(), H, B * H, nqs, D, *sizes, per_chunk, OFF=ax["OFF"],
-            BLOCK_D=_block_d(D), **meta,
+            Y_AS_M=y_as_m, **table_d, **meta,
         )  # fmt: skip
         dt = torch.zeros(ax["table"].shape, dtype=acc, device=q.device)
         dt.index_add_(0, ax["idx"].reshape(-1), (dr.sum(0) if chunks > 1 else dr[0]).reshape(-1, D))

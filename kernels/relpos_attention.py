@@ -74,8 +74,12 @@ Numerics: scores, softmax and all accumulators are fp32 (fp64 for fp64
 inputs); relq is computed in the input dtype, like PyTorch's own path; for
 16-bit inputs P and dS are rounded to the input dtype before the P V and
 dS K matmuls (as flash-attention) and dS is rounded to tf32 for the d_relq
-sums. Only the gather path's atomics make the gradients non-deterministic in the
-last bits. fp32 inputs run the reference on CUDA (``dispatch.FP32_ON_CUDA``).
+sums. Two steps add in an order that can vary between runs, so those gradients can
+differ in the last bits from run to run: the gather path's atomics into d_relq (and so
+into dq and the tables' gradients), and the final ``index_add_`` of the tables'
+gradients, which on CUDA adds with atomics (PyTorch documents it as non-deterministic
+there). dq, dk and dv are otherwise deterministic; so are the split dK/dV launch's
+shares (summed by ``torch.sum``). fp32 inputs run the reference on CUDA (``dispatch.FP32_ON_CUDA``).
 
 File layout follows flash-attention's ``ops/triton/layer_norm.py``: kernels,
 launchers, :func:`relpos_attention_ref`, ``torch.library`` custom ops
@@ -179,10 +183,11 @@ def _configs(kernel: str) -> list[triton.Config]:
     # spills, within shared memory, HGMMA matmuls, no warp duplication (every matmul's M is
     # 64 rows per warpgroup: BLOCK_M 128 with 8 warps, 64 with 4). The first is the pinned one.
     entries = {
-        # 1 stage: with 2 the aligned bias (the Q K^T accumulator) serialises wgmma (C7515)
+        # 1 stage: with 2 the aligned bias (the Q K^T accumulator) serialises wgmma (C7515),
+        # also at 64 x 32 with 4 warps (MAT stage 1)
         "_fwd_kernel": [
             ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 1),
-            ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 2),
+            ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 1),
         ],
         # transposed: BLOCK_N keys are every matmul's M, BLOCK_M queries per step; 1 stage
         # (2 draw C7515)
@@ -429,12 +434,19 @@ def _bwd_dkdv_kernel(
     OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KSUM: tl.constexpr,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, FULL: tl.constexpr,
     ALIGN_OK: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PARTIAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):  # fmt: skip
-    """dV = P^T dO, dK = scale * dS^T Q for one block of spatial keys, looping over all
-    query blocks (the CLS key's dK, dV come from the delta kernel); BLOCK_D2 > 0: the head
-    dim in two chunks, as in the forward."""
+    """dV = P^T dO, dK = scale * dS^T Q for one block of spatial keys, looping over the query
+    blocks of this program's share (grid axis 1 splits the queries into equal runs of
+    blocks, so that a launch with few key blocks still fills the GPU; PARTIAL: DK, DV are the
+    fp32 shares (splits, BH, Nk, D), summed by the launcher). The CLS key's dK, dV come from
+    the delta kernel; BLOCK_D2 > 0: the head dim in two chunks, as in the forward."""
     pid_n, pid_bh = _row_block(Nk - HAS_CLS, BLOCK_N)
+    split = tl.program_id(1)
+    per_split = tl.cdiv(tl.cdiv(Nq, BLOCK_M), tl.num_programs(1)) * BLOCK_M
+    q_lo = split * per_split
+    q_hi = tl.minimum(q_lo + per_split, Nq)
     b = pid_bh // H
     h = pid_bh % H
     Q += b * sqb + h * sqh
@@ -475,7 +487,7 @@ def _bwd_dkdv_kernel(
         oh0, oh1, oh2 = _onehots(js, kb.dtype, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
-    for start_m in range(0, Nq, BLOCK_M):
+    for start_m in range(q_lo, q_hi, BLOCK_M):
         rows = start_m + offs_m
         row_in = rows < Nq
         row_sp = row_in & (rows >= HAS_CLS)
@@ -514,6 +526,9 @@ def _bwd_dkdv_kernel(
             dk2 = tl.dot(dst.to(q2.dtype), q2, dk2, input_precision=DOT_PRECISION,
                          out_dtype=ACC_DTYPE)  # fmt: skip
 
+    if PARTIAL:
+        DK += split.to(tl.int64) * BH * Nk * D
+        DV += split.to(tl.int64) * BH * Nk * D
     out_off = pid_bh * Nk * D + (HAS_CLS + js[:, None]) * D + offs_d[None, :]
     tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -863,6 +878,27 @@ def _window(ka: int, stride: int, block_n: int) -> tuple[bool, int]:
     return direct, max(16, triton.next_power_of_2(span))
 
 
+def _dkdv_splits(nq: int, nk_spatial: int, bh: int) -> int:
+    """Into how many runs of query blocks the dK/dV launch splits the queries, when the key
+    blocks alone give fewer than four programs per SM (528 on 132 SMs): the count up to twice
+    that whose last wave is fullest (at the pinned config's 2 programs per SM), each run at
+    least 8 blocks of 32 queries. (Counted with 64-key blocks, whatever the config.)"""
+    if dispatch.interpreting():
+        return 2 if nq > 32 else 1  # the tests run the split path on their small sizes
+    programs = triton.cdiv(nk_spatial, 64) * bh
+    lo = triton.cdiv(4 * 132, programs)
+    if lo <= 1:
+        return 1
+    slots = 2 * 132
+
+    def fill(n: int) -> float:
+        waves = programs * n / slots
+        return waves / math.ceil(waves)
+
+    best = max(range(lo, 2 * lo + 1), key=lambda n: (round(fill(n), 3), -n))
+    return max(1, min(best, nq // 256))
+
+
 def _dq_blocks() -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dQ kernel (one config, checked by the
     compile gate; not autotuned: the slow-axis buffer is sized by BLOCK_N)."""
@@ -967,16 +1003,28 @@ def _launch_bwd(
     geo = _geometry(len(rel_tables), k_grid, has_cls)
     bd1, bd2 = _block_d_split(D)
 
+    # Few key blocks (MViTv2's 7 x 7 pooled keys: 7 blocks x batch 8 = 56 programs for 132
+    # SMs): split the queries over grid axis 1 and sum the fp32 shares
+    splits = _dkdv_splits(Nq, Nk - int(has_cls), B * H)
+    dk_out, dv_out = dk, dv
+    if splits > 1:
+        dk_out, dv_out = (torch.empty((splits, B, H, Nk, D), dtype=acc, device=q.device)
+                          for _ in range(2))  # fmt: skip
+
     def grid_n(meta):
-        return (triton.cdiv(Nk - int(has_cls), meta["BLOCK_N"]) * B * H,)
+        return (triton.cdiv(Nk - int(has_cls), meta["BLOCK_N"]) * B * H, splits)
 
     _bwd_dkdv_kernel[grid_n](
-        q, k, v, rel, dout, lse, delta, dk, dv,
+        q, k, v, rel, dout, lse, delta, dk_out, dv_out,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
         H, B * H, Nq, Nk, D, scale, scale * _LOG2E,
         **geo,
-        ACC_DTYPE=ACC_DTYPE, DOT_PRECISION=prec, BLOCK_D=bd1, BLOCK_D2=bd2,
+        ACC_DTYPE=ACC_DTYPE, DOT_PRECISION=prec, PARTIAL=splits > 1, BLOCK_D=bd1, BLOCK_D2=bd2,
     )  # fmt: skip
+    if splits > 1:
+        cls = int(has_cls)
+        dk[:, :, cls:] = dk_out[:, :, :, cls:].sum(0).to(q.dtype)
+        dv[:, :, cls:] = dv_out[:, :, :, cls:].sum(0).to(q.dtype)
 
     k3 = (1,) * (3 - len(k_grid)) + tuple(k_grid)
     block_m, block_n, warps, stages = _dq_blocks()

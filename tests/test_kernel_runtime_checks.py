@@ -204,18 +204,67 @@ def test_relpos_grids_take_batch_x_heads_beyond_65535():
     assert all(g[0] >= B * H for g in fwd)
 
 
-def test_other_ops_refuse_batch_x_heads_beyond_65535():
+def test_bottleneck_grids_take_batch_x_heads_beyond_65535():
+    """B H = 70000 on meta tensors: the bottleneck op accepts it and every launch of its
+    forward and backward runs on grid axis 0 only (no 65535 limit there)."""
+    meta = dict(device="meta", dtype=torch.float16)
+    q = torch.empty(35000, 2, 9, 16, **meta)
+    e = torch.empty(35000, 2, 2, 16, **meta)
+    with dispatch.shape_only():
+        assert bn.triton_reasons(q, e, (q, q, q, e, e, e)) == []
+
+    def both():
+        om, oe, lse = bn._launch_fwd(q, q, q, e, e, e, 0.25)
+        bn._launch_bwd(q, q, q, e, e, e, om, oe, lse, om, oe, 0.25)
+
+    grids = _launch_grids(both)
+    assert {n for n, _ in grids} == {"_fwd_kernel", "_bwd_delta_kernel", "_bwd_kernel"}
+    for name, grid in grids:
+        assert len(grid) == 1 and 70000 <= grid[0] < 2**31, (name, grid)
+
+
+def test_pooled_qkv_refuses_batch_x_heads_beyond_65535():
     meta = dict(device="meta", dtype=torch.float16)
     with dispatch.shape_only():
-        q = torch.empty(70000, 1, 9, 16, **meta)
-        e = torch.empty(70000, 1, 2, 16, **meta)
-        reasons = bn.triton_reasons(q, e, (q, q, q, e, e, e))
-        assert any("batch x heads = 70000 > 65535" in r for r in reasons), reasons
         x = torch.empty(35000, 5, 32, **meta)
         w = [torch.empty(16, 1, 3, 3, **meta)] * 3
         reasons = pooled_qkv.triton_reasons(torch.float16, [x], w, 16, 35000 * 2)
         assert any("batch x heads = 70000 > 65535" in r for r in reasons), reasons
         assert pooled_qkv.triton_reasons(torch.float16, [x], w, 16, 65535) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_large_grid_launches_match_the_reference(force_triton, dtype):
+    """Real launches with B H = 70000 (tiny tokens and head dim; about 30 minutes under the
+    interpreter, so CUDA only): the rel-pos and bottleneck ops' outputs and gradients match
+    their float64 references within the dtype's rounding."""
+    B, H, D = 35000, 2, 16
+    g = torch.Generator().manual_seed(5)
+    q_grid, k_grid = (2, 4), (1, 4)
+    q, k, v, *tables = _relpos_inputs(B, H, q_grid, k_grid, D, torch.float64, seed=5)
+    args = (q_grid, k_grid, True, D**-0.5)
+    dout = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    out64, grads64 = _grads(rp.relpos_attention_ref, [x.cuda() for x in (q, k, v, *tables)],
+                            dout.cuda(), *args)  # fmt: skip
+    low = [x.to("cuda", dtype) for x in (q, k, v, *tables)]
+    out, grads = _grads(rp.relpos_attention, low, dout.to("cuda", dtype), *args)
+    assert dispatch.last_refusal("relpos_attention") == []
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=4e-3, rtol=4e-3)
+    torch.testing.assert_close(out.double(), out64, **tol)
+    for a, b in zip(grads[:3], grads64[:3]):
+        torch.testing.assert_close(a.double(), b, **tol)
+    xs = [torch.randn(B, H, n, D, generator=g, dtype=torch.float64) for n in (3, 3, 3, 2, 2, 2)]
+    douts = [torch.randn(B, H, n, D, generator=g, dtype=torch.float64) for n in (3, 2)]
+    ref = [x.cuda().requires_grad_() for x in xs]
+    want = bn.bottleneck_attention_ref(*ref, 0.25)
+    want_g = torch.autograd.grad(want, ref, [d.cuda() for d in douts])
+    got_in = [x.to("cuda", dtype).requires_grad_() for x in xs]
+    got = bn.bottleneck_attention(*got_in, 0.25)
+    assert dispatch.last_refusal("bottleneck_attention") == []
+    got_g = torch.autograd.grad(got, got_in, [d.to("cuda", dtype) for d in douts])
+    for a, b in zip(list(got) + list(got_g), list(want) + list(want_g)):
+        torch.testing.assert_close(a.double(), b, **tol)
 
 
 # ----------------------------------------------------------------------------- CLS row

@@ -163,3 +163,35 @@ def test_fvcore_counts_every_fused_op_like_its_reference():
     for op in ("pooled_qkv_fwd", "relpos_attention_fwd", "bottleneck_attention_fwd"):
         assert fused.get(op, 0) > 0, op
     assert fused["total"] == pytest.approx(ref["total"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_mmt_with_kernels_in_fp16_matches_the_float64_model():
+    """The drop-in path in fp16, the dtype the compiled kernels run on a GPU (on CUDA, or
+    interpreted on the CPU): MMT-micro (all three fused ops) with the kernels, against the
+    same model in float64, within twice the error of the reference path in fp16 plus a few
+    fp16 roundings of the largest gradient (gradients normalised by it: some are exactly zero
+    in exact arithmetic and carry only rounding)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = micro_mmt().to(device)
+    g = torch.Generator().manual_seed(7)
+    batch = {"audio": torch.randn(1, 1, 16, 32, generator=g),
+             "video": torch.randn(1, 3, 2, 16, 16, generator=g)}  # fmt: skip
+    targets = {"label": torch.tensor([1], device=device)}
+
+    def run(dtype, mode):
+        inputs = {k: v.to(device, dtype) for k, v in batch.items()}
+        return loss_and_grads(model.to(dtype), inputs, targets, mode)
+
+    loss64, grads64 = run(torch.float64, "reference")
+    loss16, grads16 = run(torch.float16, "reference")
+    lossk, gradsk = run(torch.float16, "triton")
+    for op in ("relpos_attention", "pooled_qkv", "bottleneck_attention"):
+        assert dispatch.last_refusal(op) == [], op
+    scale = max(t.abs().max().item() for t in grads64.values())
+    eps = torch.finfo(torch.float16).eps
+    assert abs(lossk.double() - loss64) <= 2 * abs(loss16.double() - loss64) + 8 * eps * abs(loss64)
+    for name, want in grads64.items():
+        err = (gradsk[name].double() - want).abs().max().item()
+        base = (grads16[name].double() - want).abs().max().item()
+        assert err <= 2 * base + 8 * eps * scale, (name, err, base, scale)
