@@ -182,85 +182,95 @@ def build_path(path: str, inp: Inputs, compile_flex: bool) -> Callable[[], tuple
     if forward_only(path, inp):
         t = {k: v.detach() for k, v in t.items()}
     if c.op == "relpos":
-        from mmt_fast.kernels.relpos_attention import relpos_attention, relpos_attention_ref
+        return _relpos_path(path, c, t, compile_flex)
+    if c.op == "bottleneck":
+        return _bottleneck_path(path, c, t, compile_flex)
+    return _pooled_qkv_path(path, c, t, compile_flex)
 
-        q, k, v = t["q"], t["k"], t["v"]
-        tables = [t[f"rel{a}"] for a in range(len(c.q_grid))]
-        scale = c.head_dim**-0.5
-        args = (q, k, v, tables, c.q_grid, c.k_grid, c.has_cls, scale, True)
-        if path == "fused":
 
-            def run():
-                with kernel_mode("triton"):
-                    return (relpos_attention(*args),)
+def _relpos_path(path: str, c, t: dict, compile_flex: bool) -> Callable[[], tuple]:
+    from mmt_fast.kernels.relpos_attention import relpos_attention, relpos_attention_ref
 
-        elif path == "reference":
+    q, k, v = t["q"], t["k"], t["v"]
+    tables = [t[f"rel{a}"] for a in range(len(c.q_grid))]
+    scale = c.head_dim**-0.5
+    args = (q, k, v, tables, c.q_grid, c.k_grid, c.has_cls, scale, True)
+    if path == "fused":
 
-            def run():
-                return (relpos_attention_ref(*args),)
+        def run():
+            with kernel_mode("triton"):
+                return (relpos_attention(*args),)
 
-        elif path == "sdpa":
+    elif path == "reference":
 
-            def run():
-                bias = materialised_bias(q, tables, c.q_grid, c.k_grid, c.has_cls)
-                return (F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale) + q,)
+        def run():
+            return (relpos_attention_ref(*args),)
 
-        elif path == "flex":
-            flex = flex_fn(compile_flex)
+    elif path == "sdpa":
 
-            def run():
-                rels = relq_axes(q[:, :, int(c.has_cls) :], tables, c.q_grid, c.k_grid)
-                mod = relpos_score_mod(rels, c.k_grid, c.has_cls)
-                return (flex(q, k, v, score_mod=mod, scale=scale) + q,)
+        def run():
+            bias = materialised_bias(q, tables, c.q_grid, c.k_grid, c.has_cls)
+            return (F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale) + q,)
 
-        elif path == "xformers":
+    elif path == "flex":
+        flex = flex_fn(compile_flex)
 
-            def run():
-                bias = materialised_bias(q, tables, c.q_grid, c.k_grid, c.has_cls)
-                return (_xformers_attention(q, k, v, bias, scale) + q,)
+        def run():
+            rels = relq_axes(q[:, :, int(c.has_cls) :], tables, c.q_grid, c.k_grid)
+            mod = relpos_score_mod(rels, c.k_grid, c.has_cls)
+            return (flex(q, k, v, score_mod=mod, scale=scale) + q,)
 
-        else:
-            raise ValueError(path)
+    elif path == "xformers":
+
+        def run():
+            bias = materialised_bias(q, tables, c.q_grid, c.k_grid, c.has_cls)
+            return (_xformers_attention(q, k, v, bias, scale) + q,)
+
+    else:
+        raise ValueError(path)
+    return run
+
+
+def _bottleneck_path(path: str, c, t: dict, compile_flex: bool) -> Callable[[], tuple]:
+    from mmt_fast.kernels.bottleneck_attention import (
+        bottleneck_attention,
+        bottleneck_attention_ref,
+    )
+
+    segs = [t[n] for n in ("q_main", "k_main", "v_main", "q_extra", "k_extra", "v_extra")]
+    scale = c.head_dim**-0.5
+    m = c.n_main
+
+    def concat_then(attn):
+        def run():
+            q = torch.cat([segs[0], segs[3]], dim=2)
+            k = torch.cat([segs[1], segs[4]], dim=2)
+            v = torch.cat([segs[2], segs[5]], dim=2)
+            out = attn(q, k, v)
+            return out[:, :, :m], out[:, :, m:]
+
         return run
 
-    if c.op == "bottleneck":
-        from mmt_fast.kernels.bottleneck_attention import (
-            bottleneck_attention,
-            bottleneck_attention_ref,
-        )
+    if path == "fused":
 
-        segs = [t[n] for n in ("q_main", "k_main", "v_main", "q_extra", "k_extra", "v_extra")]
-        scale = c.head_dim**-0.5
-        m = c.n_main
+        def run():
+            with kernel_mode("triton"):
+                return tuple(bottleneck_attention(*segs, scale))
 
-        def concat_then(attn):
-            def run():
-                q = torch.cat([segs[0], segs[3]], dim=2)
-                k = torch.cat([segs[1], segs[4]], dim=2)
-                v = torch.cat([segs[2], segs[5]], dim=2)
-                out = attn(q, k, v)
-                return out[:, :, :m], out[:, :, m:]
+        return run
+    if path == "reference":
+        return lambda: tuple(bottleneck_attention_ref(*segs, scale))
+    if path == "sdpa":
+        return concat_then(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=scale))
+    if path == "flex":
+        flex = flex_fn(compile_flex)
+        return concat_then(lambda q, k, v: flex(q, k, v, scale=scale))
+    if path == "xformers":
+        return concat_then(lambda q, k, v: _xformers_attention(q, k, v, None, scale))
+    raise ValueError(path)
 
-            return run
 
-        if path == "fused":
-
-            def run():
-                with kernel_mode("triton"):
-                    return tuple(bottleneck_attention(*segs, scale))
-
-            return run
-        if path == "reference":
-            return lambda: tuple(bottleneck_attention_ref(*segs, scale))
-        if path == "sdpa":
-            return concat_then(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=scale))
-        if path == "flex":
-            flex = flex_fn(compile_flex)
-            return concat_then(lambda q, k, v: flex(q, k, v, scale=scale))
-        if path == "xformers":
-            return concat_then(lambda q, k, v: _xformers_attention(q, k, v, None, scale))
-        raise ValueError(path)
-
+def _pooled_qkv_path(path: str, c, t: dict, compile_flex: bool) -> Callable[[], tuple]:
     from mmt_fast.kernels.pooled_qkv import pooled_qkv, pooled_qkv_ref
 
     args = (

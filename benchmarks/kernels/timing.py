@@ -211,26 +211,9 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def run_benchmarks(
-    device: torch.device,
-    dtype: torch.dtype,
-    cases: dict[str, Case],
-    out_json: Path | None,
-    compile_flex: bool,
-    budget_s: float,
-    reps: int = 3,
-    paths: Sequence[str] | None = None,
-    gate: dict[str, Case] | None = None,
-) -> dict[str, Any]:
-    """Run every case in order, writing the JSON after each one; skip what the budget leaves.
-
-    ``gate``: check shapes by case name; a case's paths are checked at that shape first
-    and only the paths that pass are timed.
-    """
-    t_start = time.perf_counter()
+def _results_header(device: torch.device, dtype: torch.dtype, reps: int) -> dict[str, Any]:
     interpreter = device.type == "cpu"
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    results: dict[str, Any] = {
+    return {
         "benchmark": "benchmarks.kernels",
         "env": environment(device),
         "dtype": str(dtype).removeprefix("torch."),
@@ -248,18 +231,77 @@ def run_benchmarks(
         "baselines": ceilings(device),
         "cases": {},
     }
+
+
+def _case_entry(case: Case, itemsize: int) -> dict[str, Any]:
+    return {
+        "op": case.op,
+        "source": case.source,
+        "shapes": case.shapes(),
+        "flops_fwd": case.flops_fwd(),
+        "flops_fwd_bwd": case.flops_fwd_bwd(),
+        "roofline": roofline.roofline(case, itemsize),
+        "nm_bf16_gb": case.nm_bytes(2) / 1e9,
+        "paths": {},
+    }
+
+
+def _check_at_gate_shape(name, gate_case, entry, device, dtype, compile_flex, paths):
+    """Check the case's paths at the gate's shape: the failed rows by path, or None when the
+    float64 reference itself failed (then nothing of the case is timed)."""
+    try:
+        rows = check_case(name, gate_case, device, dtype, compile_flex, paths)
+    except Exception as e:  # the float64 reference itself failed: nothing is timed
+        entry["skipped"] = "correctness check failed to run: " + _short(e)
+        print(f"{name}: {entry['skipped']}", flush=True)
+        _free(device)
+        return None
+    entry["check"] = {"shapes": gate_case.shapes(), "rows": rows}
+    failed = {}
+    for r in rows:
+        print(_check_summary(r), flush=True)
+        if r["status"] in ("FAIL", "error"):
+            failed[r["path"]] = r
+    return failed
+
+
+def _why_not_timed(path, device, failed_check, compile_flex, remaining) -> dict | None:
+    """The entry of a path that is not timed (unavailable, failed its check, no time left)."""
+    why = path_unavailable(path, device)
+    if why is None and path in failed_check:
+        r = failed_check[path]
+        detail = ", ".join(r["failed"]) if r["status"] == "FAIL" else r.get("error", "")
+        return {
+            "status": "not timed",
+            "why": f"failed the correctness check ({r['status']}: {detail})"[:300],
+        }
+    if why is None and path == "flex" and compile_flex and remaining < 45:
+        why = f"skipped: {remaining:.0f} s of the time budget left (compiling takes ~30 s)"
+    return {"status": "skipped", "why": why} if why else None
+
+
+def run_benchmarks(
+    device: torch.device,
+    dtype: torch.dtype,
+    cases: dict[str, Case],
+    out_json: Path | None,
+    compile_flex: bool,
+    budget_s: float,
+    reps: int = 3,
+    paths: Sequence[str] | None = None,
+    gate: dict[str, Case] | None = None,
+) -> dict[str, Any]:
+    """Run every case in order, writing the JSON after each one; skip what the budget leaves.
+
+    ``gate``: check shapes by case name; a case's paths are checked at that shape first
+    and only the paths that pass are timed.
+    """
+    t_start = time.perf_counter()
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    results = _results_header(device, dtype, reps)
     for name, case in cases.items():
         elapsed = time.perf_counter() - t_start
-        entry: dict[str, Any] = {
-            "op": case.op,
-            "source": case.source,
-            "shapes": case.shapes(),
-            "flops_fwd": case.flops_fwd(),
-            "flops_fwd_bwd": case.flops_fwd_bwd(),
-            "roofline": roofline.roofline(case, itemsize),
-            "nm_bf16_gb": case.nm_bytes(2) / 1e9,
-            "paths": {},
-        }
+        entry = _case_entry(case, itemsize)
         results["cases"][name] = entry
         if elapsed > budget_s:
             entry["skipped"] = f"time budget {budget_s:.0f} s used up"
@@ -267,18 +309,11 @@ def run_benchmarks(
             continue
         failed_check = {}
         if gate is not None and name in gate:
-            try:
-                rows = check_case(name, gate[name], device, dtype, compile_flex, paths)
-            except Exception as e:  # the float64 reference itself failed: nothing is timed
-                entry["skipped"] = "correctness check failed to run: " + _short(e)
-                print(f"{name}: {entry['skipped']}", flush=True)
-                _free(device)
+            failed_check = _check_at_gate_shape(
+                name, gate[name], entry, device, dtype, compile_flex, paths
+            )
+            if failed_check is None:
                 continue
-            entry["check"] = {"shapes": gate[name].shapes(), "rows": rows}
-            for r in rows:
-                print(_check_summary(r), flush=True)
-                if r["status"] in ("FAIL", "error"):
-                    failed_check[r["path"]] = r
         try:
             inp = make_inputs(case, device, dtype, seed=len(results["cases"]))
         except torch.OutOfMemoryError as e:
@@ -288,21 +323,12 @@ def run_benchmarks(
         for path in PATHS[case.op]:
             if paths and path not in paths:
                 continue
-            why = path_unavailable(path, device)
-            if why is None and path in failed_check:
-                r = failed_check[path]
-                detail = ", ".join(r["failed"]) if r["status"] == "FAIL" else r.get("error", "")
-                entry["paths"][path] = {
-                    "status": "not timed",
-                    "why": f"failed the correctness check ({r['status']}: {detail})"[:300],
-                }
-                print(f"{name:24s} {path:10s} not timed: failed the check", flush=True)
-                continue
             remaining = budget_s - (time.perf_counter() - t_start)
-            if why is None and path == "flex" and compile_flex and remaining < 45:
-                why = f"skipped: {remaining:.0f} s of the time budget left (compiling takes ~30 s)"
-            if why:
-                entry["paths"][path] = {"status": "skipped", "why": why}
+            skip = _why_not_timed(path, device, failed_check, compile_flex, remaining)
+            if skip is not None:
+                entry["paths"][path] = skip
+                if skip["status"] == "not timed":
+                    print(f"{name:24s} {path:10s} not timed: failed the check", flush=True)
                 continue
             r = bench_path(path, inp, device, compile_flex, reps)
             entry["paths"][path] = r
