@@ -102,7 +102,7 @@ def time_variant(name: str, variant: str, device, steps: int, preset: str | None
     acts = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=acts) as prof:
+    with torch.profiler.profile(activities=acts, acc_events=True) as prof:
         _step(model, call, opt, data, device)
         sync()
     ms = 1e3 * statistics.median(times)
