@@ -504,11 +504,12 @@ def plan(subset: str, archs: Sequence[int] | None = None) -> list[tuple[Row, tup
 def _is_pinned(launch: Launch, cfg: dict) -> bool:
     from mmt_fast.kernels import tuning
 
-    pinned = tuning.pinned_config(launch.kernel, launch.op)
+    # the pin for this launch's shape (tuning.pin_index: the rule the launchers follow)
+    pinned = tuning.pinned_config(launch.kernel, launch.op, launch.args)
     if pinned is None:
         return True
-    return (cfg["kwargs"], cfg["num_warps"], cfg["num_stages"]) == (
-        pinned.kwargs, pinned.num_warps, pinned.num_stages)  # fmt: skip
+    same = all(cfg["kwargs"].get(k) == v for k, v in pinned.kwargs.items())
+    return same and (cfg["num_warps"], cfg["num_stages"]) == (pinned.num_warps, pinned.num_stages)
 
 
 # ----------------------------------------------------------------------------- model

@@ -12,6 +12,12 @@
 A list may end with fallback entries: configs that fit a smaller shared memory (an
 A100's 163 KiB) and run only when nothing before them fits the GPU.
 
+A kernel may also have a shape rule (:func:`pin_index`): the pinned entry then depends on
+the launch's arguments, e.g. 64-row blocks where 128-row blocks would pad the queries by
+more than 5% (MAT stages 3 and 4: 513 and 257 queries). The launchers (:func:`launch`) and
+the compile gate (``benchmarks/compile_gate.py``) both ask :func:`pinned_config` with the
+launch's arguments, so they pin the same entry.
+
 Under Triton's interpreter every kernel has one small config (the interpreter breaks
 with two or more).
 """
@@ -19,6 +25,7 @@ with two or more).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from . import dispatch
 from ._triton import triton
@@ -29,6 +36,8 @@ _MODES = ("autotune", "pinned")
 # Per kernel: (kwargs, num_warps, num_stages), the pinned one first.
 TABLE: dict[str, list[tuple[dict, int, int]]] = {}
 INTERPRETER: dict[str, tuple[dict, int, int]] = {}
+# Per kernel: rule(named launch arguments, primary entries) -> index of the pinned entry.
+RULES: dict[str, Callable[[dict, list], int]] = {}
 
 
 def mode() -> str:
@@ -48,13 +57,69 @@ def _config(entry: tuple) -> triton.Config:
 _FALLBACK: set[int] = set()
 
 
-def configs(op: str, kernel: str, entries: list[tuple], interpreter: tuple) -> list[triton.Config]:
-    """Register ``op``'s ``kernel`` and return its autotune list under the current mode.
+def fewer_padded_rows(n_arg: str, key: str = "BLOCK_M", slack: float = 1.05) -> Callable:
+    """A shape rule: the first entry, unless its blocks of ``key`` rows pad the ``n_arg`` rows
+    to more than ``slack`` times what the entry padding least needs; then that entry
+    (MAT stage 3: 513 queries are 640 rows in blocks of 128, 576 in blocks of 64)."""
 
-    ``entries``: (kwargs, num_warps, num_stages[, "fallback"]), the pinned one first.
-    """
+    def rule(args: dict, entries: list) -> int:
+        n = int(args[n_arg])
+        padded = [-(-n // e[0][key]) * e[0][key] for e in entries]
+        best = min(range(len(entries)), key=lambda i: (padded[i], i))
+        return best if padded[0] > slack * padded[best] else 0
+
+    return rule
+
+
+def register(op: str, kernel: str, entries: list[tuple], interpreter: tuple,
+             rule: Callable[[dict, list], int] | None = None) -> None:  # fmt: skip
+    """Record ``op``'s ``kernel``: its entries (the default pin first), its interpreter config
+    and its shape rule (None: always the first entry)."""
     TABLE[f"{op}.{kernel}"] = entries
     INTERPRETER[f"{op}.{kernel}"] = interpreter
+    if rule is not None:
+        RULES[f"{op}.{kernel}"] = rule
+
+
+def _primary(entries: list[tuple]) -> list[tuple]:
+    return [e for e in entries if e[3:] != ("fallback",)]
+
+
+def pin_index(op: str, kernel: str, args: dict | None = None) -> int:
+    """Index of the entry pinned for a launch of ``op``'s ``kernel`` with the named arguments
+    ``args`` (None: the default, the first): the one source of the shape-dependent pins."""
+    rule = RULES.get(f"{op}.{kernel}")
+    if rule is None or args is None:
+        return 0
+    return rule(args, _primary(TABLE[f"{op}.{kernel}"]))
+
+
+def pinned_entry(op: str, kernel: str, args: dict | None = None) -> tuple:
+    """(kwargs, num_warps, num_stages) pinned for this launch (see :func:`pin_index`)."""
+    if dispatch.interpreting():
+        return INTERPRETER[f"{op}.{kernel}"]
+    return _primary(TABLE[f"{op}.{kernel}"])[pin_index(op, kernel, args)][:3]
+
+
+def launch(kernel, grid, op: str, *args, **kwargs) -> None:
+    """Launch an autotuned ``kernel``: in ``pinned`` mode, the entry pinned for these
+    arguments straight through its JIT function (nothing benchmarked); otherwise autotune."""
+    if mode() == "pinned" and not dispatch.interpreting() and f"{op}.{kernel.fn.__name__}" in RULES:
+        named = dict(zip(kernel.fn.arg_names, args), **kwargs)
+        kw, warps, stages = pinned_entry(op, kernel.fn.__name__, named)
+        kernel.fn[grid](*args, **kwargs, **kw, num_warps=warps, num_stages=stages)
+        return
+    kernel[grid](*args, **kwargs)
+
+
+def configs(op: str, kernel: str, entries: list[tuple], interpreter: tuple,
+            rule: Callable[[dict, list], int] | None = None) -> list[triton.Config]:  # fmt: skip
+    """Register ``op``'s ``kernel`` and return its autotune list under the current mode.
+
+    ``entries``: (kwargs, num_warps, num_stages[, "fallback"]), the pinned one first;
+    ``rule``: the shape rule (:func:`pin_index`; launch such a kernel with :func:`launch`).
+    """
+    register(op, kernel, entries, interpreter, rule)
     if dispatch.interpreting():
         return [_config(interpreter)]
     primary = [e for e in entries if e[3:] != ("fallback",)]
@@ -68,10 +133,11 @@ def configs(op: str, kernel: str, entries: list[tuple], interpreter: tuple) -> l
     return out
 
 
-def pinned_config(kernel: str, op: str) -> triton.Config | None:
-    """The config ``pinned`` mode uses for ``op``'s ``kernel`` (None: not autotuned)."""
+def pinned_config(kernel: str, op: str, args: dict | None = None) -> triton.Config | None:
+    """The config ``pinned`` mode uses for ``op``'s ``kernel`` launched with the named
+    arguments ``args`` (None: the default pin; the result None: the kernel is not registered)."""
     entries = TABLE.get(f"{op}.{kernel}")
-    return _config(entries[0]) if entries else None
+    return _config(_primary(entries)[pin_index(op, kernel, args)]) if entries else None
 
 
 def shared_memory_estimate(config: triton.Config, block_d: int, itemsize: int) -> int:

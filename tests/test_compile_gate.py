@@ -365,15 +365,23 @@ bad = [(r["kernel"], r["shape"], r["arch"], g.Row(**r).failures()) for r in data
 assert not bad, bad[:3]
 assert not data["case_failures"], data["case_failures"]
 assert [c["case"] for c in data["cases"]] == list(g.MODEL_CASES), data["cases"]
-stale = []
+import torch
+# the pins of today's launchers, per (case, dtype, kernel, specialisation): a shape rule
+# (tuning.pin_index) can pin another entry at another shape
+want = {}
 for r in data["rows"]:
-    pin = tuning.pinned_config(r["kernel"], r["op"])
-    if r["pinned"] and pin is not None:
-        want = g._config_str({"kwargs": pin.kwargs, "num_warps": pin.num_warps,
-                              "num_stages": pin.num_stages})
-        if r["config"] != want:
-            stale.append((r["kernel"], r["op"], r["config"], want))
+    key = (r["shape"], r["dtype"])
+    if key not in want:
+        want[key] = {(l.kernel, g._spec(l)): g._config_str(c)
+                     for l in g.launches_for(g._cases()[r["shape"]], getattr(torch, r["dtype"]))
+                     for c in l.configs if g._is_pinned(l, c)}
+stale = [(r["kernel"], r["shape"], r["config"], want[(r["shape"], r["dtype"])].get((r["kernel"], r["spec"])))
+         for r in data["rows"] if r["pinned"]
+         and r["config"] != want[(r["shape"], r["dtype"])].get((r["kernel"], r["spec"]))]
 assert not stale, stale[:3]
+n_pinned = {(r["shape"], r["dtype"], r["arch"]) for r in data["rows"] if r["pinned"]}
+assert all(sum(r["pinned"] for r in data["rows"] if (r["shape"], r["dtype"], r["arch"]) == k)
+           >= len(want[k[:2]]) for k in n_pinned)
 print(len(data["rows"]))
 """
     proc = _python(code, timeout=300)
