@@ -185,17 +185,20 @@ def _configs(kernel: str) -> list[triton.Config]:
     entries = {
         # 1 stage: with 2 the aligned bias (the Q K^T accumulator) serialises wgmma (C7515),
         # also at 64 x 32 with 4 warps (MAT stage 1)
+        # on sm_80 (A100) the 64-key tiles spill (4 B at MAT stage 4 and MViTv2-B): 32 there
         "_fwd_kernel": [
-            ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 1),
-            ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 1),
+            ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 1, "sm90"),
+            ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 1, "sm90"),
             ({"BLOCK_M": 128, "BLOCK_N": 32}, 8, 1),
             ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 1),
         ],
         # transposed: BLOCK_N keys are every matmul's M, BLOCK_M queries per step; 1 stage
         # (2 draw C7515)
+        # (sm_80: 32 queries per step spill 228-240 B; 16 do not)
         "_bwd_dkdv_kernel": [
-            ({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 1),
-            ({"BLOCK_M": 32, "BLOCK_N": 128}, 8, 1),
+            ({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 1, "sm90"),
+            ({"BLOCK_M": 32, "BLOCK_N": 128}, 8, 1, "sm90"),
+            ({"BLOCK_M": 16, "BLOCK_N": 64}, 4, 1, "sm80"),
         ],
     }[kernel]
     rule = _fwd_pin if kernel == "_fwd_kernel" else None
@@ -933,10 +936,12 @@ def _dkdv_splits(nq: int, nk_spatial: int, bh: int) -> int:
 # checked by the compile gate. 128 x 32 with 8 warps (64 rows per warpgroup, no duplicated
 # warps): no spill at MAT stage 1; 32 divides every MAT key row (128, 64, 32): the aligned
 # path. 64 x 32 with 4 warps where 128-row blocks pad the queries by over 5% more (MAT
-# stages 3 and 4), as in the forward.
+# stages 3 and 4), as in the forward. On sm_80 (A100) key tiles of 32 spill (48-360 B),
+# of 16 not.
 tuning.register(
     OP_NAME, "_bwd_dq_kernel",
-    [({"BLOCK_M": 128, "BLOCK_N": 32}, 8, 2), ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 1)],
+    [({"BLOCK_M": 128, "BLOCK_N": 32}, 8, 2, "sm90"), ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 1, "sm90"),
+     ({"BLOCK_M": 128, "BLOCK_N": 16}, 8, 1, "sm80"), ({"BLOCK_M": 64, "BLOCK_N": 16}, 4, 1, "sm80")],
     ({"BLOCK_M": 16, "BLOCK_N": 16}, 4, 1), tuning.fewer_padded_rows("Nq"),
 )  # fmt: skip
 

@@ -10,7 +10,10 @@
   uses it so that a cold run spends its minutes measuring, not compiling.
 
 A list may end with fallback entries: configs that fit a smaller shared memory (an
-A100's 163 KiB) and run only when nothing before them fits the GPU.
+A100's 163 KiB) and run only when nothing before them fits the GPU. An entry may also be
+for one architecture only (``"sm90"``: H100/H200; ``"sm80"``: A100, e.g. a smaller tile
+where the sm_90 one spills on sm_80): the lists, the pins and autotune's pruning follow
+:func:`target_arch`, the GPU's (or the compile gate's, :func:`target`).
 
 A kernel may also have a shape rule (:func:`pin_index`): the pinned entry then depends on
 the launch's arguments, e.g. 64-row blocks where 128-row blocks would pad the queries by
@@ -24,8 +27,9 @@ with two or more).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from . import dispatch
 from ._triton import triton
@@ -38,6 +42,41 @@ TABLE: dict[str, list[tuple[dict, int, int]]] = {}
 INTERPRETER: dict[str, tuple[dict, int, int]] = {}
 # Per kernel: rule(named launch arguments, primary entries) -> index of the pinned entry.
 RULES: dict[str, Callable[[dict, list], int]] = {}
+# Per op: the oldest architecture its Triton path runs on (dispatch refuses older GPUs; the
+# compile gate does not compile it for them).
+MIN_ARCH: dict[str, int] = {}
+
+
+_ARCH: list[int] = []  # the compile gate's override (target)
+
+
+def target_arch() -> int:
+    """The architecture the kernels are configured for: the compile gate's (:func:`target`),
+    else the current CUDA device's (80: A100, 90: H100/H200), else 90."""
+    if _ARCH:
+        return _ARCH[-1]
+    import torch
+
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(torch.cuda.current_device())
+        return 10 * major + minor
+    return 90
+
+
+@contextlib.contextmanager
+def target(arch: int) -> Iterator[None]:
+    """Configure the launchers for ``arch`` (the compile gate captures each arch's launches)."""
+    _ARCH.append(arch)
+    try:
+        yield
+    finally:
+        _ARCH.pop()
+
+
+def for_arch(entry: tuple, arch: int) -> bool:
+    """Whether ``entry`` may run on ``arch`` (its ``"sm90"`` / ``"sm80"`` tag, if any)."""
+    tags = entry[3:]
+    return not (("sm90" in tags and arch < 90) or ("sm80" in tags and arch >= 90))
 
 
 def mode() -> str:
@@ -55,6 +94,7 @@ def _config(entry: tuple) -> triton.Config:
 # ids of the configs created as fallbacks: used only when no other config fits the GPU's
 # shared memory (e.g. an A100's 163 KiB), so they are never selectable on an H100/H200.
 _FALLBACK: set[int] = set()
+_TAGS: dict[int, tuple] = {}  # id of a config -> its entry's tags ("fallback", "sm90", "sm80")
 
 
 def fewer_padded_rows(n_arg: str, key: str = "BLOCK_M", slack: float = 1.05) -> Callable:
@@ -81,30 +121,34 @@ def register(op: str, kernel: str, entries: list[tuple], interpreter: tuple,
         RULES[f"{op}.{kernel}"] = rule
 
 
-def _primary(entries: list[tuple]) -> list[tuple]:
-    return [e for e in entries if e[3:] != ("fallback",)]
+def _primary(entries: list[tuple], arch: int | None = None) -> list[tuple]:
+    """The entries that are not fallbacks, for ``arch`` (None: :func:`target_arch`)."""
+    arch = target_arch() if arch is None else arch
+    return [e for e in entries if "fallback" not in e[3:] and for_arch(e, arch)]
 
 
-def pin_index(op: str, kernel: str, args: dict | None = None) -> int:
-    """Index of the entry pinned for a launch of ``op``'s ``kernel`` with the named arguments
-    ``args`` (None: the default, the first): the one source of the shape-dependent pins."""
+def pin_index(op: str, kernel: str, args: dict | None = None, arch: int | None = None) -> int:
+    """Index, among the primary entries for ``arch`` (None: :func:`target_arch`), of the entry
+    pinned for a launch of ``op``'s ``kernel`` with the named arguments ``args`` (None: the
+    default, the first): the one source of the shape-dependent pins."""
     rule = RULES.get(f"{op}.{kernel}")
     if rule is None or args is None:
         return 0
-    return rule(args, _primary(TABLE[f"{op}.{kernel}"]))
+    return rule(args, _primary(TABLE[f"{op}.{kernel}"], arch))
 
 
-def pinned_entry(op: str, kernel: str, args: dict | None = None) -> tuple:
+def pinned_entry(op: str, kernel: str, args: dict | None = None, arch: int | None = None) -> tuple:
     """(kwargs, num_warps, num_stages) pinned for this launch (see :func:`pin_index`)."""
     if dispatch.interpreting():
         return INTERPRETER[f"{op}.{kernel}"]
-    return _primary(TABLE[f"{op}.{kernel}"])[pin_index(op, kernel, args)][:3]
+    entries = _primary(TABLE[f"{op}.{kernel}"], arch)
+    return entries[pin_index(op, kernel, args, arch)][:3]
 
 
 def launch(kernel, grid, op: str, *args, **kwargs) -> None:
     """Launch an autotuned ``kernel``: in ``pinned`` mode, the entry pinned for these
     arguments straight through its JIT function (nothing benchmarked); otherwise autotune."""
-    if mode() == "pinned" and not dispatch.interpreting() and f"{op}.{kernel.fn.__name__}" in RULES:
+    if mode() == "pinned" and not dispatch.interpreting():
         named = dict(zip(kernel.fn.arg_names, args), **kwargs)
         kw, warps, stages = pinned_entry(op, kernel.fn.__name__, named)
         kernel.fn[grid](*args, **kwargs, **kw, num_warps=warps, num_stages=stages)
@@ -122,22 +166,27 @@ def configs(op: str, kernel: str, entries: list[tuple], interpreter: tuple,
     register(op, kernel, entries, interpreter, rule)
     if dispatch.interpreting():
         return [_config(interpreter)]
-    primary = [e for e in entries if e[3:] != ("fallback",)]
-    fallback = [e for e in entries if e[3:] == ("fallback",)]
-    chosen = primary[:1] if mode() == "pinned" else primary
-    out = [_config(e) for e in chosen]
-    for e in fallback:
+    out = []
+    for e in entries:
         c = _config(e)
-        _FALLBACK.add(id(c))
+        _TAGS[id(c)] = tuple(e[3:])
+        if "fallback" in e[3:]:
+            _FALLBACK.add(id(c))
         out.append(c)
+    if mode() == "pinned":  # the launchers pin through tuning.launch; the default pin here
+        # (an op refused on this arch, tuning.MIN_ARCH, keeps its first entry)
+        first = (_primary(entries) or entries)[0]
+        return [c for c, e in zip(out, entries) if e is first or "fallback" in e[3:]]
     return out
 
 
-def pinned_config(kernel: str, op: str, args: dict | None = None) -> triton.Config | None:
+def pinned_config(kernel: str, op: str, args: dict | None = None,
+                  arch: int | None = None) -> triton.Config | None:  # fmt: skip
     """The config ``pinned`` mode uses for ``op``'s ``kernel`` launched with the named
-    arguments ``args`` (None: the default pin; the result None: the kernel is not registered)."""
+    arguments ``args`` on ``arch`` (None: the default pin; :func:`target_arch`; the result
+    None: the kernel is not registered)."""
     entries = TABLE.get(f"{op}.{kernel}")
-    return _config(_primary(entries)[pin_index(op, kernel, args)]) if entries else None
+    return _config(pinned_entry(op, kernel, args, arch)) if entries else None
 
 
 def shared_memory_estimate(config: triton.Config, block_d: int, itemsize: int) -> int:
@@ -162,6 +211,9 @@ def early_prune(configs_: list, named_args: dict, **kwargs) -> list:
     """Autotune's ``early_config_prune``: drop the configs whose shared-memory estimate exceeds
     this GPU's per-block limit before compiling them (A100: 163 KiB; H100/H200: 227 KiB).
     Keeps at least the smallest config."""
+    arch = target_arch()
+    ours = [c for c in configs_ if for_arch((None, 0, 0, *_TAGS.get(id(c), ())), arch)]
+    configs_ = ours or list(configs_)
     limit = _shared_limit()
     if limit is None or len(configs_) <= 1:
         return list(configs_)
@@ -179,7 +231,9 @@ def early_prune(configs_: list, named_args: dict, **kwargs) -> list:
     return [min(configs_, key=lambda c: est[id(c)])]
 
 
-def selectable(configs_: list) -> list:
-    """The configs autotune may pick on an H100/H200 (227 KiB): the short list without its
-    fallbacks (each fits; the compile gate checks the measured figure)."""
-    return [c for c in configs_ if id(c) not in _FALLBACK]
+def selectable(configs_: list, arch: int = 90) -> list:
+    """The configs autotune may pick on ``arch`` (an H100/H200, 227 KiB, by default): the short
+    list for that arch without its fallbacks (each fits; the compile gate checks the measured
+    figure)."""
+    return [c for c in configs_ if id(c) not in _FALLBACK
+            and for_arch((None, 0, 0, *_TAGS.get(id(c), ())), arch)]  # fmt: skip
