@@ -60,9 +60,11 @@ from pathlib import Path
 from typing import Any
 
 SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory per block (opt-in maximum)
-# The architectures whose selectable variants must pass. sm_80 is compiled and reported but
-# not gated: the configs are chosen for the H100/H200 (sm_90), and several spill on sm_80.
-GATED_ARCHS = (90,)
+# The architectures whose selectable variants must pass: on both, what stops a variant from
+# running well everywhere (compile errors, spills, shared memory, no tensor core); on sm_90
+# also the speed problems of wgmma (duplicated warps, mma.sync, C7515). Each arch has its
+# own lists and pins (tuning.target_arch: entries tagged "sm90" / "sm80").
+GATED_ARCHS = (90, 80)
 TC_INSTR = {90: ("HGMMA", "HMMA"), 80: ("HMMA",)}
 DEFAULT_JSON = Path("benchmarks/results/compile_gate.json")
 
@@ -110,7 +112,9 @@ class Row:
 
     def failures(self) -> list[str]:
         """Why this variant fails the gate ([] when it passes or is not gated)."""
-        return self.problems() if self.arch in GATED_ARCHS else []
+        if self.arch not in GATED_ARCHS:
+            return []
+        return self.problems() if self.arch >= 90 else self.compile_problems()
 
     def problems(self) -> list[str]:
         """What is wrong with a selectable variant, gated architecture or not: what stops it
@@ -156,7 +160,7 @@ class Row:
 # ----------------------------------------------------------------------------- capture
 
 
-def _to_launch(op: str, obj: Any, args: tuple, kwargs: dict) -> Launch:
+def _to_launch(op: str, obj: Any, args: tuple, kwargs: dict, arch: int = 90) -> Launch:
     from triton.runtime.autotuner import Autotuner
 
     from mmt_fast.kernels import tuning
@@ -169,7 +173,7 @@ def _to_launch(op: str, obj: Any, args: tuple, kwargs: dict) -> Launch:
         bound = dict(zip(names, args))
         bound.update(kwargs)
         # the pinned config is the first of the list, so it is always among these
-        kept = {id(c) for c in tuning.selectable(obj.configs)}
+        kept = {id(c) for c in tuning.selectable(obj.configs, arch)}
         configs = [{"kwargs": dict(c.kwargs), "num_warps": c.num_warps,
                     "num_stages": c.num_stages} for c in obj.configs]  # fmt: skip
         selectable = [id(c) in kept for c in obj.configs]
@@ -196,15 +200,19 @@ def _cases() -> dict[str, Any]:
     return real_cases()
 
 
-def launches_for(case: Any, dtype) -> list[Launch]:
-    """Capture every kernel launch of one case's forward and backward, on meta tensors."""
+def launches_for(case: Any, dtype, arch: int = 90) -> list[Launch]:
+    """Capture every kernel launch of one case's forward and backward, on meta tensors, with
+    the launchers configured for ``arch``."""
     from benchmarks.glue import capture_launches, run_meta
+    from mmt_fast.kernels import tuning
 
-    with capture_launches() as seen:
+    with tuning.target(arch), capture_launches() as seen:
         op = run_meta(case, dtype)
+    if arch < tuning.MIN_ARCH.get(op, 0):
+        return []  # the op takes the reference on this arch (dispatch refuses it)
     out: dict[tuple, Launch] = {}
     for obj, a, kw in seen:
-        launch = _to_launch(op, obj, a, dict(kw))
+        launch = _to_launch(op, obj, a, dict(kw), arch)
         # pooled QKV launches once per q/k/v; keep distinct specialisations only
         out.setdefault((launch.kernel, _spec(launch)), launch)
     return list(out.values())
@@ -440,16 +448,16 @@ def _compile_one(launch: Launch, cfg: dict, arch: int) -> dict[str, Any]:
 
 
 @functools.cache
-def _worker_launches(case_name: str, dtype_name: str) -> list[Launch]:
+def _worker_launches(case_name: str, dtype_name: str, arch: int) -> list[Launch]:
     """A case's launches, captured once per worker process (they are read, never changed)."""
     import torch
 
-    return launches_for(_cases()[case_name], getattr(torch, dtype_name))
+    return launches_for(_cases()[case_name], getattr(torch, dtype_name), arch)
 
 
 def _job(case_name: str, dtype_name: str, launch_index: int, cfg_index: int, arch: int) -> dict:
     """Worker: rebuild the launch in this process (functions do not pickle) and compile."""
-    launch = _worker_launches(case_name, dtype_name)[launch_index]
+    launch = _worker_launches(case_name, dtype_name, arch)[launch_index]
     cfg = launch.configs[cfg_index]
     try:
         return _compile_one(launch, cfg, arch)
@@ -463,14 +471,14 @@ def _config_str(cfg: dict) -> str:
 
 
 # (dtype, arch, every_config) per subset: "full" compiles every autotune config in bf16 for
-# sm_90 (the H100/H200 path) and the pinned configs in fp16 on sm_90 and bf16 on sm_80 (A100),
+# sm_90 (the H100/H200 path) and sm_80 (A100) and the pinned configs in fp16 on sm_90,
 # float32 only for pooled QKV (fp32 attention takes the reference on CUDA,
 # mmt_fast.kernels.dispatch.FP32_ON_CUDA).
 SUBSETS = {
     "ci": dict(cases=("relpos/mat_s1", "relpos/video_s1", "bottleneck/mmt_audio", "pooled/mat_s1",
                       "pooled/video_s1"), pairs=(("bfloat16", 90, True),)),
     "full": dict(cases=None, pairs=(("bfloat16", 90, True), ("float16", 90, False),
-                                    ("bfloat16", 80, False), ("float32", 90, False))),
+                                    ("bfloat16", 80, True), ("float32", 90, False))),
 }  # fmt: skip
 
 
@@ -485,30 +493,30 @@ def plan(subset: str, archs: Sequence[int] | None = None) -> list[tuple[Row, tup
     jobs = []
     for name in names:
         case = cases[name]
-        for dt in sorted({p[0] for p in pairs}):
+        for dt, arch, every in pairs:
             if dt == "float32" and case.op != "pooled":
                 continue
-            for li, launch in enumerate(launches_for(case, getattr(torch, dt))):
+            for li, launch in enumerate(launches_for(case, getattr(torch, dt), arch)):
                 for i, (cfg, sel) in enumerate(zip(launch.configs, launch.selectable)):
-                    pinned = _is_pinned(launch, cfg)
-                    for _, arch, every in [p for p in pairs if p[0] == dt]:
-                        if not (every or pinned):
-                            continue
-                        row = Row(kernel=launch.kernel, op=launch.op, dtype=dt, config=_config_str(cfg),
-                                  shape=name, arch=arch, selectable=sel, pinned=pinned,
-                                  shared_limit_bytes=SHARED_LIMIT[arch], spec=_spec(launch))  # fmt: skip
-                        jobs.append((row, (name, dt, li, i, arch)))
+                    pinned = _is_pinned(launch, cfg, arch)
+                    if not (every or pinned):
+                        continue
+                    row = Row(kernel=launch.kernel, op=launch.op, dtype=dt, config=_config_str(cfg),
+                              shape=name, arch=arch, selectable=sel, pinned=pinned,
+                              shared_limit_bytes=SHARED_LIMIT[arch], spec=_spec(launch))  # fmt: skip
+                    jobs.append((row, (name, dt, li, i, arch)))
     return jobs
 
 
-def _is_pinned(launch: Launch, cfg: dict) -> bool:
+def _is_pinned(launch: Launch, cfg: dict, arch: int = 90) -> bool:
     from mmt_fast.kernels import tuning
 
-    pinned = tuning.pinned_config(launch.kernel, launch.op)
+    # the pin for this launch's shape and arch (tuning.pin_index: what the launchers follow)
+    pinned = tuning.pinned_config(launch.kernel, launch.op, launch.args, arch)
     if pinned is None:
         return True
-    return (cfg["kwargs"], cfg["num_warps"], cfg["num_stages"]) == (
-        pinned.kwargs, pinned.num_warps, pinned.num_stages)  # fmt: skip
+    same = all(cfg["kwargs"].get(k) == v for k, v in pinned.kwargs.items())
+    return same and (cfg["num_warps"], cfg["num_stages"]) == (pinned.num_warps, pinned.num_stages)
 
 
 # ----------------------------------------------------------------------------- model
@@ -636,10 +644,11 @@ def case_model(name: str, rows: Sequence[Row]) -> CaseModel:
 
     from benchmarks.glue import capture_launches, glue_bytes, run_meta
     from benchmarks.kernels import roofline
+    from mmt_fast.kernels import tuning
 
     case = _cases()[name]
     marks: list[tuple[str, int]] = []
-    with capture_launches() as seen:
+    with tuning.target(90), capture_launches() as seen:
         op = run_meta(case, torch.bfloat16, lambda p: marks.append((p, len(seen))))
     bwd_from = dict(marks)["bwd"]
     pinned = {(r.kernel, r.spec): r for r in rows if r.shape == name and r.dtype == "bfloat16"

@@ -181,13 +181,21 @@ def compile_gate_table(data: dict) -> str:
     slow = [r for r in bad if not Row(**r).compile_problems()]
     ungated = [r for r in rows if r["arch"] not in GATED_ARCHS and Row(**r).compile_problems()]
     archs = "/".join(f"sm_{a}" for a in GATED_ARCHS)
+    sm80 = [r for r in rows if r["arch"] == 80]
+    spill80 = [r for r in sm80 if r["selectable"] and r["spill_bytes"] > 0]
     lines = [
         f"Compiled on: {env['host']}, triton {env['triton']}, {env['date'][:10]} "
         f"(`benchmarks/results/{data['_file']}`, subset `{data['subset']}`): "
         f"{len(rows)} variants, {len(sel)} selectable, {len(bad)} failing the gate ({archs}; "
         f"{len(slow)} of them only for speed: duplicated warps, mma.sync or C7515). "
-        f"Not gated: {len(ungated)} sm_80 variants spill (up to "
-        f"{max([r['spill_bytes'] for r in ungated], default=0)} B).",
+        f"sm_80: {len(sm80)} variants, {sum(r['selectable'] for r in sm80)} selectable, "
+        f"{len(spill80)} of them spilling."
+        + (
+            f" Not gated: {len(ungated)} variants spill (up to "
+            f"{max([r['spill_bytes'] for r in ungated], default=0)} B)."
+            if ungated
+            else ""
+        ),
         "",
         "| op | kernel | pinned config | max registers | max spill (B) | max shared (KiB) "
         "| tensor-core instr. | warp duplication | C7515 | compile s (pinned, all shapes) |",

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import dispatch
+from . import dispatch, tuning
 from ._common import acc_dtype, tl_acc_dtype
 from ._triton import tl, triton
 
@@ -422,13 +422,15 @@ def _relq_table_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _relq_blocks(ka: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_Y, num_warps) of the three relq kernels for an axis of ka keys (checked
-    by the compile gate): 64 rows for the one warpgroup, up to 64 key columns (no more than
-    the axis needs: its padding is executed tensor-core work)."""
+def _relq_blocks(ka: int) -> tuple[int, int, int, int]:
+    """(BLOCK_R, BLOCK_Y, num_warps, num_stages) of the three relq kernels for an axis of ka
+    keys (checked by the compile gate): 64 rows for the one warpgroup, up to 64 key columns
+    (no more than the axis needs: its padding is executed tensor-core work); 1 stage on
+    sm_80 (2 spill 8 B in the table gradient at MViTv2-B stages 3-4)."""
     if dispatch.interpreting():
-        return 16, 16, 4
-    return 64, min(64, max(16, triton.next_power_of_2(ka))), 4
+        return 16, 16, 4, 2
+    stages = 2 if tuning.target_arch() >= 90 else 1
+    return 64, min(64, max(16, triton.next_power_of_2(ka))), 4, stages
 
 
 def _axes(q: torch.Tensor, rel_tables: Sequence[torch.Tensor], q_grid: Grid, k_grid: Grid,
@@ -463,14 +465,14 @@ def _relq_packed(
     rel = torch.empty((B, H, nqs, geo["KSUM"]), dtype=q.dtype, device=q.device)
     bd1, bd2 = _block_d_split(D)
     for ax in _axes(q, rel_tables, q_grid, k_grid, geo):
-        block_r, block_y, warps = _relq_blocks(ax["KA"])
+        block_r, block_y, warps, stages = _relq_blocks(ax["KA"])
         grid = (ax["QA"] * triton.cdiv(B * H * ax["G"], block_r), triton.cdiv(ax["KA"], block_y))
         _relq_kernel[grid](
             q, ax["table"], ax["idx"], rel, *q.stride(),
             H, B * H, nqs, D, ax["QA"], ax["KA"], ax["INNER"], ax["G"],
             HAS_CLS=int(has_cls), OFF=ax["OFF"], KSUM=geo["KSUM"],
             DOT_PRECISION=_dot_precision(q.dtype), BLOCK_R=block_r, BLOCK_Y=block_y,
-            BLOCK_D=bd1, BLOCK_D2=bd2, num_warps=warps, num_stages=2,
+            BLOCK_D=bd1, BLOCK_D2=bd2, num_warps=warps, num_stages=stages,
         )  # fmt: skip
     return rel
 
@@ -495,10 +497,10 @@ def _relq_backward(
     chunks_d = [(0, bd1), (bd1, bd2)] if bd2 else [(0, bd1)]
     dtables = []
     for ax in _axes(q, rel_tables, q_grid, k_grid, geo):
-        block_r, block_y, warps = _relq_blocks(ax["KA"])
+        block_r, block_y, warps, stages = _relq_blocks(ax["KA"])
         meta = dict(HAS_CLS=int(has_cls), KSUM=geo["KSUM"], ACC_DTYPE=tl_acc_dtype(q.dtype),
                     DOT_PRECISION=_dot_precision(q.dtype), BLOCK_R=block_r, BLOCK_Y=block_y,
-                    num_warps=warps, num_stages=2)  # fmt: skip
+                    num_warps=warps, num_stages=stages)  # fmt: skip
         qa, ka, n_fb = ax["QA"], ax["KA"], triton.cdiv(B * H * ax["G"], block_r)
         sizes = (qa, ka, ax["INNER"], ax["G"])
         # one launch per head-dim chunk (its columns are independent): no padding of 96 to 128

@@ -75,21 +75,30 @@ def bottleneck_attention_ref(
     return out[:, :, : q_main.shape[2]], out[:, :, q_main.shape[2] :]
 
 
+# An A100 (sm_80) runs the reference: the fused backward (dK, dV of 64 keys x 96 in fp32
+# registers, mma.sync's 16 rows per warp) spills 40-196 B in every config the compile gate
+# tried there (16-32 queries x 16-128 keys, 1-8 warps, 1-3 stages).
+tuning.MIN_ARCH[OP_NAME] = 90
+_SM80 = ("an sm_80 GPU (A100): the fused backward spills there in every config the compile "
+         "gate tried; the reference runs")  # fmt: skip
+
+
 def _configs(kernel: str) -> list[triton.Config]:
     # Each entry checked by the compile gate (sm_90, bf16/fp16, MMT's AVBottleneck shapes):
     # no spills, within shared memory, HGMMA matmuls, no C7515. The first is the pinned one.
     # BLOCK_T: the narrow tiles after the last full one (16: a wgmma's N and K step), so
     # 261 keys run as 256 + 16, not 320.
     entries = {
+        # sm_90 only (MIN_ARCH): on sm_80 the backward spills in every config the gate tried
         "_fwd_kernel": [
-            ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_T": 16}, 4, 2),
-            ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_T": 16}, 4, 3),
+            ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_T": 16}, 4, 2, "sm90"),
+            ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_T": 16}, 4, 3, "sm90"),
         ],
         "_bwd_kernel": [
             # query tiles of 16: S^T, dP^T, dQ^T are 64 x 16 per warpgroup; 32 or 64 spill
             # (64 keys x 96 of fp32 dK and dV take 96 registers per thread)
-            ({"BLOCK_M": 16, "BLOCK_N": 64}, 4, 2),
-            ({"BLOCK_M": 16, "BLOCK_N": 64}, 4, 3),
+            ({"BLOCK_M": 16, "BLOCK_N": 64}, 4, 2, "sm90"),
+            ({"BLOCK_M": 16, "BLOCK_N": 64}, 4, 3, "sm90"),
         ],
     }[kernel]
     # the interpreter: full tiles of 32 and narrow ones of 16 in the forward, so odd sizes
@@ -601,6 +610,12 @@ def triton_reasons(
 ) -> list[str]:
     """Why the Triton path cannot run these (valid) inputs; [] when it can."""
     reasons = dispatch.device_reasons((q_main, q_extra, *others))
+    if (
+        q_main.is_cuda
+        and not dispatch.interpreting()
+        and tuning.target_arch() < tuning.MIN_ARCH[OP_NAME]
+    ):
+        reasons.append(_SM80)
     D = q_main.shape[-1]
     if D > _MAX_HEAD_DIM:
         reasons.append(f"head dim {D} > {_MAX_HEAD_DIM}")

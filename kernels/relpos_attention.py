@@ -185,18 +185,51 @@ def _configs(kernel: str) -> list[triton.Config]:
     entries = {
         # 1 stage: with 2 the aligned bias (the Q K^T accumulator) serialises wgmma (C7515),
         # also at 64 x 32 with 4 warps (MAT stage 1)
+        # on sm_80 (A100) the 64-key tiles spill (4 B at MAT stage 4 and MViTv2-B): 32 there
         "_fwd_kernel": [
-            ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 1),
-            ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 1),
+            ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 1, "sm90"),
+            ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 1, "sm90"),
+            ({"BLOCK_M": 128, "BLOCK_N": 32}, 8, 1),
+            ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 1),
         ],
         # transposed: BLOCK_N keys are every matmul's M, BLOCK_M queries per step; 1 stage
         # (2 draw C7515)
+        # (sm_80: 32 queries per step spill 228-240 B; 16 do not)
         "_bwd_dkdv_kernel": [
-            ({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 1),
-            ({"BLOCK_M": 32, "BLOCK_N": 128}, 8, 1),
+            ({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 1, "sm90"),
+            ({"BLOCK_M": 32, "BLOCK_N": 128}, 8, 1, "sm90"),
+            ({"BLOCK_M": 16, "BLOCK_N": 64}, 4, 1, "sm80"),
         ],
     }[kernel]
-    return tuning.configs(OP_NAME, kernel, entries, ({"BLOCK_M": 16, "BLOCK_N": 16}, 4, 1))
+    rule = _fwd_pin if kernel == "_fwd_kernel" else None
+    return tuning.configs(OP_NAME, kernel, entries, ({"BLOCK_M": 16, "BLOCK_N": 16}, 4, 1), rule)
+
+
+def _fwd_work(args: dict, block_m: int, block_n: int) -> int:
+    """The forward's tensor-core work (per 2 multiply-adds) with BLOCK_M x BLOCK_N tiles, for
+    the launch's named arguments: padded queries x padded spatial keys x (Q K^T and P V over
+    the head dim's chunks + the one-hot bias matmuls where a tile is not aligned)."""
+    nks = args["Nk"] - args["HAS_CLS"]
+    aligned = args["USE2"] and args["K2"] % block_n == 0 and args["ALIGN_OK"]
+    onehot = 0
+    if not aligned and args["FULL"]:
+        onehot = sum(args[f"W{a}"] for a in range(3) if args[f"USE{a}"])
+    d = args["BLOCK_D"] + args["BLOCK_D2"]
+    rows = triton.cdiv(args["Nq"], block_m) * block_m
+    return rows * triton.cdiv(nks, block_n) * block_n * (2 * d + onehot)
+
+
+def _fwd_pin(args: dict, entries: list) -> int:
+    """The forward's shape rule (``tuning.pin_index``): the first entry, unless it executes
+    over 5% more than the entry that executes least; then the first entry within 1% of that
+    (MAT stage 3: 513 queries in 64-row blocks, 576 rows, not 640; stage 4: 64 x 32 tiles,
+    which lie inside a row of its 32 time keys, so the bias needs no one-hot matmul;
+    MViTv2-B: 392 keys as 416, not 448)."""
+    work = [_fwd_work(args, e[0]["BLOCK_M"], e[0]["BLOCK_N"]) for e in entries]
+    best = min(work)
+    if work[0] <= 1.05 * best:
+        return 0
+    return next(i for i, w in enumerate(work) if w <= 1.01 * best)
 
 
 @triton.jit
@@ -899,14 +932,24 @@ def _dkdv_splits(nq: int, nk_spatial: int, bh: int) -> int:
     return max(1, min(best, nq // 256))
 
 
-def _dq_blocks() -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dQ kernel (one config, checked by the
-    compile gate; not autotuned: the slow-axis buffer is sized by BLOCK_N)."""
-    if dispatch.interpreting():
-        return 16, 16, 4, 1
-    # 128 x 32 with 8 warps (64 rows per warpgroup, no duplicated warps): 253 registers, no
-    # spill at MAT stage 1; 32 divides every MAT key row (128, 64, 32): the aligned path.
-    return 128, 32, 8, 2
+# The dQ kernel's configs (not autotuned: the slow-axis buffer is sized by BLOCK_N), each
+# checked by the compile gate. 128 x 32 with 8 warps (64 rows per warpgroup, no duplicated
+# warps): no spill at MAT stage 1; 32 divides every MAT key row (128, 64, 32): the aligned
+# path. 64 x 32 with 4 warps where 128-row blocks pad the queries by over 5% more (MAT
+# stages 3 and 4), as in the forward. On sm_80 (A100) key tiles of 32 spill (48-360 B),
+# of 16 not.
+tuning.register(
+    OP_NAME, "_bwd_dq_kernel",
+    [({"BLOCK_M": 128, "BLOCK_N": 32}, 8, 2, "sm90"), ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 1, "sm90"),
+     ({"BLOCK_M": 128, "BLOCK_N": 16}, 8, 1, "sm80"), ({"BLOCK_M": 64, "BLOCK_N": 16}, 4, 1, "sm80")],
+    ({"BLOCK_M": 16, "BLOCK_N": 16}, 4, 1), tuning.fewer_padded_rows("Nq"),
+)  # fmt: skip
+
+
+def _dq_blocks(nq: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dQ kernel for ``nq`` queries."""
+    kw, warps, stages = tuning.pinned_entry(OP_NAME, "_bwd_dq_kernel", {"Nq": nq})
+    return kw["BLOCK_M"], kw["BLOCK_N"], warps, stages
 
 
 def _launch_fwd(
@@ -939,7 +982,8 @@ def _launch_fwd(
 
     bd1, bd2 = _block_d_split(D)
 
-    _fwd_kernel[grid](
+    tuning.launch(
+        _fwd_kernel, grid, OP_NAME,
         q, k, v, rel, out, o_att if residual else out, lse,
         *q.stride(), *k.stride(), *v.stride(),
         H, B * H, Nq, Nk, D, scale * _LOG2E,
@@ -1027,7 +1071,7 @@ def _launch_bwd(
         dv[:, :, cls:] = dv_out[:, :, :, cls:].sum(0).to(q.dtype)
 
     k3 = (1,) * (3 - len(k_grid)) + tuple(k_grid)
-    block_m, block_n, warps, stages = _dq_blocks()
+    block_m, block_n, warps, stages = _dq_blocks(Nq)
     windows = [_window(k3[a], math.prod(k3[a + 1 :]), block_n) for a in range(3)]
     nq_sp = math.prod(q_grid)
     aligned = bool(geo["USE2"]) and k3[2] % block_n == 0 and geo["ALIGN_OK"]

@@ -365,15 +365,23 @@ bad = [(r["kernel"], r["shape"], r["arch"], g.Row(**r).failures()) for r in data
 assert not bad, bad[:3]
 assert not data["case_failures"], data["case_failures"]
 assert [c["case"] for c in data["cases"]] == list(g.MODEL_CASES), data["cases"]
-stale = []
+import torch
+# the pins of today's launchers, per (case, dtype, kernel, specialisation): a shape rule
+# (tuning.pin_index) can pin another entry at another shape
+# and arch (tuning.target_arch: sm_80 has lists of its own)
+want = {}
 for r in data["rows"]:
-    pin = tuning.pinned_config(r["kernel"], r["op"])
-    if r["pinned"] and pin is not None:
-        want = g._config_str({"kwargs": pin.kwargs, "num_warps": pin.num_warps,
-                              "num_stages": pin.num_stages})
-        if r["config"] != want:
-            stale.append((r["kernel"], r["op"], r["config"], want))
+    key = (r["shape"], r["dtype"], r["arch"])
+    if key not in want:
+        launches = g.launches_for(g._cases()[r["shape"]], getattr(torch, r["dtype"]), r["arch"])
+        want[key] = {(l.kernel, g._spec(l)): g._config_str(c)
+                     for l in launches for c in l.configs if g._is_pinned(l, c, r["arch"])}
+key = lambda r: (r["shape"], r["dtype"], r["arch"])
+stale = [(r["kernel"], key(r), r["config"], want[key(r)].get((r["kernel"], r["spec"])))
+         for r in data["rows"] if r["pinned"]
+         and r["config"] != want[key(r)].get((r["kernel"], r["spec"]))]
 assert not stale, stale[:3]
+assert all(sum(r["pinned"] for r in data["rows"] if key(r) == k) >= len(want[k]) for k in want)
 print(len(data["rows"]))
 """
     proc = _python(code, timeout=300)
@@ -441,3 +449,28 @@ def test_glue_counter_prices_each_aten_op_by_hand() -> None:
     # --by-line: attributed to the kernels' source lines; these ops come from this file
     assert {src for _, src in counter.lines} == {"(outside kernels/)"}
     assert sum(counter.lines.values()) == sum(r + w for r, w, _ in ops.values())
+
+
+def test_each_arch_has_its_own_lists_and_pins() -> None:
+    """tuning.target_arch picks the lists and pins: on sm_80 (A100) the configs that spill
+    there are not selectable and the pins are the spill-free ones the gate checks; the
+    bottleneck op is refused there (tuning.MIN_ARCH) and not compiled for it."""
+    code = """
+import torch
+from benchmarks import compile_gate as g
+from mmt_fast.kernels import relpos_attention as rp, tuning
+fwd, dkdv = rp._fwd_kernel, rp._bwd_dkdv_kernel
+assert len(tuning.selectable(fwd.configs, 90)) == 4
+assert [c.kwargs["BLOCK_N"] for c in tuning.selectable(fwd.configs, 80)] == [32, 32]
+assert [c.kwargs["BLOCK_M"] for c in tuning.selectable(dkdv.configs, 80)] == [16]
+assert rp._dq_blocks(8193) == (128, 32, 8, 2) and rp._dq_blocks(513) == (64, 32, 4, 1)
+with tuning.target(80):
+    assert rp._dq_blocks(8193) == (128, 16, 8, 1) and rp._dq_blocks(513) == (64, 16, 4, 1)
+    assert [c.kwargs["BLOCK_M"] for c in tuning.early_prune(dkdv.configs, {})] == [16]
+assert tuning.target_arch() == 90
+assert g.launches_for(g._cases()["bottleneck/mmt_audio"], torch.bfloat16, 80) == []
+assert g.launches_for(g._cases()["bottleneck/mmt_audio"], torch.bfloat16, 90)
+print("ok")
+"""
+    proc = _python(code, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split()[-1] == "ok", proc.stderr[-3000:]
