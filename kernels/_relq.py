@@ -272,6 +272,18 @@ def _group_rows(g, x, QA, INNER):
 
 
 @triton.jit
+def _flat_row_block(BH, G, QA, INNER, BLOCK_R: tl.constexpr):
+    """This program's axis coordinate x and its BLOCK_R of the (b, h, row) pairs with that
+    coordinate, flattened (a group of fewer rows than BLOCK_R, 32 on MAT's frequency axis,
+    is not padded to a block): (x, in-range mask, b * H + h, spatial query row)."""
+    pid = tl.program_id(0)
+    n_fb = tl.cdiv(BH * G, BLOCK_R)
+    x = pid // n_fb
+    f = (pid % n_fb).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    return x, f < BH * G, f // G, _group_rows(f % G, x, QA, INNER)
+
+
+@triton.jit
 def _relq_kernel(
     Q, TABLE, IDX, REL,
     sqb, sqh, sqn, sqd,
@@ -283,16 +295,7 @@ def _relq_kernel(
     (BLOCK_R, D) @ (D, BLOCK_Y) against the gathered table rows (two, over head-dim chunks
     [0, BLOCK_D) and [BLOCK_D, BLOCK_D + BLOCK_D2) when BLOCK_D2 > 0), stored at columns
     OFF + y of the packed relq (BH, NQS, KSUM)."""
-    # BLOCK_R of the (b, h, row) pairs with axis coordinate x, flattened: a group of fewer
-    # rows than BLOCK_R (32 on MAT's frequency axis) is not padded to a block
-    pid = tl.program_id(0)
-    n_fb = tl.cdiv(BH * G, BLOCK_R)
-    x = pid // n_fb
-    f = (pid % n_fb).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    g_in = f < BH * G
-    bh = f // G
-    g = f % G
-    i = _group_rows(g, x, QA, INNER)
+    x, g_in, bh, i = _flat_row_block(BH, G, QA, INNER, BLOCK_R)
     y = tl.program_id(1) * BLOCK_Y + tl.arange(0, BLOCK_Y)
     y_in = y < KA
     d = tl.arange(0, BLOCK_D)
@@ -326,16 +329,7 @@ def _relq_dq_kernel(
     for BLOCK_R rows with axis coordinate x and head-dim columns D_OFF .. D_OFF + BLOCK_D
     (d_relq rounded to q's dtype, as PyTorch's own path); dq (BH, Nq, D) contiguous, updated
     in place."""
-    # BLOCK_R of the (b, h, row) pairs with axis coordinate x, flattened: a group of fewer
-    # rows than BLOCK_R (32 on MAT's frequency axis) is not padded to a block
-    pid = tl.program_id(0)
-    n_fb = tl.cdiv(BH * G, BLOCK_R)
-    x = pid // n_fb
-    f = (pid % n_fb).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    g_in = f < BH * G
-    bh = f // G
-    g = f % G
-    i = _group_rows(g, x, QA, INNER)
+    x, g_in, bh, i = _flat_row_block(BH, G, QA, INNER, BLOCK_R)
     d = D_OFF + tl.arange(0, BLOCK_D)
     d_in = d < D
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC_DTYPE)
