@@ -68,6 +68,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import flop_registry
 
 from benchmarks.glue import ByteCounter, _base
 
@@ -129,32 +130,15 @@ def _shape(t: Any) -> tuple[int, ...]:
     return tuple(t.shape) if isinstance(t, torch.Tensor) else ()
 
 
-def op_flops(name: str, args: tuple, kwargs: dict, out: Any) -> int:
+def op_flops(func, name: str, args: tuple, kwargs: dict, out: Any) -> int:
     """FLOPs (2 per multiply-add) of the ops that do arithmetic beyond one per element:
-    matmuls, convolutions (dense and depthwise) and their backward, SDPA and the fused
-    attention ops (useful work as :mod:`benchmarks.kernels.roofline` counts it: the
-    backward twice the forward), the pooling taps of pooled Q/K/V (forward). Element-wise
-    ops: 0 (bandwidth-bound)."""
-    if name in ("mm", "bmm"):
-        a, b = args[0], args[1]
-        return 2 * math.prod(a.shape) * b.shape[-1]
-    if name in ("addmm", "baddbmm"):
-        a, b = args[1], args[2]
-        return 2 * math.prod(a.shape) * b.shape[-1]
-    if name == "convolution":
-        w = args[1]
-        return 2 * out.numel() * math.prod(w.shape[1:])
-    if name == "convolution_backward":
-        grad_out, w = args[0], args[2]
-        mask = args[-1]
-        per = 2 * grad_out.numel() * math.prod(w.shape[1:])
-        return per * (int(mask[0]) + int(mask[1]))
-    if name in _SDPA_FWD:
-        q, k = args[0], args[1]
-        return 4 * math.prod(q.shape) * k.shape[-2]
-    if name.endswith("_attention_backward") and name.startswith("_scaled_dot_product"):
-        q, k = args[1], args[2]
-        return 8 * math.prod(q.shape) * k.shape[-2]
+    matmuls, convolutions (dense and depthwise) and their backward and SDPA, by PyTorch's
+    own formulas (:mod:`torch.utils.flop_counter`); the fused attention ops (useful work as
+    :mod:`benchmarks.kernels.roofline` counts it: the backward twice the forward) and the
+    pooling taps of pooled Q/K/V (forward). Element-wise ops: 0 (bandwidth-bound)."""
+    formula = flop_registry.get(getattr(func, "_overloadpacket", None))
+    if formula is not None:
+        return int(formula(*args, **kwargs, out_val=out))
     if name in ("relpos_attention_fwd", "relpos_attention_bwd"):
         fwd = name.endswith("fwd")
         q, k = (args[0], args[1]) if fwd else (args[1], args[2])
@@ -235,7 +219,7 @@ class StepCounter(ByteCounter):
                 name,
                 category(name, func.namespace, self.phase),
                 self.phase,
-                op_flops(name, args, kwargs, out),
+                op_flops(func, name, args, kwargs, out),
                 rec.read - r0,
                 rec.written - w0,
                 [(self._serial(t), t.untyped_storage().nbytes()) for t in ins],
