@@ -207,7 +207,7 @@ def _configs(kernel: str) -> list[triton.Config]:
 
 def _fwd_work(args: dict, block_m: int, block_n: int) -> int:
     """The forward's tensor-core work (per 2 multiply-adds) with BLOCK_M x BLOCK_N tiles, for
-    the launch's named arguments: padded queries x padded spatial keys x (Q K^T and P V over
+    the launch's named arguments: padded spatial queries x padded spatial keys x (Q K^T and P V over
     the head dim's chunks + the one-hot bias matmuls where a tile is not aligned)."""
     nks = args["Nk"] - args["HAS_CLS"]
     aligned = args["USE2"] and args["K2"] % block_n == 0 and args["ALIGN_OK"]
@@ -215,7 +215,7 @@ def _fwd_work(args: dict, block_m: int, block_n: int) -> int:
     if not aligned and args["FULL"]:
         onehot = sum(args[f"W{a}"] for a in range(3) if args[f"USE{a}"])
     d = args["BLOCK_D"] + args["BLOCK_D2"]
-    rows = triton.cdiv(args["Nq"], block_m) * block_m
+    rows = triton.cdiv(args["Nq"] - args["HAS_CLS"], block_m) * block_m  # CLS row peeled off
     return rows * triton.cdiv(nks, block_n) * block_n * (2 * d + onehot)
 
 
@@ -249,6 +249,72 @@ def _cls_key(q, K, V, offs_d, d_in, skd, svd, qk_scale, ACC_DTYPE: tl.constexpr)
     vc = tl.load(V + offs_d * svd, mask=d_in, other=0.0)
     s = tl.sum(q.to(ACC_DTYPE) * kc.to(ACC_DTYPE)[None, :], 1) * qk_scale
     return s, kc, vc
+
+
+@triton.jit
+def _cls_row_fwd(
+    Q, K, V, OUT, O_ATT, LSE, pid_bh, Nq, Nk, D, sqd, skn, skd, svn, svd, qk_scale,
+    RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+):  # fmt: skip
+    """The CLS query's row, peeled off the row blocks as the CLS key is off the key tiles (so
+    that the spatial queries' blocks are not padded by one row): plain attention (no bias on
+    the CLS row) of one query against all keys, on the CUDA cores, by the first row block's
+    program. Q, K, V point at this (b, h); P is rounded to V's dtype as in the tiles' P V."""
+    SPLIT: tl.constexpr = BLOCK_D2 > 0
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_in = offs_d < D
+    qc = tl.load(Q + offs_d * sqd, mask=d_in, other=0.0).to(ACC_DTYPE)
+    qc2, acc2 = 0, 0
+    if SPLIT:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        d_in2 = offs_d2 < D
+        qc2 = tl.load(Q + offs_d2 * sqd, mask=d_in2, other=0.0).to(ACC_DTYPE)
+        acc2 = tl.zeros([BLOCK_D2], dtype=ACC_DTYPE)
+    m = tl.max(tl.full([BLOCK_N], float("-inf"), dtype=ACC_DTYPE), 0)
+    l = tl.sum(tl.zeros([BLOCK_N], dtype=ACC_DTYPE), 0)
+    acc = tl.zeros([BLOCK_D], dtype=ACC_DTYPE)
+    for start in range(0, Nk, BLOCK_N):
+        js = start + offs_n
+        col_in = js < Nk
+        kb = tl.load(K + js[:, None] * skn + offs_d[None, :] * skd,
+                     mask=col_in[:, None] & d_in[None, :], other=0.0)  # fmt: skip
+        s = tl.sum(kb.to(ACC_DTYPE) * qc[None, :], 1)
+        if SPLIT:
+            kb2 = tl.load(K + js[:, None] * skn + offs_d2[None, :] * skd,
+                          mask=col_in[:, None] & d_in2[None, :], other=0.0)  # fmt: skip
+            s += tl.sum(kb2.to(ACC_DTYPE) * qc2[None, :], 1)
+        s = tl.where(col_in, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 0))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new)
+        l = l * alpha + tl.sum(p, 0)
+        vb = tl.load(V + js[:, None] * svn + offs_d[None, :] * svd,
+                     mask=col_in[:, None] & d_in[None, :], other=0.0)  # fmt: skip
+        pr = p.to(vb.dtype).to(ACC_DTYPE)
+        acc = acc * alpha + tl.sum(pr[:, None] * vb.to(ACC_DTYPE), 0)
+        if SPLIT:
+            vb2 = tl.load(V + js[:, None] * svn + offs_d2[None, :] * svd,
+                          mask=col_in[:, None] & d_in2[None, :], other=0.0)  # fmt: skip
+            acc2 = acc2 * alpha + tl.sum(pr[:, None] * vb2.to(ACC_DTYPE), 0)
+        m = m_new
+    base = pid_bh * Nq * D
+    _cls_row_store(acc / l, qc, OUT, O_ATT, base + offs_d, d_in, RESIDUAL, RES_FROM)
+    if SPLIT:
+        _cls_row_store(acc2 / l, qc2, OUT, O_ATT, base + offs_d2, d_in2, RESIDUAL, RES_FROM)
+    tl.store(LSE + pid_bh * Nq, m + tl.log2(l))
+
+
+@triton.jit
+def _cls_row_store(o, qc, OUT, O_ATT, off, d_in, RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr):
+    """The CLS row's epilogue for one head-dim chunk: O_ATT without the residual, OUT with it
+    (unless ``residual_cls`` is False: RES_FROM 1)."""
+    if RESIDUAL:
+        tl.store(O_ATT + off, o.to(O_ATT.dtype.element_ty), mask=d_in)
+        if RES_FROM == 0:
+            o += qc
+    tl.store(OUT + off, o.to(OUT.dtype.element_ty), mask=d_in)
 
 
 @triton.jit
@@ -294,23 +360,28 @@ def _fwd_kernel(
     """One block of BLOCK_M queries against all keys; with the residual, O_ATT gets the output
     before "+ q" (the backward's delta is computed from it). BLOCK_D2 > 0: the head dim is two
     chunks, columns [0, BLOCK_D) and [BLOCK_D, BLOCK_D + BLOCK_D2) (96 = 64 + 32)."""
-    pid_m, pid_bh = _row_block(Nq, BLOCK_M)
+    NQS = Nq - HAS_CLS
+    pid_m, pid_bh = _row_block(NQS, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     Q += b * sqb + h * sqh
     K += b * skb + h * skh
     V += b * svb + h * svh
     ALIGNED: tl.constexpr = USE2 and (K2 % BLOCK_N == 0) and ALIGN_OK
+    if HAS_CLS:
+        if pid_m == 0:
+            _cls_row_fwd(Q, K, V, OUT, O_ATT, LSE, pid_bh, Nq, Nk, D, sqd, skn, skd, svn, svd,
+                         qk_scale, RESIDUAL, RES_FROM, ACC_DTYPE, BLOCK_N, BLOCK_D, BLOCK_D2)  # fmt: skip
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # the row blocks cover the spatial queries only (the CLS row is peeled off above)
+    rows = HAS_CLS + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_in = rows < Nq
     d_in = offs_d < D
-    row_sp = row_in & (rows >= HAS_CLS)
-    NQS = Nq - HAS_CLS
+    row_sp = row_in
     rel_bh = REL + pid_bh * NQS * KSUM
-    rel_rows = rel_bh + tl.maximum(rows - HAS_CLS, 0) * KSUM
+    rel_rows = rel_bh + (rows - HAS_CLS) * KSUM
 
     SPLIT: tl.constexpr = BLOCK_D2 > 0
     q = tl.load(
@@ -448,6 +519,95 @@ def _bwd_delta_kernel(
         tl.store(part + D + offs_d, dk_c, mask=d_in)
 
 
+@triton.jit
+def _cls_query(Q, DO, LSE, DELTA, pid_bh, Nq, offs_d, d_in, offs_d2, d_in2, sqd, sdd,
+               SPLIT: tl.constexpr):  # fmt: skip
+    """The CLS query's row (Q, DO point at this (b, h)): (q, dO, q2, dO2, lse, delta), the
+    second chunks 0 without a split head dim."""
+    qc = tl.load(Q + offs_d * sqd, mask=d_in, other=0.0)
+    doc = tl.load(DO + offs_d * sdd, mask=d_in, other=0.0)
+    qc2, doc2 = 0, 0
+    if SPLIT:
+        qc2 = tl.load(Q + offs_d2 * sqd, mask=d_in2, other=0.0)
+        doc2 = tl.load(DO + offs_d2 * sdd, mask=d_in2, other=0.0)
+    return qc, doc, qc2, doc2, tl.load(LSE + pid_bh * Nq), tl.load(DELTA + pid_bh * Nq)
+
+
+@triton.jit
+def _cls_query_col(
+    kb, vb, kb2, vb2, qc, doc, qc2, doc2, lse, delta, col_in, qk_scale, use,
+    ACC_DTYPE: tl.constexpr, SPLIT: tl.constexpr,
+):  # fmt: skip
+    """The CLS query's P and dS against a block of keys (the CLS row is peeled off the
+    backward's query blocks; no bias on it), on the CUDA cores, rounded to the input dtype
+    as the tiles' P and dS are before their matmuls; zero where ``use`` is False."""
+    s = tl.sum(kb.to(ACC_DTYPE) * qc.to(ACC_DTYPE)[None, :], 1)
+    dp = tl.sum(vb.to(ACC_DTYPE) * doc.to(ACC_DTYPE)[None, :], 1)
+    if SPLIT:
+        s += tl.sum(kb2.to(ACC_DTYPE) * qc2.to(ACC_DTYPE)[None, :], 1)
+        dp += tl.sum(vb2.to(ACC_DTYPE) * doc2.to(ACC_DTYPE)[None, :], 1)
+    p = tl.where(col_in & use, tl.exp2(s * qk_scale - lse), 0.0)
+    ds = p * (dp - delta)
+    return p.to(doc.dtype).to(ACC_DTYPE), ds.to(qc.dtype).to(ACC_DTYPE)
+
+
+@triton.jit
+def _cls_row_dq(
+    Q, K, V, DO, LSE, DELTA, DQ, pid_bh, Nq, Nk, D, sqd, skn, skd, svn, svd, sdd, sm_scale,
+    qk_scale, RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+):  # fmt: skip
+    """dQ of the CLS query (peeled off the dQ kernel's row blocks), by the first row block's
+    program: dq = scale * sum_j dS[cls, j] k_j (+ dO) over all keys, CLS key included, on the
+    CUDA cores (dS rounded to the input dtype as in the tiles' dS K). Q, K, V, DO point at
+    this (b, h)."""
+    SPLIT: tl.constexpr = BLOCK_D2 > 0
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_in = offs_d < D
+    offs_d2, d_in2, dq2 = 0, 0, 0
+    if SPLIT:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        d_in2 = offs_d2 < D
+        dq2 = tl.zeros([BLOCK_D2], dtype=ACC_DTYPE)
+    dq = tl.zeros([BLOCK_D], dtype=ACC_DTYPE)
+    qc, doc, qc2, doc2, lse, delta = _cls_query(Q, DO, LSE, DELTA, pid_bh, Nq, offs_d, d_in,
+                                                offs_d2, d_in2, sqd, sdd, SPLIT)  # fmt: skip
+    for start in range(0, Nk, BLOCK_N):
+        js = start + offs_n
+        col_in = js < Nk
+        kb = tl.load(K + js[:, None] * skn + offs_d[None, :] * skd,
+                     mask=col_in[:, None] & d_in[None, :], other=0.0)  # fmt: skip
+        vb = tl.load(V + js[:, None] * svn + offs_d[None, :] * svd,
+                     mask=col_in[:, None] & d_in[None, :], other=0.0)  # fmt: skip
+        kb2, vb2 = 0, 0  # (loop-local: assigned in every trip)
+        if SPLIT:
+            kb2 = tl.load(K + js[:, None] * skn + offs_d2[None, :] * skd,
+                          mask=col_in[:, None] & d_in2[None, :], other=0.0)  # fmt: skip
+            vb2 = tl.load(V + js[:, None] * svn + offs_d2[None, :] * svd,
+                          mask=col_in[:, None] & d_in2[None, :], other=0.0)  # fmt: skip
+        _p, ds = _cls_query_col(kb, vb, kb2, vb2, qc, doc, qc2, doc2, lse, delta, col_in,
+                                qk_scale, True, ACC_DTYPE, SPLIT)  # fmt: skip
+        dq += tl.sum(ds[:, None] * kb.to(ACC_DTYPE), 0)
+        if SPLIT:
+            dq2 += tl.sum(ds[:, None] * kb2.to(ACC_DTYPE), 0)
+    _cls_dq_store(dq, doc, DQ, pid_bh * Nq * D + offs_d, d_in, sm_scale, RESIDUAL, RES_FROM,
+                  ACC_DTYPE)  # fmt: skip
+    if SPLIT:
+        _cls_dq_store(dq2, doc2, DQ, pid_bh * Nq * D + offs_d2, d_in2, sm_scale, RESIDUAL,
+                      RES_FROM, ACC_DTYPE)  # fmt: skip
+
+
+@triton.jit
+def _cls_dq_store(dq, doc, DQ, off, d_in, sm_scale, RESIDUAL: tl.constexpr,
+                  RES_FROM: tl.constexpr, ACC_DTYPE: tl.constexpr):  # fmt: skip
+    """The CLS row's dQ epilogue for one head-dim chunk: scale, the residual's dO."""
+    dq = dq * sm_scale
+    if RESIDUAL and RES_FROM == 0:
+        dq += doc.to(ACC_DTYPE)
+    tl.store(DQ + off, dq.to(DQ.dtype.element_ty), mask=d_in)
+
+
 @triton.autotune(
     configs=_configs("_bwd_dkdv_kernel"),
     key=["Nq", "Nk", "BH", "BLOCK_D"],
@@ -477,8 +637,10 @@ def _bwd_dkdv_kernel(
     the delta kernel; BLOCK_D2 > 0: the head dim in two chunks, as in the forward."""
     pid_n, pid_bh = _row_block(Nk - HAS_CLS, BLOCK_N)
     split = tl.program_id(1)
-    per_split = tl.cdiv(tl.cdiv(Nq, BLOCK_M), tl.num_programs(1)) * BLOCK_M
-    q_lo = split * per_split
+    NQS = Nq - HAS_CLS
+    # the query blocks cover the spatial rows; the CLS row is added on the CUDA cores below
+    per_split = tl.cdiv(tl.cdiv(NQS, BLOCK_M), tl.num_programs(1)) * BLOCK_M
+    q_lo = HAS_CLS + split * per_split
     q_hi = tl.minimum(q_lo + per_split, Nq)
     b = pid_bh // H
     h = pid_bh % H
@@ -486,7 +648,6 @@ def _bwd_dkdv_kernel(
     K += b * skb + h * skh + HAS_CLS * skn
     V += b * svb + h * svh + HAS_CLS * svn
     DO += b * sdb + h * sdh
-    NQS = Nq - HAS_CLS
     rel_bh = REL + pid_bh * NQS * KSUM
     ALIGNED: tl.constexpr = USE2 and (K2 % BLOCK_N == 0) and ALIGN_OK
 
@@ -502,7 +663,7 @@ def _bwd_dkdv_kernel(
     kb = tl.load(K + js[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
     vb = tl.load(V + js[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
     SPLIT: tl.constexpr = BLOCK_D2 > 0
-    kb2, vb2, dk2, dv2 = 0, 0, 0, 0
+    kb2, vb2, dk2, dv2, offs_d2, d_in2 = 0, 0, 0, 0, 0, 0
     if SPLIT:
         offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
         d_in2 = offs_d2 < D
@@ -520,6 +681,16 @@ def _bwd_dkdv_kernel(
         oh0, oh1, oh2 = _onehots(js, kb.dtype, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
+    if HAS_CLS:  # the CLS query's share, once (by the first run of query blocks)
+        qc, doc, qc2, doc2, lse_c, delta_c = _cls_query(
+            Q, DO, LSE, DELTA, pid_bh, Nq, offs_d, d_in, offs_d2, d_in2, sqd, sdd, SPLIT)  # fmt: skip
+        p_c, ds_c = _cls_query_col(kb, vb, kb2, vb2, qc, doc, qc2, doc2, lse_c, delta_c, col_in,
+                                   qk_scale, split == 0, ACC_DTYPE, SPLIT)  # fmt: skip
+        dv += p_c[:, None] * doc.to(ACC_DTYPE)[None, :]
+        dk += ds_c[:, None] * qc.to(ACC_DTYPE)[None, :]
+        if SPLIT:
+            dv2 += p_c[:, None] * doc2.to(ACC_DTYPE)[None, :]
+            dk2 += ds_c[:, None] * qc2.to(ACC_DTYPE)[None, :]
     for start_m in range(q_lo, q_hi, BLOCK_M):
         rows = start_m + offs_m
         row_in = rows < Nq
@@ -755,23 +926,29 @@ def _bwd_dq_kernel(
     share) is added to the (BLOCK_M, W_a) register accumulators of the slow axes; short axes
     (FULL) accumulate dS @ onehot_a^T in registers. Other shapes use atomics.
     """
-    pid_m, pid_bh = _row_block(Nq, BLOCK_M)
+    NQS = Nq - HAS_CLS
+    pid_m, pid_bh = _row_block(NQS, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     K += b * skb + h * skh
     V += b * svb + h * svh
     ALIGNED: tl.constexpr = USE2 and (K2 % BLOCK_N == 0) and ALIGN_OK
     NCB: tl.constexpr = K2 // BLOCK_N
+    if HAS_CLS:
+        if pid_m == 0:
+            _cls_row_dq(Q + b * sqb + h * sqh, K, V, DO + b * sdb + h * sdh, LSE, DELTA, DQ, pid_bh,
+                        Nq, Nk, D, sqd, skn, skd, svn, svd, sdd, sm_scale, qk_scale, RESIDUAL,
+                        RES_FROM, ACC_DTYPE, BLOCK_N, BLOCK_D, BLOCK_D2)  # fmt: skip
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # the row blocks cover the spatial queries only (the CLS row is peeled off above)
+    rows = HAS_CLS + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_in = rows < Nq
     d_in = offs_d < D
-    row_sp = row_in & (rows >= HAS_CLS)
+    row_sp = row_in
     qd_mask = row_in[:, None] & d_in[None, :]
-    NQS = Nq - HAS_CLS
-    row_off = (pid_bh * NQS + tl.maximum(rows - HAS_CLS, 0)) * KSUM
+    row_off = (pid_bh * NQS + rows - HAS_CLS) * KSUM
     rel_rows = REL + row_off
     drel_rows = DREL + row_off
 
@@ -942,13 +1119,15 @@ tuning.register(
     OP_NAME, "_bwd_dq_kernel",
     [({"BLOCK_M": 128, "BLOCK_N": 32}, 8, 2, "sm90"), ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 1, "sm90"),
      ({"BLOCK_M": 128, "BLOCK_N": 16}, 8, 1, "sm80"), ({"BLOCK_M": 64, "BLOCK_N": 16}, 4, 1, "sm80")],
-    ({"BLOCK_M": 16, "BLOCK_N": 16}, 4, 1), tuning.fewer_padded_rows("Nq"),
+    ({"BLOCK_M": 16, "BLOCK_N": 16}, 4, 1), tuning.fewer_padded_rows("Nq", minus="HAS_CLS"),
 )  # fmt: skip
 
 
-def _dq_blocks(nq: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dQ kernel for ``nq`` queries."""
-    kw, warps, stages = tuning.pinned_entry(OP_NAME, "_bwd_dq_kernel", {"Nq": nq})
+def _dq_blocks(nq: int, has_cls: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dQ kernel for ``nq`` queries (their
+    row blocks cover the spatial ones: the CLS row is peeled off)."""
+    kw, warps, stages = tuning.pinned_entry(OP_NAME, "_bwd_dq_kernel",
+                                            {"Nq": nq, "HAS_CLS": int(has_cls)})  # fmt: skip
     return kw["BLOCK_M"], kw["BLOCK_N"], warps, stages
 
 
@@ -977,8 +1156,8 @@ def _launch_fwd(
     geo = _geometry(len(rel_tables), k_grid, has_cls)
     rel = _relq_packed(q, rel_tables, q_grid, k_grid, has_cls, geo)
 
-    def grid(meta):
-        return (triton.cdiv(Nq, meta["BLOCK_M"]) * B * H,)
+    def grid(meta):  # row blocks of the spatial queries (the CLS row is peeled off)
+        return (triton.cdiv(Nq - int(has_cls), meta["BLOCK_M"]) * B * H,)
 
     bd1, bd2 = _block_d_split(D)
 
@@ -1071,7 +1250,7 @@ def _launch_bwd(
         dv[:, :, cls:] = dv_out[:, :, :, cls:].sum(0).to(q.dtype)
 
     k3 = (1,) * (3 - len(k_grid)) + tuple(k_grid)
-    block_m, block_n, warps, stages = _dq_blocks(Nq)
+    block_m, block_n, warps, stages = _dq_blocks(Nq, has_cls)
     windows = [_window(k3[a], math.prod(k3[a + 1 :]), block_n) for a in range(3)]
     nq_sp = math.prod(q_grid)
     aligned = bool(geo["USE2"]) and k3[2] % block_n == 0 and geo["ALIGN_OK"]
@@ -1083,7 +1262,7 @@ def _launch_bwd(
         drel = torch.empty((B, H, nq_sp, geo["KSUM"]), dtype=q.dtype, device=q.device)
     else:  # the gather path's atomics accumulate into zeros
         drel = torch.zeros((B, H, nq_sp, geo["KSUM"]), dtype=acc, device=q.device)
-    _bwd_dq_kernel[(triton.cdiv(Nq, block_m) * B * H,)](
+    _bwd_dq_kernel[(triton.cdiv(Nq - int(has_cls), block_m) * B * H,)](
         q, k, v, rel, dout, lse, delta, ds_cls, dq, drel,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
         H, Nq, Nk, D, scale, scale * _LOG2E,

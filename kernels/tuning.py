@@ -97,13 +97,15 @@ _FALLBACK: set[int] = set()
 _TAGS: dict[int, tuple] = {}  # id of a config -> its entry's tags ("fallback", "sm90", "sm80")
 
 
-def fewer_padded_rows(n_arg: str, key: str = "BLOCK_M", slack: float = 1.05) -> Callable:
+def fewer_padded_rows(n_arg: str, key: str = "BLOCK_M", slack: float = 1.05,
+                      minus: str | None = None) -> Callable:  # fmt: skip
     """A shape rule: the first entry, unless its blocks of ``key`` rows pad the ``n_arg`` rows
-    to more than ``slack`` times what the entry padding least needs; then that entry
-    (MAT stage 3: 513 queries are 640 rows in blocks of 128, 576 in blocks of 64)."""
+    (less the ``minus`` argument's, e.g. a peeled-off CLS row) to more than ``slack`` times
+    what the entry padding least needs; then that entry (MAT stage 3: 512 spatial queries
+    are 512 rows in blocks of 64 or 128; 200 would be 256 in blocks of 128, 208 of 16)."""
 
     def rule(args: dict, entries: list) -> int:
-        n = int(args[n_arg])
+        n = int(args[n_arg]) - (int(args[minus]) if minus else 0)
         padded = [-(-n // e[0][key]) * e[0][key] for e in entries]
         best = min(range(len(entries)), key=lambda i: (padded[i], i))
         return best if padded[0] > slack * padded[best] else 0

@@ -463,9 +463,12 @@ fwd, dkdv = rp._fwd_kernel, rp._bwd_dkdv_kernel
 assert len(tuning.selectable(fwd.configs, 90)) == 4
 assert [c.kwargs["BLOCK_N"] for c in tuning.selectable(fwd.configs, 80)] == [32, 32]
 assert [c.kwargs["BLOCK_M"] for c in tuning.selectable(dkdv.configs, 80)] == [16]
-assert rp._dq_blocks(8193) == (128, 32, 8, 2) and rp._dq_blocks(513) == (64, 32, 4, 1)
+# 192 spatial queries (the CLS row peeled off) pad to 256 in blocks of 128: 64-row blocks
+assert rp._dq_blocks(8193, True) == (128, 32, 8, 2) and rp._dq_blocks(193, True) == (64, 32, 4, 1)
+assert rp._dq_blocks(193, False) == (128, 32, 8, 2)
 with tuning.target(80):
-    assert rp._dq_blocks(8193) == (128, 16, 8, 1) and rp._dq_blocks(513) == (64, 16, 4, 1)
+    assert rp._dq_blocks(8193, True) == (128, 16, 8, 1)
+    assert rp._dq_blocks(193, True) == (64, 16, 4, 1)
     assert [c.kwargs["BLOCK_M"] for c in tuning.early_prune(dkdv.configs, {})] == [16]
 assert tuning.target_arch() == 90
 assert g.launches_for(g._cases()["bottleneck/mmt_audio"], torch.bfloat16, 80) == []
