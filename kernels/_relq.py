@@ -85,17 +85,22 @@ def _rel_windows(
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
     OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr,
     USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
+    PACKED: tl.constexpr, WP: tl.constexpr, KSUM: tl.constexpr,
 ):  # fmt: skip
-    """The short-axes path's relq columns of these rows, per used axis (0 for an unused one)."""
+    """The short-axes path's relq columns of these rows, per used axis (0 for an unused one);
+    PACKED: all of a row's KSUM columns side by side in r0, (BLOCK_M, WP)."""
     r0 = 0
     r1 = 0
     r2 = 0
-    if USE0:
-        r0 = _rel_window(rel_rows, row_sp, OFF0, K0, W0)
-    if USE1:
-        r1 = _rel_window(rel_rows, row_sp, OFF1, K1, W1)
-    if USE2:
-        r2 = _rel_window(rel_rows, row_sp, OFF2, K2, W2)
+    if PACKED:
+        r0 = _rel_window(rel_rows, row_sp, 0, KSUM, WP)
+    else:
+        if USE0:
+            r0 = _rel_window(rel_rows, row_sp, OFF0, K0, W0)
+        if USE1:
+            r1 = _rel_window(rel_rows, row_sp, OFF1, K1, W1)
+        if USE2:
+            r2 = _rel_window(rel_rows, row_sp, OFF2, K2, W2)
     return r0, r1, r2
 
 
@@ -105,17 +110,33 @@ def _onehots(
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
     USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
+    PACKED: tl.constexpr, WP: tl.constexpr,
+    OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr,
 ):  # fmt: skip
-    """The keys' one-hot coordinates per used axis (0 for an unused one)."""
+    """The keys' one-hot coordinates per used axis (0 for an unused one). PACKED: one (WP,
+    BLOCK_N) multi-hot in oh0 against the packed relq columns (column OFF_a + j_a is 1 for
+    each used axis a): the bias of all axes is one matmul of K = WP (MViTv2's 8 + 7 + 7 keys:
+    32) instead of one per axis, each padded to 16 (48)."""
     oh0 = 0
     oh1 = 0
     oh2 = 0
-    if USE0:
-        oh0 = _onehot(js, K1 * K2, K0, W0, DT)
-    if USE1:
-        oh1 = _onehot(js, K2, K1, W1, DT)
-    if USE2:
-        oh2 = _onehot(js, 1, K2, W2, DT)
+    if PACKED:
+        c = tl.arange(0, WP)[:, None]
+        hot = c < 0  # all False, (WP, 1)
+        if USE0:
+            hot = hot | (c == OFF0 + (js // (K1 * K2))[None, :])
+        if USE1:
+            hot = hot | (c == OFF1 + ((js // K2) % K1)[None, :])
+        if USE2:
+            hot = hot | (c == OFF2 + (js % K2)[None, :])
+        oh0 = hot.to(DT)
+    else:
+        if USE0:
+            oh0 = _onehot(js, K1 * K2, K0, W0, DT)
+        if USE1:
+            oh1 = _onehot(js, K2, K1, W1, DT)
+        if USE2:
+            oh2 = _onehot(js, 1, K2, W2, DT)
     return oh0, oh1, oh2
 
 
@@ -124,11 +145,18 @@ def _bias_full(
     r0, r1, r2, oh0, oh1, oh2,
     USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    TRANS: tl.constexpr,
+    TRANS: tl.constexpr, PACKED: tl.constexpr,
 ):  # fmt: skip
     """Short-axes bias of a tile: sum_a relq_a (BLOCK_M, W_a) @ onehot_a (W_a, BLOCK_N)
-    (TRANS: its transpose, sum_a onehot_a^T @ relq_a^T)."""
-    if TRANS:
+    (TRANS: its transpose, sum_a onehot_a^T @ relq_a^T); PACKED: the one matmul of the packed
+    relq columns r0 and the multi-hot oh0."""
+    if PACKED:
+        if TRANS:
+            bias = tl.dot(tl.trans(oh0), tl.trans(r0), input_precision=DOT_PRECISION,
+                          out_dtype=ACC_DTYPE)  # fmt: skip
+        else:
+            bias = tl.dot(r0, oh0, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    elif TRANS:
         bias = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC_DTYPE)
         if USE0:
             bias = tl.dot(tl.trans(oh0), tl.trans(r0), bias, input_precision=DOT_PRECISION,
@@ -219,7 +247,7 @@ def _scores(
     USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
     OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, TRANS: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, PACKED: tl.constexpr,
 ):  # fmt: skip
     """S = q k^T * scale + bias of one tile in log2 units (exp2 is the native instruction), the
     bias by the path chosen at compile time (the one place that chooses, for all kernels):
@@ -227,7 +255,7 @@ def _scores(
     onehot_a (r_a, oh_a from the caller, which keeps the loop-invariant ones); otherwise the
     per-element gather. (a, bt) = (q, k^T); TRANS: (k, q^T) and S^T is returned, keys x rows.
     SPLIT: the head dim comes in two chunks (96 = 64 + 32: no padding to 128), (a2, bt2) the
-    second.
+    second. PACKED: the short axes' bias is one matmul (see ``_onehots``).
     """
     if TRANS:
         BM: tl.constexpr = bt.shape[1]
@@ -251,7 +279,7 @@ def _scores(
         s = s * qk_scale
         if FULL:
             s += _LOG2E_C * _bias_full(r0, r1, r2, oh0, oh1, oh2, USE0, USE1, USE2, ACC_DTYPE, DOT_PRECISION,
-                                       BM, BN, TRANS)  # fmt: skip
+                                       BM, BN, TRANS, PACKED)  # fmt: skip
         elif USE2:
             b = _bias_gather(rel_rows, row_sp, js, col_in, K1, K2, USE0, USE1, USE2, OFF0, OFF1,
                              OFF2, ACC_DTYPE)  # fmt: skip

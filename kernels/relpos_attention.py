@@ -352,7 +352,7 @@ def _fwd_kernel(
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
     OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KSUM: tl.constexpr,
-    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, FULL: tl.constexpr,
+    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, FULL: tl.constexpr, WP: tl.constexpr,
     ALIGN_OK: tl.constexpr,
     RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
@@ -368,6 +368,7 @@ def _fwd_kernel(
     K += b * skb + h * skh
     V += b * svb + h * svh
     ALIGNED: tl.constexpr = USE2 and (K2 % BLOCK_N == 0) and ALIGN_OK
+    PK: tl.constexpr = WP > 0 and not ALIGNED and FULL  # the packed short-axes bias
     if HAS_CLS:
         if pid_m == 0:
             _cls_row_fwd(Q, K, V, OUT, O_ATT, LSE, pid_bh, Nq, Nk, D, sqd, skn, skd, svn, svd,
@@ -418,9 +419,10 @@ def _fwd_kernel(
         oh0, oh1, oh2 = 0, 0, 0
     if not ALIGNED and FULL:
         # Every axis is short (<= 64): its relq columns stay in registers for the whole loop
-        # and the bias of a tile is sum_a relq_a @ onehot_a, on the tensor cores.
+        # and the bias of a tile is sum_a relq_a @ onehot_a, on the tensor cores (PK: one
+        # matmul over the packed columns).
         r0, r1, r2 = _rel_windows(rel_rows, row_sp, K0, K1, K2, W0, W1, W2, OFF0, OFF1, OFF2,
-                                  USE0, USE1, USE2)  # fmt: skip
+                                  USE0, USE1, USE2, PK, WP, KSUM)  # fmt: skip
     NKS = Nk - HAS_CLS
     for start in range(0, NKS, BLOCK_N):
         js = start + offs_n
@@ -434,10 +436,11 @@ def _fwd_kernel(
             kt2 = tl.load(K + js[None, :] * skn + offs_d2[:, None] * skd,
                           mask=col_in[None, :] & d_in2[:, None], other=0.0)  # fmt: skip
         if not ALIGNED and FULL:
-            oh0, oh1, oh2 = _onehots(js, q.dtype, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2)
+            oh0, oh1, oh2 = _onehots(js, q.dtype, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2, PK, WP,
+                                     OFF0, OFF1, OFF2)  # fmt: skip
         s = _scores(q, kt, q2, kt2, qk_scale, rel_rows, row_sp, start, js, col_in, r0, r1, r2, oh0, oh1,
                     oh2, ALIGNED, FULL, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, ACC_DTYPE,
-                    DOT_PRECISION, False, SPLIT)  # fmt: skip
+                    DOT_PRECISION, False, SPLIT, PK)  # fmt: skip
         s = tl.where(col_in[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -625,7 +628,7 @@ def _bwd_dkdv_kernel(
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
     OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KSUM: tl.constexpr,
-    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, FULL: tl.constexpr,
+    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, FULL: tl.constexpr, WP: tl.constexpr,
     ALIGN_OK: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     PARTIAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
@@ -650,6 +653,7 @@ def _bwd_dkdv_kernel(
     DO += b * sdb + h * sdh
     rel_bh = REL + pid_bh * NQS * KSUM
     ALIGNED: tl.constexpr = USE2 and (K2 % BLOCK_N == 0) and ALIGN_OK
+    PK: tl.constexpr = WP > 0 and not ALIGNED and FULL  # the packed short-axes bias
 
     NKS = Nk - HAS_CLS
     start = pid_n * BLOCK_N
@@ -678,7 +682,8 @@ def _bwd_dkdv_kernel(
     if ALIGNED or not FULL:
         r0, r1, r2 = 0, 0, 0
     if not ALIGNED and FULL:
-        oh0, oh1, oh2 = _onehots(js, kb.dtype, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2)
+        oh0, oh1, oh2 = _onehots(js, kb.dtype, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2, PK, WP,
+                                 OFF0, OFF1, OFF2)  # fmt: skip
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
     if HAS_CLS:  # the CLS query's share, once (by the first run of query blocks)
@@ -703,7 +708,7 @@ def _bwd_dkdv_kernel(
         rel_rows = rel_bh + tl.maximum(rows - HAS_CLS, 0) * KSUM
         if not ALIGNED and FULL:
             r0, r1, r2 = _rel_windows(rel_rows, row_sp, K0, K1, K2, W0, W1, W2, OFF0, OFF1, OFF2,
-                                      USE0, USE1, USE2)  # fmt: skip
+                                      USE0, USE1, USE2, PK, WP, KSUM)  # fmt: skip
         if SPLIT:
             qd_mask2 = row_in[:, None] & d_in2[None, :]
             q2 = tl.load(Q + rows[:, None] * sqn + offs_d2[None, :] * sqd, mask=qd_mask2,
@@ -715,7 +720,7 @@ def _bwd_dkdv_kernel(
         # matmuls as they come, and every matmul's M is BLOCK_N.
         st = _scores(kb, tl.trans(q), kb2, qt2, qk_scale, rel_rows, row_sp, start, js, col_in, r0, r1, r2,
                      oh0, oh1, oh2, ALIGNED, FULL, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, ACC_DTYPE,
-                     DOT_PRECISION, True, SPLIT)  # fmt: skip
+                     DOT_PRECISION, True, SPLIT, PK)  # fmt: skip
         pt = tl.where(col_in[:, None] & row_in[None, :], tl.exp2(st - lse[None, :]), 0.0)
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         dpt = tl.dot(vb, tl.trans(do), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
@@ -798,11 +803,15 @@ def _drel_general(
     OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr,
     DIRECT0: tl.constexpr, DIRECT1: tl.constexpr, DIRECT2: tl.constexpr,
     GW0: tl.constexpr, GW1: tl.constexpr, GW2: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, REL_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, REL_PRECISION: tl.constexpr, PK: tl.constexpr,
 ):  # fmt: skip
     """d_relq of a tile in key order: short axes (FULL) into the (BLOCK_M, W_a) register
-    accumulators g_a += dS @ onehot_a^T; otherwise atomics into d_relq."""
-    if FULL:
+    accumulators g_a += dS @ onehot_a^T (PK: g0 += dS @ multihot^T, all packed columns at
+    once: the axes' columns are disjoint); otherwise atomics into d_relq."""
+    if PK:
+        g0 = tl.dot(ds, tl.trans(oh0.to(ACC_DTYPE)), g0, input_precision=REL_PRECISION,
+                    out_dtype=ACC_DTYPE)  # fmt: skip
+    elif FULL:
         # d_relq_a += dS @ onehot_a^T (dS rounded to tf32 for 16-bit inputs)
         if USE0:
             g0 = tl.dot(
@@ -855,7 +864,7 @@ def _dq_step(
     ALIGNED: tl.constexpr, FULL: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
     OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, PK: tl.constexpr,
 ):  # fmt: skip
     """One key tile of the dQ kernel (both of its loop orders): recompute P from the scores,
     dS = P (dO V^T - delta), dQ += dS K (per head-dim chunk). Returns (dS, dq, dq2)."""
@@ -872,7 +881,7 @@ def _dq_step(
         kt2 = tl.trans(kb2)
     s = _scores(q, tl.trans(kb), q2, kt2, qk_scale, rel_rows, row_sp, start, js, col_in, r0, r1,
                 r2, oh0, oh1, oh2, ALIGNED, FULL, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2,
-                ACC_DTYPE, DOT_PRECISION, False, SPLIT)  # fmt: skip
+                ACC_DTYPE, DOT_PRECISION, False, SPLIT, PK)  # fmt: skip
     p = tl.where(row_in[:, None] & col_in[None, :], tl.exp2(s - lse[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(vb), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     if SPLIT:
@@ -910,7 +919,7 @@ def _bwd_dq_kernel(
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
     OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, KSUM: tl.constexpr,
-    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, FULL: tl.constexpr,
+    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, FULL: tl.constexpr, WP: tl.constexpr,
     ALIGN_OK: tl.constexpr, DIRECT0: tl.constexpr, DIRECT1: tl.constexpr, DIRECT2: tl.constexpr,
     GW0: tl.constexpr, GW1: tl.constexpr, GW2: tl.constexpr,
     RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -933,6 +942,7 @@ def _bwd_dq_kernel(
     K += b * skb + h * skh
     V += b * svb + h * svh
     ALIGNED: tl.constexpr = USE2 and (K2 % BLOCK_N == 0) and ALIGN_OK
+    PK: tl.constexpr = WP > 0 and not ALIGNED and FULL  # the packed short-axes bias
     NCB: tl.constexpr = K2 // BLOCK_N
     if HAS_CLS:
         if pid_m == 0:
@@ -986,7 +996,8 @@ def _bwd_dq_kernel(
         K += skn
         V += svn
     NKS = Nk - HAS_CLS
-    g0 = tl.zeros([BLOCK_M, W0], dtype=ACC_DTYPE)
+    WG0: tl.constexpr = WP if PK else W0  # PK: g0 holds all of d_relq's packed columns
+    g0 = tl.zeros([BLOCK_M, WG0], dtype=ACC_DTYPE)
     g1 = tl.zeros([BLOCK_M, W1], dtype=ACC_DTYPE)
     g2 = tl.zeros([BLOCK_M, W2], dtype=ACC_DTYPE)
     if ALIGNED:
@@ -1000,7 +1011,7 @@ def _bwd_dq_kernel(
                     q, q2, do, do2, dq, dq2, lse, delta, K, V, js, js < NKS, row_in, offs_d, d_in,
                     offs_d2, d_in2, skn, skd, svn, svd, qk_scale, rel_rows, row_sp, start,
                     0, 0, 0, 0, 0, 0, True, False, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2,
-                    ACC_DTYPE, DOT_PRECISION, SPLIT,
+                    ACC_DTYPE, DOT_PRECISION, SPLIT, False,
                 )  # fmt: skip
                 d2, g0, g1 = _drel_aligned(ds, r, d2, g0, g1, K1, W0, W1, USE0, USE1)
             tl.store(drel_rows[:, None] + OFF2 + cb * BLOCK_N + offs_n[None, :],
@@ -1011,24 +1022,27 @@ def _bwd_dq_kernel(
             oh0, oh1, oh2 = 0, 0, 0
         if FULL:
             r0, r1, r2 = _rel_windows(rel_rows, row_sp, K0, K1, K2, W0, W1, W2, OFF0, OFF1, OFF2,
-                                      USE0, USE1, USE2)  # fmt: skip
+                                      USE0, USE1, USE2, PK, WP, KSUM)  # fmt: skip
         for start in range(0, NKS, BLOCK_N):
             js = start + offs_n
             col_in = js < NKS
             if FULL:
-                oh0, oh1, oh2 = _onehots(js, q.dtype, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2)
+                oh0, oh1, oh2 = _onehots(js, q.dtype, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2,
+                                         PK, WP, OFF0, OFF1, OFF2)  # fmt: skip
             ds, dq, dq2 = _dq_step(
                 q, q2, do, do2, dq, dq2, lse, delta, K, V, js, col_in, row_in, offs_d, d_in,
                 offs_d2, d_in2, skn, skd, svn, svd, qk_scale, rel_rows, row_sp, start,
                 r0, r1, r2, oh0, oh1, oh2, False, FULL, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2,
-                ACC_DTYPE, DOT_PRECISION, SPLIT,
+                ACC_DTYPE, DOT_PRECISION, SPLIT, PK,
             )  # fmt: skip
             g0, g1, g2 = _drel_general(
                 ds, js, start, col_in, row_sp, drel_rows, g0, g1, g2, oh0, oh1, oh2, FULL,
                 K0, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, DIRECT0, DIRECT1, DIRECT2,
-                GW0, GW1, GW2, ACC_DTYPE, REL_PRECISION,
+                GW0, GW1, GW2, ACC_DTYPE, REL_PRECISION, PK,
             )  # fmt: skip
-    if ALIGNED or FULL:
+    if PK:
+        _store_window(drel_rows, row_sp, g0, 0, KSUM, WP)
+    elif ALIGNED or FULL:
         if USE0:
             _store_window(drel_rows, row_sp, g0, OFF0, K0, W0)
         if USE1:
@@ -1058,6 +1072,8 @@ def _geometry(n_tables: int, k_grid: Grid, has_cls: bool) -> dict:
         offs.append(off)
         off += k3[a] if use[a] else 0
     widths = [max(16, triton.next_power_of_2(k)) for k in k3]
+    full = all(k <= _FULL_MAX for k, u in zip(k3, use) if u)
+    packed = max(16, triton.next_power_of_2(off))
     return dict(
         HAS_CLS=int(has_cls),
         K0=k3[0],
@@ -1073,7 +1089,10 @@ def _geometry(n_tables: int, k_grid: Grid, has_cls: bool) -> dict:
         W0=widths[0],
         W1=widths[1],
         W2=widths[2],
-        FULL=all(k <= _FULL_MAX for k, u in zip(k3, use) if u),
+        FULL=full,
+        # the short axes' bias as one matmul over the packed relq columns where that is
+        # narrower than one per axis (MViTv2-B's 8 x 7 x 7 keys: K = 32, not 3 x 16)
+        WP=packed if full and packed < sum(w for w, u in zip(widths, use) if u) else 0,
         # the aligned path keeps the slow axes' d_relq in (BLOCK_M, W_a) registers
         ALIGN_OK=all(k <= _FULL_MAX for k, u in zip(k3[:2], use[:2]) if u),
     )

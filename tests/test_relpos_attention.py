@@ -37,6 +37,9 @@ CASES = {
     # Key rows a multiple of the interpreter's BLOCK_N (16): the grid-aligned bias path.
     "2d_4x32_over_2x32_aligned_cls": (1, 1, (4, 32), (2, 32), True, 16),
     "3d_2x2x16_aligned": (1, 1, (2, 2, 16), (2, 2, 16), False, 16),
+    # Short axes whose one-hots (16 + 32 columns) are narrower than their packed relq columns
+    # (33, padded to 64): one bias matmul per axis; the other short-axis cases pack them.
+    "2d_3x30_per_axis_onehots_cls": (1, 1, (3, 30), (3, 30), True, 16),
     # A fastest axis longer than 64 that BLOCK_N does not divide: the gather fallback.
     "2d_2x70_gather_cls": (1, 1, (2, 70), (2, 70), True, 16),
 }
