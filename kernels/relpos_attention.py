@@ -1161,9 +1161,10 @@ def _launch_fwd(
     scale: float,
     residual: bool,
     residual_cls: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, lse, o, rel): o is the output without the residual (an empty placeholder when
-    there is none: out is it) and rel the packed relq; both are saved for the backward."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, o): o is the output without the residual (an empty placeholder when there
+    is none: out is it), saved for the backward with lse. The packed relq the kernel reads is
+    not kept: the backward rebuilds it (:func:`_launch_bwd`)."""
     B, H, Nq, D = q.shape
     res_from = int(has_cls and not residual_cls)
     Nk = k.shape[2]
@@ -1171,7 +1172,7 @@ def _launch_fwd(
     o_att = torch.empty_like(out) if residual else q.new_empty(0)
     lse = torch.empty((B, H, Nq), dtype=acc_dtype(q.dtype), device=q.device)
     if B * H == 0:
-        return out, lse, o_att, q.new_empty(1)
+        return out, lse, o_att
     geo = _geometry(len(rel_tables), k_grid, has_cls)
     rel = _relq_packed(q, rel_tables, q_grid, k_grid, has_cls, geo)
 
@@ -1189,7 +1190,7 @@ def _launch_fwd(
         RESIDUAL=residual, RES_FROM=res_from, ACC_DTYPE=tl_acc_dtype(q.dtype),
         DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=bd1, BLOCK_D2=bd2,
     )  # fmt: skip
-    return out, lse, o_att, rel
+    return out, lse, o_att
 
 
 def _launch_bwd(
@@ -1200,7 +1201,6 @@ def _launch_bwd(
     rel_tables: Sequence[torch.Tensor],
     o: torch.Tensor,
     lse: torch.Tensor,
-    rel: torch.Tensor,
     q_grid: Grid,
     k_grid: Grid,
     has_cls: bool,
@@ -1208,8 +1208,9 @@ def _launch_bwd(
     residual: bool,
     residual_cls: bool = True,
 ) -> list[torch.Tensor]:
-    """[dq, dk, dv, *d(tables)]; ``o`` is the attention output without the residual and
-    ``rel`` the forward's packed relq."""
+    """[dq, dk, dv, *d(tables)]; ``o`` is the attention output without the residual. The
+    packed relq is rebuilt first from q and the tables (one small matmul per axis), so that
+    neither autograd nor a selective-checkpoint cache holds it between the passes."""
     B, H, Nq, D = q.shape
     res_from = int(has_cls and not residual_cls)
     Nk = k.shape[2]
@@ -1243,6 +1244,7 @@ def _launch_bwd(
         dk[:, :, 0] = (part[:, :, 1] * scale).to(q.dtype)
 
     geo = _geometry(len(rel_tables), k_grid, has_cls)
+    rel = _relq_packed(q, rel_tables, q_grid, k_grid, has_cls, geo)
     bd1, bd2 = _block_d_split(D)
 
     # Few key blocks (MViTv2's 7 x 7 pooled keys: 7 blocks x batch 8 = 56 programs for 132
@@ -1319,7 +1321,7 @@ def _relpos_attention_fwd(
     The packed relq the kernel reads is not returned: the backward rebuilds it from q and the
     tables (one small matmul per axis), so that neither autograd nor a selective-checkpoint
     cache (which keeps every output of a saved op) holds it."""
-    out, lse, o_att, _rel = _launch_fwd(
+    out, lse, o_att = _launch_fwd(
         q, k, v, rel_tables, q_grid, k_grid, has_cls, scale, residual, residual_cls
     )
     return out, lse, o_att
@@ -1352,9 +1354,7 @@ def _relpos_attention_bwd(
     residual_cls: bool,
 ) -> list[torch.Tensor]:
     """Triton backward: [dq, dk, dv, *d(rel_tables)]; rebuilds the packed relq first."""
-    geo = _geometry(len(rel_tables), k_grid, has_cls)
-    rel = _relq_packed(q, rel_tables, q_grid, k_grid, has_cls, geo)
-    return _launch_bwd(dout, q, k, v, rel_tables, o, lse, rel, q_grid, k_grid, has_cls, scale,
+    return _launch_bwd(dout, q, k, v, rel_tables, o, lse, q_grid, k_grid, has_cls, scale,
                        residual, residual_cls)  # fmt: skip
 
 

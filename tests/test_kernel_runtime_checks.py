@@ -64,8 +64,8 @@ def test_delta_comes_from_the_output_without_the_residual(force_triton):
 
     # The same backward fed out - q (what the delta used before) is measurably worse.
     qh, kh, vh, *th = half
-    out, lse, _o_att, rel = rp._launch_fwd(qh, kh, vh, th, *args, True)
-    old = rp._launch_bwd(dout.half(), qh, kh, vh, th, out - qh, lse, rel, *args, True)
+    out, lse, _o_att = rp._launch_fwd(qh, kh, vh, th, *args, True)
+    old = rp._launch_bwd(dout.half(), qh, kh, vh, th, out - qh, lse, *args, True)
     err_old = (old[1].double() - want[1]).abs().max().item()
     assert err_old > 4 * err, (err_old, err)
 
@@ -190,8 +190,8 @@ def test_relpos_grids_take_batch_x_heads_beyond_65535():
     args = (q_grid, k_grid, True, D**-0.5, True, True)
 
     def both():
-        _out, lse, o, rel = rp._launch_fwd(q, k, v, tables, *args)
-        rp._launch_bwd(torch.empty_like(q), q, k, v, tables, o, lse, rel, *args)
+        _out, lse, o = rp._launch_fwd(q, k, v, tables, *args)
+        rp._launch_bwd(torch.empty_like(q), q, k, v, tables, o, lse, *args)
 
     grids = _launch_grids(both)
     names = {name for name, _ in grids}
