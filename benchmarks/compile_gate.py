@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -109,6 +110,12 @@ class Row:
     compile_s: float = 0.0
     error: str = ""
     note: str = ""
+    # the compiled TTGIR, for case_model to count each launch's own loop trips (launches of
+    # one specialisation can differ in their integer arguments and grid); not written to JSON
+    ttgir: str = field(default="", repr=False)
+
+    def as_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "ttgir"}
 
     def failures(self) -> list[str]:
         """Why this variant fails the gate ([] when it passes or is not gated)."""
@@ -261,23 +268,34 @@ def dots_from_ttgir(
     warp, over the dot's tile, per axis, when larger; 1.0 = none; [8, 1] on a 64-row tile =
     2.0) and ``trips``: the product of the trip counts of the ``scf.for`` loops around it,
     their bounds evaluated from the kernel's integer arguments (``args``). A bound that
-    depends on the program id (a persistent or causal kernel) is evaluated for the first and
-    the last program of ``grid`` and ``trips`` is their mean (``trips_range`` both); -1 when a
-    bound cannot be evaluated (a loaded value, an outer loop's variable, no ``grid``). A dot
-    under a run-time ``scf.if`` counts as always run.
+    depends on the program id (a persistent, causal or split kernel) makes ``trips`` the
+    exact mean over every program of ``grid``: the loops are evaluated for each combination
+    of the values of the program-id axes the bounds depend on (the other axes cannot change
+    them, and each combination stands for the same number of programs), and
+    ``trips_range`` is [min, max] over them. -1 when a bound cannot be evaluated (a loaded
+    value, an outer loop's variable, no ``grid``). A dot under a run-time ``scf.if`` counts
+    as always run.
     """
-    lines = [raw.strip() for raw in ttgir.splitlines()]
-    first = _walk_dots(lines, args, (0, 0, 0) if grid else None, grid)
-    if not grid or not any(d["pid_dependent"] for d in first):
-        return [{k: v for k, v in d.items() if k != "pid_dependent"} for d in first]
-    last = _walk_dots(lines, args, tuple(g - 1 for g in grid) + (0,) * (3 - len(grid)), grid)
+    ops = _parse_ttgir(ttgir)
+    first = _walk_dots(ops, args, (0, 0, 0) if grid else None, grid)
+    axes = sorted({a for d in first for a in d["pid_axes"]})
+    if not grid or not axes:
+        return [{k: v for k, v in d.items() if k != "pid_axes"} for d in first]
+    full = tuple(grid) + (1,) * (3 - len(grid))
+    per_dot: list[list[float]] = [[] for _ in first]
+    for values in itertools.product(*(range(full[a]) for a in axes)):
+        pid = [0, 0, 0]
+        for a, v in zip(axes, values):
+            pid[a] = v
+        for acc, d in zip(per_dot, _walk_dots(ops, args, tuple(pid), grid)):
+            acc.append(d["trips"])
     out = []
-    for a, b in zip(first, last):
-        d = {k: v for k, v in a.items() if k != "pid_dependent"}
-        if a["pid_dependent"]:
-            bad = a["trips"] < 0 or b["trips"] < 0
-            d["trips"] = -1 if bad else (a["trips"] + b["trips"]) / 2
-            d["trips_range"] = [a["trips"], b["trips"]]
+    for a, trips in zip(first, per_dot):
+        d = {k: v for k, v in a.items() if k != "pid_axes"}
+        if a["pid_axes"]:
+            bad = any(t < 0 for t in trips)
+            d["trips"] = -1 if bad else sum(trips) / len(trips)
+            d["trips_range"] = [min(trips), max(trips)]
         out.append(d)
     return out
 
@@ -285,63 +303,93 @@ def dots_from_ttgir(
 _PID = re.compile(r"^(%[\w.]+) = tt\.get_(program_id|num_programs) ([xyz]) : i32")
 
 
-def _walk_dots(lines: list[str], args: dict[str, Any], pid, grid) -> list[dict[str, Any]]:
-    """One pass of :func:`dots_from_ttgir` with the program ids ``pid`` (None: unknown)."""
+def _parse_ttgir(ttgir: str) -> list[tuple]:
+    """The lines of a TTGIR that :func:`_walk_dots` evaluates, parsed once (a kernel whose
+    loops depend on the program id is walked once per program-id value)."""
+    ops: list[tuple] = []
+    for raw in ttgir.splitlines():
+        line = raw.strip()
+        if m := _MMA_DEF.match(line):
+            warps, instr = ([int(x) for x in m.group(g).split(",")] for g in (3, 4))
+            ops.append(("mma", m.group(1), (int(m.group(2)), warps, instr)))
+            continue
+        if m := _CONST.match(line):
+            ops.append(("const", m.group(1), int(m.group(2))))
+        elif m := _BINOP.match(line):
+            ops.append(("bin", m.group(1), m.group(2), m.group(3), m.group(4)))
+        elif m := _CAST.match(line):
+            ops.append(("cast", m.group(1), m.group(2)))
+        elif m := _PID.match(line):
+            ops.append(("pid", m.group(1), m.group(2), "xyz".index(m.group(3))))
+        if m := _DOT.search(line):
+            ops.append(("dot", int(m.group(2)), int(m.group(4)), int(m.group(5)), m.group(6),
+                        m.group(3)))  # fmt: skip
+        opened, closed = line.count("{"), line.count("}")
+        if closed > opened:
+            ops.append(("close", closed - opened))
+        elif opened > closed:
+            m = _FOR.search(line)
+            ops.append(("open", opened - closed, m.groups() if m else None))
+    return ops
+
+
+def _walk_dots(ops: list[tuple], args: dict[str, Any], pid, grid) -> list[dict[str, Any]]:
+    """One pass of :func:`dots_from_ttgir` over the parsed TTGIR with the program ids ``pid``
+    (None: unknown); per dot, ``pid_axes``: the program-id axes its loop bounds depend on."""
     layouts: dict[str, tuple[int, list[int], list[int]]] = {}
     values: dict[str, int | None] = {}
-    from_pid: set[str] = set()  # values computed from the program id
+    from_pid: dict[str, frozenset] = {}  # values computed from the program id: its axes
     for name, value in args.items():
         if isinstance(value, int) and not isinstance(value, bool):
             values["%" + name] = value
-    stack: list[tuple[int, bool]] = []  # (trip count, depends on pid) of each open region
+    stack: list[tuple[int, frozenset]] = []  # (trip count, pid axes) of each open region
     dots = []
-    for line in lines:
-        m = _MMA_DEF.match(line)
-        if m:
-            layouts[m.group(1)] = (int(m.group(2)), [int(x) for x in m.group(3).split(",")],
-                                   [int(x) for x in m.group(4).split(",")])  # fmt: skip
-            continue
-        if m := _CONST.match(line):
-            values[m.group(1)] = int(m.group(2))
-        elif m := _BINOP.match(line):
-            a, b = values.get(m.group(3)), values.get(m.group(4))
-            ok = a is not None and b is not None and not (m.group(2)[3:] in ("si", "ui") and b == 0)
-            values[m.group(1)] = _INT_OPS[m.group(2)](a, b) if ok else None
-            if m.group(3) in from_pid or m.group(4) in from_pid:
-                from_pid.add(m.group(1))
-        elif m := _CAST.match(line):
-            values[m.group(1)] = values.get(m.group(2))
-            if m.group(2) in from_pid:
-                from_pid.add(m.group(1))
-        elif m := _PID.match(line):
-            axis = "xyz".index(m.group(3))
-            if m.group(2) == "num_programs":
-                values[m.group(1)] = (
-                    grid[axis] if grid and axis < len(grid) else 1 if grid else None
-                )
+    none: frozenset = frozenset()
+    for op in ops:
+        kind = op[0]
+        if kind == "const":
+            values[op[1]] = op[2]
+        elif kind == "bin":
+            _, name, fn, x, y = op
+            a, b = values.get(x), values.get(y)
+            ok = a is not None and b is not None and not (fn[3:] in ("si", "ui") and b == 0)
+            values[name] = _INT_OPS[fn](a, b) if ok else None
+            dep = from_pid.get(x, none) | from_pid.get(y, none)
+            if dep:
+                from_pid[name] = dep
+        elif kind == "cast":
+            values[op[1]] = values.get(op[2])
+            if op[2] in from_pid:
+                from_pid[op[1]] = from_pid[op[2]]
+        elif kind == "pid":
+            _, name, what, axis = op
+            if what == "num_programs":
+                values[name] = grid[axis] if grid and axis < len(grid) else 1 if grid else None
             else:
-                values[m.group(1)] = pid[axis] if pid else None
-                from_pid.add(m.group(1))
-        if m := _DOT.search(line):
-            k, m_, n, lay = int(m.group(2)), int(m.group(4)), int(m.group(5)), m.group(6)
+                values[name] = pid[axis] if pid else None
+                from_pid[name] = frozenset((axis,))
+        elif kind == "mma":
+            layouts[op[1]] = op[2]
+        elif kind == "dot":
+            _, k, m_, n, lay, dtype = op
             version, warps, instr = layouts.get(lay, (0, [], []))
             dup = 1.0
             if version:
                 dup = max(1.0, warps[0] * instr[0] / m_) * max(1.0, warps[1] * instr[1] / n)
             trips = -1 if any(t < 0 for t, _ in stack) else math.prod(t for t, _ in stack)
-            dots.append(dict(m=m_, n=n, k=k, dtype=m.group(3), mma_version=version,
+            axes = sorted(set().union(*(p for _, p in stack)))
+            dots.append(dict(m=m_, n=n, k=k, dtype=dtype, mma_version=version,
                              warps_per_cta=warps, instr_shape=instr, warp_duplication=dup,
-                             trips=trips, pid_dependent=any(p for _, p in stack)))  # fmt: skip
-        opened, closed = line.count("{"), line.count("}")
-        for _ in range(closed - opened):
-            stack.pop()
-        if opened > closed:
-            trip, dep = 1, False
-            if m := _FOR.search(line):
-                lo, hi, step = (values.get(g) for g in m.groups())
+                             trips=trips, pid_axes=axes))  # fmt: skip
+        elif kind == "close":
+            del stack[len(stack) - op[1] :]
+        elif kind == "open":
+            trip, dep = 1, none
+            if op[2]:
+                lo, hi, step = (values.get(g) for g in op[2])
                 trip = -1 if None in (lo, hi, step) else max(0, -(-(hi - lo) // step))
-                dep = any(g in from_pid for g in m.groups())
-            stack.extend([(trip, dep)] * (opened - closed))
+                dep = none.union(*(from_pid.get(g, none) for g in op[2]))
+            stack.extend([(trip, dep)] * op[1])
     return dots
 
 
@@ -444,7 +492,8 @@ def _compile_one(launch: Launch, cfg: dict, arch: int) -> dict[str, Any]:
                 warp_duplication=max([d["warp_duplication"] for d in dots], default=1.0),
                 registers=regs, spill_bytes=max(stores, loads), stack_bytes=stack,
                 shared_bytes=int(compiled.metadata.shared), tc_instructions=tc, tensor_core=tc > 0,
-                wgmma_serialized="C7515" in log, needs_tensor_core="tt.dot" in compiled.asm["ttir"], compile_s=round(seconds, 2))  # fmt: skip
+                wgmma_serialized="C7515" in log, needs_tensor_core="tt.dot" in compiled.asm["ttir"], compile_s=round(seconds, 2),
+                ttgir=compiled.asm["ttgir"])  # fmt: skip
 
 
 @functools.cache
@@ -541,7 +590,8 @@ MODEL = (
     "model_ms = executed tensor-core FLOPs in whole waves / 790 TFLOP/s + glue bytes / 4.3 TB/s "
     "(H200, measured bf16 matmul and copy rates). Executed: per Triton launch of forward + "
     "backward, programs (the launch grid) x per dot 2 M N K (block tiles, padding included) x "
-    "warp_duplication x loop trips (TTGIR), plus the glue's matmuls (cuBLAS) and, for pooled "
+    "warp_duplication x loop trips (TTGIR; the exact mean over the launch's programs where a "
+    "bound depends on the program id), plus the glue's matmuls (cuBLAS) and, for pooled "
     "Q/K/V, the qkv projection. Waves: a launch runs programs_per_sm x 132 programs at a time "
     "(programs per SM from registers, shared memory and threads: 64K registers, 228 KiB, 2048 "
     "threads, 32 programs per SM on an H100/H200), each SM sharing its rate among its programs; "
@@ -601,7 +651,9 @@ class CaseModel:
     extra_tflop: float = 0.0  # of executed: work outside the op counted by the roofline
     kernels: dict = field(default_factory=dict)  # kernel -> executed TFLOP (fwd + bwd)
     executed_tflop_waves: float = 0.0  # executed with each launch rounded up to whole waves
-    launches: list = field(default_factory=list)  # per launch: grid, occupancy, waves
+    # per launch: grid, occupancy, waves, executed TFLOP and, per dot whose loops depend on
+    # the program id, pid_trips [mean, min, max] over the launch's programs
+    launches: list = field(default_factory=list)
     glue_by_op: dict = field(default_factory=dict)
     note: str = ""
 
@@ -664,9 +716,14 @@ def case_model(name: str, rows: Sequence[Row]) -> CaseModel:
         row = pinned.get((launch.kernel, _spec(launch)))
         if row is None:
             raise ValueError(f"{name}: no compiled pinned row for {launch.kernel}")
-        if any(d["trips"] < 0 for d in row.dots):
+        # this launch's own trips (exact mean over its programs): the row's were counted
+        # for the first launch of its specialisation, whose arguments and grid may differ
+        dots = row.dots
+        if row.ttgir:
+            dots = dots_from_ttgir(row.ttgir, launch.args, _grid(launch, cfg))
+        if any(d["trips"] < 0 for d in dots):
             notes.append(f"{launch.kernel}: a loop bound could not be evaluated (counted once)")
-        per_program = _dot_flops([dict(d, trips=max(d["trips"], 1)) for d in row.dots])
+        per_program = _dot_flops([dict(d, trips=max(d["trips"], 1)) for d in dots])
         programs = _programs(launch, cfg)
         per_sm = programs_per_sm(row.registers, row.shared_bytes, cfg["num_warps"])
         flops = programs * per_program
@@ -680,6 +737,7 @@ def case_model(name: str, rows: Sequence[Row]) -> CaseModel:
             occupancy=round(per_sm * cfg["num_warps"] / (SM_THREADS // 32), 4),
             waves=round(waves, 3), last_wave_full=round(waves - math.ceil(waves) + 1, 3),
             executed_tflop=round(flops / 1e12, 6),
+            pid_trips=[[d["trips"], *d["trips_range"]] for d in dots if "trips_range" in d],
         ))  # fmt: skip
     glue = glue_bytes(case, torch.bfloat16)
     g = glue.as_dict()
@@ -832,7 +890,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = {"environment": environment(), "subset": args.subset, "model": MODEL,
                 "targets": {k: dict(v) for k, v in TARGETS.items()},
                 "cases": [c.as_dict() for c in cases], "case_failures": case_failures,
-                "rows": [asdict(r) for r in rows]}  # fmt: skip
+                "rows": [r.as_json() for r in rows]}  # fmt: skip
         args.json.write_text(dumps(data))
         print(f"wrote {args.json}")
     return 1 if failures or case_failures else 0

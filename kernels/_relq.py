@@ -20,6 +20,8 @@ from ._triton import tl, triton
 
 _LOG2E = 1.4426950408889634
 _LOG2E_C = tl.constexpr(_LOG2E)
+# programs the table-gradient launch aims at: four per SM of an H100/H200 (132 SMs)
+_TABLE_PROGRAMS = 4 * 132
 
 Grid = Sequence[int]
 
@@ -380,17 +382,23 @@ def _relq_dq_kernel(
 def _relq_table_kernel(
     DREL, Q, DR,
     sqb, sqh, sqn, sqd,
-    H, BH, NQS, D, QA, KA, INNER, G, bh_per_chunk,
+    H, BH, NQS, D, QA, KA, INNER, G, blocks_per_chunk,
     HAS_CLS: tl.constexpr, OFF: tl.constexpr, KSUM: tl.constexpr, ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Y: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, SPLIT: tl.constexpr, Y_AS_M: tl.constexpr,
 ):  # fmt: skip
-    """The table's share: dR_a[x, y] = sum over (b, h) in this chunk and the rows with axis
+    """The table's share: dR_a[x, y] = sum over this chunk's (b, h, row) pairs with axis
     coordinate x of d_relq_a[i, y] q_i, reduced in registers; one (BLOCK_Y, D) block of
-    DR (chunks, QA, KA, D) per program (the launcher sums the few chunks, then index_adds).
+    DR (chunks, QA, KA, D) per program (the launcher sums the chunks, then index_adds).
 
-    The matmul's K runs over the (b, h, row) pairs of the chunk, flattened: BLOCK_R rows at a
-    time whatever the group size G (a group of 32 rows is not padded to 64). Y_AS_M: dR =
+    The matmul's K runs over the (b, h, row) pairs with coordinate x, flattened as
+    f = bh * G + row (int32: B H G < 2^31, checked by the launcher); a chunk is the run of
+    blocks_per_chunk BLOCK_R-row blocks from f = chunk * blocks_per_chunk * BLOCK_R (it may
+    start and end inside a (b, h) pair), so that a small B * H still fills the GPU; BLOCK_R
+    rows at a time whatever the group size G (a group of 32 rows is not padded to 64).
+    (The loop counts blocks from 0 and the chunk's start is a multiple of BLOCK_R the
+    compiler can see: 95 registers at MAT stage 1 with the key columns as M, 107-115 with
+    the row as the loop variable.) Y_AS_M: dR =
     d_relq^T Q with the key columns as M and the head dim as N, in chunks [0, BLOCK_D) and
     [BLOCK_D, BLOCK_D + BLOCK_D2) (96 = 64 + 32, no padding); else dR^T = Q^T d_relq with the
     head dim (BLOCK_D, padded) as M, for axes of fewer than a warpgroup's 64 keys."""
@@ -408,12 +416,12 @@ def _relq_table_kernel(
     else:
         acc1 = tl.zeros([BLOCK_D, BLOCK_Y], dtype=ACC_DTYPE)
     acc2 = tl.zeros([BLOCK_Y, BLOCK_D2], dtype=ACC_DTYPE)  # unused unless SPLIT and Y_AS_M
-    bh0 = (chunk * bh_per_chunk).to(tl.int64)
-    n_rows = tl.minimum(bh_per_chunk, BH - bh0) * G
-    for f0 in range(0, n_rows, BLOCK_R):
-        f = f0 + tl.arange(0, BLOCK_R)
-        f_in = f < n_rows
-        bh = bh0 + f // G
+    start = chunk * (blocks_per_chunk * BLOCK_R)
+    end = tl.minimum(start + blocks_per_chunk * BLOCK_R, BH * G)
+    for blk in range(0, tl.cdiv(end - start, BLOCK_R)):
+        f = start + blk * BLOCK_R + tl.arange(0, BLOCK_R)
+        f_in = f < end
+        bh = (f // G).to(tl.int64)
         i = _group_rows(f % G, x, QA, INNER)
         q_rows = Q + (bh // H) * sqb + (bh % H) * sqh + (i + HAS_CLS) * sqn
         gr = tl.load(DREL + (bh * NQS + i)[:, None] * KSUM + OFF + y[None, :],
@@ -531,11 +539,16 @@ def _relq_backward(
                 drel, ax["table"], ax["idx"], dq, H, B * H, Nq, nqs, D, *sizes, OFF=ax["OFF"],
                 BLOCK_D=bd, D_OFF=d_off, **meta,
             )  # fmt: skip
-        # (b, h) split into chunks so that about four programs per SM run (528 on 132 SMs);
-        # their shares are summed
+        # the flattened (b, h, row) pairs of each coordinate split into chunks of whole
+        # BLOCK_R row blocks (a chunk may start and end inside a (b, h) pair) so that about
+        # _TABLE_PROGRAMS programs run (four per SM on 132 SMs), never more chunks than row
+        # blocks; their shares are summed
         n_yb = triton.cdiv(ka, block_y)
-        per_chunk = triton.cdiv(B * H, min(B * H, triton.cdiv(4 * 132, qa * n_yb)))
-        chunks = triton.cdiv(B * H, per_chunk)
+        per_chunk = triton.cdiv(n_fb, min(n_fb, triton.cdiv(_TABLE_PROGRAMS, qa * n_yb)))
+        chunks = triton.cdiv(n_fb, per_chunk)
+        if B * H * ax["G"] + per_chunk * block_r >= 2**31:
+            raise ValueError(f"rel-pos table gradient: {B * H * ax['G']} rows per coordinate "
+                             "overflow the kernel's int32 row index")  # fmt: skip
         dr = torch.empty((chunks, qa, ka, D), dtype=acc, device=q.device)
         # the key columns as M where they fill a warpgroup's 64 rows (the head dim unpadded,
         # as N); else the head dim as M, one padded block

@@ -208,6 +208,19 @@ def chained_dots(Q, K, V, O, N, REPS: tl.constexpr, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
+def split_dots(A, B, C, N_BLOCKS, PER_SPLIT, BLOCK: tl.constexpr):
+    r = tl.arange(0, BLOCK)
+    b = tl.load(B + r[:, None] * BLOCK + r[None, :])
+    lo = tl.program_id(1) * PER_SPLIT
+    hi = tl.minimum(lo + PER_SPLIT, N_BLOCKS)
+    acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    for blk in range(lo, hi):
+        a = tl.load(A + blk * BLOCK * BLOCK + r[:, None] * BLOCK + r[None, :])
+        acc = tl.dot(a, b, acc)
+    tl.store(C + tl.program_id(0) * BLOCK * BLOCK + r[:, None] * BLOCK + r[None, :], acc)
+
+
+@triton.jit
 def persistent_dots(A, B, C, N_TILES, BLOCK: tl.constexpr):
     r = tl.arange(0, BLOCK)
     b = tl.load(B + r[:, None] * BLOCK + r[None, :])
@@ -224,12 +237,15 @@ def test_gate_reads_dots_trips_and_duplicated_warps(tmp_path) -> None:
     stacks the warps along M ([8, 1]): every row computed twice, warp_duplication 2, and the
     gate fails the variant; with 4 warps, or 8 warps on 128 rows, there is none. A persistent
     loop over 10 tiles on 4 programs (tile = pid, pid + 4, ...) runs 3, 3, 2, 2 times: the
-    gate evaluates the first and last program, 3 and 2, and counts their mean, 2.5."""
+    gate counts their mean, 2.5, range [2, 3]. A split loop (as the rel-pos dK/dV kernel's)
+    of 785 blocks in runs of 57 on program-id axis 1 of a (3, 14) grid runs 57 times on 13
+    splits and 44 on the last: the exact mean over the programs is 785 / 14 = 56.07 (the
+    mean of the first and last program, 50.5, would under-count it by 10%)."""
     (tmp_path / "chained.py").write_text(CHAINED_DOTS)
     code = """
 import json, torch
 from benchmarks import compile_gate as g
-from chained import chained_dots, persistent_dots
+from chained import chained_dots, persistent_dots, split_dots
 m = dict(device="meta", dtype=torch.bfloat16)
 args = {"Q": torch.empty(1, **m), "K": torch.empty(1, **m), "V": torch.empty(1, **m),
         "O": torch.empty(1, device="meta", dtype=torch.float32), "N": 1000, "REPS": 3}
@@ -247,6 +263,10 @@ args = {"A": torch.empty(1, **m), "B": torch.empty(1, **m),
 launch = g.Launch("test", "persistent_dots", args, [], [], persistent_dots, grid=(4,))
 cfg = {"kwargs": {"BLOCK": 64}, "num_warps": 4, "num_stages": 2}
 out.append(g._compile_one(launch, cfg, 90)["dots"])
+args = {"A": torch.empty(1, **m), "B": torch.empty(1, **m),
+        "C": torch.empty(1, device="meta", dtype=torch.float32), "N_BLOCKS": 785, "PER_SPLIT": 57}
+launch = g.Launch("test", "split_dots", args, [], [], split_dots, grid=(3, 14))
+out.append(g._compile_one(launch, cfg, 90)["dots"])
 print(json.dumps(out))
 """
     env = dict(_env())
@@ -254,7 +274,7 @@ print(json.dumps(out))
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (dup8, d8, f8), (dup4, d4, f4), (dup128, d128, f128), persistent = json.loads(
+    (dup8, d8, f8), (dup4, d4, f4), (dup128, d128, f128), persistent, split = json.loads(
         proc.stdout.splitlines()[-1]
     )
     for dots, bm in ((dup8, 64), (dup4, 64), (dup128, 128)):
@@ -267,8 +287,54 @@ print(json.dumps(out))
     assert d8 == 2.0 and any("warp_duplication 2" in f for f in f8), f8
     assert d4 == d128 == 1.0 and not f4 and not f128, (f4, f128)
     assert [(d["m"], d["n"], d["k"], d["trips"], d["trips_range"]) for d in persistent] == [
-        (64, 64, 64, 2.5, [3, 2])
+        (64, 64, 64, 2.5, [2, 3])
     ], persistent
+    assert [(d["m"], d["n"], d["k"], d["trips_range"]) for d in split] == [(64, 64, 64, [44, 57])]
+    assert split[0]["trips"] == pytest.approx(785 / 14), split
+
+
+def test_trips_are_the_exact_mean_over_the_grid() -> None:
+    """dots_from_ttgir on a TTGIR-like text: a loop whose bounds depend on program-id axis 1
+    (a split of 785 blocks in runs of 57, 14 splits: 13 x 57 + 44) inside a loop over axis 0
+    (pid_x + 1 trips on a grid of 3): trips is the mean over all 3 x 14 programs,
+    (1 + 2 + 3) / 3 x 785 / 14, not the mean of the first and last program; a bound that
+    does not depend on the program id keeps its plain count."""
+    from benchmarks.compile_gate import dots_from_ttgir
+
+    ttgir = """
+#mma = #ttg.nvidia_mma<{versionMajor = 3, versionMinor = 0, warpsPerCTA = [4, 1], instrShape = [16, 64, 16]}>
+tt.func public @k(%N_BLOCKS: i32, %PER: i32, %N: i32) {
+  %c0_i32 = arith.constant 0 : i32
+  %c1_i32 = arith.constant 1 : i32
+  %c64_i32 = arith.constant 64 : i32
+  %0 = tt.get_program_id y : i32
+  %1 = arith.muli %0, %PER : i32
+  %2 = arith.addi %1, %PER : i32
+  %3 = arith.minsi %2, %N_BLOCKS : i32
+  %4 = tt.get_program_id x : i32
+  %5 = arith.addi %4, %c1_i32 : i32
+  %6 = scf.for %i = %c0_i32 to %5 step %c1_i32 iter_args(%acc = %z) -> (tensor<64x64xf32, #mma>)  : i32 {
+    %7 = scf.for %j = %1 to %3 step %c1_i32 iter_args(%a2 = %acc) -> (tensor<64x64xf32, #mma>)  : i32 {
+      %8 = ttng.warp_group_dot %a, %b, %a2 : !ttg.memdesc<64x64xbf16, #shared, #smem> * !ttg.memdesc<64x64xbf16, #shared1, #smem> -> tensor<64x64xf32, #mma>
+      scf.yield %8 : tensor<64x64xf32, #mma>
+    }
+    scf.yield %7 : tensor<64x64xf32, #mma>
+  }
+  %9 = scf.for %k = %c0_i32 to %N step %c64_i32 iter_args(%a3 = %6) -> (tensor<64x64xf32, #mma>)  : i32 {
+    %10 = ttng.warp_group_dot %a, %b, %a3 : !ttg.memdesc<64x64xbf16, #shared, #smem> * !ttg.memdesc<64x64xbf16, #shared1, #smem> -> tensor<64x64xf32, #mma>
+    scf.yield %10 : tensor<64x64xf32, #mma>
+  }
+  tt.return
+}
+"""
+    args = {"N_BLOCKS": 785, "PER": 57, "N": 1000}
+    nested, plain = dots_from_ttgir(ttgir, args, (3, 14))
+    assert (nested["m"], nested["n"], nested["k"], nested["mma_version"]) == (64, 64, 64, 3)
+    assert nested["trips"] == pytest.approx(2 * 785 / 14)
+    assert nested["trips_range"] == [44, 3 * 57]
+    assert plain["trips"] == 16 and "trips_range" not in plain
+    # without a grid the pid-dependent bounds cannot be evaluated
+    assert dots_from_ttgir(ttgir, args)[0]["trips"] == -1
 
 
 def test_speed_rules_of_a_row() -> None:

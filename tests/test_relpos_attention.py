@@ -285,6 +285,65 @@ def test_gradcheck_fp64(case, force_triton):
     )
 
 
+class _TableLaunchSpy:
+    """Stands in for _relq._relq_table_kernel: records each launch's (grid, G, rows per chunk,
+    BLOCK_R) and runs the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.seen = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            # positional: DREL, Q, DR, 4 strides, H, BH, NQS, D, QA, KA, INNER, G, blocks_per_chunk
+            block_r = kwargs["BLOCK_R"]
+            self.seen.append((grid, args[14], args[15] * block_r, block_r))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize("programs", [528, 12, 1], ids=["p528", "p12", "p1"])
+@pytest.mark.parametrize(
+    "case",
+    [(2, 3, (4, 10), (3, 5), True, 16), (3, 3, (3, 20), (2, 20), False, 48)],
+    ids=["2d_4x10_over_3x5_cls", "2d_3x20_over_2x20_head_dim_32+16"],
+)
+@interpreter_only
+def test_table_gradient_chunks_split_bh_pairs(case, programs, monkeypatch, force_triton):
+    """The table gradient's chunks are runs of the flattened (b, h, row) pairs that start and
+    end inside a (b, h) pair (G = 10, 4, 20 or 3 rows a pair, the interpreter's BLOCK_R 16):
+    with the target of programs lowered (12: chunks of two row blocks; 1: one chunk, the
+    whole range in one program's loop) or as on the GPU (528: one block a chunk), the table
+    gradients match float64 autograd through the reference."""
+    from mmt_fast.kernels import _relq
+
+    spy = _TableLaunchSpy(_relq._relq_table_kernel)
+    monkeypatch.setattr(_relq, "_relq_table_kernel", spy)
+    monkeypatch.setattr(_relq, "_TABLE_PROGRAMS", programs)
+    B, H = case[:2]
+    tensors = make_inputs(case, torch.float64)
+    dout = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(4),
+                       dtype=torch.float64)  # fmt: skip
+    got = forward_backward(relpos_attention, tensors, case, dout)
+    ref = forward_backward(relpos_attention_ref, tensors, case, dout)
+    assert dispatch.last_refusal(OP_NAME) == []
+    for label, g, r in zip(grad_names(case), got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9, msg=label)
+    assert len(spy.seen) == len(case[2])
+    split = False
+    for grid, G, rows, block_r in spy.seen:
+        chunks = grid[1]
+        assert rows % block_r == 0 and (chunks - 1) * rows < B * H * G <= chunks * rows
+        assert chunks <= -(-B * H * G // block_r)
+        if programs == 1:
+            assert chunks == 1
+        split |= chunks > 1 and rows % G != 0
+    if programs > 1:
+        assert split, spy.seen  # some chunk starts inside a (b, h) pair
+    if programs == 12:
+        assert any(rows > block_r for _, _, rows, block_r in spy.seen), spy.seen
+
+
 # ----------------------------------------------------------------------------- custom op
 
 
