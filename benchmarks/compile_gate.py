@@ -596,9 +596,13 @@ MODEL = (
     "(programs per SM from registers, shared memory and threads: 64K registers, 228 KiB, 2048 "
     "threads, 32 programs per SM on an H100/H200), each SM sharing its rate among its programs; "
     "a partial last wave takes as long as a full one, so a launch is priced as ceil(waves) full "
-    "waves. Glue: benchmarks.glue. Useful and floor: benchmarks.kernels.roofline. An estimate "
-    "from the compiled code, not a measurement."
+    "waves. Executed also counts the rel-pos op's CLS work done on the CUDA cores (the CLS "
+    "query's row and the CLS key's column, peeled off the tiles: counted from the kernels' "
+    "code, cuda_core_tflop), priced at 67 TFLOP/s (the H100/H200 SXM datasheet's fp32 rate, "
+    "not measured). Glue: benchmarks.glue. Useful and floor: benchmarks.kernels.roofline. An "
+    "estimate from the compiled code, not a measurement."
 )
+CUDA_CORE_FLOPS = 67e12  # H100 / H200 SXM fp32 (datasheet; an upper bound, not measured)
 
 # An H100 SXM / H200 multiprocessor (CUDA's limits for compute capability 9.0).
 SM_COUNT = 132
@@ -626,12 +630,33 @@ def wave_flops(programs: int, per_sm: int, flops_per_program: float) -> float:
     return -(-programs // slots) * slots * flops_per_program
 
 
-def model_ms(flops: float, glue_bytes: float) -> float:
+def model_ms(flops: float, glue_bytes: float, cuda_core_flops: float = 0.0) -> float:
     """The model's time: ``flops`` at the measured matmul rate plus ``glue_bytes`` at the
-    measured copy rate (:data:`MODEL`)."""
+    measured copy rate plus ``cuda_core_flops`` at the fp32 datasheet rate (:data:`MODEL`)."""
     from benchmarks.kernels import roofline
 
-    return (flops / roofline.PEAK_FLOPS + glue_bytes / roofline.PEAK_BYTES) * 1e3
+    return (flops / roofline.PEAK_FLOPS + glue_bytes / roofline.PEAK_BYTES
+            + cuda_core_flops / CUDA_CORE_FLOPS) * 1e3  # fmt: skip
+
+
+def cuda_core_flops(case: Any) -> tuple[float, float]:
+    """(fwd, bwd) matmul-like FLOPs the rel-pos kernels run on the CUDA cores: the CLS work
+    peeled off the tensor-core tiles, counted from ``kernels/relpos_attention.py`` (2 per
+    multiply-add, per (b, h), Nq, Nk with the CLS token, D the head dim):
+
+    - forward: the CLS query's row (q k^T and p V over all Nk keys: 4 Nk D) and the CLS key's
+      score and value for each spatial query (the online softmax seeded with them: 4 (Nq - 1)
+      D);
+    - backward: the delta kernel's CLS-key column (score, dP, dV and dK shares: 8 Nq D); the
+      dK/dV kernel's CLS-query column (score, dP, dV, dK: 8 (Nk - 1) D); the dQ kernel's CLS
+      row (score, dP, dQ: 6 Nk D) and the CLS key's dQ term of every row (2 Nq D).
+
+    0 for other ops and without a CLS token."""
+    if case.op != "relpos" or not case.has_cls:
+        return 0.0, 0.0
+    nq, nk = case.nq_nk
+    bhd = case.batch * case.heads * case.head_dim
+    return bhd * (4.0 * nk + 4.0 * (nq - 1)), bhd * (10.0 * nq + 8.0 * (nk - 1) + 6.0 * nk)
 
 
 @dataclass
@@ -640,7 +665,8 @@ class CaseModel:
 
     case: str
     useful_tflop: float  # the roofline's count (benchmarks.kernels.roofline), fwd + bwd
-    executed_tflop: float  # tensor-core work as compiled: Triton dots + the glue's matmuls
+    executed_tflop: float  # tensor-core work as compiled (Triton dots + the glue's matmuls)
+    # + cuda_core_tflop
     glue_bytes: int  # benchmarks.glue: every non-Triton op of forward + backward
     model_ms: float  # executed in whole waves / 790 TFLOP/s + glue / 4.3 TB/s
     floor_ms: float  # the roofline floor, fwd + bwd
@@ -649,6 +675,7 @@ class CaseModel:
     glue_bytes_fwd: int = 0
     glue_tflop: float = 0.0  # of executed: the glue's matmuls (cuBLAS)
     extra_tflop: float = 0.0  # of executed: work outside the op counted by the roofline
+    cuda_core_tflop: float = 0.0  # of executed: the CLS work on the CUDA cores (fwd + bwd)
     kernels: dict = field(default_factory=dict)  # kernel -> executed TFLOP (fwd + bwd)
     executed_tflop_waves: float = 0.0  # executed with each launch rounded up to whole waves
     # per launch: grid, occupancy, waves, executed TFLOP and, per dot whose loops depend on
@@ -749,15 +776,16 @@ def case_model(name: str, rows: Sequence[Row]) -> CaseModel:
         extra = 3 * extra_fwd
         notes.append("executed includes the qkv projection (cuBLAS, fwd + bwd); the depthwise "
                      "pooling taps run on CUDA cores and are not modelled")  # fmt: skip
-    ex_fwd = executed[0] + g["glue_matmul_flops_fwd"] + extra_fwd
-    ex = sum(executed) + g["glue_matmul_flops"] + extra
+    cc_fwd, cc_bwd = cuda_core_flops(case)
+    ex_fwd = executed[0] + g["glue_matmul_flops_fwd"] + extra_fwd + cc_fwd
+    ex = sum(executed) + g["glue_matmul_flops"] + extra + cc_fwd + cc_bwd
     ex_waves = in_waves + g["glue_matmul_flops"] + extra
     return CaseModel(
         case=name,
         useful_tflop=roofline.flops(case, "fwd_bwd") / 1e12,
         executed_tflop=ex / 1e12,
         glue_bytes=g["glue_bytes"],
-        model_ms=model_ms(ex_waves, g["glue_bytes"]),
+        model_ms=model_ms(ex_waves, g["glue_bytes"], cc_fwd + cc_bwd),
         floor_ms=roofline.floor_s(case, "fwd_bwd")["floor_ms"],
         useful_tflop_fwd=roofline.flops(case, "fwd") / 1e12,
         executed_tflop_fwd=ex_fwd / 1e12,
@@ -765,7 +793,8 @@ def case_model(name: str, rows: Sequence[Row]) -> CaseModel:
         glue_tflop=g["glue_matmul_flops"] / 1e12,
         extra_tflop=extra / 1e12,
         kernels={k: round(v, 5) for k, v in kernels.items()},
-        executed_tflop_waves=ex_waves / 1e12,
+        executed_tflop_waves=(ex_waves + cc_fwd + cc_bwd) / 1e12,
+        cuda_core_tflop=(cc_fwd + cc_bwd) / 1e12,
         launches=launches,
         glue_by_op=g["glue_by_op"],
         note="; ".join(notes),
