@@ -36,7 +36,11 @@ compile time; the compile gate ``benchmarks/compile_gate.py`` checks the result)
 
 - The CLS key is peeled off the key loops (forward: it seeds the online softmax;
   backward: its column of P and dS is computed by the delta kernel), so key tiles
-  start at multiples of BLOCK_N in the *spatial* key grid.
+  start at multiples of BLOCK_N in the *spatial* key grid. The CLS query is peeled
+  off the row blocks the same way: its row (plain attention, no bias) is computed on
+  the CUDA cores by the first row block's program of the forward and dQ kernels, and
+  its column of P^T and dS^T by each dK/dV program, so the spatial rows fill whole
+  blocks (MAT's 2^k + 1 queries run as 2^k rows, not 2^k + 64).
 - Aligned (K2 % BLOCK_N == 0, e.g. MAT's time axis of 128/64/32 keys): a tile lies
   inside one row of the fastest axis, so its relq_2 columns are one contiguous
   (BLOCK_M, BLOCK_N) block load, and the slower coordinates are constant: one
@@ -45,7 +49,10 @@ compile time; the compile gate ``benchmarks/compile_gate.py`` checks the result)
   (BLOCK_M, W_a) relq columns of the row block stay in registers for the whole
   loop and the tile's bias is ``sum_a relq_a @ onehot_a`` on the tensor cores
   (onehot_a: (W_a, BLOCK_N), W_a = max(16, next_pow2(k_a))), the idea of
-  SAM-fast's flash_4 kernel generalised to any grid.
+  SAM-fast's flash_4 kernel generalised to any grid. Where the packed columns are
+  narrower than the per-axis windows (MViTv2-B's 8 + 7 + 7 = 22 keys: 32 against
+  3 x 16), the bias is one matmul of the row's packed relq columns with a multi-hot
+  (column OFF_a + j_a set for each axis a), and dQ's d_relq one ``dS @ multihot^T``.
 - Otherwise (an axis longer than 64 that BLOCK_N does not divide): the general
   per-element gather, kept for correctness on irregular grids.
 
@@ -65,10 +72,11 @@ Q K^T and dO V^T: a single FlashAttention-2 pass over the keys would need
 atomics for dQ and for d_relq on every path. The gradients of q (through relq)
 and of the tables, ``d_relq . R`` and ``d_relq^T q``, are the same grouped
 matmuls (``_relq_dq_kernel`` updates dq in place; ``_relq_table_kernel`` reduces
-over (b, h) and rows in registers, a few chunks summed, then an ``index_add``
-into the tables). No PyTorch op around the kernels touches an O(Nq D) tensor
-except the CLS column's assignment. Saved for backward: q, k, v, O (without the
-residual; ``out`` when there is none), lse (B, H, Nq), relq and the tables.
+over (b, h) and rows in registers, in chunks of the flattened (b, h, row) range
+sized to fill the GPU, summed, then an ``index_add`` into the tables). No PyTorch
+op around the kernels touches an O(Nq D) tensor except the CLS column's assignment.
+Saved for backward: q, k, v, O (without the residual; ``out`` when there is none),
+lse (B, H, Nq) and the tables; the backward rebuilds relq from q and the tables.
 
 Numerics: scores, softmax and all accumulators are fp32 (fp64 for fp64
 inputs); relq is computed in the input dtype, like PyTorch's own path; for
@@ -482,14 +490,18 @@ def _bwd_delta_kernel(
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
-    H, Nq, D, qk_scale,
-    HAS_CLS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    DQ, H, Nq, Nk, D, sm_scale, qk_scale,
+    HAS_CLS: tl.constexpr, RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    CLS_N: tl.constexpr, CLS_D: tl.constexpr, CLS_D2: tl.constexpr,
 ):  # fmt: skip
     """delta[i] = sum_d dO[i, d] O[i, d] = rowsum(dP * P), O the attention output without the
     residual; with a CLS token also the CLS key's column, peeled off the other kernels:
     dS[i, cls] = P (dP - delta), and this block's shares of dV_cls = sum_i P[i, cls] dO_i and
     dK_cls = sum_i dS[i, cls] q_i (P, dS rounded to the input dtype as in the matmuls),
-    stored to DKV_CLS (B H, row blocks, 2, D) for the launcher's short sum."""
+    stored to DKV_CLS (B H, row blocks, 2, D) for the launcher's short sum; and the CLS
+    query's row of dQ (the first block's program, ``_cls_row_dq``: keys in tiles of CLS_N,
+    the head dim in chunks CLS_D + CLS_D2)."""
     pid_m, pid_bh = _row_block(Nq, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
@@ -520,20 +532,27 @@ def _bwd_delta_kernel(
         part = DKV_CLS + (pid_bh * tl.cdiv(Nq, BLOCK_M) + pid_m) * 2 * D
         tl.store(part + offs_d, dv_c, mask=d_in)
         tl.store(part + D + offs_d, dk_c, mask=d_in)
+        if pid_m == 0:  # row 0, the CLS query, is in this block
+            first = rows == 0
+            lse_c = tl.sum(tl.where(first, lse, 0.0), 0)
+            delta_c = tl.sum(tl.where(first, delta, 0.0), 0)
+            _cls_row_dq(Q + b * sqb + h * sqh, K + b * skb + h * skh, V + b * svb + h * svh,
+                        DO + b * sdb + h * sdh, DQ, lse_c, delta_c, pid_bh, Nq, Nk, D, sqd, skn,
+                        skd, svn, svd, sdd, sm_scale, qk_scale, RESIDUAL, RES_FROM, ACC_DTYPE,
+                        CLS_N, CLS_D, CLS_D2)  # fmt: skip
 
 
 @triton.jit
-def _cls_query(Q, DO, LSE, DELTA, pid_bh, Nq, offs_d, d_in, offs_d2, d_in2, sqd, sdd,
-               SPLIT: tl.constexpr):  # fmt: skip
-    """The CLS query's row (Q, DO point at this (b, h)): (q, dO, q2, dO2, lse, delta), the
-    second chunks 0 without a split head dim."""
+def _cls_query(Q, DO, offs_d, d_in, offs_d2, d_in2, sqd, sdd, SPLIT: tl.constexpr):
+    """The CLS query's row (Q, DO point at this (b, h)): (q, dO, q2, dO2), the second chunks
+    0 without a split head dim."""
     qc = tl.load(Q + offs_d * sqd, mask=d_in, other=0.0)
     doc = tl.load(DO + offs_d * sdd, mask=d_in, other=0.0)
     qc2, doc2 = 0, 0
     if SPLIT:
         qc2 = tl.load(Q + offs_d2 * sqd, mask=d_in2, other=0.0)
         doc2 = tl.load(DO + offs_d2 * sdd, mask=d_in2, other=0.0)
-    return qc, doc, qc2, doc2, tl.load(LSE + pid_bh * Nq), tl.load(DELTA + pid_bh * Nq)
+    return qc, doc, qc2, doc2
 
 
 @triton.jit
@@ -556,14 +575,15 @@ def _cls_query_col(
 
 @triton.jit
 def _cls_row_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, pid_bh, Nq, Nk, D, sqd, skn, skd, svn, svd, sdd, sm_scale,
+    Q, K, V, DO, DQ, lse, delta, pid_bh, Nq, Nk, D, sqd, skn, skd, svn, svd, sdd, sm_scale,
     qk_scale, RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):  # fmt: skip
-    """dQ of the CLS query (peeled off the dQ kernel's row blocks), by the first row block's
-    program: dq = scale * sum_j dS[cls, j] k_j (+ dO) over all keys, CLS key included, on the
-    CUDA cores (dS rounded to the input dtype as in the tiles' dS K). Q, K, V, DO point at
-    this (b, h)."""
+    """dQ of the CLS query (peeled off the dQ kernel's row blocks), by the delta kernel's
+    first program: dq = scale * sum_j dS[cls, j] k_j (+ dO) over all keys, CLS key included,
+    on the CUDA cores (dS rounded to the input dtype as in the tiles' dS K). Q, K, V, DO
+    point at this (b, h); lse, delta: the CLS row's. (In the dQ kernel's first program it
+    spilled on sm_80: 28 B at MViTv2-B.)"""
     SPLIT: tl.constexpr = BLOCK_D2 > 0
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -574,8 +594,7 @@ def _cls_row_dq(
         d_in2 = offs_d2 < D
         dq2 = tl.zeros([BLOCK_D2], dtype=ACC_DTYPE)
     dq = tl.zeros([BLOCK_D], dtype=ACC_DTYPE)
-    qc, doc, qc2, doc2, lse, delta = _cls_query(Q, DO, LSE, DELTA, pid_bh, Nq, offs_d, d_in,
-                                                offs_d2, d_in2, sqd, sdd, SPLIT)  # fmt: skip
+    qc, doc, qc2, doc2 = _cls_query(Q, DO, offs_d, d_in, offs_d2, d_in2, sqd, sdd, SPLIT)
     for start in range(0, Nk, BLOCK_N):
         js = start + offs_n
         col_in = js < Nk
@@ -687,8 +706,9 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
     if HAS_CLS:  # the CLS query's share, once (by the first run of query blocks)
-        qc, doc, qc2, doc2, lse_c, delta_c = _cls_query(
-            Q, DO, LSE, DELTA, pid_bh, Nq, offs_d, d_in, offs_d2, d_in2, sqd, sdd, SPLIT)  # fmt: skip
+        qc, doc, qc2, doc2 = _cls_query(Q, DO, offs_d, d_in, offs_d2, d_in2, sqd, sdd, SPLIT)
+        lse_c = tl.load(LSE + pid_bh * Nq)
+        delta_c = tl.load(DELTA + pid_bh * Nq)
         p_c, ds_c = _cls_query_col(kb, vb, kb2, vb2, qc, doc, qc2, doc2, lse_c, delta_c, col_in,
                                    qk_scale, split == 0, ACC_DTYPE, SPLIT)  # fmt: skip
         dv += p_c[:, None] * doc.to(ACC_DTYPE)[None, :]
@@ -944,13 +964,8 @@ def _bwd_dq_kernel(
     ALIGNED: tl.constexpr = USE2 and (K2 % BLOCK_N == 0) and ALIGN_OK
     PK: tl.constexpr = WP > 0 and not ALIGNED and FULL  # the packed short-axes bias
     NCB: tl.constexpr = K2 // BLOCK_N
-    if HAS_CLS:
-        if pid_m == 0:
-            _cls_row_dq(Q + b * sqb + h * sqh, K, V, DO + b * sdb + h * sdh, LSE, DELTA, DQ, pid_bh,
-                        Nq, Nk, D, sqd, skn, skd, svn, svd, sdd, sm_scale, qk_scale, RESIDUAL,
-                        RES_FROM, ACC_DTYPE, BLOCK_N, BLOCK_D, BLOCK_D2)  # fmt: skip
 
-    # the row blocks cover the spatial queries only (the CLS row is peeled off above)
+    # the row blocks cover the spatial queries only (the delta kernel computes the CLS row's)
     rows = HAS_CLS + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -1231,11 +1246,13 @@ def _launch_bwd(
     dkv_cls = (
         torch.empty((B, H, n_blocks_delta, 2, D), dtype=acc, device=q.device) if has_cls else delta
     )
+    bd1, bd2 = _block_d_split(D)
     _bwd_delta_kernel[(n_blocks_delta * B * H,)](
         o, dout, q, k, v, lse, delta, ds_cls, dkv_cls,
         *o.stride(), *dout.stride(), *q.stride(), *k.stride(), *v.stride(),
-        H, Nq, D, scale * _LOG2E,
-        HAS_CLS=bool(has_cls), ACC_DTYPE=ACC_DTYPE, BLOCK_M=block_m_delta, BLOCK_D=block_d,
+        dq, H, Nq, Nk, D, scale, scale * _LOG2E,
+        HAS_CLS=bool(has_cls), RESIDUAL=residual, RES_FROM=res_from, ACC_DTYPE=ACC_DTYPE,
+        BLOCK_M=block_m_delta, BLOCK_D=block_d, CLS_N=block_m_delta, CLS_D=bd1, CLS_D2=bd2,
     )  # fmt: skip
     if has_cls:
         # The CLS key's dV, dK: the delta kernel's per-block shares, summed (B H x 2 x D rows).
@@ -1245,7 +1262,6 @@ def _launch_bwd(
 
     geo = _geometry(len(rel_tables), k_grid, has_cls)
     rel = _relq_packed(q, rel_tables, q_grid, k_grid, has_cls, geo)
-    bd1, bd2 = _block_d_split(D)
 
     # Few key blocks (MViTv2's 7 x 7 pooled keys: 7 blocks x batch 8 = 56 programs for 132
     # SMs): split the queries over grid axis 1 and sum the fp32 shares
