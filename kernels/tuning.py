@@ -101,8 +101,8 @@ def fewer_padded_rows(n_arg: str, key: str = "BLOCK_M", slack: float = 1.05,
                       minus: str | None = None) -> Callable:  # fmt: skip
     """A shape rule: the first entry, unless its blocks of ``key`` rows pad the ``n_arg`` rows
     (less the ``minus`` argument's, e.g. a peeled-off CLS row) to more than ``slack`` times
-    what the entry padding least needs; then that entry (MAT stage 3: 512 spatial queries
-    are 512 rows in blocks of 64 or 128; 200 would be 256 in blocks of 128, 208 of 16)."""
+    what the entry padding least needs; then that entry (MViTv2-B stage 4: 392 spatial
+    queries are 512 rows in blocks of 128, 448 in blocks of 64)."""
 
     def rule(args: dict, entries: list) -> int:
         n = int(args[n_arg]) - (int(args[minus]) if minus else 0)
