@@ -6,7 +6,8 @@ platform, a wheel whose shared library does not load), the stand-ins below let t
 files still be imported, so that the PyTorch reference path of every op, and every model
 built on them, keeps working:
 
-- ``triton.jit`` / ``autotune`` / ``heuristics`` keep the Python function and give it an
+- ``triton.jit`` / ``autotune`` / ``heuristics`` (and ``constexpr_function``) keep the
+  Python function and give it an
   object whose launch (``kernel[grid](...)``) raises :class:`TritonUnavailableError`;
 - ``triton.Config``, ``cdiv`` and ``next_power_of_2`` behave as Triton's do (configs are
   built when the kernel files are imported);
@@ -127,6 +128,7 @@ if not AVAILABLE:
         jit=_jit,
         autotune=_keep,
         heuristics=_keep,
+        constexpr_function=lambda fn: fn,
         Config=_Config,
         cdiv=_cdiv,
         next_power_of_2=_next_power_of_2,

@@ -215,16 +215,20 @@ def _configs(kernel: str) -> list[triton.Config]:
 
 def _fwd_work(args: dict, block_m: int, block_n: int) -> int:
     """The forward's tensor-core work (per 2 multiply-adds) with BLOCK_M x BLOCK_N tiles, for
-    the launch's named arguments: padded spatial queries x padded spatial keys x (Q K^T and P V over
-    the head dim's chunks + the one-hot bias matmuls where a tile is not aligned)."""
+    the launch's named arguments: padded spatial queries x padded spatial keys (a narrower
+    last tile, ``_tail_width``) x (Q K^T and P V over the head dim's chunks + the one-hot or
+    multi-hot bias matmul where a tile is not aligned)."""
     nks = args["Nk"] - args["HAS_CLS"]
     aligned = args["USE2"] and args["K2"] % block_n == 0 and args["ALIGN_OK"]
+    short = not aligned and args["FULL"] and any(args[f"USE{a}"] for a in range(3))
     onehot = 0
-    if not aligned and args["FULL"]:
-        onehot = sum(args[f"W{a}"] for a in range(3) if args[f"USE{a}"])
+    if short:
+        onehot = args["WP"] or sum(args[f"W{a}"] for a in range(3) if args[f"USE{a}"])
     d = args["BLOCK_D"] + args["BLOCK_D2"]
     rows = triton.cdiv(args["Nq"] - args["HAS_CLS"], block_m) * block_m  # CLS row peeled off
-    return rows * triton.cdiv(nks, block_n) * block_n * (2 * d + onehot)
+    tail = _tail_width(nks, block_n, short)
+    keys = nks // block_n * block_n + tail if tail else triton.cdiv(nks, block_n) * block_n
+    return rows * keys * (2 * d + onehot)
 
 
 def _fwd_pin(args: dict, entries: list) -> int:
@@ -281,7 +285,7 @@ def _cls_row_fwd(
         qc2 = tl.load(Q + offs_d2 * sqd, mask=d_in2, other=0.0).to(ACC_DTYPE)
         acc2 = tl.zeros([BLOCK_D2], dtype=ACC_DTYPE)
     m = tl.max(tl.full([BLOCK_N], float("-inf"), dtype=ACC_DTYPE), 0)
-    l = tl.sum(tl.zeros([BLOCK_N], dtype=ACC_DTYPE), 0)
+    l_sum = tl.sum(tl.zeros([BLOCK_N], dtype=ACC_DTYPE), 0)
     acc = tl.zeros([BLOCK_D], dtype=ACC_DTYPE)
     for start in range(0, Nk, BLOCK_N):
         js = start + offs_n
@@ -297,7 +301,7 @@ def _cls_row_fwd(
         m_new = tl.maximum(m, tl.max(s, 0))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new)
-        l = l * alpha + tl.sum(p, 0)
+        l_sum = l_sum * alpha + tl.sum(p, 0)
         vb = tl.load(V + js[:, None] * svn + offs_d[None, :] * svd,
                      mask=col_in[:, None] & d_in[None, :], other=0.0)  # fmt: skip
         pr = p.to(vb.dtype).to(ACC_DTYPE)
@@ -308,10 +312,10 @@ def _cls_row_fwd(
             acc2 = acc2 * alpha + tl.sum(pr[:, None] * vb2.to(ACC_DTYPE), 0)
         m = m_new
     base = pid_bh * Nq * D
-    _cls_row_store(acc / l, qc, OUT, O_ATT, base + offs_d, d_in, RESIDUAL, RES_FROM)
+    _cls_row_store(acc / l_sum, qc, OUT, O_ATT, base + offs_d, d_in, RESIDUAL, RES_FROM)
     if SPLIT:
-        _cls_row_store(acc2 / l, qc2, OUT, O_ATT, base + offs_d2, d_in2, RESIDUAL, RES_FROM)
-    tl.store(LSE + pid_bh * Nq, m + tl.log2(l))
+        _cls_row_store(acc2 / l_sum, qc2, OUT, O_ATT, base + offs_d2, d_in2, RESIDUAL, RES_FROM)
+    tl.store(LSE + pid_bh * Nq, m + tl.log2(l_sum))
 
 
 @triton.jit
@@ -342,6 +346,63 @@ def _fwd_store(
                         mask=mask & (rows >= RES_FROM)[:, None], other=0.0)  # fmt: skip
         acc += q_res.to(ACC_DTYPE)
     tl.store(OUT + off, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.constexpr_function
+def _tail_width(n_keys, block_n, short):
+    """Width of a last, narrower key tile (0: none): on the short-axes path (``short``; its
+    spatial keys are K0 K1 K2) where whole tiles of ``block_n`` leave at most 16 or 32 keys,
+    the last tile is 16 or 32 wide instead of ``block_n`` (MViTv2-B's 392 keys: 12 tiles of
+    32, then 16 for the last 8; 400 columns, not 416)."""
+    rem = n_keys % block_n
+    for width in (16, 32):
+        if short and 0 < rem <= width < block_n:
+            return width
+    return 0
+
+
+@triton.jit
+def _fwd_tile(
+    q, q2, K, V, start, js, NKS, m_i, l_i, acc, acc2, offs_d, d_in, offs_d2, d_in2,
+    skn, skd, svn, svd, qk_scale, rel_rows, row_sp, r0, r1, r2,
+    ALIGNED: tl.constexpr, FULL: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr,
+    K2: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
+    USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
+    OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr, PK: tl.constexpr,
+    WP: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+):  # fmt: skip
+    """One key tile (keys js, as wide as js) of the forward's online softmax: scores with
+    their bias, the running max and sum, P V into the accumulators (per head-dim chunk)."""
+    col_in = js < NKS
+    kt = tl.load(K + js[None, :] * skn + offs_d[:, None] * skd,
+                 mask=col_in[None, :] & d_in[:, None], other=0.0)  # fmt: skip
+    kt2 = 0
+    if SPLIT:
+        kt2 = tl.load(K + js[None, :] * skn + offs_d2[:, None] * skd,
+                      mask=col_in[None, :] & d_in2[:, None], other=0.0)  # fmt: skip
+    oh0, oh1, oh2 = 0, 0, 0
+    if not ALIGNED and FULL:
+        oh0, oh1, oh2 = _onehots(js, q.dtype, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2, PK, WP,
+                                 OFF0, OFF1, OFF2)  # fmt: skip
+    s = _scores(q, kt, q2, kt2, qk_scale, rel_rows, row_sp, start, js, col_in, r0, r1, r2, oh0, oh1,
+                oh2, ALIGNED, FULL, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, ACC_DTYPE,
+                DOT_PRECISION, False, SPLIT, PK)  # fmt: skip
+    s = tl.where(col_in[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    vb = tl.load(V + js[:, None] * svn + offs_d[None, :] * svd,
+                 mask=col_in[:, None] & d_in[None, :], other=0.0)  # fmt: skip
+    # the rescaled accumulator is the dot's own (no second accumulator in registers)
+    acc = tl.dot(p.to(vb.dtype), vb, acc * alpha[:, None], input_precision=DOT_PRECISION,
+                 out_dtype=ACC_DTYPE)  # fmt: skip
+    if SPLIT:
+        vb2 = tl.load(V + js[:, None] * svn + offs_d2[None, :] * svd,
+                      mask=col_in[:, None] & d_in2[None, :], other=0.0)  # fmt: skip
+        acc2 = tl.dot(p.to(vb2.dtype), vb2, acc2 * alpha[:, None],
+                      input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # fmt: skip
+    return m_new, l_i, acc, acc2
 
 
 @triton.autotune(
@@ -398,9 +459,7 @@ def _fwd_kernel(
         mask=row_in[:, None] & d_in[None, :],
         other=0.0,
     )
-    q2, acc2 = 0, 0
-    if not SPLIT:  # (assigned in the loop otherwise)
-        kt2 = 0
+    q2, acc2, offs_d2, d_in2 = 0, 0, 0, 0
     if SPLIT:
         offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
         d_in2 = offs_d2 < D
@@ -423,8 +482,6 @@ def _fwd_kernel(
         if SPLIT:
             acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=ACC_DTYPE)
     r0, r1, r2 = 0, 0, 0
-    if ALIGNED or not FULL:  # (names assigned in the loop must not be defined before it)
-        oh0, oh1, oh2 = 0, 0, 0
     if not ALIGNED and FULL:
         # Every axis is short (<= 64): its relq columns stay in registers for the whole loop
         # and the bias of a tile is sum_a relq_a @ onehot_a, on the tensor cores (PK: one
@@ -432,47 +489,32 @@ def _fwd_kernel(
         r0, r1, r2 = _rel_windows(rel_rows, row_sp, K0, K1, K2, W0, W1, W2, OFF0, OFF1, OFF2,
                                   USE0, USE1, USE2, PK, WP, KSUM)  # fmt: skip
     NKS = Nk - HAS_CLS
-    for start in range(0, NKS, BLOCK_N):
-        js = start + offs_n
-        col_in = js < NKS
-        kt = tl.load(
-            K + js[None, :] * skn + offs_d[:, None] * skd,
-            mask=col_in[None, :] & d_in[:, None],
-            other=0.0,
-        )
-        if SPLIT:
-            kt2 = tl.load(K + js[None, :] * skn + offs_d2[:, None] * skd,
-                          mask=col_in[None, :] & d_in2[:, None], other=0.0)  # fmt: skip
-        if not ALIGNED and FULL:
-            oh0, oh1, oh2 = _onehots(js, q.dtype, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2, PK, WP,
-                                     OFF0, OFF1, OFF2)  # fmt: skip
-        s = _scores(q, kt, q2, kt2, qk_scale, rel_rows, row_sp, start, js, col_in, r0, r1, r2, oh0, oh1,
-                    oh2, ALIGNED, FULL, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, ACC_DTYPE,
-                    DOT_PRECISION, False, SPLIT, PK)  # fmt: skip
-        s = tl.where(col_in[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vb = tl.load(
-            V + js[:, None] * svn + offs_d[None, :] * svd,
-            mask=col_in[:, None] & d_in[None, :],
-            other=0.0,
-        )
-        # the rescaled accumulator is the dot's own (no second accumulator in registers)
-        acc = tl.dot(
-            p.to(vb.dtype),
-            vb,
-            acc * alpha[:, None],
-            input_precision=DOT_PRECISION,
-            out_dtype=ACC_DTYPE,
-        )
-        if SPLIT:
-            vb2 = tl.load(V + js[:, None] * svn + offs_d2[None, :] * svd,
-                          mask=col_in[:, None] & d_in2[None, :], other=0.0)  # fmt: skip
-            acc2 = tl.dot(p.to(vb2.dtype), vb2, acc2 * alpha[:, None],
-                          input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # fmt: skip
-        m_i = m_new
+    SHORT: tl.constexpr = (not ALIGNED) and FULL and (USE0 or USE1 or USE2)
+    TAIL_N: tl.constexpr = _tail_width(K0 * K1 * K2, BLOCK_N, SHORT)
+    if TAIL_N > 0:
+        # the last keys in a narrower tile (_tail_width)
+        MAIN: tl.constexpr = K0 * K1 * K2 // BLOCK_N * BLOCK_N
+        for start in range(0, MAIN, BLOCK_N):
+            m_i, l_i, acc, acc2 = _fwd_tile(
+                q, q2, K, V, start, start + offs_n, NKS, m_i, l_i, acc, acc2, offs_d, d_in,
+                offs_d2, d_in2, skn, skd, svn, svd, qk_scale, rel_rows, row_sp, r0, r1, r2,
+                ALIGNED, FULL, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2, OFF0, OFF1, OFF2, PK, WP,
+                ACC_DTYPE, DOT_PRECISION, SPLIT,
+            )  # fmt: skip
+        m_i, l_i, acc, acc2 = _fwd_tile(
+            q, q2, K, V, MAIN, MAIN + tl.arange(0, TAIL_N), NKS, m_i, l_i, acc, acc2, offs_d,
+            d_in, offs_d2, d_in2, skn, skd, svn, svd, qk_scale, rel_rows, row_sp, r0, r1, r2,
+            ALIGNED, FULL, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2, OFF0, OFF1, OFF2, PK, WP,
+            ACC_DTYPE, DOT_PRECISION, SPLIT,
+        )  # fmt: skip
+    else:
+        for start in range(0, NKS, BLOCK_N):
+            m_i, l_i, acc, acc2 = _fwd_tile(
+                q, q2, K, V, start, start + offs_n, NKS, m_i, l_i, acc, acc2, offs_d, d_in,
+                offs_d2, d_in2, skn, skd, svn, svd, qk_scale, rel_rows, row_sp, r0, r1, r2,
+                ALIGNED, FULL, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2, OFF0, OFF1, OFF2, PK, WP,
+                ACC_DTYPE, DOT_PRECISION, SPLIT,
+            )  # fmt: skip
 
     _fwd_store(acc, l_i, Q, O_ATT, OUT, pid_bh, rows, row_in, offs_d, d_in, sqn, sqd, Nq, D,
                RESIDUAL, RES_FROM, ACC_DTYPE)  # fmt: skip
@@ -915,6 +957,40 @@ def _dq_step(
 
 
 @triton.jit
+def _dq_tile(
+    q, q2, do, do2, dq, dq2, g0, g1, g2, lse, delta, K, V, start, js, NKS, row_in,
+    offs_d, d_in, offs_d2, d_in2, skn, skd, svn, svd, qk_scale, rel_rows, drel_rows,
+    row_sp, r0, r1, r2, FULL: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr,
+    K2: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
+    USE0: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
+    OFF0: tl.constexpr, OFF1: tl.constexpr, OFF2: tl.constexpr,
+    DIRECT0: tl.constexpr, DIRECT1: tl.constexpr, DIRECT2: tl.constexpr,
+    GW0: tl.constexpr, GW1: tl.constexpr, GW2: tl.constexpr, PK: tl.constexpr, WP: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, REL_PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
+):  # fmt: skip
+    """One key tile (keys js, as wide as js) of the dQ kernel's key-order loop (the short-axes
+    and gather paths): dQ and the d_relq accumulators."""
+    col_in = js < NKS
+    oh0, oh1, oh2 = 0, 0, 0
+    if FULL:
+        oh0, oh1, oh2 = _onehots(js, q.dtype, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2,
+                                 PK, WP, OFF0, OFF1, OFF2)  # fmt: skip
+    ds, dq, dq2 = _dq_step(
+        q, q2, do, do2, dq, dq2, lse, delta, K, V, js, col_in, row_in, offs_d, d_in,
+        offs_d2, d_in2, skn, skd, svn, svd, qk_scale, rel_rows, row_sp, start,
+        r0, r1, r2, oh0, oh1, oh2, False, FULL, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2,
+        ACC_DTYPE, DOT_PRECISION, SPLIT, PK,
+    )  # fmt: skip
+    g0, g1, g2 = _drel_general(
+        ds, js, start, col_in, row_sp, drel_rows, g0, g1, g2, oh0, oh1, oh2, FULL,
+        K0, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, DIRECT0, DIRECT1, DIRECT2,
+        GW0, GW1, GW2, ACC_DTYPE, REL_PRECISION, PK,
+    )  # fmt: skip
+    return dq, dq2, g0, g1, g2
+
+
+@triton.jit
 def _dq_store(
     dq, do, DQ, pid_bh, rows, row_in, offs_d, d_in, Nq, D, sm_scale,
     RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -1033,28 +1109,40 @@ def _bwd_dq_kernel(
                      d2.to(DREL.dtype.element_ty), mask=row_sp[:, None])  # fmt: skip
     else:
         r0, r1, r2 = 0, 0, 0
-        if not FULL:
-            oh0, oh1, oh2 = 0, 0, 0
         if FULL:
             r0, r1, r2 = _rel_windows(rel_rows, row_sp, K0, K1, K2, W0, W1, W2, OFF0, OFF1, OFF2,
                                       USE0, USE1, USE2, PK, WP, KSUM)  # fmt: skip
-        for start in range(0, NKS, BLOCK_N):
-            js = start + offs_n
-            col_in = js < NKS
-            if FULL:
-                oh0, oh1, oh2 = _onehots(js, q.dtype, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2,
-                                         PK, WP, OFF0, OFF1, OFF2)  # fmt: skip
-            ds, dq, dq2 = _dq_step(
-                q, q2, do, do2, dq, dq2, lse, delta, K, V, js, col_in, row_in, offs_d, d_in,
-                offs_d2, d_in2, skn, skd, svn, svd, qk_scale, rel_rows, row_sp, start,
-                r0, r1, r2, oh0, oh1, oh2, False, FULL, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2,
-                ACC_DTYPE, DOT_PRECISION, SPLIT, PK,
+        # the last keys in a narrower tile, as in the forward
+        TAIL_N: tl.constexpr = _tail_width(K0 * K1 * K2, BLOCK_N, FULL and (USE0 or USE1 or USE2))
+        if TAIL_N > 0:
+            MAIN: tl.constexpr = K0 * K1 * K2 // BLOCK_N * BLOCK_N
+            for start in range(0, MAIN, BLOCK_N):
+                dq, dq2, g0, g1, g2 = _dq_tile(
+                    q, q2, do, do2, dq, dq2, g0, g1, g2, lse, delta, K, V, start, start + offs_n, NKS,
+                    row_in,
+                    offs_d, d_in, offs_d2, d_in2, skn, skd, svn, svd, qk_scale, rel_rows, drel_rows,
+                    row_sp, r0, r1, r2, FULL, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2, OFF0, OFF1,
+                    OFF2, DIRECT0, DIRECT1, DIRECT2, GW0, GW1, GW2, PK, WP, ACC_DTYPE, DOT_PRECISION,
+                    REL_PRECISION, SPLIT,
+                )  # fmt: skip
+            dq, dq2, g0, g1, g2 = _dq_tile(
+                q, q2, do, do2, dq, dq2, g0, g1, g2, lse, delta, K, V, MAIN, MAIN + tl.arange(0, TAIL_N),
+                NKS, row_in,
+                offs_d, d_in, offs_d2, d_in2, skn, skd, svn, svd, qk_scale, rel_rows, drel_rows,
+                row_sp, r0, r1, r2, FULL, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2, OFF0, OFF1,
+                OFF2, DIRECT0, DIRECT1, DIRECT2, GW0, GW1, GW2, PK, WP, ACC_DTYPE, DOT_PRECISION,
+                REL_PRECISION, SPLIT,
             )  # fmt: skip
-            g0, g1, g2 = _drel_general(
-                ds, js, start, col_in, row_sp, drel_rows, g0, g1, g2, oh0, oh1, oh2, FULL,
-                K0, K1, K2, USE0, USE1, USE2, OFF0, OFF1, OFF2, DIRECT0, DIRECT1, DIRECT2,
-                GW0, GW1, GW2, ACC_DTYPE, REL_PRECISION, PK,
-            )  # fmt: skip
+        else:
+            for start in range(0, NKS, BLOCK_N):
+                dq, dq2, g0, g1, g2 = _dq_tile(
+                    q, q2, do, do2, dq, dq2, g0, g1, g2, lse, delta, K, V, start, start + offs_n, NKS,
+                    row_in,
+                    offs_d, d_in, offs_d2, d_in2, skn, skd, svn, svd, qk_scale, rel_rows, drel_rows,
+                    row_sp, r0, r1, r2, FULL, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2, OFF0, OFF1,
+                    OFF2, DIRECT0, DIRECT1, DIRECT2, GW0, GW1, GW2, PK, WP, ACC_DTYPE, DOT_PRECISION,
+                    REL_PRECISION, SPLIT,
+                )  # fmt: skip
     if PK:
         _store_window(drel_rows, row_sp, g0, 0, KSUM, WP)
     elif ALIGNED or FULL:

@@ -12,6 +12,7 @@ from kernel_helpers import DEVICE, KERNEL_DTYPE, fp32_attention
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mmt_fast.kernels import dispatch
+from mmt_fast.kernels._triton import triton
 from mmt_fast.kernels.relpos_attention import (
     OP_NAME,
     rel_pos_index,
@@ -180,6 +181,37 @@ def test_kernel_matches_fp64(name, dtype, force_triton):
     term_scale = max(t.abs().max().item() for t in ref64[1:])
     for label, g, lo, hi in zip(grad_names(case), got, ref_low, ref64):
         assert_flash_rule(label, g, lo, hi, dtype, term_scale if label != "out" else 0.0)
+    assert dispatch.last_refusal(OP_NAME) == []
+
+
+@pytest.mark.skipif(not dispatch.interpreting(), reason="sets the interpreter's tile sizes")
+@pytest.mark.parametrize(
+    "grids",
+    [((2, 5, 4), (2, 5, 4)), ((5, 60), (5, 60))],
+    ids=["packed_bias_40_keys", "per_axis_bias_300_keys"],
+)
+def test_narrow_last_key_tile(grids, force_triton, monkeypatch):
+    """Key tiles of 32 whose last one is 16 wide (the forward's and dQ's short-axes path,
+    ``_tail_width``): 40 keys as 32 + 16 (the multi-hot bias) and 300 as 9 x 32 + 16 (one
+    one-hot per axis), against float64. The interpreter's own tiles are 16 wide (no tail)."""
+    from mmt_fast.kernels import relpos_attention as rp
+    from mmt_fast.kernels import tuning
+
+    wide = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(rp._fwd_kernel, "configs", [wide])
+    monkeypatch.setattr(rp._fwd_kernel, "cache", {})
+    key = f"{rp.OP_NAME}._bwd_dq_kernel"
+    monkeypatch.setitem(tuning.INTERPRETER, key, ({"BLOCK_M": 16, "BLOCK_N": 32}, 4, 1))
+    q_grid, k_grid = grids
+    case = (1, 2, q_grid, k_grid, True, 16)
+    n_keys = math.prod(k_grid)
+    assert rp._tail_width(n_keys, 32, True) == 16 and n_keys % 32 <= 16
+    geo = rp._geometry(len(k_grid), k_grid, True)
+    assert geo["FULL"] and bool(geo["WP"]) == (k_grid == (2, 5, 4))
+    tensors = make_inputs(case, torch.float16)
+    dout = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    got = forward_backward(relpos_attention, tensors, case, dout)
+    check_against_fp64(case, got, tensors, dout, torch.float16)
     assert dispatch.last_refusal(OP_NAME) == []
 
 
