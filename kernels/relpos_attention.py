@@ -491,30 +491,23 @@ def _fwd_kernel(
     NKS = Nk - HAS_CLS
     SHORT: tl.constexpr = (not ALIGNED) and FULL and (USE0 or USE1 or USE2)
     TAIL_N: tl.constexpr = _tail_width(K0 * K1 * K2, BLOCK_N, SHORT)
-    if TAIL_N > 0:
-        # the last keys in a narrower tile (_tail_width)
-        MAIN: tl.constexpr = K0 * K1 * K2 // BLOCK_N * BLOCK_N
-        for start in range(0, MAIN, BLOCK_N):
-            m_i, l_i, acc, acc2 = _fwd_tile(
-                q, q2, K, V, start, start + offs_n, NKS, m_i, l_i, acc, acc2, offs_d, d_in,
-                offs_d2, d_in2, skn, skd, svn, svd, qk_scale, rel_rows, row_sp, r0, r1, r2,
-                ALIGNED, FULL, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2, OFF0, OFF1, OFF2, PK, WP,
-                ACC_DTYPE, DOT_PRECISION, SPLIT,
-            )  # fmt: skip
+    n_main = NKS
+    if TAIL_N > 0:  # whole tiles, then the last keys in a narrower one (_tail_width)
+        n_main = K0 * K1 * K2 // BLOCK_N * BLOCK_N
+    for start in range(0, n_main, BLOCK_N):
         m_i, l_i, acc, acc2 = _fwd_tile(
-            q, q2, K, V, MAIN, MAIN + tl.arange(0, TAIL_N), NKS, m_i, l_i, acc, acc2, offs_d,
+            q, q2, K, V, start, start + offs_n, NKS, m_i, l_i, acc, acc2, offs_d, d_in,
+            offs_d2, d_in2, skn, skd, svn, svd, qk_scale, rel_rows, row_sp, r0, r1, r2,
+            ALIGNED, FULL, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2, OFF0, OFF1, OFF2, PK, WP,
+            ACC_DTYPE, DOT_PRECISION, SPLIT,
+        )  # fmt: skip
+    if TAIL_N > 0:
+        m_i, l_i, acc, acc2 = _fwd_tile(
+            q, q2, K, V, n_main, n_main + tl.arange(0, TAIL_N), NKS, m_i, l_i, acc, acc2, offs_d,
             d_in, offs_d2, d_in2, skn, skd, svn, svd, qk_scale, rel_rows, row_sp, r0, r1, r2,
             ALIGNED, FULL, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2, OFF0, OFF1, OFF2, PK, WP,
             ACC_DTYPE, DOT_PRECISION, SPLIT,
         )  # fmt: skip
-    else:
-        for start in range(0, NKS, BLOCK_N):
-            m_i, l_i, acc, acc2 = _fwd_tile(
-                q, q2, K, V, start, start + offs_n, NKS, m_i, l_i, acc, acc2, offs_d, d_in,
-                offs_d2, d_in2, skn, skd, svn, svd, qk_scale, rel_rows, row_sp, r0, r1, r2,
-                ALIGNED, FULL, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2, OFF0, OFF1, OFF2, PK, WP,
-                ACC_DTYPE, DOT_PRECISION, SPLIT,
-            )  # fmt: skip
 
     _fwd_store(acc, l_i, Q, O_ATT, OUT, pid_bh, rows, row_in, offs_d, d_in, sqn, sqd, Nq, D,
                RESIDUAL, RES_FROM, ACC_DTYPE)  # fmt: skip
@@ -1114,35 +1107,25 @@ def _bwd_dq_kernel(
                                       USE0, USE1, USE2, PK, WP, KSUM)  # fmt: skip
         # the last keys in a narrower tile, as in the forward
         TAIL_N: tl.constexpr = _tail_width(K0 * K1 * K2, BLOCK_N, FULL and (USE0 or USE1 or USE2))
-        if TAIL_N > 0:
-            MAIN: tl.constexpr = K0 * K1 * K2 // BLOCK_N * BLOCK_N
-            for start in range(0, MAIN, BLOCK_N):
-                dq, dq2, g0, g1, g2 = _dq_tile(
-                    q, q2, do, do2, dq, dq2, g0, g1, g2, lse, delta, K, V, start, start + offs_n, NKS,
-                    row_in,
-                    offs_d, d_in, offs_d2, d_in2, skn, skd, svn, svd, qk_scale, rel_rows, drel_rows,
-                    row_sp, r0, r1, r2, FULL, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2, OFF0, OFF1,
-                    OFF2, DIRECT0, DIRECT1, DIRECT2, GW0, GW1, GW2, PK, WP, ACC_DTYPE, DOT_PRECISION,
-                    REL_PRECISION, SPLIT,
-                )  # fmt: skip
+        n_main = NKS
+        if TAIL_N > 0:  # whole tiles, then the last keys in a narrower one (_tail_width)
+            n_main = K0 * K1 * K2 // BLOCK_N * BLOCK_N
+        for start in range(0, n_main, BLOCK_N):
             dq, dq2, g0, g1, g2 = _dq_tile(
-                q, q2, do, do2, dq, dq2, g0, g1, g2, lse, delta, K, V, MAIN, MAIN + tl.arange(0, TAIL_N),
-                NKS, row_in,
-                offs_d, d_in, offs_d2, d_in2, skn, skd, svn, svd, qk_scale, rel_rows, drel_rows,
-                row_sp, r0, r1, r2, FULL, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2, OFF0, OFF1,
-                OFF2, DIRECT0, DIRECT1, DIRECT2, GW0, GW1, GW2, PK, WP, ACC_DTYPE, DOT_PRECISION,
-                REL_PRECISION, SPLIT,
+                q, q2, do, do2, dq, dq2, g0, g1, g2, lse, delta, K, V, start, start + offs_n,
+                NKS, row_in, offs_d, d_in, offs_d2, d_in2, skn, skd, svn, svd, qk_scale,
+                rel_rows, drel_rows, row_sp, r0, r1, r2, FULL, K0, K1, K2, W0, W1, W2, USE0,
+                USE1, USE2, OFF0, OFF1, OFF2, DIRECT0, DIRECT1, DIRECT2, GW0, GW1, GW2, PK, WP,
+                ACC_DTYPE, DOT_PRECISION, REL_PRECISION, SPLIT,
             )  # fmt: skip
-        else:
-            for start in range(0, NKS, BLOCK_N):
-                dq, dq2, g0, g1, g2 = _dq_tile(
-                    q, q2, do, do2, dq, dq2, g0, g1, g2, lse, delta, K, V, start, start + offs_n, NKS,
-                    row_in,
-                    offs_d, d_in, offs_d2, d_in2, skn, skd, svn, svd, qk_scale, rel_rows, drel_rows,
-                    row_sp, r0, r1, r2, FULL, K0, K1, K2, W0, W1, W2, USE0, USE1, USE2, OFF0, OFF1,
-                    OFF2, DIRECT0, DIRECT1, DIRECT2, GW0, GW1, GW2, PK, WP, ACC_DTYPE, DOT_PRECISION,
-                    REL_PRECISION, SPLIT,
-                )  # fmt: skip
+        if TAIL_N > 0:
+            dq, dq2, g0, g1, g2 = _dq_tile(
+                q, q2, do, do2, dq, dq2, g0, g1, g2, lse, delta, K, V, n_main,
+                n_main + tl.arange(0, TAIL_N), NKS, row_in, offs_d, d_in, offs_d2, d_in2, skn,
+                skd, svn, svd, qk_scale, rel_rows, drel_rows, row_sp, r0, r1, r2, FULL, K0, K1,
+                K2, W0, W1, W2, USE0, USE1, USE2, OFF0, OFF1, OFF2, DIRECT0, DIRECT1, DIRECT2,
+                GW0, GW1, GW2, PK, WP, ACC_DTYPE, DOT_PRECISION, REL_PRECISION, SPLIT,
+            )  # fmt: skip
     if PK:
         _store_window(drel_rows, row_sp, g0, 0, KSUM, WP)
     elif ALIGNED or FULL:
