@@ -194,7 +194,7 @@ def _bias_aligned(
     load per row; the slower coordinates are constant over the tile: one column each,
     broadcast. Only the (BLOCK_M,) row pointers live across the key loop (a (BLOCK_M,
     BLOCK_N) 64-bit offset tensor would hold 32 registers per thread); rows off the spatial
-    grid (the CLS row, past Nq) read 0.
+    grid (past Nq) read 0.
     """
     r = start // K2
     cols = OFF2 + start % K2 + (js - start)

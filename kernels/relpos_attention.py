@@ -332,18 +332,18 @@ def _cls_row_store(o, qc, OUT, O_ATT, off, d_in, RESIDUAL: tl.constexpr, RES_FRO
 @triton.jit
 def _fwd_store(
     acc, l_i, Q, O_ATT, OUT, pid_bh, rows, row_in, offs_d, d_in, sqn, sqd, Nq, D,
-    RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    RESIDUAL: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):  # fmt: skip
-    """The forward's epilogue for the head-dim columns offs_d: normalise; with the residual,
-    store the output without it to O_ATT and add q (read again rather than kept live through
-    the loop: it spilled at 255 registers); store the output."""
+    """The forward's epilogue for the head-dim columns offs_d of spatial rows (the CLS row's
+    is ``_cls_row_store``): normalise; with the residual, store the output without it to
+    O_ATT and add q (read again rather than kept live through the loop: it spilled at 255
+    registers); store the output."""
     acc = acc / l_i[:, None]
     mask = row_in[:, None] & d_in[None, :]
     off = pid_bh * Nq * D + rows[:, None] * D + offs_d[None, :]
     if RESIDUAL:
         tl.store(O_ATT + off, acc.to(O_ATT.dtype.element_ty), mask=mask)
-        q_res = tl.load(Q + rows[:, None] * sqn + offs_d[None, :] * sqd,
-                        mask=mask & (rows >= RES_FROM)[:, None], other=0.0)  # fmt: skip
+        q_res = tl.load(Q + rows[:, None] * sqn + offs_d[None, :] * sqd, mask=mask, other=0.0)
         acc += q_res.to(ACC_DTYPE)
     tl.store(OUT + off, acc.to(OUT.dtype.element_ty), mask=mask)
 
@@ -510,10 +510,10 @@ def _fwd_kernel(
         )  # fmt: skip
 
     _fwd_store(acc, l_i, Q, O_ATT, OUT, pid_bh, rows, row_in, offs_d, d_in, sqn, sqd, Nq, D,
-               RESIDUAL, RES_FROM, ACC_DTYPE)  # fmt: skip
+               RESIDUAL, ACC_DTYPE)  # fmt: skip
     if SPLIT:
         _fwd_store(acc2, l_i, Q, O_ATT, OUT, pid_bh, rows, row_in, offs_d2, d_in2, sqn, sqd, Nq,
-                   D, RESIDUAL, RES_FROM, ACC_DTYPE)  # fmt: skip
+                   D, RESIDUAL, ACC_DTYPE)  # fmt: skip
     tl.store(LSE + pid_bh * Nq + rows, m_i + tl.log2(l_i), mask=row_in)
 
 
@@ -754,13 +754,13 @@ def _bwd_dkdv_kernel(
     for start_m in range(q_lo, q_hi, BLOCK_M):
         rows = start_m + offs_m
         row_in = rows < Nq
-        row_sp = row_in & (rows >= HAS_CLS)
+        row_sp = row_in  # (the query blocks cover spatial rows only)
         qd_mask = row_in[:, None] & d_in[None, :]
         q = tl.load(Q + rows[:, None] * sqn + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)
         do = tl.load(DO + rows[:, None] * sdn + offs_d[None, :] * sdd, mask=qd_mask, other=0.0)
         lse = tl.load(LSE + pid_bh * Nq + rows, mask=row_in, other=0.0)
         delta = tl.load(DELTA + pid_bh * Nq + rows, mask=row_in, other=0.0)
-        rel_rows = rel_bh + tl.maximum(rows - HAS_CLS, 0) * KSUM
+        rel_rows = rel_bh + (rows - HAS_CLS) * KSUM
         if not ALIGNED and FULL:
             r0, r1, r2 = _rel_windows(rel_rows, row_sp, K0, K1, K2, W0, W1, W2, OFF0, OFF1, OFF2,
                                       USE0, USE1, USE2, PK, WP, KSUM)  # fmt: skip
@@ -986,12 +986,13 @@ def _dq_tile(
 @triton.jit
 def _dq_store(
     dq, do, DQ, pid_bh, rows, row_in, offs_d, d_in, Nq, D, sm_scale,
-    RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    RESIDUAL: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):  # fmt: skip
-    """The dQ kernel's epilogue for the head-dim columns offs_d: scale, the residual's dO."""
+    """The dQ kernel's epilogue for the head-dim columns offs_d of spatial rows (the CLS
+    row's is ``_cls_dq_store``): scale, the residual's dO."""
     dq = dq * sm_scale
     if RESIDUAL:
-        dq += tl.where((rows >= RES_FROM)[:, None], do.to(ACC_DTYPE), 0.0)
+        dq += do.to(ACC_DTYPE)
     tl.store(DQ + pid_bh * Nq * D + rows[:, None] * D + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_in[:, None] & d_in[None, :])  # fmt: skip
 
@@ -1011,7 +1012,7 @@ def _bwd_dq_kernel(
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, FULL: tl.constexpr, WP: tl.constexpr,
     ALIGN_OK: tl.constexpr, DIRECT0: tl.constexpr, DIRECT1: tl.constexpr, DIRECT2: tl.constexpr,
     GW0: tl.constexpr, GW1: tl.constexpr, GW2: tl.constexpr,
-    RESIDUAL: tl.constexpr, RES_FROM: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    RESIDUAL: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     REL_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):  # fmt: skip
@@ -1136,11 +1137,11 @@ def _bwd_dq_kernel(
         if USE2 and not ALIGNED:
             _store_window(drel_rows, row_sp, g2, OFF2, K2, W2)
 
-    _dq_store(dq, do, DQ, pid_bh, rows, row_in, offs_d, d_in, Nq, D, sm_scale, RESIDUAL, RES_FROM,
+    _dq_store(dq, do, DQ, pid_bh, rows, row_in, offs_d, d_in, Nq, D, sm_scale, RESIDUAL,
               ACC_DTYPE)  # fmt: skip
     if SPLIT:
         _dq_store(dq2, do2, DQ, pid_bh, rows, row_in, offs_d2, d_in2, Nq, D, sm_scale, RESIDUAL,
-                  RES_FROM, ACC_DTYPE)  # fmt: skip
+                  ACC_DTYPE)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -1377,7 +1378,7 @@ def _launch_bwd(
         **geo,
         DIRECT0=windows[0][0], DIRECT1=windows[1][0], DIRECT2=windows[2][0],
         GW0=windows[0][1], GW1=windows[1][1], GW2=windows[2][1],
-        RESIDUAL=residual, RES_FROM=res_from, ACC_DTYPE=ACC_DTYPE, DOT_PRECISION=prec,
+        RESIDUAL=residual, ACC_DTYPE=ACC_DTYPE, DOT_PRECISION=prec,
         # dS is rounded to tf32 (no underflow, 10-bit mantissa) for 16-bit inputs.
         REL_PRECISION="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd1, BLOCK_D2=bd2,
